@@ -1,0 +1,299 @@
+//! The buffer cache: a bounded set of decoded blocks with write-back.
+//!
+//! Owns: which blocks are in memory, their dirty state, the memory budget
+//! (capacity in blocks), the dirty limit that throttles writers, the queue of
+//! blocks waiting for write-back, and hit/miss counters. It knows nothing of the
+//! format: the engine loads blocks into slots and persists them.
+//!
+//! Thread model and lock order: the cache is split into shards (a mutex each,
+//! holding an LRU of `Arc<Slot>`); each slot has its own mutex and condvar.
+//! Shard locks are held only for map operations, never across I/O, and a shard
+//! lock may be taken while a slot lock is NOT held (never the other way round).
+//! The engine's log lock comes before any shard lock. Slots are evicted only
+//! when ready, clean, not in flight and referenced by nobody but the cache.
+
+mod slot;
+
+pub use slot::{Load, Slot, SlotState};
+
+use crossbeam_channel::{Receiver, Sender};
+use lru::LruCache;
+use parking_lot::{Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+const SHARDS: usize = 16;
+
+/// Counters exported by the cache.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheStats {
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Bytes held now.
+    pub used: u64,
+    /// Bytes not yet persisted.
+    pub dirty: u64,
+    /// Lookups served from memory.
+    pub hits: u64,
+    /// Lookups that had to load.
+    pub misses: u64,
+}
+
+/// The buffer cache.
+#[derive(Debug)]
+pub struct BlockCache {
+    shards: Vec<Mutex<LruCache<u64, Arc<Slot>>>>,
+    block_size: usize,
+    shard_capacity: usize,
+    dirty_limit: usize,
+    dirty: AtomicUsize,
+    throttle: Mutex<()>,
+    drained: Condvar,
+    queue_tx: Sender<Arc<Slot>>,
+    queue_rx: Receiver<Arc<Slot>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl BlockCache {
+    /// A cache of `capacity` bytes of `block_size` blocks. At least 4 blocks per
+    /// shard are kept whatever the capacity, so tiny budgets still work.
+    pub fn new(capacity: u64, block_size: usize) -> Self {
+        let blocks = (capacity / block_size as u64).max((SHARDS * 4) as u64) as usize;
+        let (queue_tx, queue_rx) = crossbeam_channel::unbounded();
+        BlockCache {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(LruCache::unbounded()))
+                .collect(),
+            block_size,
+            shard_capacity: blocks.div_ceil(SHARDS),
+            dirty_limit: (blocks / 2).max(1),
+            dirty: AtomicUsize::new(0),
+            throttle: Mutex::new(()),
+            drained: Condvar::new(),
+            queue_tx,
+            queue_rx,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, block: u64) -> &Mutex<LruCache<u64, Arc<Slot>>> {
+        let h = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
+        &self.shards[h as usize % SHARDS]
+    }
+
+    /// The slot for `block` if cached (counts a hit).
+    pub fn lookup(&self, block: u64) -> Option<Arc<Slot>> {
+        let slot = self.shard(block).lock().get(&block).cloned();
+        if slot.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        slot
+    }
+
+    /// The slot for `block`, creating it in `Loading` state if absent. Returns
+    /// `(slot, true)` when created: the caller must then fill it with
+    /// [`BlockCache::finish_load`] or [`BlockCache::fail_load`].
+    pub fn get_or_insert(&self, block: u64) -> (Arc<Slot>, bool) {
+        let mut shard = self.shard(block).lock();
+        if let Some(slot) = shard.get(&block) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return (slot.clone(), false);
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(Slot::new(block));
+        shard.put(block, slot.clone());
+        if shard.len() > self.shard_capacity {
+            Self::evict(&mut shard, self.shard_capacity);
+        }
+        (slot, true)
+    }
+
+    fn evict(shard: &mut LruCache<u64, Arc<Slot>>, keep: usize) {
+        let mut victims = Vec::new();
+        let excess = shard.len().saturating_sub(keep);
+        for (block, slot) in shard.iter().rev() {
+            if victims.len() >= excess {
+                break;
+            }
+            if Arc::strong_count(slot) > 1 {
+                continue;
+            }
+            if let Some(state) = slot.try_lock_clean() {
+                drop(state);
+                victims.push(*block);
+            }
+        }
+        for block in victims {
+            shard.pop(&block);
+        }
+    }
+
+    /// Fills a slot created by `get_or_insert` with `data` (block size bytes).
+    pub fn finish_load(&self, slot: &Slot, data: Vec<u8>) {
+        let mut state = slot.lock();
+        debug_assert_eq!(data.len(), self.block_size);
+        state.data = data;
+        state.load = Load::Ready;
+        drop(state);
+        slot.notify();
+    }
+
+    /// Marks a created slot failed and removes it, so the next access retries.
+    pub fn fail_load(&self, slot: &Arc<Slot>, err: &crate::Error) {
+        self.remove_if_same(slot);
+        let mut state = slot.lock();
+        state.load = Load::Failed(err.kind(), err.to_string());
+        drop(state);
+        slot.notify();
+    }
+
+    fn remove_if_same(&self, slot: &Arc<Slot>) {
+        let mut shard = self.shard(slot.block).lock();
+        if shard
+            .peek(&slot.block)
+            .is_some_and(|s| Arc::ptr_eq(s, slot))
+        {
+            shard.pop(&slot.block);
+        }
+    }
+
+    /// True if `slot` is still the cached slot for its block.
+    pub fn is_current(&self, slot: &Arc<Slot>) -> bool {
+        self.shard(slot.block)
+            .lock()
+            .peek(&slot.block)
+            .is_some_and(|s| Arc::ptr_eq(s, slot))
+    }
+
+    /// Records a modification of a ready slot whose state the caller holds:
+    /// bumps the version and queues the slot for write-back if it was clean.
+    pub fn mark_dirty(&self, slot: &Arc<Slot>, state: &mut SlotState) {
+        state.version += 1;
+        if !state.dirty {
+            state.dirty = true;
+            self.dirty.fetch_add(1, Ordering::Relaxed);
+            if !state.in_flight {
+                let _ = self.queue_tx.send(slot.clone());
+            }
+        }
+    }
+
+    /// Blocks the caller while dirty data is over the limit (write throttling).
+    pub fn throttle(&self) {
+        if self.dirty.load(Ordering::Relaxed) <= self.dirty_limit {
+            return;
+        }
+        let mut guard = self.throttle.lock();
+        while self.dirty.load(Ordering::Relaxed) > self.dirty_limit {
+            // A timeout guards against a lost wake-up; the loop rechecks.
+            self.drained
+                .wait_for(&mut guard, std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The write-back queue (workers receive slots from it).
+    pub fn queue(&self) -> &Receiver<Arc<Slot>> {
+        &self.queue_rx
+    }
+
+    /// Called by a worker after persisting `version` of a slot (or deciding not
+    /// to): marks it clean if nothing changed since, or requeues it.
+    pub fn finish_writeback(&self, slot: &Arc<Slot>, version: u64) {
+        let mut state = slot.lock();
+        state.in_flight = false;
+        state.written = state.written.max(version);
+        if state.dirty && state.version == version {
+            state.dirty = false;
+            self.dirty.fetch_sub(1, Ordering::Relaxed);
+        } else if state.dirty {
+            let _ = self.queue_tx.send(slot.clone());
+        }
+        drop(state);
+        slot.notify();
+        self.drained.notify_all();
+    }
+
+    /// Every dirty or in-flight slot with the version a flush must wait for.
+    pub fn dirty_slots(&self) -> Vec<(Arc<Slot>, u64)> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let slots: Vec<Arc<Slot>> = shard.lock().iter().map(|(_, s)| s.clone()).collect();
+            for slot in slots {
+                let state = slot.lock();
+                if state.dirty || state.in_flight {
+                    let v = state.version;
+                    drop(state);
+                    out.push((slot, v));
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes every cached block in `[first, last]` (discard): dirty data is
+    /// dropped, and flush waiters are released.
+    pub fn remove_range(&self, first: u64, last: u64) {
+        for shard in &self.shards {
+            let victims: Vec<Arc<Slot>> = {
+                let mut shard = shard.lock();
+                let blocks: Vec<u64> = shard
+                    .iter()
+                    .map(|(b, _)| *b)
+                    .filter(|b| (first..=last).contains(b))
+                    .collect();
+                blocks.iter().filter_map(|b| shard.pop(b)).collect()
+            };
+            for slot in victims {
+                let mut state = slot.lock();
+                state.detached = true;
+                if state.dirty {
+                    state.dirty = false;
+                    self.dirty.fetch_sub(1, Ordering::Relaxed);
+                }
+                state.written = state.version;
+                drop(state);
+                slot.notify();
+            }
+        }
+        self.drained.notify_all();
+    }
+
+    /// Blocks cached in `[first, last]`, sorted (for SEEK_DATA).
+    pub fn cached_blocks(&self, first: u64, last: u64) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        for shard in &self.shards {
+            out.extend(
+                shard
+                    .lock()
+                    .iter()
+                    .map(|(b, _)| *b)
+                    .filter(|b| (first..=last).contains(b)),
+            );
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> CacheStats {
+        let used: usize = self.shards.iter().map(|s| s.lock().len()).sum();
+        let bs = self.block_size as u64;
+        CacheStats {
+            capacity: (self.shard_capacity * SHARDS) as u64 * bs,
+            used: used as u64 * bs,
+            dirty: self.dirty.load(Ordering::Relaxed) as u64 * bs,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Slot {
+    /// The state if it can be locked at once and the slot is evictable.
+    fn try_lock_clean(&self) -> Option<parking_lot::MutexGuard<'_, SlotState>> {
+        let state = self.try_lock()?;
+        (state.load == Load::Ready && !state.dirty && !state.in_flight).then_some(state)
+    }
+}

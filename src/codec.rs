@@ -1,0 +1,112 @@
+//! Block codec: compression of one block into a record payload and back.
+//!
+//! Owns the choice "compressed or raw" (a block that does not shrink by at least
+//! 1/8 is stored raw) and bounded decompression (output must be exactly the
+//! block size). Knows nothing of records or files.
+
+use crate::error::{Error, Result};
+use crate::format::Codec;
+
+/// Codec id stored in a record header: payload stored as is.
+pub const STORED_RAW: u8 = 0;
+/// Codec id stored in a record header: payload is one zstd frame.
+pub const STORED_ZSTD: u8 = 1;
+
+/// Encodes `block` with `codec`; returns the stored codec id and payload.
+pub fn encode(block: &[u8], codec: Codec) -> (u8, Vec<u8>) {
+    if let Codec::Zstd(level) = codec {
+        let limit = block.len() - block.len() / 8;
+        if let Ok(out) = zstd::bulk::compress(block, level) {
+            if out.len() <= limit {
+                return (STORED_ZSTD, out);
+            }
+        }
+    }
+    (STORED_RAW, block.to_vec())
+}
+
+/// Decodes a payload stored with `stored` into `out` (exactly `out.len()` bytes).
+pub fn decode(stored: u8, payload: &[u8], out: &mut [u8]) -> Result<()> {
+    match stored {
+        STORED_RAW if payload.len() == out.len() => {
+            out.copy_from_slice(payload);
+            Ok(())
+        }
+        STORED_ZSTD => {
+            let n = zstd::bulk::decompress_to_buffer(payload, out)
+                .map_err(|e| Error::corrupt(format!("zstd payload does not decode: {e}")))?;
+            if n != out.len() {
+                return Err(Error::corrupt(format!(
+                    "zstd payload decodes to {n} bytes, not {}",
+                    out.len()
+                )));
+            }
+            Ok(())
+        }
+        _ => Err(Error::corrupt(format!(
+            "payload of {} bytes with codec {stored} does not fit a block",
+            payload.len()
+        ))),
+    }
+}
+
+/// True if every byte of `buf` is zero.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let words = buf.chunks_exact(8);
+    let tail = words.remainder();
+    words.into_iter().all(|w| w == [0u8; 8]) && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressible_block_round_trips() {
+        let block: Vec<u8> = (0..65536u32).map(|i| (i % 7) as u8).collect();
+        let (id, payload) = encode(&block, Codec::Zstd(1));
+        assert_eq!(id, STORED_ZSTD);
+        assert!(payload.len() < block.len() / 4);
+        let mut out = vec![0; block.len()];
+        decode(id, &payload, &mut out).unwrap();
+        assert_eq!(out, block);
+    }
+
+    #[test]
+    fn incompressible_block_is_stored_raw() {
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let block: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let (id, payload) = encode(&block, Codec::Zstd(3));
+        assert_eq!(id, STORED_RAW);
+        assert_eq!(payload, block);
+    }
+
+    #[test]
+    fn wrong_length_is_corrupt() {
+        let block = vec![1u8; 4096];
+        let (id, payload) = encode(&block, Codec::Zstd(1));
+        let mut short = vec![0; 2048];
+        assert!(decode(id, &payload, &mut short).is_err());
+        let mut out = vec![0; 4096];
+        assert!(decode(STORED_RAW, &payload, &mut out).is_err());
+        assert!(decode(9, &payload, &mut out).is_err());
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0; 100]));
+        let mut b = vec![0u8; 100];
+        b[99] = 1;
+        assert!(!is_zero(&b));
+        b[99] = 0;
+        b[3] = 1;
+        assert!(!is_zero(&b));
+    }
+}

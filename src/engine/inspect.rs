@@ -1,0 +1,145 @@
+//! Looking at an image: statistics, the full check, and data/hole search.
+
+use super::Inner;
+use crate::error::Result;
+use crate::format::EntryKind;
+use serde::Serialize;
+
+/// Sizes, counters and state of an open image.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageStats {
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Block size in bytes.
+    pub block_size: u64,
+    /// Block compression ("zstd:1", "none").
+    pub codec: String,
+    /// Image identity.
+    pub uuid: String,
+    /// Bytes of the virtual disk that hold data (mapped blocks x block size).
+    pub allocated_bytes: u64,
+    /// Bytes the mapped blocks take in the file (compressed records).
+    pub stored_bytes: u64,
+    /// Length of the image file.
+    pub file_bytes: u64,
+    /// Checkpoint generation.
+    pub generation: u64,
+    /// True if the image was closed cleanly before this open.
+    pub clean: bool,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// Buffer cache budget.
+    pub cache_bytes: u64,
+    /// Buffer cache bytes in use.
+    pub cache_used_bytes: u64,
+    /// Cache lookups served from memory.
+    pub cache_hits: u64,
+    /// Cache lookups that read the file.
+    pub cache_misses: u64,
+    /// Bytes written but not yet persisted.
+    pub dirty_bytes: u64,
+    /// Set once a host error latched the image into the failed state.
+    pub failed: Option<String>,
+}
+
+/// One block that failed verification.
+#[derive(Debug, Clone, Serialize)]
+pub struct BadBlock {
+    /// Block index.
+    pub block: u64,
+    /// Guest byte offset of the block.
+    pub offset: u64,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// The result of [`Image::check`](super::Image::check).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct CheckReport {
+    /// Blocks whose records were read and verified.
+    pub blocks_checked: u64,
+    /// Blocks that failed.
+    pub bad: Vec<BadBlock>,
+}
+
+impl CheckReport {
+    /// True if nothing was wrong.
+    pub fn is_ok(&self) -> bool {
+        self.bad.is_empty()
+    }
+}
+
+impl Inner {
+    pub(super) fn stats(&self) -> ImageStats {
+        let (allocated, stored) = {
+            let map = self.map.read();
+            (map.data_blocks * self.block_size(), map.stored_bytes)
+        };
+        let sb = self.sb.lock().clone();
+        let cache = self.cache.stats();
+        ImageStats {
+            virtual_size: self.virtual_size,
+            block_size: self.block_size(),
+            codec: self.codec.to_string(),
+            uuid: sb.image_uuid.iter().map(|b| format!("{b:02x}")).collect(),
+            allocated_bytes: allocated,
+            stored_bytes: stored,
+            file_bytes: self.store.len().unwrap_or(0),
+            generation: sb.gen,
+            clean: self.opened_clean,
+            read_only: self.read_only,
+            cache_bytes: cache.capacity,
+            cache_used_bytes: cache.used,
+            cache_hits: cache.hits,
+            cache_misses: cache.misses,
+            dirty_bytes: cache.dirty,
+            failed: self.failed.lock().clone(),
+        }
+    }
+
+    pub(super) fn check(&self) -> Result<CheckReport> {
+        let entries: Vec<_> = self.map.read().data_entries().collect();
+        let mut report = CheckReport::default();
+        for (block, entry) in entries {
+            report.blocks_checked += 1;
+            if let Err(e) = self.decode_block(block, entry) {
+                report.bad.push(BadBlock {
+                    block,
+                    offset: block << self.block_shift,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Ok(report)
+    }
+
+    fn is_data(&self, block: u64) -> bool {
+        self.map.read().get(block).kind == EntryKind::Data || self.cache.lookup(block).is_some()
+    }
+
+    pub(super) fn next_data(&self, off: u64) -> Option<u64> {
+        if off >= self.virtual_size {
+            return None;
+        }
+        let first = off >> self.block_shift;
+        let mapped = self.map.read().next_mapped(first);
+        let cached = self
+            .cache
+            .cached_blocks(first, self.nblocks - 1)
+            .first()
+            .copied();
+        let block = match (mapped, cached) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some((block << self.block_shift).max(off))
+    }
+
+    pub(super) fn next_hole(&self, off: u64) -> u64 {
+        let mut block = off >> self.block_shift;
+        while block < self.nblocks && self.is_data(block) {
+            block += 1;
+        }
+        (block << self.block_shift).clamp(off, self.virtual_size)
+    }
+}

@@ -1,0 +1,299 @@
+//! The engine: one open image — its map, log, cache, checkpoints and recovery.
+//!
+//! [`Image`] is the API every upper layer uses (`docs/engine-api.md`). Data
+//! flow: writes land in the [`BlockCache`]; write-back workers compress dirty
+//! blocks in parallel and append them to the log as DATA records, updating the
+//! in-memory [`map`] under the log lock; `flush` waits for the blocks dirty at
+//! its start and issues one `sync`. A background checkpointer writes dirty map
+//! leaves and flips the superblock; `open` rolls the log forward from the last
+//! checkpoint (see `docs/format.md`, "Commit and recovery").
+//!
+//! Lock order: checkpoint lock → log lock → cache shard → slot; the map lock is
+//! taken inside the log lock by writers, alone by readers. No lock is held
+//! across compression; the log lock is held across the record `pwrite` (into
+//! the host page cache) so that log order equals map order.
+
+mod checkpoint;
+mod inspect;
+mod log;
+mod map;
+mod open;
+mod rw;
+mod writeback;
+
+pub use inspect::{BadBlock, CheckReport, ImageStats};
+
+use crate::cache::BlockCache;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{Codec, Superblock, DEFAULT_BLOCK_SHIFT};
+use crate::io::Store;
+use log::LogTail;
+use map::BlockMap;
+use parking_lot::{Mutex, RwLock};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Log bytes after which a checkpoint is started (bounds replay at open).
+const CHECKPOINT_BYTES: u64 = 256 << 20;
+/// A checkpoint also runs after this long with changes pending.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How to create an image.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size in bytes (a multiple of 512).
+    pub size: u64,
+    /// Block size: a power of two from 4 KiB to 1 MiB.
+    pub block_size: u64,
+    /// Compression of blocks.
+    pub codec: Codec,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            block_size: 1 << DEFAULT_BLOCK_SHIFT,
+            codec: Codec::Zstd(1),
+        }
+    }
+}
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Open without writing anything and without taking the lock.
+    pub read_only: bool,
+    /// Buffer cache budget in bytes.
+    pub cache_bytes: u64,
+    /// Write-back (compression) worker threads.
+    pub workers: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: false,
+            cache_bytes: 256 << 20,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// Shared state of an open image.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    store: Arc<dyn Store>,
+    read_only: bool,
+    virtual_size: u64,
+    block_shift: u8,
+    codec: Codec,
+    nblocks: u64,
+    /// The superblock last written (or read).
+    sb: Mutex<Superblock>,
+    /// Whether the image was clean when opened.
+    opened_clean: bool,
+    log: Mutex<LogTail>,
+    map: RwLock<BlockMap>,
+    cache: BlockCache,
+    checkpoint_lock: Mutex<()>,
+    sync_lock: Mutex<()>,
+    failed: Mutex<Option<String>>,
+    failed_flag: AtomicBool,
+    shutdown: AtomicBool,
+    kick: crossbeam_channel::Sender<()>,
+    kick_rx: crossbeam_channel::Receiver<()>,
+}
+
+/// An open image. `Send + Sync`: share it behind an `Arc`.
+#[derive(Debug)]
+pub struct Image {
+    inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+    closed: bool,
+}
+
+impl Inner {
+    fn block_size(&self) -> u64 {
+        1 << self.block_shift
+    }
+
+    /// Latches the image into the failed state and returns the error.
+    fn fail(&self, err: Error) -> Error {
+        if err.kind() != ErrorKind::Failed {
+            let mut failed = self.failed.lock();
+            if failed.is_none() {
+                ::log::error!("image failed, refusing further writes: {err}");
+                *failed = Some(err.to_string());
+            }
+            self.failed_flag.store(true, Ordering::Release);
+        }
+        err
+    }
+
+    fn check_failed(&self) -> Result<()> {
+        if self.failed_flag.load(Ordering::Acquire) {
+            let msg = self.failed.lock().clone().unwrap_or_default();
+            return Err(Error::new(
+                ErrorKind::Failed,
+                format!("image is in a failed state after an earlier error ({msg}); reopen it"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Image {
+    /// Creates a new image file at `path` (which must not exist) and opens it.
+    pub fn create(path: &Path, create: &CreateOptions, open: &OpenOptions) -> Result<Image> {
+        open::create_file(path, create, open)
+    }
+
+    /// Opens the image file at `path`.
+    pub fn open(path: &Path, open: &OpenOptions) -> Result<Image> {
+        open::open_file(path, open)
+    }
+
+    /// Creates a new image on an empty store and opens it.
+    pub fn create_on(
+        store: Arc<dyn Store>,
+        create: &CreateOptions,
+        open: &OpenOptions,
+    ) -> Result<Image> {
+        open::format_store(store.as_ref(), create)?;
+        Self::open_on(store, open)
+    }
+
+    /// Opens the image held by `store`.
+    pub fn open_on(store: Arc<dyn Store>, open: &OpenOptions) -> Result<Image> {
+        let inner = Arc::new(open::load(store, open)?);
+        let mut image = Image {
+            inner,
+            threads: Vec::new(),
+            closed: false,
+        };
+        if !open.read_only {
+            image
+                .inner
+                .checkpoint(false)
+                .map_err(|e| e.context("recovery checkpoint"))?;
+            image.threads = writeback::spawn(&image.inner, open.workers.max(1))?;
+        }
+        Ok(image)
+    }
+
+    /// Virtual size in bytes.
+    pub fn len(&self) -> u64 {
+        self.inner.virtual_size
+    }
+
+    /// True for a zero-length image (never: sizes are positive).
+    pub fn is_empty(&self) -> bool {
+        self.inner.virtual_size == 0
+    }
+
+    /// Block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        self.inner.block_size()
+    }
+
+    /// Block compression.
+    pub fn codec(&self) -> Codec {
+        self.inner.codec
+    }
+
+    /// True if opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    /// Reads `buf.len()` bytes at `off`.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.inner.read_at(buf, off)
+    }
+
+    /// Writes `buf` at `off` (durable after the next `flush`).
+    pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.inner.write_at(buf, off)
+    }
+
+    /// Discards `[off, off+len)`: it reads as zeros and whole blocks are freed.
+    pub fn discard(&self, off: u64, len: u64) -> Result<()> {
+        self.inner.discard(off, len)
+    }
+
+    /// Writes zeros over `[off, off+len)` (same effect as discard: zero blocks
+    /// cost no data space).
+    pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        self.inner.discard(off, len)
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+
+    /// Flushes, writes a final checkpoint marked clean and closes.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        let result = if self.inner.read_only {
+            Ok(())
+        } else {
+            self.inner
+                .flush()
+                .and_then(|()| self.inner.checkpoint(true))
+        };
+        self.inner.shutdown.store(true, Ordering::Release);
+        let _ = self.inner.kick.send(());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        result
+    }
+
+    /// Sizes, counters and state.
+    pub fn stats(&self) -> ImageStats {
+        self.inner.stats()
+    }
+
+    /// Reads and verifies every mapped block.
+    pub fn check(&self) -> Result<CheckReport> {
+        self.inner.check()
+    }
+
+    /// The first byte at or after `off` in a block that holds data (SEEK_DATA).
+    pub fn next_data(&self, off: u64) -> Option<u64> {
+        self.inner.next_data(off)
+    }
+
+    /// The first byte at or after `off` in a block without data (SEEK_HOLE), or
+    /// the virtual size.
+    pub fn next_hole(&self, off: u64) -> u64 {
+        self.inner.next_hole(off)
+    }
+
+    /// Runs a checkpoint now (bounds the log replayed by the next open).
+    pub fn checkpoint(&self) -> Result<()> {
+        if self.inner.read_only {
+            return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
+        }
+        self.inner.checkpoint(false)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            ::log::error!("closing image: {e}");
+        }
+    }
+}

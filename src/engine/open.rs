@@ -1,0 +1,353 @@
+//! Creating images and opening them: superblock choice, map load, roll-forward.
+
+use super::log::{next_off, read_next, read_record, LogTail};
+use super::map::BlockMap;
+use super::{Image, Inner, OpenOptions};
+use crate::cache::BlockCache;
+use crate::codec;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{
+    align_up, decode_index, decode_leaf, EntryKind, MapEntry, RecordKind, Superblock, LEAF_ENTRIES,
+    LOG_START, MAX_BLOCK_SHIFT, MAX_VIRTUAL_SIZE, MIN_BLOCK_SHIFT, RECORD_HEADER_LEN,
+    SB_FLAG_DIRTY, SB_SLOTS, SB_SLOT_SIZE, ZSTD_LEVELS,
+};
+use crate::io::{FileStore, Store};
+use crate::{Codec, CreateOptions};
+use parking_lot::{Mutex, RwLock};
+use std::fs::{File, OpenOptions as FsOpen};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // getrandom only fails if the OS has no entropy source at all.
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b) | 1
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Checks create options; the message names the bad value.
+pub(super) fn validate(create: &CreateOptions) -> Result<u8> {
+    let bs = create.block_size;
+    if !bs.is_power_of_two()
+        || !(MIN_BLOCK_SHIFT..=MAX_BLOCK_SHIFT).contains(&(bs.trailing_zeros() as u8))
+    {
+        return Err(Error::invalid(format!(
+            "block size {bs} is not a power of two from 4 KiB to 1 MiB"
+        )));
+    }
+    if create.size == 0 || !create.size.is_multiple_of(512) || create.size > MAX_VIRTUAL_SIZE {
+        return Err(Error::invalid(format!(
+            "size {} must be a positive multiple of 512 bytes, at most 64 TiB",
+            create.size
+        )));
+    }
+    if let Codec::Zstd(level) = create.codec {
+        if !ZSTD_LEVELS.contains(&level) {
+            return Err(Error::invalid(format!(
+                "zstd level {level} is not in 1..=19"
+            )));
+        }
+    }
+    Ok(bs.trailing_zeros() as u8)
+}
+
+/// Writes the first superblock of a new image onto an empty store.
+pub(super) fn format_store(store: &dyn Store, create: &CreateOptions) -> Result<()> {
+    let block_shift = validate(create)?;
+    let sb = Superblock {
+        flags: 0,
+        image_uuid: {
+            let mut u = [0u8; 16];
+            u[..8].copy_from_slice(&random_u64().to_le_bytes());
+            u[8..].copy_from_slice(&random_u64().to_le_bytes());
+            u
+        },
+        seq: 1,
+        gen: 1,
+        block_shift,
+        codec: create.codec,
+        virtual_size: create.size,
+        log_start_off: LOG_START,
+        log_start_lsn: 1,
+        log_epoch: random_u64(),
+        log_tail: LOG_START,
+        index: Default::default(),
+        snap_table: Default::default(),
+        config: Default::default(),
+        created_ns: now_ns(),
+    };
+    let io = |e| Error::io("format image", e);
+    store.set_len(LOG_START).map_err(io)?;
+    store.write_at(&sb.encode(1), SB_SLOT_SIZE).map_err(io)?;
+    store.sync().map_err(io)
+}
+
+fn lock(file: &File, path: &Path) -> Result<()> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::new(
+            ErrorKind::Locked,
+            format!(
+                "{}: image is in use by another process (mounted or open)",
+                path.display()
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(Error::io(format!("{}: lock", path.display()), e))
+        }
+    }
+}
+
+pub(super) fn create_file(
+    path: &Path,
+    create: &CreateOptions,
+    open: &OpenOptions,
+) -> Result<Image> {
+    validate(create)?;
+    let file = FsOpen::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::new(
+                    ErrorKind::Exists,
+                    format!("{}: already exists", path.display()),
+                )
+            } else {
+                Error::io(format!("{}: create", path.display()), e)
+            }
+        })?;
+    lock(&file, path)?;
+    let store = Arc::new(FileStore::new(file));
+    let made = format_store(store.as_ref(), create).and_then(|()| {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io("sync directory", e))
+    });
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(path);
+        return Err(e.context(path.display()));
+    }
+    Image::open_on(store, open).map_err(|e| e.context(path.display()))
+}
+
+pub(super) fn open_file(path: &Path, open: &OpenOptions) -> Result<Image> {
+    let file = FsOpen::new()
+        .read(true)
+        .write(!open.read_only)
+        .open(path)
+        .map_err(|e| {
+            let kind = match e.kind() {
+                std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+                std::io::ErrorKind::PermissionDenied => ErrorKind::ReadOnly,
+                _ => ErrorKind::Io,
+            };
+            Error::new(kind, format!("{}: {e}", path.display()))
+        })?;
+    if !open.read_only {
+        lock(&file, path)?;
+    }
+    Image::open_on(Arc::new(FileStore::new(file)), open).map_err(|e| e.context(path.display()))
+}
+
+/// Picks the valid superblock with the highest sequence number.
+fn read_superblock(store: &dyn Store, file_len: u64) -> Result<Superblock> {
+    if file_len < LOG_START {
+        return Err(Error::corrupt(format!(
+            "file is {file_len} bytes, too short to be a vbd image"
+        )));
+    }
+    let mut best: Option<Superblock> = None;
+    let mut first_err = None;
+    for slot in 0..SB_SLOTS {
+        let mut buf = vec![0u8; SB_SLOT_SIZE as usize];
+        store
+            .read_at(&mut buf, slot * SB_SLOT_SIZE)
+            .map_err(|e| Error::io("read superblock", e))?;
+        match Superblock::decode(&buf, slot as u8) {
+            Ok(sb) if best.as_ref().is_none_or(|b| sb.seq > b.seq) => best = Some(sb),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Unsupported => return Err(e),
+            Err(e) => first_err = first_err.or(Some(e)),
+        }
+    }
+    best.ok_or_else(|| first_err.unwrap_or_else(|| Error::corrupt("no valid superblock")))
+}
+
+fn load_map(store: &dyn Store, sb: &Superblock, file_len: u64, nblocks: u64) -> Result<BlockMap> {
+    let mut map = BlockMap::default();
+    if sb.index.off == 0 {
+        return Ok(map);
+    }
+    let (h, payload) = read_record(store, sb.index.off, sb.index.len)?;
+    let max_leaves = nblocks.div_ceil(LEAF_ENTRIES);
+    // Each listed leaf needs a record of at least a header in the file.
+    let max_count = max_leaves.min(file_len / RECORD_HEADER_LEN as u64);
+    if h.kind != RecordKind::Index
+        || h.crc != sb.index.crc
+        || h.key > max_count
+        || u64::from(h.raw_len) != h.key * 24
+    {
+        return Err(Error::corrupt(format!(
+            "map index at {} does not match the superblock",
+            sb.index.off
+        )));
+    }
+    let mut raw = vec![0u8; h.raw_len as usize];
+    codec::decode(h.codec, &payload, &mut raw)?;
+    let max_record = (1u32 << sb.block_shift) + RECORD_HEADER_LEN as u32;
+    for ptr in decode_index(&raw, max_leaves)? {
+        let (lh, lp) = read_record(store, ptr.off, ptr.len)?;
+        if lh.kind != RecordKind::Leaf || lh.key != ptr.leaf || lh.crc != ptr.crc {
+            return Err(Error::corrupt(format!(
+                "leaf {} at {} does not match the index",
+                ptr.leaf, ptr.off
+            )));
+        }
+        let mut bytes = vec![0u8; crate::format::LEAF_ENTRIES as usize * 16];
+        if lh.raw_len as usize != bytes.len() {
+            return Err(Error::corrupt(format!(
+                "leaf {} has raw length {}",
+                ptr.leaf, lh.raw_len
+            )));
+        }
+        codec::decode(lh.codec, &lp, &mut bytes)?;
+        let entries = decode_leaf(&bytes, file_len, max_record)?;
+        for (i, e) in entries.into_iter().enumerate() {
+            let block = ptr.leaf * LEAF_ENTRIES + i as u64;
+            if e.kind != EntryKind::Unmapped {
+                if block >= nblocks {
+                    return Err(Error::corrupt(format!(
+                        "map entry for block {block} beyond the disk"
+                    )));
+                }
+                map.set(block, e);
+            }
+        }
+        map.ptrs.insert(ptr.leaf, ptr);
+    }
+    for leaf in map.leaves.values_mut() {
+        leaf.dirty = false;
+    }
+    Ok(map)
+}
+
+/// Applies the log after the checkpoint; returns the tail after the last valid record.
+fn roll_forward(
+    store: &dyn Store,
+    sb: &Superblock,
+    map: &mut BlockMap,
+    file_len: u64,
+    nblocks: u64,
+) -> Result<(u64, u64, u64)> {
+    let (mut off, mut lsn, mut max_birth) = (sb.log_start_off, sb.log_start_lsn, sb.gen);
+    let block_size = 1u32 << sb.block_shift;
+    while let Some((h, payload)) = read_next(store, off, file_len) {
+        if h.epoch != sb.log_epoch || h.lsn != lsn {
+            break;
+        }
+        match h.kind {
+            RecordKind::Data => {
+                if h.key >= nblocks || h.raw_len != block_size || h.payload_len > block_size {
+                    return Err(Error::corrupt(format!(
+                        "data record at {off} is out of bounds"
+                    )));
+                }
+                let birth = u32::try_from(h.birth).map_err(|_| Error::corrupt("birth overflow"))?;
+                map.set(
+                    h.key,
+                    MapEntry {
+                        kind: EntryKind::Data,
+                        off,
+                        len: h.total_len() as u32,
+                        birth,
+                    },
+                );
+            }
+            RecordKind::Zero => {
+                let (first, count) = zero_payload(&payload)?;
+                if count == 0 || first.checked_add(count).is_none_or(|end| end > nblocks) {
+                    return Err(Error::corrupt(format!(
+                        "zero record at {off} is out of bounds"
+                    )));
+                }
+                map.set_range(first, count, MapEntry::default());
+            }
+            RecordKind::Leaf | RecordKind::Index | RecordKind::SnapTable => {}
+        }
+        max_birth = max_birth.max(h.birth);
+        off = next_off(&h);
+        lsn += 1;
+    }
+    Ok((off, lsn, max_birth))
+}
+
+/// Decodes a ZERO record payload: first block and count.
+pub(super) fn zero_payload(payload: &[u8]) -> Result<(u64, u64)> {
+    let bytes: [u8; 16] = payload
+        .try_into()
+        .map_err(|_| Error::corrupt("zero record payload is not 16 bytes"))?;
+    let (a, b) = bytes.split_at(8);
+    let first = u64::from_le_bytes(a.try_into().map_err(|_| Error::corrupt("zero record"))?);
+    let count = u64::from_le_bytes(b.try_into().map_err(|_| Error::corrupt("zero record"))?);
+    Ok((first, count))
+}
+
+/// Reads an image from `store` into memory: superblock, map, log roll-forward.
+pub(super) fn load(store: Arc<dyn Store>, open: &OpenOptions) -> Result<Inner> {
+    let file_len = store.len().map_err(|e| Error::io("size of image", e))?;
+    let sb = read_superblock(store.as_ref(), file_len)?;
+    let nblocks = sb.virtual_size.div_ceil(sb.block_size());
+    let mut map = load_map(store.as_ref(), &sb, file_len, nblocks)?;
+    let (end, lsn, max_birth) = roll_forward(store.as_ref(), &sb, &mut map, file_len, nblocks)?;
+    let tail = if open.read_only {
+        end
+    } else {
+        align_up(file_len.max(end), 4096)
+    };
+    let epoch = if open.read_only {
+        sb.log_epoch
+    } else {
+        random_u64()
+    };
+    let (kick, kick_rx) = crossbeam_channel::bounded(1);
+    Ok(Inner {
+        read_only: open.read_only,
+        virtual_size: sb.virtual_size,
+        block_shift: sb.block_shift,
+        codec: sb.codec,
+        nblocks,
+        opened_clean: sb.flags & SB_FLAG_DIRTY == 0,
+        log: Mutex::new(LogTail {
+            off: tail,
+            lsn,
+            epoch,
+            gen: max_birth + 1,
+            since_checkpoint: 0,
+        }),
+        map: RwLock::new(map),
+        cache: BlockCache::new(open.cache_bytes, 1 << sb.block_shift),
+        checkpoint_lock: Mutex::new(()),
+        sync_lock: Mutex::new(()),
+        failed: Mutex::new(None),
+        failed_flag: AtomicBool::new(false),
+        shutdown: AtomicBool::new(false),
+        kick,
+        kick_rx,
+        sb: Mutex::new(sb),
+        store,
+    })
+}

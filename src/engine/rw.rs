@@ -1,0 +1,203 @@
+//! The data path: read, write, discard and flush of an open image.
+
+use super::Inner;
+use crate::cache::Slot;
+use crate::codec;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{EntryKind, MapEntry, RecordKind};
+use std::sync::Arc;
+
+impl Inner {
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.virtual_size => Ok(()),
+            _ => Err(Error::invalid(format!(
+                "range {off}+{len} is outside the disk ({} bytes)",
+                self.virtual_size
+            ))),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
+        }
+        self.check_failed()
+    }
+
+    /// Calls `f(block, offset in block, range in buffer)` for each block piece.
+    fn pieces(
+        &self,
+        off: u64,
+        len: usize,
+        mut f: impl FnMut(u64, usize, std::ops::Range<usize>) -> Result<()>,
+    ) -> Result<()> {
+        let bs = self.block_size();
+        let mut done = 0usize;
+        while done < len {
+            let pos = off + done as u64;
+            let in_block = (pos & (bs - 1)) as usize;
+            let n = (bs as usize - in_block).min(len - done);
+            f(pos >> self.block_shift, in_block, done..done + n)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads and decodes the stored content of `block` as `entry` says.
+    pub(super) fn decode_block(&self, block: u64, entry: MapEntry) -> Result<Vec<u8>> {
+        let mut data = vec![0u8; self.block_size() as usize];
+        if entry.kind == EntryKind::Data {
+            let (h, payload) = super::log::read_record(self.store.as_ref(), entry.off, entry.len)?;
+            if h.kind != RecordKind::Data || h.key != block || h.birth != u64::from(entry.birth) {
+                return Err(Error::corrupt(format!(
+                    "block {block}: record at {} belongs to {:?} {} (birth {})",
+                    entry.off, h.kind, h.key, h.birth
+                )));
+            }
+            if u64::from(h.raw_len) != self.block_size() {
+                return Err(Error::corrupt(format!(
+                    "block {block}: record has raw length {}",
+                    h.raw_len
+                )));
+            }
+            codec::decode(h.codec, &payload, &mut data)
+                .map_err(|e| e.context(format!("block {block}")))?;
+        }
+        Ok(data)
+    }
+
+    /// Fills a freshly created slot from the map; on error removes it.
+    fn load(&self, slot: &Arc<Slot>) -> Result<()> {
+        let entry = self.map.read().get(slot.block);
+        match self.decode_block(slot.block, entry) {
+            Ok(data) => {
+                self.cache.finish_load(slot, data);
+                Ok(())
+            }
+            Err(e) => {
+                ::log::error!("read of block {} failed: {e}", slot.block);
+                self.cache.fail_load(slot, &e);
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        self.pieces(off, buf.len(), |block, in_block, range| {
+            let out = &mut buf[range];
+            let slot = match self.cache.lookup(block) {
+                Some(slot) => slot,
+                None => {
+                    if self.map.read().get(block).kind != EntryKind::Data {
+                        out.fill(0);
+                        return Ok(());
+                    }
+                    let (slot, created) = self.cache.get_or_insert(block);
+                    if created {
+                        self.load(&slot)?;
+                    }
+                    slot
+                }
+            };
+            let state = slot.wait_ready()?;
+            out.copy_from_slice(&state.data[in_block..in_block + out.len()]);
+            Ok(())
+        })
+    }
+
+    pub(super) fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(off, buf.len() as u64)?;
+        let bs = self.block_size() as usize;
+        self.pieces(off, buf.len(), |block, in_block, range| {
+            let src = &buf[range];
+            let (slot, created) = self.cache.get_or_insert(block);
+            if created {
+                let data = if src.len() == bs {
+                    src.to_vec()
+                } else {
+                    let entry = self.map.read().get(block);
+                    match self.decode_block(block, entry) {
+                        Ok(mut data) => {
+                            data[in_block..in_block + src.len()].copy_from_slice(src);
+                            data
+                        }
+                        Err(e) => {
+                            self.cache.fail_load(&slot, &e);
+                            return Err(e);
+                        }
+                    }
+                };
+                self.cache.finish_load(&slot, data);
+                let mut state = slot.lock();
+                self.cache.mark_dirty(&slot, &mut state);
+            } else {
+                let mut state = slot.wait_ready()?;
+                state.data[in_block..in_block + src.len()].copy_from_slice(src);
+                self.cache.mark_dirty(&slot, &mut state);
+            }
+            Ok(())
+        })?;
+        self.cache.throttle();
+        Ok(())
+    }
+
+    pub(super) fn discard(&self, off: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(off, len)?;
+        let bs = self.block_size();
+        let first_full = off.div_ceil(bs);
+        let end_full = (off + len) / bs;
+        if first_full >= end_full {
+            return self.write_zero_bytes(off, len);
+        }
+        self.write_zero_bytes(off, first_full * bs - off)?;
+        self.write_zero_bytes(end_full * bs, off + len - end_full * bs)?;
+        let count = end_full - first_full;
+        let mut log = self.log.lock();
+        // Map first, then cache, then record: a block loaded after this point
+        // reads zeros, and a write-back of older data (checked under the log
+        // lock) sees its slot detached and drops it.
+        self.map
+            .write()
+            .set_range(first_full, count, MapEntry::default());
+        self.cache.remove_range(first_full, end_full - 1);
+        let mut payload = first_full.to_le_bytes().to_vec();
+        payload.extend_from_slice(&count.to_le_bytes());
+        log.append(
+            self.store.as_ref(),
+            RecordKind::Zero,
+            first_full,
+            0,
+            0,
+            &payload,
+        )
+        .map(|_| ())
+        .map_err(|e| self.fail(e))
+    }
+
+    fn write_zero_bytes(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.write_at(&vec![0u8; len as usize], off)
+    }
+
+    pub(super) fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.check_failed()?;
+        for (slot, version) in self.cache.dirty_slots() {
+            slot.wait_written(version);
+        }
+        self.check_failed()?;
+        let _sync = self.sync_lock.lock();
+        self.store
+            .sync()
+            .map_err(|e| self.fail(Error::io("sync image", e)))?;
+        self.check_failed()
+    }
+}

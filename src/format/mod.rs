@@ -1,0 +1,45 @@
+//! The on-disk format, byte for byte (see `docs/format.md`).
+//!
+//! This layer owns the layout of the superblocks, record headers and map
+//! entries: encoding, decoding and validation of every field read from a file.
+//! It does no I/O and holds no state. Every integer on disk is little-endian.
+//! All structs that touch disk bytes are `#[repr(C)]` zerocopy types with their
+//! sizes pinned by `const` assertions; decoding returns typed values that have
+//! passed every bound check, or an [`Error`](crate::Error) of kind `Corrupt`.
+
+mod entry;
+mod record;
+mod superblock;
+
+pub use entry::{
+    decode_index, decode_leaf, encode_index, encode_leaf, EntryKind, LeafPtr, MapEntry,
+};
+pub use record::{align_up, RecordHeader, RecordKind, RECORD_ALIGN, RECORD_HEADER_LEN};
+pub use superblock::{Codec, RecPtr, Superblock, SB_FLAG_DIRTY};
+
+/// Size of one superblock slot; slot `i` starts at `i * SB_SLOT_SIZE`.
+pub const SB_SLOT_SIZE: u64 = 4096;
+/// Number of superblock slots (written alternately).
+pub const SB_SLOTS: u64 = 2;
+/// First byte of the log. Bytes between the slots and here are reserved (zero).
+pub const LOG_START: u64 = 64 * 1024;
+
+/// Smallest block size (4 KiB).
+pub const MIN_BLOCK_SHIFT: u8 = 12;
+/// Largest block size (1 MiB).
+pub const MAX_BLOCK_SHIFT: u8 = 20;
+/// Default block size (64 KiB).
+pub const DEFAULT_BLOCK_SHIFT: u8 = 16;
+/// Largest virtual size: 64 TiB (the limit tested is 16 TiB; 64 TiB keeps
+/// block indexes and leaf counts far from every integer bound).
+pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
+/// Map entries per leaf (each leaf is one LEAF record of 16 KiB raw).
+pub const LEAF_ENTRIES: u64 = 1024;
+/// Byte offsets in map entries are 56 bits wide.
+pub const MAX_FILE_OFFSET: u64 = (1 << 56) - 1;
+/// Largest payload of any record: a 1 MiB block, or a leaf index for 64 TiB at
+/// 4 KiB blocks (2^24 leaves x 24 bytes = 384 MiB raw, compressed far smaller;
+/// capped here at 512 MiB so a hostile length cannot force a larger allocation).
+pub const MAX_PAYLOAD: u32 = 512 << 20;
+/// zstd levels accepted (the zstd library's range).
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=19;

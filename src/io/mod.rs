@@ -1,0 +1,39 @@
+//! The storage layer: where the bytes of an image file live.
+//!
+//! Everything above talks to a [`Store`]: positional reads and writes, a sync that
+//! makes all earlier writes durable, hole punching and length changes. Three
+//! backends implement it: [`FileStore`] (a real host file), [`MemStore`] (a byte
+//! vector, for tests and fuzzing) and [`FaultStore`] (a crash simulator that keeps
+//! writes volatile until `sync`, fails on demand and materialises what a power
+//! loss could leave behind). This layer knows nothing of the format.
+
+mod fault;
+mod file;
+mod mem;
+
+pub use fault::{CrashImage, FaultStore};
+pub use file::FileStore;
+pub use mem::MemStore;
+
+use std::io;
+
+/// Positional storage for one image file. Implementations are shared between
+/// threads; every method may be called concurrently.
+#[allow(clippy::len_without_is_empty)] // a store's length is a size, not a collection
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Fills `buf` from `off`. Reading past the end is `UnexpectedEof`.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `off`, growing the store if needed. Not durable
+    /// until [`Store::sync`] returns.
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Makes every earlier completed write durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends to `len` (extension reads as zeros).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Deallocates `[off, off+len)`; it reads back as zeros. The length is kept.
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Hint that `[off, off+len)` will not be read soon (drop host caches).
+    fn forget(&self, _off: u64, _len: u64) {}
+}

@@ -1,0 +1,247 @@
+//! Engine scenarios on real files: round trips, reopen, zeros, discard, bounds.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
+
+use std::sync::Arc;
+use vbdfs::io::{FaultStore, MemStore, Store};
+use vbdfs::{Codec, CreateOptions, ErrorKind, Image, OpenOptions};
+
+fn opts() -> OpenOptions {
+    OpenOptions {
+        cache_bytes: 4 << 20,
+        workers: 2,
+        ..OpenOptions::default()
+    }
+}
+
+fn create(size: u64, block: u64, codec: Codec) -> (tempfile::TempDir, std::path::PathBuf, Image) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.vbd");
+    let img = Image::create(
+        &path,
+        &CreateOptions {
+            size,
+            block_size: block,
+            codec,
+        },
+        &opts(),
+    )
+    .unwrap();
+    (dir, path, img)
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+#[test]
+fn unwritten_reads_zero_and_costs_nothing() {
+    let (_d, _p, img) = create(1 << 30, 65536, Codec::Zstd(1));
+    let mut buf = vec![1u8; 300_000];
+    img.read_at(&mut buf, 12345).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    assert_eq!(img.stats().allocated_bytes, 0);
+}
+
+#[test]
+fn unaligned_writes_round_trip_across_reopen() {
+    for codec in [Codec::None, Codec::Zstd(3)] {
+        for block in [4096u64, 65536, 1 << 20] {
+            let (_d, path, img) = create(64 << 20, block, codec);
+            let a = pattern(200_001, 1);
+            let b = pattern(777, 2);
+            img.write_at(&a, 4095).unwrap();
+            img.write_at(&b, 100_000).unwrap();
+            img.flush().unwrap();
+            img.close().unwrap();
+            let img = Image::open(&path, &opts()).unwrap();
+            let mut expect = vec![0u8; 300_000];
+            expect[4095..4095 + a.len()].copy_from_slice(&a);
+            expect[100_000..100_777].copy_from_slice(&b);
+            let mut got = vec![0u8; 300_000];
+            img.read_at(&mut got, 0).unwrap();
+            assert!(got == expect, "{codec} block {block}");
+            assert!(img.stats().clean, "closed image must reopen clean");
+        }
+    }
+}
+
+#[test]
+fn zero_blocks_cost_no_space_and_discard_frees() {
+    let (_d, _p, img) = create(64 << 20, 65536, Codec::Zstd(1));
+    img.write_at(&vec![0u8; 1 << 20], 0).unwrap();
+    img.flush().unwrap();
+    assert_eq!(img.stats().allocated_bytes, 0);
+    img.write_at(&pattern(1 << 20, 5), 0).unwrap();
+    img.flush().unwrap();
+    assert_eq!(img.stats().allocated_bytes, 1 << 20);
+    img.discard(65536 + 100, 3 * 65536).unwrap();
+    img.flush().unwrap();
+    // Blocks 2 and 3 are wholly inside the range; 1 and 4 partially.
+    assert_eq!(img.stats().allocated_bytes, (16 - 2) * 65536);
+    let mut buf = vec![1u8; 3 * 65536];
+    img.read_at(&mut buf, 65536 + 100).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    let mut edge = [0u8; 100];
+    img.read_at(&mut edge, 65536).unwrap();
+    assert_eq!(&edge[..], &pattern(1 << 20, 5)[65536..65636]);
+}
+
+#[test]
+fn out_of_range_and_read_only_are_refused() {
+    let (_d, path, img) = create(1 << 20, 65536, Codec::Zstd(1));
+    assert_eq!(
+        img.write_at(&[1], 1 << 20).unwrap_err().kind(),
+        ErrorKind::Invalid
+    );
+    assert_eq!(
+        img.read_at(&mut [0; 2], (1 << 20) - 1).unwrap_err().kind(),
+        ErrorKind::Invalid
+    );
+    assert_eq!(
+        img.read_at(&mut [0; 1], u64::MAX).unwrap_err().kind(),
+        ErrorKind::Invalid
+    );
+    // A second read-write open is refused while the first holds the lock.
+    assert_eq!(
+        Image::open(&path, &opts()).unwrap_err().kind(),
+        ErrorKind::Locked
+    );
+    drop(img);
+    let ro = Image::open(
+        &path,
+        &OpenOptions {
+            read_only: true,
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        ro.write_at(&[1], 0).unwrap_err().kind(),
+        ErrorKind::ReadOnly
+    );
+}
+
+#[test]
+fn bad_create_options_name_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            CreateOptions {
+                size: 0,
+                ..Default::default()
+            },
+            "size 0",
+        ),
+        (
+            CreateOptions {
+                size: 1000,
+                ..Default::default()
+            },
+            "size 1000",
+        ),
+        (
+            CreateOptions {
+                size: 1 << 20,
+                block_size: 3000,
+                ..Default::default()
+            },
+            "block size 3000",
+        ),
+        (
+            CreateOptions {
+                size: 1 << 20,
+                block_size: 2 << 20,
+                ..Default::default()
+            },
+            "block size 2097152",
+        ),
+        (
+            CreateOptions {
+                size: 1 << 20,
+                codec: Codec::Zstd(99),
+                ..Default::default()
+            },
+            "level 99",
+        ),
+    ];
+    for (c, needle) in cases {
+        let err = Image::create(&dir.path().join("x.vbd"), &c, &opts()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        assert!(err.to_string().contains(needle), "{err} lacks {needle}");
+        assert!(!dir.path().join("x.vbd").exists());
+    }
+    let p = dir.path().join("y.vbd");
+    std::fs::write(&p, b"x").unwrap();
+    let err = Image::create(
+        &p,
+        &CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        },
+        &opts(),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Exists);
+}
+
+#[test]
+fn sixteen_tib_image_works_sparse() {
+    let (_d, path, img) = create(16 << 40, 65536, Codec::Zstd(1));
+    let data = pattern(65536 * 3, 9);
+    let far = (16u64 << 40) - data.len() as u64;
+    img.write_at(&data, far).unwrap();
+    img.close().unwrap();
+    let img = Image::open(&path, &opts()).unwrap();
+    let mut got = vec![0u8; data.len()];
+    img.read_at(&mut got, far).unwrap();
+    assert!(got == data);
+    assert!(std::fs::metadata(&path).unwrap().len() < 4 << 20);
+    assert_eq!(img.next_data(0), Some(far));
+    assert_eq!(img.next_hole(far), 16 << 40);
+}
+
+#[test]
+fn flush_failure_latches() {
+    let store = Arc::new(FaultStore::new());
+    let img = Image::create_on(
+        store.clone(),
+        &CreateOptions {
+            size: 8 << 20,
+            ..Default::default()
+        },
+        &opts(),
+    )
+    .unwrap();
+    img.write_at(&pattern(65536, 1), 0).unwrap();
+    store.fail_at(store.events() + 1, libc::EIO);
+    // The failure hits the record write or the sync; either way flush fails
+    // and keeps failing.
+    assert!(img.flush().is_err());
+    assert_eq!(img.flush().unwrap_err().kind(), ErrorKind::Failed);
+    assert_eq!(img.write_at(&[1], 0).unwrap_err().kind(), ErrorKind::Failed);
+    std::mem::forget(img); // closing would fail too; the store is dropped with the test
+}
+
+#[test]
+fn memstore_images_reopen() {
+    let store = Arc::new(MemStore::new());
+    let img = Image::create_on(
+        store.clone(),
+        &CreateOptions {
+            size: 8 << 20,
+            ..Default::default()
+        },
+        &opts(),
+    )
+    .unwrap();
+    img.write_at(&pattern(100_000, 3), 5).unwrap();
+    img.close().unwrap();
+    let bytes = store.to_bytes();
+    let img = Image::open_on(Arc::new(MemStore::from_bytes(bytes)), &opts()).unwrap();
+    let mut got = vec![0u8; 100_000];
+    img.read_at(&mut got, 5).unwrap();
+    assert!(got == pattern(100_000, 3));
+    let _ = store.len();
+}
