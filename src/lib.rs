@@ -20,6 +20,7 @@
 
 pub mod cache;
 pub mod codec;
+pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod format;

@@ -41,3 +41,32 @@ pub fn drop_page_cache(file: &impl AsRawFd, off: u64, len: u64) {
         libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED);
     }
 }
+
+/// `lseek(SEEK_DATA)`: the first offset `>= off` inside a data region of `file`,
+/// or `None` when only a hole (or EOF) follows. The fd's file position moves;
+/// callers use positional I/O only, so it does not matter.
+pub fn seek_data(file: &impl AsRawFd, off: u64) -> io::Result<Option<u64>> {
+    seek(file, off, libc::SEEK_DATA)
+}
+
+/// `lseek(SEEK_HOLE)`: the first offset `>= off` inside a hole of `file` (the end
+/// of file counts as a hole), or `None` when `off` is at or past the end.
+pub fn seek_hole(file: &impl AsRawFd, off: u64) -> io::Result<Option<u64>> {
+    seek(file, off, libc::SEEK_HOLE)
+}
+
+fn seek(file: &impl AsRawFd, off: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = i64::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek only reads its integer arguments; the fd is valid while
+    // `file` is borrowed, and no memory is passed to the kernel.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if rc >= 0 {
+        return Ok(u64::try_from(rc).ok());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(err)
+    }
+}
