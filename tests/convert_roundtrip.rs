@@ -1,0 +1,158 @@
+//! Import every kind of source into a `.vbd`, export it back to raw, and let
+//! `qemu-img compare` judge: the export must be identical to the source as
+//! QEMU reads it. Also: the export is sparse, and the commands refuse what
+//! they must refuse (existing targets, a contradicting `--format`,
+//! snapshots that do not exist yet).
+
+mod convert_common;
+
+use convert_common::{assert_identical, build_fixtures, make_raw, p, qemu_img, tmp};
+use std::os::unix::fs::MetadataExt;
+use vbdfs::convert::{export, import, import_report, ExportFormat, Format};
+use vbdfs::{CreateOptions, ErrorKind, Image, OpenOptions};
+
+#[test]
+fn import_export_matches_qemu() {
+    let (_d, dir) = tmp();
+    for (i, f) in build_fixtures(&dir).into_iter().enumerate() {
+        let img = dir.join(format!("img{i}.vbd"));
+        let out = dir.join(format!("out{i}.raw"));
+        import(&f.path, &img, None, &CreateOptions::default(), false)
+            .unwrap_or_else(|e| panic!("{}: import: {e}", f.name));
+        export(&img, &out, None, false).unwrap_or_else(|e| panic!("{}: export: {e}", f.name));
+        assert_identical(&out, "raw", &f.path, f.fmt);
+        let image = Image::open(
+            &img,
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .expect("open imported");
+        assert_eq!(image.len() % 512, 0, "{}", f.name);
+        assert!(
+            image.check().expect("check").bad.is_empty(),
+            "{}: check",
+            f.name
+        );
+    }
+}
+
+#[test]
+fn export_is_sparse_and_import_skips_zeros() {
+    let (_d, dir) = tmp();
+    let src = dir.join("sparse.raw");
+    // 64 MiB, of which 128 KiB hold data and 1 MiB is explicit zeros.
+    make_raw(&src, 64 << 20, &[(0, 65536, 0xab), (40 << 20, 65536, 0xcd)]);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src)
+            .expect("open");
+        f.write_all_at(&vec![0u8; 1 << 20], 8 << 20).expect("zeros");
+    }
+    let img = dir.join("sparse.vbd");
+    let report = import_report(
+        &src,
+        &img,
+        Some(Format::Raw),
+        &CreateOptions::default(),
+        false,
+    )
+    .expect("import");
+    assert_eq!(report.image_size, 64 << 20);
+    let image = Image::open(
+        &img,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .expect("open");
+    let mapped: u64 = {
+        let (mut pos, mut total) = (0, 0);
+        while let Some(d) = image.next_data(pos) {
+            let h = image.next_hole(d);
+            total += h - d;
+            pos = h;
+        }
+        total
+    };
+    assert!(
+        mapped <= 256 << 10,
+        "{mapped} bytes mapped for 128 KiB of data"
+    );
+    drop(image);
+    let out = dir.join("sparse.out");
+    export(&img, &out, Some(ExportFormat::Raw), false).expect("export");
+    let meta = std::fs::metadata(&out).expect("stat");
+    assert_eq!(meta.len(), 64 << 20);
+    assert!(
+        meta.blocks() * 512 <= 1 << 20,
+        "export allocates {} bytes",
+        meta.blocks() * 512
+    );
+    assert_identical(&out, "raw", &src, "raw");
+}
+
+#[test]
+fn refusals() {
+    let (_d, dir) = tmp();
+    let raw = dir.join("a.raw");
+    make_raw(&raw, 1 << 20, &[(0, 4096, 1)]);
+    let q = dir.join("a.qcow2");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-O",
+        "qcow2",
+        &p(&dir, "a.raw"),
+        &p(&dir, "a.qcow2"),
+    ]);
+    let c = CreateOptions::default();
+
+    let e = import(&q, &dir.join("x.vbd"), Some(Format::Raw), &c, false).expect_err("mismatch");
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert!(e.to_string().contains("a.qcow2"), "{e}");
+    let e = import(&raw, &dir.join("x.vbd"), Some(Format::Qcow2), &c, false).expect_err("mismatch");
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    let e = import(&raw, &dir.join("x.vbd"), Some(Format::Vhd), &c, false).expect_err("mismatch");
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert!(!dir.join("x.vbd").exists());
+
+    let img = dir.join("a.vbd");
+    import(&q, &img, Some(Format::Qcow2), &c, false).expect("import");
+    let e = import(&raw, &img, None, &c, false).expect_err("exists");
+    assert_eq!(e.kind(), ErrorKind::Exists, "{e}");
+
+    let out = dir.join("a.out");
+    std::fs::write(&out, b"keep me").expect("write");
+    let e = export(&img, &out, None, false).expect_err("dest exists");
+    assert_eq!(e.kind(), ErrorKind::Exists, "{e}");
+    assert_eq!(std::fs::read(&out).expect("read"), b"keep me");
+
+    let snap = dir.join("a.vbd@monday");
+    let e = export(&snap, &dir.join("b.out"), None, false).expect_err("snapshot");
+    assert!(
+        e.to_string().contains("snapshots are not available yet"),
+        "{e}"
+    );
+    let e = import(
+        &dir.join("missing.raw"),
+        &dir.join("m.vbd"),
+        None,
+        &c,
+        false,
+    )
+    .expect_err("missing");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+
+    // Nothing half-written anywhere.
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
+    assert!(!names.contains(&"x.vbd".to_string()) && !names.contains(&"b.out".to_string()));
+}
