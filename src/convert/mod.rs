@@ -123,8 +123,10 @@ fn open_in_chain(
             )));
         }
         if chain.len() >= MAX_CHAIN_DEPTH {
+            let top = chain.first().unwrap_or(child);
             return Err(Error::invalid(format!(
-                "{}: backing chain deeper than {MAX_CHAIN_DEPTH} files",
+                "{}: backing chain deeper than {MAX_CHAIN_DEPTH} files (at {})",
+                top.display(),
                 child.display()
             )));
         }

@@ -67,13 +67,10 @@ fn parse_footer(f: &FileReader, b: &[u8]) -> Result<Footer> {
     let chs = u64::from(be16(b, 56))
         * u64::from(b.get(58).copied().unwrap_or(0))
         * u64::from(b.get(59).copied().unwrap_or(0));
-    // QEMU's rule: Virtual PC and QEMU itself size the disk by CHS geometry,
-    // other creators (Hyper-V, XenServer, Disk2vhd...) by the current size.
-    let creator = b.get(28..32).unwrap_or(&[]);
-    let by_chs = !matches!(
-        creator,
-        b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0" | b"wa\0\0"
-    );
+    // QEMU's rule (since 9.x): only Virtual PC ("vpc ") and old QEMU ("qemu")
+    // images are sized by CHS geometry; every other creator (Hyper-V,
+    // XenServer, Disk2vhd, VirtualBox...) by the footer's current size.
+    let by_chs = matches!(b.get(28..32), Some(b"vpc " | b"qemu"));
     let sectors = if by_chs && chs != MAX_GEOMETRY {
         chs
     } else {

@@ -1,0 +1,380 @@
+//! Broken and hostile sources: truncated files, tables pointing outside the
+//! file, loops in backing chains, absurd sizes, unknown features, encryption,
+//! garbage compressed data and random byte flips. Each must end in a clean
+//! error of a fitting kind that names the file (never a panic, a hang or a
+//! huge allocation), and a failed import must leave no file behind.
+
+mod convert_common;
+
+use convert_common::{make_raw, p, qemu_img, qemu_img_in, qemu_io, run, tmp};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use vbdfs::convert::{import, open_source, Source};
+use vbdfs::{CreateOptions, Error, ErrorKind};
+
+fn patch(path: &Path, off: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    f.write_all_at(bytes, off).expect("patch");
+}
+
+fn read_be64(path: &Path, off: u64) -> u64 {
+    let f = std::fs::File::open(path).expect("open");
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, off).expect("read");
+    u64::from_be_bytes(b)
+}
+
+/// Imports `src`; the import must fail with `kind`, name `src` and leave no
+/// file in `dir` besides those there before.
+fn import_fails(dir: &Path, src: &Path, kind: ErrorKind) -> Error {
+    let before = std::fs::read_dir(dir).expect("ls").count();
+    let img = dir.join("out.vbd");
+    let e = import(src, &img, None, &CreateOptions::default(), false).expect_err("must fail");
+    assert_eq!(e.kind(), kind, "{}: {e}", src.display());
+    let name = src
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        e.to_string().contains(&name),
+        "error does not name the file: {e}"
+    );
+    assert!(!img.exists());
+    assert_eq!(
+        std::fs::read_dir(dir).expect("ls").count(),
+        before,
+        "left files behind"
+    );
+    e
+}
+
+fn qcow2_with_data(dir: &Path, name: &str, opts: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        &p(dir, name),
+        "4M",
+    ]);
+    qemu_io(
+        "qcow2",
+        &path,
+        &["write -P 0xab 0 256k", "write -P 0xcd 3M 64k"],
+    );
+    path
+}
+
+#[test]
+fn truncated_and_out_of_file_tables() {
+    let (_d, dir) = tmp();
+    let q = qcow2_with_data(&dir, "trunc.qcow2", "cluster_size=4096");
+    let len = std::fs::metadata(&q).expect("stat").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&q)
+        .expect("open")
+        .set_len(len / 2)
+        .expect("cut");
+    import_fails(&dir, &q, ErrorKind::Corrupt);
+
+    let q = qcow2_with_data(&dir, "l1.qcow2", "compat=1.1");
+    patch(&q, 40, &(1u64 << 45).to_be_bytes());
+    import_fails(&dir, &q, ErrorKind::Corrupt);
+
+    let q = qcow2_with_data(&dir, "l2.qcow2", "compat=1.1");
+    let l1 = read_be64(&q, 40);
+    patch(&q, l1, &((1u64 << 63) | (1u64 << 40)).to_be_bytes());
+    import_fails(&dir, &q, ErrorKind::Corrupt);
+
+    let q = qcow2_with_data(&dir, "data.qcow2", "compat=1.1");
+    let l2 = read_be64(&q, l1) & 0x00ff_ffff_ffff_fe00;
+    patch(&q, l2, &((1u64 << 63) | (1u64 << 44)).to_be_bytes());
+    import_fails(&dir, &q, ErrorKind::Corrupt);
+
+    std::fs::write(dir.join("short.qcow2"), b"QFI\xfb\0\0\0\x03").expect("write");
+    import_fails(&dir, &dir.join("short.qcow2"), ErrorKind::Corrupt);
+}
+
+#[test]
+fn absurd_headers() {
+    let (_d, dir) = tmp();
+    let q = qcow2_with_data(&dir, "size.qcow2", "compat=1.1");
+    patch(&q, 24, &(1u64 << 63).to_be_bytes());
+    import_fails(&dir, &q, ErrorKind::Corrupt);
+
+    let q = qcow2_with_data(&dir, "bits.qcow2", "compat=1.1");
+    patch(&q, 20, &40u32.to_be_bytes());
+    import_fails(&dir, &q, ErrorKind::Corrupt);
+
+    let q = qcow2_with_data(&dir, "l1size.qcow2", "compat=1.1");
+    patch(&q, 36, &u32::MAX.to_be_bytes());
+    import_fails(&dir, &q, ErrorKind::Corrupt);
+
+    let q = qcow2_with_data(&dir, "feature.qcow2", "compat=1.1");
+    patch(&q, 72, &(1u64 << 20).to_be_bytes());
+    let e = import_fails(&dir, &q, ErrorKind::Unsupported);
+    assert!(e.to_string().contains("incompatible"), "{e}");
+
+    let q = qcow2_with_data(&dir, "version.qcow2", "compat=1.1");
+    patch(&q, 4, &7u32.to_be_bytes());
+    import_fails(&dir, &q, ErrorKind::Unsupported);
+}
+
+#[test]
+fn encrypted_qcow2_is_refused() {
+    let (_d, dir) = tmp();
+    let path = p(&dir, "enc.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=sec0,data=hunter2",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            &path,
+            "1M",
+        ],
+    );
+    let e = import_fails(&dir, &dir.join("enc.qcow2"), ErrorKind::Unsupported);
+    assert!(e.to_string().contains("encrypted"), "{e}");
+}
+
+#[test]
+fn backing_loops_and_missing_backing() {
+    let (_d, dir) = tmp();
+    qemu_img_in(&dir, &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"]);
+    qemu_img_in(
+        &dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2",
+        ],
+    );
+    qemu_img_in(
+        &dir,
+        &[
+            "rebase", "-q", "-u", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
+        ],
+    );
+    let e = import_fails(&dir, &dir.join("a.qcow2"), ErrorKind::Corrupt);
+    assert!(e.to_string().contains("loop"), "{e}");
+
+    qemu_img_in(&dir, &["create", "-q", "-f", "qcow2", "self.qcow2", "1M"]);
+    qemu_img_in(
+        &dir,
+        &[
+            "rebase",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            "self.qcow2",
+            "-F",
+            "qcow2",
+            "self.qcow2",
+        ],
+    );
+    import_fails(&dir, &dir.join("self.qcow2"), ErrorKind::Corrupt);
+
+    // A chain deeper than the limit.
+    qemu_img_in(&dir, &["create", "-q", "-f", "qcow2", "c0.qcow2", "1M"]);
+    for i in 1..20 {
+        let (b, c) = (format!("c{}.qcow2", i - 1), format!("c{i}.qcow2"));
+        qemu_img_in(
+            &dir,
+            &[
+                "create", "-q", "-f", "qcow2", "-u", "-b", &b, "-F", "qcow2", &c, "1M",
+            ],
+        );
+    }
+    let e = import_fails(&dir, &dir.join("c19.qcow2"), ErrorKind::Invalid);
+    assert!(e.to_string().contains("deeper"), "{e}");
+
+    qemu_img_in(
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            "orphan.qcow2",
+            "1M",
+        ],
+    );
+    let e = import_fails(&dir, &dir.join("orphan.qcow2"), ErrorKind::NotFound);
+    assert!(e.to_string().contains("gone.qcow2"), "{e}");
+}
+
+#[test]
+fn garbage_compressed_cluster() {
+    let (_d, dir) = tmp();
+    make_raw(&dir.join("src.raw"), 1 << 20, &[(0, 1 << 20, 0x42)]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-c",
+        "-O",
+        "qcow2",
+        &p(&dir, "src.raw"),
+        &p(&dir, "z.qcow2"),
+    ]);
+    let q = dir.join("z.qcow2");
+    let l1 = read_be64(&q, 40);
+    let l2 = read_be64(&q, l1) & 0x00ff_ffff_ffff_fe00;
+    let desc = read_be64(&q, l2);
+    assert!(desc & (1 << 62) != 0, "cluster 0 should be compressed");
+    let coffset = desc & ((1u64 << 54) - 1);
+    patch(&q, coffset, &[0xff; 64]);
+    import_fails(&dir, &q, ErrorKind::Corrupt);
+}
+
+#[test]
+fn broken_vhd() {
+    let (_d, dir) = tmp();
+    make_raw(
+        &dir.join("src.raw"),
+        4 << 20,
+        &[(0, 65536, 0x42), (3 << 20, 4096, 7)],
+    );
+    let mk = |name: &str| {
+        qemu_img(&[
+            "convert",
+            "-q",
+            "-O",
+            "vpc",
+            &p(&dir, "src.raw"),
+            &p(&dir, name),
+        ]);
+        dir.join(name)
+    };
+    // Only the end footer damaged: the copy at offset 0 is used.
+    let v = mk("endonly.vhd");
+    let len = std::fs::metadata(&v).expect("stat").len();
+    patch(&v, len - 512 + 40, &[0xee]);
+    let src = open_source(&v, None).expect("copy at 0 is valid");
+    assert!(src.len() >= 4 << 20);
+    // Both copies damaged.
+    patch(&v, 40, &[0xee]);
+    let e = import_fails(&dir, &v, ErrorKind::Corrupt);
+    assert!(e.to_string().contains("checksum"), "{e}");
+
+    let v = mk("bat.vhd");
+    let hdr = read_be64(&v, 16);
+    patch(&v, hdr + 16, &(1u64 << 40).to_be_bytes());
+    import_fails(&dir, &v, ErrorKind::Corrupt); // header checksum now wrong
+
+    let v = mk("trunc.vhd");
+    let len = std::fs::metadata(&v).expect("stat").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&v)
+        .expect("open")
+        .set_len(len - 4096)
+        .expect("cut");
+    import_fails(&dir, &v, ErrorKind::Corrupt);
+}
+
+/// Flips random bytes in the metadata of small images many times: opening
+/// and reading may fail, but only with an error.
+#[test]
+fn random_corruption_never_panics() {
+    let (_d, dir) = tmp();
+    make_raw(
+        &dir.join("src.raw"),
+        1 << 20,
+        &[(0, 200_000, 0x42), (700_000, 5000, 7)],
+    );
+    let s = |n: &str| p(&dir, n);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &s("src.raw"),
+        &s("plain.qcow2"),
+    ]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &s("src.raw"),
+        &s("zlib.qcow2"),
+    ]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-O",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=16k",
+        &s("src.raw"),
+        &s("ext.qcow2"),
+    ]);
+    qemu_img(&["convert", "-q", "-O", "vpc", &s("src.raw"), &s("dyn.vhd")]);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for name in ["plain.qcow2", "zlib.qcow2", "ext.qcow2", "dyn.vhd"] {
+        let pristine = std::fs::read(dir.join(name)).expect("read");
+        let meta_len = (pristine.len() as u64).min(24 << 10);
+        for _ in 0..150 {
+            let mut bytes = pristine.clone();
+            for _ in 0..1 + next() % 8 {
+                let at = if name.ends_with("vhd") && next() % 2 == 0 {
+                    bytes.len() as u64 - 1 - next() % 512
+                } else {
+                    next() % meta_len
+                };
+                bytes[at as usize] ^= 1 << (next() % 8);
+            }
+            let f = dir.join(format!("fuzz-{name}"));
+            std::fs::write(&f, &bytes).expect("write");
+            if let Ok(src) = open_source(&f, None) {
+                let _ = read_everything(src.as_ref());
+            }
+        }
+    }
+}
+
+fn read_everything(src: &dyn Source) -> vbdfs::Result<()> {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut pos = 0;
+    let len = src.len().min(64 << 20);
+    while let Some((s, e)) = src.next_data(pos, len)? {
+        let mut off = s;
+        while off < e {
+            let n = (e - off).min(buf.len() as u64) as usize;
+            src.read_at(&mut buf[..n], off)?;
+            off += n as u64;
+        }
+        pos = e;
+    }
+    Ok(())
+}
