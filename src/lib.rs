@@ -19,11 +19,14 @@
 #![deny(unsafe_code)]
 
 pub mod cache;
+pub mod cli;
 pub mod codec;
+pub mod control;
 pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod fuse;
 pub mod io;
 pub mod sys;
 

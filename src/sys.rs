@@ -70,3 +70,163 @@ fn seek(file: &impl AsRawFd, off: u64, whence: libc::c_int) -> io::Result<Option
         Err(err)
     }
 }
+
+// ---- process, mount and signal wrappers used by the CLI and the FUSE daemon ----
+
+/// `prctl(PR_SET_IO_FLUSHER)` is 57 on Linux (the libc crate lacks the constant).
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn cstring(path: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// Number of threads in this process (from `/proc/self/status`).
+fn thread_count() -> io::Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no Threads: line in /proc/self/status"))
+}
+
+/// Result of [`fork_process`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forked {
+    /// In the parent; the child's pid.
+    Parent(u32),
+    /// In the child.
+    Child,
+}
+
+/// `fork(2)`, refused unless the process has exactly one thread (a fork of a
+/// multi-threaded process may leave locks held by threads that do not exist in
+/// the child).
+pub fn fork_process() -> io::Result<Forked> {
+    if thread_count()? != 1 {
+        return Err(io::Error::other(
+            "fork refused: the process already runs threads",
+        ));
+    }
+    // SAFETY: the process is single-threaded (checked above), so the child
+    // inherits no lock held by another thread; fork takes no pointers.
+    let pid = cvt(unsafe { libc::fork() })?;
+    Ok(if pid == 0 {
+        Forked::Child
+    } else {
+        Forked::Parent(pid as u32)
+    })
+}
+
+/// `setsid(2)`: detach from the controlling terminal and process group.
+pub fn new_session() -> io::Result<()> {
+    // SAFETY: setsid takes no arguments and touches no memory of ours.
+    cvt(unsafe { libc::setsid() }).map(|_| ())
+}
+
+/// Points stdin, stdout and stderr at `fd` (`dup2` onto 0, 1 and 2).
+pub fn redirect_stdio(fd: &impl AsRawFd) -> io::Result<()> {
+    for target in 0..3 {
+        // SAFETY: dup2 only reads two integers; `fd` is open while borrowed and
+        // 0..3 are the standard descriptors, which std never closes.
+        cvt(unsafe { libc::dup2(fd.as_raw_fd(), target) })?;
+    }
+    Ok(())
+}
+
+fn sigset(signals: &[libc::c_int]) -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; an all-zero value is a valid (if
+    // unspecified) set that sigemptyset then initialises.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, exclusively borrowed sigset_t.
+    cvt(unsafe { libc::sigemptyset(&mut set) })?;
+    for &sig in signals {
+        // SAFETY: as above; sigaddset validates `sig` and fails with EINVAL.
+        cvt(unsafe { libc::sigaddset(&mut set, sig) })?;
+    }
+    Ok(set)
+}
+
+/// Blocks `signals` in the calling thread; threads spawned afterwards inherit
+/// the mask, so only [`wait_signal`] receives them.
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    let set = sigset(signals)?;
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Waits for one of `signals` (which must be blocked) and returns it.
+pub fn wait_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int> {
+    let set = sigset(signals)?;
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is initialised and `sig` is a valid out-pointer for the call.
+    let rc = unsafe { libc::sigwait(&set, &mut sig) };
+    if rc == 0 {
+        Ok(sig)
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// `mount(2)` with a source, a file system type, flags and a data string.
+pub fn mount(
+    source: &str,
+    target: &std::path::Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let bad = |_| io::Error::new(io::ErrorKind::InvalidInput, "mount argument contains NUL");
+    let source = std::ffi::CString::new(source).map_err(bad)?;
+    let fstype = std::ffi::CString::new(fstype).map_err(bad)?;
+    let data = std::ffi::CString::new(data).map_err(bad)?;
+    let target = cstring(target)?;
+    // SAFETY: every pointer is a NUL-terminated string that lives until the call
+    // returns; the kernel copies them.
+    cvt(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    })
+    .map(|_| ())
+}
+
+/// `umount2(2)`; `lazy` adds `MNT_DETACH`.
+pub fn unmount(target: &std::path::Path, lazy: bool) -> io::Result<()> {
+    let target = cstring(target)?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: `target` is a NUL-terminated string alive for the call.
+    cvt(unsafe { libc::umount2(target.as_ptr(), flags) }).map(|_| ())
+}
+
+/// `prctl(PR_SET_IO_FLUSHER, 1)`: memory reclaim will not wait on this process's
+/// own I/O (the FUSE daemon case). Needs CAP_SYS_RESOURCE; best effort.
+pub fn set_io_flusher() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    cvt(unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0, 0, 0) }).map(|_| ())
+}
+
+/// The effective user and group ids of this process.
+pub fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid/getegid cannot fail and take no arguments.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}

@@ -1,0 +1,197 @@
+//! The serving side of a mount (the daemon, or `mount -f`): open the image,
+//! mount, report readiness, serve until unmounted, then close the image.
+//!
+//! SIGTERM, SIGINT and SIGHUP are blocked in every thread and taken by one
+//! signal thread, which unmounts the mount point (lazily if it is busy, e.g.
+//! under a loop device: the image is then closed when the last user lets go).
+//! However the mount ends (signal, `vbdfs umount`, plain `umount`), the FUSE
+//! session returns, the worker threads finish the queued requests and
+//! [`Image::close`] flushes, checkpoints and marks the image clean.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::mountinfo;
+use super::options::{MountOptions, DEFAULT_THREADS};
+use crate::control::Control;
+use crate::fuse::session::{self, MountParams};
+use crate::fuse::{FsConfig, VbdFs};
+use crate::{sys, Error, ErrorKind, Image, OpenOptions, Result};
+
+/// Signals that unmount.
+const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// How long a mount waits for an image that is locked but not mounted (its
+/// previous daemon is still closing it after a plain `umount`).
+const CLOSING_WAIT: Duration = Duration::from_secs(10);
+
+/// What to serve.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Canonical image path.
+    pub image: PathBuf,
+    /// Canonical mount point.
+    pub mountpoint: PathBuf,
+    /// Parsed `-o` options.
+    pub options: MountOptions,
+}
+
+/// The readiness report to a waiting parent (daemon mode) or nothing (`-f`).
+#[derive(Debug)]
+pub struct Ready(Option<UnixStream>);
+
+impl Ready {
+    /// Nobody waits (foreground).
+    pub fn none() -> Ready {
+        Ready(None)
+    }
+
+    /// The parent waits on `pipe`.
+    pub fn pipe(pipe: UnixStream) -> Ready {
+        Ready(Some(pipe))
+    }
+
+    fn ok(&mut self) {
+        if let Some(mut pipe) = self.0.take() {
+            let _ = pipe.write_all(b"OK\n");
+        }
+    }
+
+    /// Reports `err` if readiness was not reported yet.
+    pub fn fail(&mut self, err: &Error) {
+        if let Some(mut pipe) = self.0.take() {
+            let _ = pipe.write_all(format!("ERR {err}\n").as_bytes());
+        }
+    }
+}
+
+/// Opens the image read-write (or read-only with `ro`), waiting a little if a
+/// previous daemon is still closing it.
+fn open_image(job: &Job) -> Result<Image> {
+    let mut opts = OpenOptions {
+        read_only: job.options.read_only,
+        ..OpenOptions::default()
+    };
+    if let Some(cache) = job.options.cache_bytes {
+        opts.cache_bytes = cache;
+    }
+    let start = Instant::now();
+    loop {
+        match Image::open(&job.image, &opts) {
+            Err(e) if e.kind() == ErrorKind::Locked => {
+                let mounted = !mountinfo::mount_points_of(&job.image).is_empty();
+                if mounted || start.elapsed() > CLOSING_WAIT {
+                    return Err(mountinfo::explain_locked(&job.image, e));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Serves `job` until it is unmounted; reports readiness through `ready`.
+pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
+    if let Err(e) = sys::set_io_flusher() {
+        log::debug!("PR_SET_IO_FLUSHER not set: {e}");
+    }
+    // Before any thread exists, so that every thread inherits the mask.
+    sys::block_signals(&SIGNALS).map_err(|e| Error::io("blocking signals", e))?;
+    let image = Arc::new(open_image(job)?);
+    let (uid, gid) = sys::effective_ids();
+    let config = FsConfig {
+        uid: job.options.uid.unwrap_or(uid),
+        gid: job.options.gid.unwrap_or(gid),
+        disk_mode: job.options.mode.unwrap_or(0o600),
+        workers: job.options.threads.unwrap_or(DEFAULT_THREADS),
+    };
+    let control = Arc::new(Control::new(
+        image.clone(),
+        job.image.clone(),
+        job.mountpoint.clone(),
+    ));
+    let fs = VbdFs::new(control, &config).map_err(|e| Error::io("starting I/O threads", e))?;
+    let fs_name = mountinfo::fs_name(&job.image);
+    let params = MountParams {
+        mountpoint: &job.mountpoint,
+        fs_name: &fs_name,
+        read_only: job.options.read_only,
+        allow_other: job.options.allow_other,
+    };
+    let mut session = session::mount(fs, &params)?;
+    let unmounter = session.unmount_callable();
+    let (dir, name) = (job.mountpoint.clone(), fs_name.clone());
+    std::thread::Builder::new()
+        .name("vbdfs-signals".into())
+        .spawn(move || signal_loop(&dir, &name, unmounter))
+        .map_err(|e| Error::io("starting the signal thread", e))?;
+    log::info!(
+        "mounted {} at {}",
+        job.image.display(),
+        job.mountpoint.display()
+    );
+    ready.ok();
+
+    let served = session.run();
+    log::info!(
+        "{} unmounted; closing {}",
+        job.mountpoint.display(),
+        job.image.display()
+    );
+    let closed = match Arc::try_unwrap(image) {
+        Ok(image) => image.close(),
+        Err(image) => {
+            log::error!("image still in use after the session ended; flushing only");
+            image.flush()
+        }
+    };
+    match &closed {
+        Ok(()) => log::info!("{} closed clean", job.image.display()),
+        Err(e) => log::error!("closing {}: {e}", job.image.display()),
+    }
+    served.map_err(|e| Error::io("FUSE session", e))?;
+    closed
+}
+
+/// Waits for SIGTERM/SIGINT/SIGHUP and unmounts each time one arrives.
+fn signal_loop(dir: &std::path::Path, fs_name: &str, mut unmounter: fuser::SessionUnmounter) {
+    loop {
+        let sig = match sys::wait_signal(&SIGNALS) {
+            Ok(sig) => sig,
+            Err(e) => return log::error!("waiting for signals: {e}"),
+        };
+        log::info!("signal {sig}: unmounting {}", dir.display());
+        if sys::effective_ids().0 != 0 {
+            if let Err(e) = unmounter.unmount() {
+                log::warn!("unmounting {}: {e}", dir.display());
+            }
+            continue;
+        }
+        // Only unmount what is ours: the top mount at `dir` must be this image.
+        let ours = mountinfo::vbdfs_mount_at(dir).is_some_and(|m| m.source == fs_name);
+        if !ours {
+            log::warn!(
+                "{} is no longer this image's mount; nothing to unmount",
+                dir.display()
+            );
+            continue;
+        }
+        match sys::unmount(dir, false) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                log::warn!(
+                    "{} is busy (open files or a loop device): detaching it now; the image \
+                     is closed when the last user lets go",
+                    dir.display()
+                );
+                if let Err(e) = sys::unmount(dir, true) {
+                    log::error!("lazy unmount of {}: {e}", dir.display());
+                }
+            }
+            Err(e) => log::error!("unmounting {}: {e}", dir.display()),
+        }
+    }
+}

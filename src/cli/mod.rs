@@ -1,0 +1,196 @@
+//! The `vbdfs` command line: argument definitions (clap) and dispatch to one
+//! module per command group. Every command returns a [`Result`]; `main` prints
+//! an error as one line `vbdfs: <message>` and exits non-zero.
+
+mod create;
+mod daemon;
+mod inspect;
+pub mod logger;
+mod mount;
+pub mod mountinfo;
+pub mod options;
+mod umount;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{Error, ErrorKind, Result};
+
+/// vbdfs: copy-on-write, compressed, checksummed disk images served through
+/// FUSE as a flat raw file.
+#[derive(Debug, Parser)]
+#[command(name = "vbdfs", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new image.
+    Create(CreateArgs),
+    /// Show an image's size, layout, space use and state.
+    Info(InfoArgs),
+    /// Mount an image: MOUNTPOINT/disk is the flat raw disk, MOUNTPOINT/control takes commands.
+    Mount(MountArgs),
+    /// Flush, write a clean state and unmount (waits until the image is closed).
+    Umount(UmountArgs),
+    /// Verify every checksum and all metadata.
+    Check(CheckArgs),
+    /// Offline snapshot management (not available yet).
+    Snapshot(SnapshotArgs),
+    /// New copy-on-write image based on a snapshot (not available yet).
+    Clone(CloneArgs),
+    /// Convert a raw, qcow2 or vhd file into an image (not available yet).
+    Import(ImportArgs),
+    /// Convert an image or snapshot into a raw file (not available yet).
+    Export(ExportArgs),
+    /// Reclaim space held by overwritten blocks and deleted snapshots (not available yet).
+    Compact(CompactArgs),
+}
+
+/// `vbdfs create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Path of the new image (must not exist).
+    pub image: PathBuf,
+    /// Virtual disk size, e.g. 10G (K, M, G, T are powers of 1024).
+    #[arg(long, value_name = "SIZE")]
+    pub size: Option<String>,
+    /// Block size: a power of two from 4K to 1M.
+    #[arg(long, value_name = "SIZE", default_value = "64K")]
+    pub block_size: String,
+    /// Compression: none, zstd or zstd:LEVEL (default: zstd at a fast level).
+    #[arg(long, value_name = "CODEC")]
+    pub compress: Option<String>,
+    /// Base image (and snapshot) for a copy-on-write image (not available yet).
+    #[arg(long, value_name = "BASE[@SNAP]")]
+    pub backing: Option<String>,
+    /// Encrypt the image (not available yet).
+    #[arg(long)]
+    pub encrypt: bool,
+    /// Key file for --encrypt (not available yet).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `vbdfs info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The image.
+    pub image: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vbdfs mount`.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// The image.
+    pub image: PathBuf,
+    /// An existing directory to mount on.
+    pub mountpoint: PathBuf,
+    /// Options, comma-separated: cache=SIZE, ro, rw, allow_other, threads=N, uid=N,
+    /// gid=N, mode=OCTAL (mount(8)/fstab options such as nofail or _netdev are ignored).
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Stay in the foreground and log to stderr.
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+}
+
+/// `vbdfs umount`.
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    /// The mount point.
+    pub mountpoint: PathBuf,
+}
+
+/// `vbdfs check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The image.
+    pub image: PathBuf,
+    /// Open read-write first, which runs crash recovery and leaves the image clean.
+    #[arg(long)]
+    pub repair: bool,
+}
+
+/// `vbdfs snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// create, list, delete or rollback.
+    #[arg(value_parser = ["create", "list", "delete", "rollback"])]
+    pub action: String,
+    /// The image.
+    pub image: PathBuf,
+    /// The snapshot name (not for list).
+    pub name: Option<String>,
+}
+
+/// `vbdfs clone`.
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    /// The base: IMAGE@SNAP.
+    pub source: String,
+    /// The new image.
+    pub new: PathBuf,
+}
+
+/// `vbdfs import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The file to read.
+    pub source: PathBuf,
+    /// The image to create.
+    pub image: PathBuf,
+    /// The source format (default: detected).
+    #[arg(long, value_parser = ["raw", "qcow2", "vhd"])]
+    pub format: Option<String>,
+}
+
+/// `vbdfs export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// IMAGE or IMAGE@SNAP.
+    pub image: String,
+    /// The raw file to write.
+    pub dest: PathBuf,
+}
+
+/// `vbdfs compact`.
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// The image.
+    pub image: PathBuf,
+}
+
+/// Runs one command; Ok carries the exit status (non-zero e.g. when `check`
+/// finds problems it has already reported).
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Create(a) => create::run(&a).map(|()| ExitCode::SUCCESS),
+        Command::Info(a) => inspect::info(&a).map(|()| ExitCode::SUCCESS),
+        Command::Check(a) => inspect::check(&a),
+        Command::Mount(a) => mount::run(&a).map(|()| ExitCode::SUCCESS),
+        Command::Umount(a) => umount::run(&a).map(|()| ExitCode::SUCCESS),
+        Command::Snapshot(_) => not_yet("snapshot"),
+        Command::Clone(_) => not_yet("clone"),
+        Command::Import(_) => not_yet("import"),
+        Command::Export(_) => not_yet("export"),
+        Command::Compact(_) => not_yet("compact"),
+    }
+}
+
+/// The refusal of a command that a later issue implements.
+fn not_yet(command: &str) -> Result<ExitCode> {
+    Err(Error::new(
+        ErrorKind::Unsupported,
+        format!("{command}: not available yet in this build"),
+    ))
+}

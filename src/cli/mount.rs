@@ -1,0 +1,133 @@
+//! `vbdfs mount`: checks the arguments, then either serves in the foreground
+//! (`-f`) or forks a daemon and waits on a socket pair until the daemon reports
+//! "mounted" (exit 0) or its error (printed, exit non-zero).
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use super::daemon::{self, Job, Ready};
+use super::options::MountOptions;
+use super::{logger, mountinfo, MountArgs};
+use crate::sys::{self, Forked};
+use crate::{Error, ErrorKind, Result};
+
+/// Runs `vbdfs mount`.
+pub fn run(args: &MountArgs) -> Result<()> {
+    let options = MountOptions::parse(&args.options)?;
+    let image = canonical_file(&args.image)?;
+    let mountpoint = canonical_dir(&args.mountpoint)?;
+    if let Some(dir) = mountinfo::mount_points_of(&image).first() {
+        return Err(Error::new(
+            ErrorKind::Locked,
+            format!(
+                "{} is already mounted at {}",
+                image.display(),
+                dir.display()
+            ),
+        ));
+    }
+    if let Some(m) = mountinfo::vbdfs_mount_at(&mountpoint) {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "{} is already a vbdfs mount point (of {})",
+                mountpoint.display(),
+                m.image().unwrap_or_default().display()
+            ),
+        ));
+    }
+    let job = Job {
+        image,
+        mountpoint,
+        options,
+    };
+    if args.foreground {
+        logger::init_foreground();
+        return daemon::serve(&job, &mut Ready::none());
+    }
+    daemonize(&job)
+}
+
+/// The canonical path of an existing regular file.
+pub fn canonical_file(path: &Path) -> Result<PathBuf> {
+    let canon = path
+        .canonicalize()
+        .map_err(|e| Error::io(format!("cannot open image {}", path.display()), e))?;
+    if !canon.is_file() {
+        return Err(Error::invalid(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(canon)
+}
+
+fn canonical_dir(path: &Path) -> Result<PathBuf> {
+    let canon = path
+        .canonicalize()
+        .map_err(|e| Error::io(format!("mount point {}", path.display()), e))?;
+    if !canon.is_dir() {
+        return Err(Error::invalid(format!(
+            "mount point {} is not a directory",
+            path.display()
+        )));
+    }
+    Ok(canon)
+}
+
+/// Forks the daemon and waits for its verdict on a pipe.
+fn daemonize(job: &Job) -> Result<()> {
+    let (mut reader, writer) =
+        UnixStream::pair().map_err(|e| Error::io("cannot create a socket pair", e))?;
+    match sys::fork_process().map_err(|e| Error::io("cannot start the mount daemon", e))? {
+        Forked::Parent(pid) => {
+            drop(writer);
+            let mut msg = String::new();
+            let _ = reader.read_to_string(&mut msg);
+            if msg.starts_with("OK") {
+                return Ok(());
+            }
+            match msg.strip_prefix("ERR ") {
+                Some(err) => Err(Error::new(ErrorKind::Io, err.trim_end().to_string())),
+                None => Err(Error::new(
+                    ErrorKind::Io,
+                    format!("the mount daemon (pid {pid}) exited before the mount was ready"),
+                )),
+            }
+        }
+        Forked::Child => {
+            drop(reader);
+            let mut ready = Ready::pipe(writer);
+            let code = match detach() {
+                Ok(()) => match daemon::serve(job, &mut ready) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        log::error!("{e}");
+                        ready.fail(&e);
+                        1
+                    }
+                },
+                Err(e) => {
+                    ready.fail(&e);
+                    1
+                }
+            };
+            std::process::exit(code)
+        }
+    }
+}
+
+/// Leaves the caller's session, terminal and directory; stdio goes to /dev/null.
+fn detach() -> Result<()> {
+    sys::new_session().map_err(|e| Error::io("setsid", e))?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| Error::io("/dev/null", e))?;
+    sys::redirect_stdio(&null).map_err(|e| Error::io("redirecting stdio", e))?;
+    std::env::set_current_dir("/").map_err(|e| Error::io("chdir /", e))?;
+    logger::init_daemon();
+    Ok(())
+}

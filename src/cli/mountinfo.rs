@@ -1,0 +1,169 @@
+//! Finding vbdfs mounts in `/proc/self/mountinfo`.
+//!
+//! Every vbdfs mount has the source (fsname) `vbdfs:<canonical image path>` and
+//! the type `fuse.vbdfs` (or `fuse` when mounted through an older helper), so
+//! "where is this image mounted?" and "is this directory a vbdfs mount?" are
+//! answered from the mount table alone, without talking to any daemon.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, ErrorKind};
+
+/// The fsname of a mount of `image` (a canonical path).
+pub fn fs_name(image: &Path) -> String {
+    format!("vbdfs:{}", image.display())
+}
+
+/// One line of the mount table, the fields vbdfs needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+    /// The file system type (`fuse.vbdfs`).
+    pub fstype: String,
+    /// The source (`vbdfs:/path/to/image.vbd`).
+    pub source: String,
+}
+
+impl MountEntry {
+    /// The image path of a vbdfs mount, None for other mounts.
+    pub fn image(&self) -> Option<PathBuf> {
+        let is_fuse = self.fstype == "fuse" || self.fstype.starts_with("fuse.");
+        self.source
+            .strip_prefix("vbdfs:")
+            .filter(|_| is_fuse)
+            .map(PathBuf::from)
+    }
+}
+
+/// Undoes the octal escapes (`\040` for space) of mountinfo fields.
+pub fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                let v = d.iter().fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
+                out.push(v as u8);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses the text of a mountinfo file; malformed lines are skipped.
+pub fn parse(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split(' ').nth(4)?;
+            let mut right = right.split(' ');
+            let fstype = right.next()?;
+            let source = right.next()?;
+            Some(MountEntry {
+                mount_point: PathBuf::from(unescape(mount_point)),
+                fstype: unescape(fstype),
+                source: unescape(source),
+            })
+        })
+        .collect()
+}
+
+/// The current mount table (empty if it cannot be read).
+pub fn read() -> Vec<MountEntry> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| parse(&t))
+        .unwrap_or_default()
+}
+
+/// Where `image` (canonical path) is mounted.
+pub fn mount_points_of(image: &Path) -> Vec<PathBuf> {
+    read()
+        .into_iter()
+        .filter(|m| m.image().as_deref() == Some(image))
+        .map(|m| m.mount_point)
+        .collect()
+}
+
+/// The vbdfs mount at `dir`, if any (the last one mounted there wins).
+pub fn vbdfs_mount_at(dir: &Path) -> Option<MountEntry> {
+    read()
+        .into_iter()
+        .rfind(|m| m.mount_point == dir)
+        .filter(|m| m.image().is_some())
+}
+
+/// Replaces an engine [`ErrorKind::Locked`] error on `image` with one that says
+/// where the image is mounted; other errors pass through.
+pub fn explain_locked(image: &Path, err: Error) -> Error {
+    if err.kind() != ErrorKind::Locked {
+        return err;
+    }
+    let dirs = mount_points_of(image);
+    match dirs.first() {
+        Some(dir) => Error::new(
+            ErrorKind::Locked,
+            format!(
+                "{} is mounted at {}: use {}/control while it is mounted, or unmount it first \
+                 (vbdfs umount {})",
+                image.display(),
+                dir.display(),
+                dir.display(),
+                dir.display()
+            ),
+        ),
+        None => Error::new(
+            ErrorKind::Locked,
+            format!(
+                "{} is in use by another process (it is not mounted)",
+                image.display()
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+40 22 0:50 / /run/vbd/vm\\0401 rw,nosuid,nodev,relatime shared:20 - fuse.vbdfs vbdfs:/srv/my\\040img.vbd rw,user_id=0,group_id=0
+41 22 0:51 / /mnt/other rw,nosuid,nodev - fuse sshfs#x rw
+42 22 0:52 / /mnt/old rw - fuse vbdfs:/srv/b.vbd rw
+garbage line
+";
+
+    #[test]
+    fn parses_and_unescapes() {
+        let m = parse(SAMPLE);
+        assert_eq!(m.len(), 4);
+        assert_eq!(m[1].mount_point, PathBuf::from("/run/vbd/vm 1"));
+        assert_eq!(m[1].image(), Some(PathBuf::from("/srv/my img.vbd")));
+        assert_eq!(m[2].image(), None);
+        assert_eq!(m[3].image(), Some(PathBuf::from("/srv/b.vbd")));
+        assert_eq!(m[0].image(), None);
+        assert_eq!(unescape("a\\134b\\011"), "a\\b\t");
+        assert_eq!(unescape("trailing\\04"), "trailing\\04");
+    }
+
+    #[test]
+    fn fs_name_round_trips() {
+        let src = fs_name(Path::new("/x/y.vbd"));
+        let e = MountEntry {
+            mount_point: "/m".into(),
+            fstype: "fuse.vbdfs".into(),
+            source: src,
+        };
+        assert_eq!(e.image(), Some(PathBuf::from("/x/y.vbd")));
+    }
+}

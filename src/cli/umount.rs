@@ -1,0 +1,127 @@
+//! `vbdfs umount DIR`: flush through the control file, unmount, then wait until
+//! the daemon has closed the image (written its clean state) and exited.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{mountinfo, UmountArgs};
+use crate::{sys, Error, ErrorKind, Result};
+
+/// After this long, tell the user what we are waiting for.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Runs `vbdfs umount`.
+pub fn run(args: &UmountArgs) -> Result<()> {
+    let dir = mount_point_path(&args.mountpoint)?;
+    let Some(entry) = mountinfo::vbdfs_mount_at(&dir) else {
+        return Err(Error::invalid(format!(
+            "{} is not a vbdfs mount point",
+            dir.display()
+        )));
+    };
+    let image = entry.image().unwrap_or_default();
+    let control = dir.join("control");
+    let status = std::fs::read_to_string(&control).unwrap_or_default();
+    let pid: Option<u32> = status_value(&status, "pid").and_then(|v| v.parse().ok());
+    // A read-only mount has nothing to flush (and refuses writes to control).
+    let flushed = match status_value(&status, "read-only") {
+        Some("yes") => Ok(()),
+        _ => std::fs::write(&control, b"flush\n"),
+    };
+    match sys::unmount(&dir, false) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "{} is busy: something still has {}/disk open (a loop device? see \
+                     `losetup -j {}/disk`); detach or close it first",
+                    dir.display(),
+                    dir.display(),
+                    dir.display()
+                ),
+            ));
+        }
+        Err(e) => return Err(Error::io(format!("cannot unmount {}", dir.display()), e)),
+    }
+    if let Some(pid) = pid {
+        wait_exit(pid, &image);
+    }
+    flushed.map_err(|e| {
+        Error::io(
+            format!(
+                "{} unmounted, but the flush before it failed",
+                dir.display()
+            ),
+            e,
+        )
+    })
+}
+
+/// The absolute path of `dir` as the mount table spells it; works even when
+/// the mount is dead ("transport endpoint is not connected").
+fn mount_point_path(dir: &Path) -> Result<PathBuf> {
+    if let Ok(canon) = dir.canonicalize() {
+        return Ok(canon);
+    }
+    let abs = std::path::absolute(dir)
+        .map_err(|e| Error::io(format!("mount point {}", dir.display()), e))?;
+    let parent = abs.parent().and_then(|p| p.canonicalize().ok());
+    Ok(match (parent, abs.file_name()) {
+        (Some(p), Some(name)) => p.join(name),
+        _ => abs,
+    })
+}
+
+/// The value of `key` in the control file's status text.
+fn status_value<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// True while `pid` runs (a zombie counts as exited).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+fn wait_exit(pid: u32, image: &Path) {
+    let start = Instant::now();
+    let mut told = false;
+    while alive(pid) {
+        if !told && start.elapsed() > PATIENCE {
+            eprintln!(
+                "vbdfs: waiting for the daemon (pid {pid}) to finish writing {}",
+                image.display()
+            );
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_pid_from_status() {
+        assert_eq!(
+            status_value("state: mounted\npid: 42\nsize: 1\n", "pid"),
+            Some("42")
+        );
+        assert_eq!(status_value("state: mounted\n", "pid"), None);
+        assert_eq!(status_value("pids: 1\n", "pid"), None);
+        assert!(alive(std::process::id()));
+        assert!(!alive(u32::MAX));
+    }
+}

@@ -1,0 +1,251 @@
+//! The control file `MOUNTPOINT/control`: command parsing, execution and the
+//! status text.
+//!
+//! Writing: one command per `write` (a trailing newline is fine):
+//!
+//! | command | effect |
+//! |---|---|
+//! | `flush` | everything written to `disk` before is durable when the write returns |
+//! | `snapshot NAME`, `delete-snapshot NAME`, `compact` | not available yet: `EOPNOTSUPP` |
+//!
+//! An unknown or malformed command fails with `EINVAL`; a command that fails in
+//! the engine fails with the engine error's errno ([`Error::errno`]). The text of
+//! the last failure (of a command or of I/O on `disk`) is kept and shown as
+//! `last-error`.
+//!
+//! Reading gives `key: value` lines, one per key, always in this order:
+//!
+//! | key | value |
+//! |---|---|
+//! | `state` | `mounted`, or `failed` once a host write/sync failed (remount to recover) |
+//! | `image`, `mountpoint`, `pid` | the image file, the mount point, the daemon's pid |
+//! | `read-only` | `yes` or `no` |
+//! | `size`, `block-size` | virtual size and block size in bytes |
+//! | `codec`, `uuid` | block compression (`zstd:1`, `none`) and image identity |
+//! | `allocated-bytes`, `stored-bytes`, `file-bytes` | data held, its compressed size, the image file length |
+//! | `cache-size`, `cache-used`, `cache-hits`, `cache-misses` | the engine's buffer cache |
+//! | `dirty-bytes` | written but not yet durable |
+//! | `generation` | checkpoint generation |
+//! | `snapshots` | `none` (snapshots are not available yet) |
+//! | `last-error` | the last failed command or I/O error, `none` if nothing failed |
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::{Error, ErrorKind, Image, Result};
+
+/// A parsed control command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Make everything written so far durable.
+    Flush,
+    /// Take a snapshot with this name.
+    Snapshot(String),
+    /// Delete the named snapshot.
+    DeleteSnapshot(String),
+    /// Reclaim space.
+    Compact,
+}
+
+/// Longest accepted command write.
+pub const MAX_COMMAND_LEN: usize = 4096;
+
+/// Parses one command write. Errors are [`ErrorKind::Invalid`] (EINVAL).
+pub fn parse(data: &[u8]) -> Result<Command> {
+    if data.len() > MAX_COMMAND_LEN {
+        return Err(Error::invalid("command too long"));
+    }
+    let text = std::str::from_utf8(data)
+        .map_err(|_| Error::invalid("command is not UTF-8 text"))?
+        .trim();
+    if text.contains('\n') {
+        return Err(Error::invalid("one command per write"));
+    }
+    let mut words = text.split_whitespace();
+    let verb = words
+        .next()
+        .ok_or_else(|| Error::invalid("empty command"))?;
+    let args: Vec<&str> = words.collect();
+    let no_args = |cmd: Command| {
+        if args.is_empty() {
+            Ok(cmd)
+        } else {
+            Err(Error::invalid(format!("'{verb}' takes no argument")))
+        }
+    };
+    let one_name = || match args.as_slice() {
+        [name] => check_name(name).map(|()| name.to_string()),
+        _ => Err(Error::invalid(format!("usage: {verb} NAME"))),
+    };
+    match verb {
+        "flush" => no_args(Command::Flush),
+        "compact" => no_args(Command::Compact),
+        "snapshot" => Ok(Command::Snapshot(one_name()?)),
+        "delete-snapshot" => Ok(Command::DeleteSnapshot(one_name()?)),
+        _ => Err(Error::invalid(format!(
+            "unknown command '{verb}' (expected flush, snapshot NAME, \
+             delete-snapshot NAME or compact)"
+        ))),
+    }
+}
+
+/// A snapshot name: 1..=128 bytes of letters, digits, `.`, `_`, `-`, `+`,
+/// `:`, not starting with `.`.
+fn check_name(name: &str) -> Result<()> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "._-+:".contains(c);
+    if name.is_empty() || name.len() > 128 || name.starts_with('.') || !name.chars().all(ok_char) {
+        return Err(Error::invalid(format!(
+            "invalid snapshot name '{name}' (letters, digits, . _ - + :, at most 128)"
+        )));
+    }
+    Ok(())
+}
+
+/// The state behind the control file of one mount.
+#[derive(Debug)]
+pub struct Control {
+    image: Arc<Image>,
+    image_path: PathBuf,
+    mountpoint: PathBuf,
+    last_error: Mutex<Option<String>>,
+    failed: AtomicBool,
+}
+
+impl Control {
+    /// Control state for `image` (opened from `image_path`) mounted at `mountpoint`.
+    pub fn new(image: Arc<Image>, image_path: PathBuf, mountpoint: PathBuf) -> Control {
+        Control {
+            image,
+            image_path,
+            mountpoint,
+            last_error: Mutex::new(None),
+            failed: false.into(),
+        }
+    }
+
+    /// The image this control file acts on.
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+
+    /// Parses and runs one command write; a failure is also recorded as the last error.
+    pub fn execute(&self, data: &[u8]) -> Result<()> {
+        let result = parse(data).and_then(|cmd| self.run(&cmd));
+        if let Err(e) = &result {
+            self.record_error("control", e);
+        }
+        result
+    }
+
+    fn run(&self, cmd: &Command) -> Result<()> {
+        let not_yet = |what: &str| {
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{what} is not available yet in this build"),
+            ))
+        };
+        match cmd {
+            Command::Flush => self.image.flush(),
+            Command::Snapshot(_) | Command::DeleteSnapshot(_) => not_yet("snapshots"),
+            Command::Compact => not_yet("compact"),
+        }
+    }
+
+    /// Remembers `err` (seen while doing `what`) as the last error and logs it.
+    pub fn record_error(&self, what: &str, err: &Error) {
+        if err.kind() == ErrorKind::Failed {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        log::warn!("{}: {what}: {err}", self.image_path.display());
+        *self.last_error.lock() = Some(format!("{what}: {err}"));
+    }
+
+    /// True once the engine reported a failed host write or sync: the image
+    /// refuses writes until it is remounted.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// The status text: `key: value` lines (see the module docs).
+    pub fn status(&self) -> String {
+        let st = self.image.stats();
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        let failed = self.has_failed() || st.failed.is_some();
+        let last = self.last_error.lock().clone().or_else(|| st.failed.clone());
+        let lines: [(&str, String); 20] = [
+            ("state", if failed { "failed" } else { "mounted" }.into()),
+            ("image", self.image_path.display().to_string()),
+            ("mountpoint", self.mountpoint.display().to_string()),
+            ("pid", std::process::id().to_string()),
+            ("read-only", yes_no(st.read_only).into()),
+            ("size", st.virtual_size.to_string()),
+            ("block-size", st.block_size.to_string()),
+            ("codec", st.codec),
+            ("uuid", st.uuid),
+            ("allocated-bytes", st.allocated_bytes.to_string()),
+            ("stored-bytes", st.stored_bytes.to_string()),
+            ("file-bytes", st.file_bytes.to_string()),
+            ("cache-size", st.cache_bytes.to_string()),
+            ("cache-used", st.cache_used_bytes.to_string()),
+            ("cache-hits", st.cache_hits.to_string()),
+            ("cache-misses", st.cache_misses.to_string()),
+            ("dirty-bytes", st.dirty_bytes.to_string()),
+            ("generation", st.generation.to_string()),
+            ("snapshots", "none".into()),
+            (
+                "last-error",
+                last.unwrap_or_else(|| "none".into()).replace('\n', " "),
+            ),
+        ];
+        lines.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands() {
+        assert_eq!(parse(b"flush\n").ok(), Some(Command::Flush));
+        assert_eq!(parse(b"  flush  ").ok(), Some(Command::Flush));
+        assert_eq!(parse(b"compact").ok(), Some(Command::Compact));
+        assert_eq!(
+            parse(b"snapshot pre-upgrade\n").ok(),
+            Some(Command::Snapshot("pre-upgrade".into()))
+        );
+        assert_eq!(
+            parse(b"delete-snapshot v1.2_x").ok(),
+            Some(Command::DeleteSnapshot("v1.2_x".into()))
+        );
+    }
+
+    #[test]
+    fn rejects_bad_commands_with_einval() {
+        for bad in [
+            &b""[..],
+            b"\n",
+            b"bogus",
+            b"flush now",
+            b"flush\nflush\n",
+            b"snapshot",
+            b"snapshot a b",
+            b"snapshot ../x",
+            b"snapshot .hidden",
+            b"snapshot a/b",
+            b"\xff\xfe",
+        ] {
+            let err = parse(bad).err();
+            assert_eq!(
+                err.as_ref().map(Error::errno),
+                Some(libc::EINVAL),
+                "{bad:?}"
+            );
+        }
+        let long = vec![b'a'; MAX_COMMAND_LEN + 1];
+        assert!(parse(&long).is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! The FUSE front end: a thin layer that exposes one open [`Image`] as a
+//! directory with `disk` (the flat raw file), `control` and `snapshots/`.
+//!
+//! It knows nothing of the image format. Requests on `disk` are checked and
+//! clamped here (reads at or past the end return short/empty, writes past the
+//! end fail with `ENOSPC`, the size cannot change), then handed to the worker
+//! [`pool::Pool`], which calls the engine and replies. Engine errors become
+//! errno values only through [`crate::Error::errno`].
+//!
+//! Kernel settings (see `research/fuse-ceiling.md` section 7): `FUSE_ASYNC_DIO`,
+//! 1 MiB `max_write`, `max_background` 128 (congestion threshold 3/4), no
+//! writeback cache; `disk` and `control` open with `FOPEN_DIRECT_IO` (plus
+//! `FOPEN_PARALLEL_DIRECT_WRITES` for `disk`), so the engine's cache is the only
+//! cache. `fsync`/`fdatasync` = [`Image::flush`]; FUSE `flush` (close) is cheap
+//! and only reports a failed image; `fallocate` PUNCH_HOLE → `discard`,
+//! ZERO_RANGE → `write_zeroes`; `lseek` SEEK_DATA/SEEK_HOLE → `next_data`/`next_hole`.
+
+mod inodes;
+mod ops;
+mod pool;
+pub mod session;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use fuser::{Errno, INodeNo, InitFlags, KernelConfig};
+use parking_lot::Mutex;
+
+use crate::control::Control;
+use crate::{Error, Image};
+pub use inodes::{CONTROL, DISK, ROOT, SNAPSHOTS};
+
+/// Largest request the kernel is asked to send (`max_write`; reads follow `max_pages`).
+pub const MAX_REQUEST: u32 = 1 << 20;
+/// Asynchronous requests the kernel may keep in flight (`max_background`).
+pub const MAX_BACKGROUND: u16 = 128;
+
+/// Settings of the mounted files.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// Owner of `disk`, `control` and the directories.
+    pub uid: u32,
+    /// Group of `disk`, `control` and the directories.
+    pub gid: u32,
+    /// Permission bits of `disk`.
+    pub disk_mode: u32,
+    /// I/O worker threads.
+    pub workers: usize,
+}
+
+/// The mounted file system of one image.
+#[derive(Debug)]
+pub struct VbdFs {
+    image: Arc<Image>,
+    control: Arc<Control>,
+    pool: pool::Pool,
+    bufs: Arc<pool::BufPool>,
+    inodes: inodes::Inodes,
+    /// Status text per open `control` handle, taken when it is read at offset 0.
+    status: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
+    next_fh: AtomicU64,
+}
+
+impl VbdFs {
+    /// A file system for `control`'s image; starts the worker threads.
+    pub fn new(control: Arc<Control>, config: &FsConfig) -> io::Result<VbdFs> {
+        let image = control.image().clone();
+        let blksize = image.block_size().clamp(4096, u64::from(MAX_REQUEST)) as u32;
+        let inodes = inodes::Inodes::new(
+            image.len(),
+            blksize,
+            config.uid,
+            config.gid,
+            config.disk_mode,
+        );
+        Ok(VbdFs {
+            image,
+            control,
+            pool: pool::Pool::new(config.workers, "vbdfs-io")?,
+            bufs: Arc::default(),
+            inodes,
+            status: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        })
+    }
+
+    /// Negotiates the kernel settings listed in the module docs.
+    fn configure(config: &mut KernelConfig) {
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO) {
+            log::warn!("kernel lacks {missing:?}: O_DIRECT AIO will be serialised");
+        }
+        if let Err(max) = config.set_max_write(MAX_REQUEST) {
+            log::warn!("max_write {MAX_REQUEST} refused, using {max}");
+            let _ = config.set_max_write(max);
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+    }
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Stops the workers after the queued requests are done.
+    fn stop(&mut self) {
+        self.pool.shutdown();
+        self.status.lock().clear();
+    }
+}
+
+/// The errno of an engine error (the one mapping, [`Error::errno`]).
+fn errno(err: &Error) -> Errno {
+    Errno::from_i32(err.errno())
+}
+
+/// Records an engine failure in the control state and converts it.
+fn failed(control: &Control, what: &str, err: &Error) -> Errno {
+    control.record_error(what, err);
+    errno(err)
+}
+
+/// `INodeNo` of a request as a plain number, for logs.
+fn ino_name(ino: INodeNo) -> &'static str {
+    match ino {
+        ROOT => "/",
+        DISK => "disk",
+        CONTROL => "control",
+        SNAPSHOTS => "snapshots",
+        _ => "?",
+    }
+}

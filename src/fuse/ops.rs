@@ -1,0 +1,353 @@
+//! The `fuser::Filesystem` implementation: one handler per FUSE request.
+//! Metadata requests are answered inline; data requests on `disk` and command
+//! writes on `control` are queued to the worker pool, which replies.
+
+use std::ffi::OsStr;
+use std::io;
+use std::time::SystemTime;
+
+use fuser::{
+    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use super::inodes::{Inodes, TTL};
+use super::{errno, failed, ino_name, VbdFs, CONTROL, DISK};
+
+impl VbdFs {
+    /// Clamps `[off, off+len)` to the disk; None if `off` is at or past the end.
+    fn clamp(&self, off: u64, len: u64) -> Option<u64> {
+        let size = self.image.len();
+        (off < size).then(|| len.min(size - off))
+    }
+}
+
+impl Filesystem for VbdFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        Self::configure(config);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        self.stop();
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match Inodes::lookup(parent, name).and_then(|ino| self.inodes.attr(ino)) {
+            Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inodes.attr(ino) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // The disk has a fixed size (O_TRUNC or truncate to another size is
+        // refused); the control file ignores truncation (`echo cmd > control`).
+        if ino == DISK && size.is_some_and(|s| s != self.image.len()) {
+            return reply.error(Errno::EPERM);
+        }
+        if !self.inodes.set_owner_mode(ino, mode, uid, gid) {
+            return reply.error(Errno::ENOENT);
+        }
+        match self.inodes.attr(ino) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        match ino {
+            DISK if writing && self.image.is_read_only() => reply.error(Errno::EROFS),
+            DISK => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+            ),
+            CONTROL => reply.opened(FileHandle(self.new_fh()), FopenFlags::FOPEN_DIRECT_IO),
+            _ if self.inodes.attr(ino).is_some() => reply.error(Errno::EISDIR),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match ino {
+            DISK => {
+                let Some(len) = self.clamp(offset, u64::from(size)) else {
+                    return reply.data(&[]);
+                };
+                let (image, control, bufs) =
+                    (self.image.clone(), self.control.clone(), self.bufs.clone());
+                self.pool.submit(Box::new(move || {
+                    let len = len as usize;
+                    let mut buf = bufs.get(len);
+                    match image.read_at(&mut buf[..len], offset) {
+                        Ok(()) => reply.data(&buf[..len]),
+                        Err(e) => reply.error(failed(&control, "read disk", &e)),
+                    }
+                    bufs.put(buf);
+                }));
+            }
+            CONTROL => {
+                let text = {
+                    let mut map = self.status.lock();
+                    if offset == 0 || !map.contains_key(&fh.0) {
+                        map.insert(fh.0, self.control.status().into_bytes().into());
+                    }
+                    map.get(&fh.0).cloned().unwrap_or_default()
+                };
+                let start = (offset as usize).min(text.len());
+                let end = start.saturating_add(size as usize).min(text.len());
+                reply.data(&text[start..end]);
+            }
+            _ => reply.error(Errno::EISDIR),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match ino {
+            DISK => {
+                if self.image.is_read_only() {
+                    return reply.error(Errno::EROFS);
+                }
+                let Some(len) = self.clamp(offset, data.len() as u64) else {
+                    return reply.error(Errno::ENOSPC);
+                };
+                let len = len as usize;
+                let mut buf = self.bufs.get(len);
+                buf[..len].copy_from_slice(&data[..len]);
+                let (image, control, bufs) =
+                    (self.image.clone(), self.control.clone(), self.bufs.clone());
+                self.pool.submit(Box::new(move || {
+                    match image.write_at(&buf[..len], offset) {
+                        Ok(()) => reply.written(len as u32),
+                        Err(e) => reply.error(failed(&control, "write disk", &e)),
+                    }
+                    bufs.put(buf);
+                }));
+            }
+            CONTROL => {
+                let data = data.to_vec();
+                let control = self.control.clone();
+                self.pool
+                    .submit(Box::new(move || match control.execute(&data) {
+                        Ok(()) => reply.written(data.len() as u32),
+                        Err(e) => reply.error(errno(&e)),
+                    }));
+            }
+            _ => reply.error(Errno::EISDIR),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2): cheap. Only a failed image (a lost write or sync) is reported.
+        if ino == DISK && self.control.has_failed() {
+            reply.error(Errno::EIO)
+        } else {
+            reply.ok()
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if ino == CONTROL {
+            self.status.lock().remove(&fh.0);
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        if ino != DISK {
+            return reply.ok();
+        }
+        let (image, control) = (self.image.clone(), self.control.clone());
+        self.pool.submit(Box::new(move || match image.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(failed(&control, "fsync disk", &e)),
+        }));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if ino != DISK {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        if self.image.is_read_only() {
+            return reply.error(Errno::EROFS);
+        }
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let op = mode & !libc::FALLOC_FL_KEEP_SIZE;
+        let end = offset.saturating_add(length);
+        if end > self.image.len() && !keep_size && op != libc::FALLOC_FL_PUNCH_HOLE {
+            return reply.error(Errno::EFBIG); // the size is fixed: no growing
+        }
+        let Some(len) = self.clamp(offset, length) else {
+            return reply.ok(); // wholly past the end with KEEP_SIZE: nothing to do
+        };
+        let zero = match op {
+            0 => return reply.ok(), // plain allocation inside the disk: always allocated
+            libc::FALLOC_FL_PUNCH_HOLE => false,
+            libc::FALLOC_FL_ZERO_RANGE => true,
+            _ => return reply.error(Errno::EOPNOTSUPP),
+        };
+        let (image, control) = (self.image.clone(), self.control.clone());
+        self.pool.submit(Box::new(move || {
+            let result = if zero {
+                image.write_zeroes(offset, len)
+            } else {
+                image.discard(offset, len)
+            };
+            match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(failed(&control, "fallocate disk", &e)),
+            }
+        }));
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        if ino != DISK {
+            return reply.error(Errno::EINVAL);
+        }
+        let Ok(off) = u64::try_from(offset) else {
+            return reply.error(Errno::ENXIO);
+        };
+        if off >= self.image.len() {
+            return reply.error(Errno::ENXIO);
+        }
+        let found = match whence {
+            libc::SEEK_DATA => self.image.next_data(off),
+            libc::SEEK_HOLE => Some(self.image.next_hole(off)),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match found.and_then(|o| i64::try_from(o).ok()) {
+            Some(o) => reply.offset(o),
+            None => reply.error(Errno::ENXIO),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = Inodes::dir_entries(ino) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (i, (child, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(child, i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.image.len() / 4096;
+        reply.statfs(blocks, 0, 0, 4, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENOSYS); // the kernel remembers: no more xattr calls
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        log::trace!("access {}", ino_name(ino));
+        reply.ok(); // permission checks are the kernel's (default_permissions)
+    }
+}

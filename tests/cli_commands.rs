@@ -1,0 +1,152 @@
+//! The command line without a mount: create, info, check, refusals and errors.
+//! Every error must be one `vbdfs: ...` line with a non-zero exit, never a panic.
+
+mod common;
+
+use common::{create, info_json, p, run, stderr, stdout};
+
+/// Asserts a failed run with one `vbdfs:` error line containing `needle`.
+fn assert_error(args: &[&str], needle: &str) {
+    let out = run(args);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(
+        err.starts_with("vbdfs: "),
+        "{args:?}: not a vbdfs error line: {err}"
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: more than one line: {err}"
+    );
+    assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
+}
+
+#[test]
+fn create_then_info_and_check() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(
+        &img,
+        "100M",
+        &["--block-size", "16K", "--compress", "zstd:3"],
+    );
+    let v = info_json(&img);
+    assert_eq!(v["virtual_size"], 100 << 20, "{v}");
+    assert_eq!(v["block_size"], 16 << 10, "{v}");
+    assert_eq!(v["codec"], "zstd:3", "{v}");
+    assert!(common::is_clean(&img), "fresh image not clean: {v}");
+
+    let out = run(&["info", p(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("virtual size: 100 MiB (104857600 bytes)"),
+        "{text}"
+    );
+    assert!(text.contains("block size: 16 KiB"), "{text}");
+    assert!(text.contains("codec: zstd:3"), "{text}");
+    assert!(text.contains("state: clean"), "{text}");
+    assert!(text.contains("mounted at: no"), "{text}");
+
+    let out = run(&["check", p(&img)]);
+    assert!(
+        out.status.success(),
+        "check of a fresh image failed: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let out = run(&["check", "--repair", p(&img)]);
+    assert!(
+        out.status.success(),
+        "check --repair failed: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn create_refuses_bad_arguments() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("b.vbd");
+    let i = p(&img);
+    assert_error(&["create", i], "--size");
+    assert_error(&["create", i, "--size", "12X"], "12X");
+    assert_error(&["create", i, "--size", "0"], "--size");
+    assert_error(
+        &["create", i, "--size", "1G", "--block-size", "3K"],
+        "--block-size",
+    );
+    assert_error(
+        &["create", i, "--size", "1G", "--block-size", "2M"],
+        "--block-size",
+    );
+    assert_error(&["create", i, "--size", "1G", "--compress", "lz4"], "lz4");
+    assert_error(
+        &["create", i, "--size", "1G", "--backing", "x.vbd"],
+        "not available yet",
+    );
+    assert_error(
+        &["create", i, "--size", "1G", "--encrypt"],
+        "not available yet",
+    );
+    assert!(!img.exists(), "a refused create left a file behind");
+    create(&img, "1M", &[]);
+    assert_error(&["create", i, "--size", "1M"], i);
+}
+
+#[test]
+fn later_commands_say_not_available() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("c.vbd");
+    create(&img, "1M", &[]);
+    let i = p(&img);
+    assert_error(&["snapshot", "create", i, "s1"], "not available yet");
+    assert_error(&["snapshot", "list", i], "not available yet");
+    assert_error(
+        &["clone", &format!("{i}@s1"), "/tmp/never.vbd"],
+        "not available yet",
+    );
+    assert_error(
+        &["import", "/dev/null", "/tmp/never.vbd"],
+        "not available yet",
+    );
+    assert_error(&["export", i, "/tmp/never.raw"], "not available yet");
+    assert_error(&["compact", i], "not available yet");
+}
+
+#[test]
+fn bad_files_and_paths_are_one_line_errors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let missing = tmp.path().join("missing.vbd");
+    assert_error(&["info", p(&missing)], "missing.vbd");
+    assert_error(&["check", p(&missing)], "missing.vbd");
+    let junk = tmp.path().join("junk.vbd");
+    std::fs::write(&junk, vec![0x5a; 100_000]).expect("write junk");
+    assert_error(&["info", p(&junk)], "junk.vbd");
+    let empty = tmp.path().join("empty.vbd");
+    std::fs::write(&empty, b"").expect("write empty");
+    assert_error(&["info", p(&empty)], "empty.vbd");
+    assert_error(&["umount", p(tmp.path())], "not a vbdfs mount point");
+    assert_error(&["mount", p(&missing), p(tmp.path())], "missing.vbd");
+}
+
+#[test]
+fn bad_mount_options_are_refused_before_mounting() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("d.vbd");
+    create(&img, "1M", &[]);
+    let (i, d) = (p(&img), p(tmp.path()));
+    for (opts, needle) in [
+        ("bogus", "bogus"),
+        ("cache=12X", "cache"),
+        ("threads=0", "threads"),
+        ("mode=999", "mode"),
+        ("uid=alice", "uid"),
+        ("ro=yes", "ro"),
+        ("key-file=/k", "encryption is not available yet"),
+    ] {
+        assert_error(&["mount", i, d, "-o", opts], needle);
+    }
+    assert_error(&["mount", i, p(&img)], "not a directory");
+}

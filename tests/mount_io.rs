@@ -1,0 +1,205 @@
+//! I/O through a real kernel FUSE mount: layout, O_DIRECT and buffered reads and
+//! writes at odd offsets, the fixed size, fallocate, and data surviving remounts.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+
+use common::{create, fuse_available, pattern, Aligned, Mount};
+
+const MIB: u64 = 1 << 20;
+
+fn open_disk(m: &Mount, direct: bool) -> std::fs::File {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(m.disk()).expect("open disk")
+}
+
+#[test]
+fn layout_and_attributes() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "48M", &[]);
+    let m = Mount::new(
+        &img,
+        &tmp.path().join("mnt"),
+        Some("mode=0640,uid=1234,gid=99"),
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&m.dir)
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["control", "disk", "snapshots"]);
+    let disk = std::fs::metadata(m.disk()).expect("stat disk");
+    assert!(disk.is_file());
+    assert_eq!(disk.len(), 48 * MIB);
+    assert_eq!(disk.mode() & 0o7777, 0o640);
+    assert_eq!((disk.uid(), disk.gid()), (1234, 99));
+    let control = std::fs::metadata(m.control()).expect("stat control");
+    assert_eq!(control.mode() & 0o7777, 0o600);
+    assert!(std::fs::metadata(m.dir.join("snapshots"))
+        .expect("stat")
+        .is_dir());
+    assert_eq!(
+        std::fs::read_dir(m.dir.join("snapshots"))
+            .expect("readdir")
+            .count(),
+        0
+    );
+    assert!(std::fs::metadata(m.dir.join("nope")).is_err());
+    m.umount();
+}
+
+#[test]
+fn direct_and_buffered_io_at_odd_offsets_survive_remount() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    let dir = tmp.path().join("mnt");
+    create(&img, "64M", &["--block-size", "64K"]);
+    let size = 64 * MIB;
+    let mut expect = vec![0u8; size as usize];
+    let put = |expect: &mut Vec<u8>, off: u64, data: &[u8]| {
+        expect[off as usize..off as usize + data.len()].copy_from_slice(data);
+    };
+    {
+        let m = Mount::new(&img, &dir, None);
+        // O_DIRECT: aligned buffers, 4 KiB-aligned offsets, sizes up to 2 MiB.
+        let f = open_disk(&m, true);
+        for (i, (off, len)) in [
+            (0, 4096),
+            (8192, 65536),
+            (3 * MIB, 2 * MIB),
+            (size - 4096, 4096),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut buf = Aligned::new(*len as usize);
+            buf.as_mut_slice()
+                .copy_from_slice(&pattern(*len as usize, i as u64));
+            f.write_all_at(buf.as_slice(), *off)
+                .expect("O_DIRECT write");
+            put(&mut expect, *off, buf.as_slice());
+        }
+        // Buffered: odd offsets and lengths, across block boundaries.
+        let g = open_disk(&m, false);
+        for (i, (off, len)) in [
+            (1u64, 1usize),
+            (65535, 3),
+            (100_001, 200_003),
+            (size - 7, 7),
+            (5 * MIB + 13, (MIB + 17) as usize),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let data = pattern(*len, 100 + i as u64);
+            g.write_all_at(&data, *off).expect("buffered write");
+            put(&mut expect, *off, &data);
+        }
+        g.sync_all().expect("fsync");
+        // Read back both ways, at odd offsets too.
+        for (off, len) in [(0u64, 4096usize), (8192, 65536), (3 * MIB, 2 << 20)] {
+            let mut buf = Aligned::new(len);
+            f.read_exact_at(buf.as_mut_slice(), off)
+                .expect("O_DIRECT read");
+            assert!(
+                buf.as_slice() == &expect[off as usize..off as usize + len],
+                "O_DIRECT at {off}"
+            );
+        }
+        for (off, len) in [
+            (1u64, 10usize),
+            (65530, 20),
+            (100_000, 300_000),
+            (size - 9, 9),
+        ] {
+            let mut buf = vec![0u8; len];
+            g.read_exact_at(&mut buf, off).expect("buffered read");
+            assert!(
+                buf == expect[off as usize..off as usize + len],
+                "buffered at {off}"
+            );
+        }
+        // At and past the end: short/empty reads, refused writes.
+        let mut buf = vec![0u8; 100];
+        assert_eq!(g.read_at(&mut buf, size - 10).expect("read at end"), 10);
+        assert_eq!(g.read_at(&mut buf, size).expect("read past end"), 0);
+        let err = g.write_at(b"x", size).expect_err("write past end");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        // The size is fixed.
+        assert!(g.set_len(size / 2).is_err(), "truncate succeeded");
+        assert!(g.set_len(size).is_ok(), "truncate to the same size failed");
+        drop((f, g));
+        m.umount();
+    }
+    // Remount read-only: everything is still there.
+    let m = Mount::new(&img, &dir, Some("ro"));
+    let data = std::fs::read(m.disk()).expect("read whole disk");
+    assert!(data == expect, "data differs after remount");
+    assert!(
+        OpenOptions::new().write(true).open(m.disk()).is_err(),
+        "ro mount opened for write"
+    );
+    m.umount();
+}
+
+#[test]
+fn fallocate_punch_and_zero() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "16M", &[]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), None);
+    let f = open_disk(&m, false);
+    f.write_all_at(&pattern(4 * MIB as usize, 7), 0)
+        .expect("write");
+    let disk = m.disk();
+    let d = common::p(&disk);
+    common::sh(
+        "fallocate",
+        &["--punch-hole", "--offset", "65536", "--length", "131072", d],
+    );
+    common::sh(
+        "fallocate",
+        &["--zero-range", "--offset", "1000", "--length", "3000", d],
+    );
+    let data = std::fs::read(m.disk()).expect("read");
+    let orig = pattern(4 * MIB as usize, 7);
+    assert!(
+        data[65536..196608].iter().all(|&b| b == 0),
+        "punched range not zero"
+    );
+    assert!(
+        data[1000..4000].iter().all(|&b| b == 0),
+        "zeroed range not zero"
+    );
+    assert_eq!(data[..1000], orig[..1000]);
+    assert_eq!(data[4000..65536], orig[4000..65536]);
+    assert_eq!(
+        data[196608..4 * MIB as usize],
+        orig[196608..4 * MIB as usize]
+    );
+    // Growing is refused: the size is fixed.
+    let out = std::process::Command::new("fallocate")
+        .args(["--length", "32M", d])
+        .output()
+        .expect("run fallocate");
+    assert!(!out.status.success(), "fallocate grew the disk");
+    assert_eq!(std::fs::metadata(m.disk()).expect("stat").len(), 16 * MIB);
+    drop(f);
+    m.umount();
+}
