@@ -1,0 +1,551 @@
+//! Model test: random operation sequences against the engine and a plain byte
+//! vector, compared after every reopen and at the end.
+//!
+//! Operations: unaligned writes (1 B..300 KiB, anywhere, including the last
+//! bytes of a disk whose size is not a block multiple), discards and
+//! write_zeroes (partial and whole blocks), reads, flush, checkpoint, close +
+//! open, drop + open, and a simulated kill -9 (the store's bytes are copied
+//! while the image is open, i.e. everything that reached the host page cache,
+//! and the copy is opened). After a kill every block must hold its value at the
+//! last flush or one written after it, never anything else; after a flush or a
+//! clean reopen the contents must equal the model exactly, and
+//! `stats().allocated_bytes` must equal the model's non-zero blocks times the
+//! block size (all-zero blocks cost nothing).
+//!
+//! Block sizes 4 KiB / 64 KiB / 1 MiB, codecs none / zstd, MemStore and real
+//! files, a 256 KiB cache (eviction and dirty throttling run all the time).
+//!
+//! Cases: 48 by default (about 20 s in release on 2 cores); set
+//! `VBDFS_PROPTEST_CASES=2000` for a long run (see docs/testing.md).
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
+
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use vbdfs::io::MemStore;
+use vbdfs::{Codec, CreateOptions, Image, OpenOptions};
+
+const MAX_WRITE: usize = 300 << 10;
+
+fn cases() -> u32 {
+    std::env::var("VBDFS_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
+}
+
+fn open_opts() -> OpenOptions {
+    OpenOptions {
+        read_only: false,
+        cache_bytes: 256 << 10,
+        workers: 2,
+    }
+}
+
+/// What bytes a write carries.
+#[derive(Debug, Clone, Copy)]
+enum Fill {
+    /// xorshift noise (incompressible: stored raw under zstd).
+    Random,
+    /// A short repeating pattern (compresses well).
+    Pattern,
+    /// All zeros (the engine must free the blocks it covers wholly).
+    Zeros,
+    /// Zeros with one non-zero byte in the middle.
+    Sparse,
+}
+
+/// Where an offset goes, as a fraction and a placement rule resolved against
+/// the disk size at run time (so shrinking stays meaningful).
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    /// Anywhere: `frac` of the room left.
+    Anywhere(u32),
+    /// Ending exactly at the end of the disk.
+    AtEnd,
+    /// Near a block boundary: block `frac` of the disk, plus `delta` bytes.
+    NearBoundary(u32, i32),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Write {
+        place: Place,
+        len: usize,
+        fill: Fill,
+        seed: u64,
+    },
+    Discard {
+        place: Place,
+        len: usize,
+        zeroes: bool,
+    },
+    Read {
+        place: Place,
+        len: usize,
+    },
+    Flush,
+    Checkpoint,
+    /// close() then open().
+    Reopen,
+    /// drop() then open().
+    DropReopen,
+    /// Copy the store's bytes while open (kill -9), open the copy.
+    Crash,
+}
+
+fn place() -> impl Strategy<Value = Place> {
+    prop_oneof![
+        5 => any::<u32>().prop_map(Place::Anywhere),
+        1 => Just(Place::AtEnd),
+        2 => (any::<u32>(), -3i32..=3).prop_map(|(f, d)| Place::NearBoundary(f, d)),
+    ]
+}
+
+fn write_len() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        3 => 1usize..600,
+        2 => 600usize..70_000,
+        2 => 70_000usize..=MAX_WRITE,
+        // Around common block sizes.
+        2 => prop::sample::select(vec![4095usize, 4096, 4097, 65535, 65536, 65537, 131_072]),
+    ]
+}
+
+fn discard_len() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        2 => 1usize..5000,
+        2 => 5000usize..300_000,
+        1 => 300_000usize..3_000_000,
+    ]
+}
+
+fn fill() -> impl Strategy<Value = Fill> {
+    prop_oneof![
+        3 => Just(Fill::Random),
+        3 => Just(Fill::Pattern),
+        2 => Just(Fill::Zeros),
+        1 => Just(Fill::Sparse),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        12 => (place(), write_len(), fill(), any::<u64>())
+            .prop_map(|(place, len, fill, seed)| Op::Write { place, len, fill, seed }),
+        4 => (place(), discard_len(), any::<bool>())
+            .prop_map(|(place, len, zeroes)| Op::Discard { place, len, zeroes }),
+        3 => (place(), write_len()).prop_map(|(place, len)| Op::Read { place, len }),
+        2 => Just(Op::Flush),
+        1 => Just(Op::Checkpoint),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::DropReopen),
+        2 => Just(Op::Crash),
+    ]
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    block_size: u64,
+    codec: Codec,
+    on_file: bool,
+    /// Virtual size in blocks (before the trim below).
+    blocks: u64,
+    /// Sectors cut off the end so the last block is partial (0 = aligned).
+    trim_sectors: u64,
+}
+
+fn config() -> impl Strategy<Value = Config> {
+    (
+        prop::sample::select(vec![4096u64, 65536, 1 << 20]),
+        prop::bool::ANY,
+        prop::bool::ANY,
+        0u64..4,
+    )
+        .prop_flat_map(|(block_size, zstd, on_file, trim_sel)| {
+            // Keep disks small enough to compare in full often: 1.5..24 MiB.
+            let blocks = match block_size {
+                4096 => 400u64..1500,
+                65536 => 24u64..120,
+                _ => 3u64..12,
+            };
+            let codec = if zstd { Codec::Zstd(1) } else { Codec::None };
+            blocks.prop_map(move |blocks| Config {
+                block_size,
+                codec,
+                on_file,
+                blocks,
+                // Half the cases have a partial last block.
+                trim_sectors: if trim_sel < 2 {
+                    0
+                } else {
+                    1 + trim_sel * 3 % (block_size / 512 - 1)
+                },
+            })
+        })
+}
+
+impl Config {
+    fn size(&self) -> u64 {
+        self.blocks * self.block_size - self.trim_sectors * 512
+    }
+}
+
+fn resolve(place: Place, len: usize, size: u64, bs: u64) -> (u64, usize) {
+    let len = (len as u64).min(size).max(1);
+    let room = size - len;
+    let off = match place {
+        Place::Anywhere(f) => room * u64::from(f) / u64::from(u32::MAX),
+        Place::AtEnd => room,
+        Place::NearBoundary(f, d) => {
+            let blocks = size / bs;
+            let b = blocks * u64::from(f) / u64::from(u32::MAX);
+            (b * bs).saturating_add_signed(i64::from(d)).min(room)
+        }
+    };
+    (off, len as usize)
+}
+
+fn make_data(fill: Fill, len: usize, seed: u64) -> Vec<u8> {
+    match fill {
+        Fill::Random => {
+            let mut x = seed | 1;
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
+                .collect()
+        }
+        Fill::Pattern => {
+            let period = 1 + (seed % 61) as usize;
+            (0..len)
+                .map(|i| ((i % period) as u8).wrapping_mul(37) ^ (seed >> 8) as u8 | 1)
+                .collect()
+        }
+        Fill::Zeros => vec![0; len],
+        Fill::Sparse => {
+            let mut v = vec![0; len];
+            v[len / 2] = (seed as u8) | 1;
+            v
+        }
+    }
+}
+
+/// Where the image lives; lets a test reopen or "kill" it.
+enum Backing {
+    Mem(Arc<MemStore>),
+    File(tempfile::TempDir, PathBuf, u32),
+}
+
+struct Harness {
+    cfg: Config,
+    backing: Backing,
+    image: Option<Image>,
+    /// What the disk holds now (everything acknowledged).
+    model: Vec<u8>,
+    /// What the disk held at the last flush / clean close.
+    durable: Vec<u8>,
+    /// For each block touched since the last flush, its contents after each
+    /// operation that touched it (a kill may leave any of them).
+    since_flush: BTreeMap<u64, Vec<Vec<u8>>>,
+    log: Vec<String>,
+}
+
+impl Harness {
+    fn new(cfg: Config) -> Harness {
+        let create = CreateOptions {
+            size: cfg.size(),
+            block_size: cfg.block_size,
+            codec: cfg.codec,
+        };
+        let (backing, image) = if cfg.on_file {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("img0.vbd");
+            let image = Image::create(&path, &create, &open_opts()).unwrap();
+            (Backing::File(dir, path, 0), image)
+        } else {
+            let store = Arc::new(MemStore::new());
+            let image = Image::create_on(store.clone(), &create, &open_opts()).unwrap();
+            (Backing::Mem(store), image)
+        };
+        let size = cfg.size() as usize;
+        Harness {
+            cfg,
+            backing,
+            image: Some(image),
+            model: vec![0; size],
+            durable: vec![0; size],
+            since_flush: BTreeMap::new(),
+            log: Vec::new(),
+        }
+    }
+
+    fn img(&self) -> &Image {
+        self.image.as_ref().unwrap()
+    }
+
+    fn bs(&self) -> usize {
+        self.cfg.block_size as usize
+    }
+
+    fn block_of(buf: &[u8], b: u64, bs: usize) -> Vec<u8> {
+        let start = b as usize * bs;
+        buf[start..(start + bs).min(buf.len())].to_vec()
+    }
+
+    /// Records the new state of every block in `[off, off+len)` after an op.
+    fn touched(&mut self, off: u64, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let bs = self.bs() as u64;
+        for b in off / bs..=(off + len as u64 - 1) / bs {
+            let now = Self::block_of(&self.model, b, bs as usize);
+            self.since_flush.entry(b).or_default().push(now);
+        }
+    }
+
+    fn flushed(&mut self) {
+        self.durable.clone_from(&self.model);
+        self.since_flush.clear();
+    }
+
+    fn run(&mut self, op: Op) -> Result<(), TestCaseError> {
+        let size = self.cfg.size();
+        let bs = self.cfg.block_size;
+        self.log.push(format!("{op:?}"));
+        match op {
+            Op::Write {
+                place,
+                len,
+                fill,
+                seed,
+            } => {
+                let (off, len) = resolve(place, len, size, bs);
+                let data = make_data(fill, len, seed);
+                self.img().write_at(&data, off).unwrap();
+                self.model[off as usize..off as usize + len].copy_from_slice(&data);
+                self.touched(off, len);
+            }
+            Op::Discard { place, len, zeroes } => {
+                let (off, len) = resolve(place, len, size, bs);
+                if zeroes {
+                    self.img().write_zeroes(off, len as u64).unwrap();
+                } else {
+                    self.img().discard(off, len as u64).unwrap();
+                }
+                self.model[off as usize..off as usize + len].fill(0);
+                self.touched(off, len);
+            }
+            Op::Read { place, len } => {
+                let (off, len) = resolve(place, len, size, bs);
+                let mut buf = vec![0xEEu8; len];
+                self.img().read_at(&mut buf, off).unwrap();
+                let want = &self.model[off as usize..off as usize + len];
+                prop_assert!(buf == want, "read {}+{} differs from the model", off, len);
+            }
+            Op::Flush => {
+                self.img().flush().unwrap();
+                self.flushed();
+                self.check_allocated()?;
+            }
+            Op::Checkpoint => self.img().checkpoint().unwrap(),
+            Op::Reopen => {
+                self.image.take().unwrap().close().unwrap();
+                self.flushed();
+                self.reopen_same();
+                self.compare_all("after close + open")?;
+                prop_assert!(self.img().stats().clean, "closed image must open clean");
+                self.check_allocated()?;
+            }
+            Op::DropReopen => {
+                drop(self.image.take());
+                self.flushed();
+                self.reopen_same();
+                self.compare_all("after drop + open")?;
+                self.check_allocated()?;
+            }
+            Op::Crash => self.crash()?,
+        }
+        Ok(())
+    }
+
+    fn reopen_same(&mut self) {
+        let image = match &self.backing {
+            Backing::Mem(store) => Image::open_on(store.clone(), &open_opts()).unwrap(),
+            Backing::File(_, path, _) => Image::open(path, &open_opts()).unwrap(),
+        };
+        self.image = Some(image);
+    }
+
+    /// kill -9: copy what the host holds while the image is open, then open the copy.
+    fn crash(&mut self) -> Result<(), TestCaseError> {
+        match &mut self.backing {
+            Backing::Mem(store) => {
+                let bytes = store.to_bytes();
+                drop(self.image.take());
+                let copy = Arc::new(MemStore::from_bytes(bytes));
+                self.image = Some(Image::open_on(copy.clone(), &open_opts()).unwrap());
+                *store = copy;
+            }
+            Backing::File(dir, path, n) => {
+                *n += 1;
+                let copy = dir.path().join(format!("img{n}.vbd"));
+                std::fs::copy(&*path, &copy).unwrap();
+                drop(self.image.take());
+                std::fs::remove_file(&*path).unwrap();
+                *path = copy;
+                self.image = Some(Image::open(path, &open_opts()).unwrap());
+            }
+        }
+        let got = self.read_all();
+        let bs = self.bs();
+        let nblocks = self.model.len().div_ceil(bs) as u64;
+        for b in 0..nblocks {
+            let have = Self::block_of(&got, b, bs);
+            let durable = Self::block_of(&self.durable, b, bs);
+            let ok = have == durable
+                || self
+                    .since_flush
+                    .get(&b)
+                    .is_some_and(|states| states.contains(&have));
+            prop_assert!(
+                ok,
+                "after a kill, block {} holds neither its flushed value nor a later one \
+                 ({} later states)",
+                b,
+                self.since_flush.get(&b).map_or(0, Vec::len)
+            );
+        }
+        // What survived is the new truth.
+        self.model = got;
+        self.flushed();
+        let report = self.img().check().unwrap();
+        prop_assert!(report.is_ok(), "check after kill: {:?}", report.bad);
+        Ok(())
+    }
+
+    fn read_all(&self) -> Vec<u8> {
+        let mut got = vec![0xEEu8; self.model.len()];
+        for (i, chunk) in got.chunks_mut(1 << 20).enumerate() {
+            self.img().read_at(chunk, (i as u64) << 20).unwrap();
+        }
+        got
+    }
+
+    fn compare_all(&self, when: &str) -> Result<(), TestCaseError> {
+        let got = self.read_all();
+        if got != self.model {
+            let first = got.iter().zip(&self.model).position(|(a, b)| a != b);
+            return Err(TestCaseError::fail(format!(
+                "contents differ {when}: first difference at byte {first:?}"
+            )));
+        }
+        let report = self.img().check().unwrap();
+        prop_assert!(report.is_ok(), "check {}: {:?}", when, report.bad);
+        Ok(())
+    }
+
+    /// After a flush: allocated bytes = non-zero model blocks x block size.
+    fn check_allocated(&self) -> Result<(), TestCaseError> {
+        let bs = self.bs();
+        let nonzero = self
+            .model
+            .chunks(bs)
+            .filter(|c| c.iter().any(|&b| b != 0))
+            .count() as u64;
+        let stats = self.img().stats();
+        prop_assert_eq!(
+            stats.allocated_bytes,
+            nonzero * bs as u64,
+            "allocated bytes after flush"
+        );
+        prop_assert_eq!(stats.dirty_bytes, 0, "dirty bytes after flush");
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(), TestCaseError> {
+        self.compare_all("at the end")?;
+        self.image.take().unwrap().close().unwrap();
+        self.flushed();
+        self.reopen_same();
+        self.compare_all("at the end, after close + open")?;
+        self.check_allocated()?;
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases(),
+        max_shrink_iters: 200,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn engine_matches_byte_vector(cfg in config(), ops in prop::collection::vec(op(), 1..40)) {
+        let mut h = Harness::new(cfg);
+        for op in ops {
+            h.run(op)?;
+        }
+        h.finish()?;
+    }
+}
+
+/// A fixed sequence that walks the edges the random one may miss: the last byte
+/// of a disk with a partial last block, a discard of exactly one block, and a
+/// kill right after a discard.
+#[test]
+fn edges_of_a_partial_last_block() {
+    for block_size in [4096u64, 65536, 1 << 20] {
+        for codec in [Codec::None, Codec::Zstd(1)] {
+            let cfg = Config {
+                block_size,
+                codec,
+                on_file: false,
+                blocks: 4,
+                trim_sectors: 1,
+            };
+            let size = cfg.size();
+            let mut h = Harness::new(cfg);
+            let ops = [
+                Op::Write {
+                    place: Place::AtEnd,
+                    len: 1,
+                    fill: Fill::Random,
+                    seed: 3,
+                },
+                Op::Write {
+                    place: Place::AtEnd,
+                    len: block_size as usize + 17,
+                    fill: Fill::Pattern,
+                    seed: 5,
+                },
+                Op::Flush,
+                Op::Discard {
+                    place: Place::NearBoundary(u32::MAX / 4, 0),
+                    len: block_size as usize,
+                    zeroes: false,
+                },
+                Op::Crash,
+                Op::Write {
+                    place: Place::AtEnd,
+                    len: (size / 2) as usize,
+                    fill: Fill::Zeros,
+                    seed: 0,
+                },
+                Op::Flush,
+                Op::Reopen,
+            ];
+            for op in ops {
+                h.run(op).unwrap();
+            }
+            h.finish().unwrap();
+        }
+    }
+}
