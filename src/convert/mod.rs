@@ -8,6 +8,7 @@
 //! `.vbd` to a sparse raw file or a qcow2 file). Every value read from a
 //! foreign file is checked before use; a bad file is an [`Error`] naming it.
 
+mod commands;
 mod export;
 mod import;
 mod pipeline;
@@ -18,7 +19,8 @@ pub mod raw;
 pub mod source;
 pub mod vhd;
 
-pub use export::{export, ExportFormat};
+pub use commands::{run_export, run_import};
+pub use export::{export, split_snapshot, ExportFormat};
 pub use import::{import, import_report, ImportReport};
 pub use source::Source;
 
