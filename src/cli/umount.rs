@@ -9,6 +9,8 @@ use crate::{sys, Error, ErrorKind, Result};
 
 /// After this long, tell the user what we are waiting for.
 const PATIENCE: Duration = Duration::from_secs(10);
+/// How long a busy mount point is retried before `umount` gives up.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
 
 /// Runs `vbdfs umount`.
 pub fn run(args: &UmountArgs) -> Result<()> {
@@ -28,7 +30,7 @@ pub fn run(args: &UmountArgs) -> Result<()> {
         Some("yes") => Ok(()),
         _ => std::fs::write(&control, b"flush\n"),
     };
-    match sys::unmount(&dir, false) {
+    match unmount_patiently(&dir) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
             return Err(Error::new(
@@ -56,6 +58,21 @@ pub fn run(args: &UmountArgs) -> Result<()> {
             e,
         )
     })
+}
+
+/// `umount2(dir)`, retrying `EBUSY` for up to [`BUSY_RETRY`]: a process that
+/// has just closed `disk` (or a forked child that has not yet exec'd) may still
+/// hold it for a moment.
+fn unmount_patiently(dir: &Path) -> std::io::Result<()> {
+    let start = Instant::now();
+    loop {
+        match sys::unmount(dir, false) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < BUSY_RETRY => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The absolute path of `dir` as the mount table spells it; works even when

@@ -1,0 +1,132 @@
+//! The control file through a real mount: status keys, `flush`, and failing
+//! commands that make the shell's `echo` fail with a fitting errno.
+
+mod common;
+
+use std::process::Command;
+
+use common::{create, fuse_available, p, Mount};
+
+/// `bash -c 'echo CMD > CONTROL'`: (success, stderr).
+fn echo_to(control: &std::path::Path, cmd: &str) -> (bool, String) {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("echo '{cmd}' > '{}'", p(control)))
+        .output()
+        .expect("run bash");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn status_and_commands() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "32M", &["--block-size", "4K", "--compress", "none"]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), Some("cache=8M,threads=4"));
+
+    let status = std::fs::read_to_string(m.control()).expect("read control");
+    let keys: Vec<&str> = status
+        .lines()
+        .filter_map(|l| l.split_once(": ").map(|(k, _)| k))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "state",
+            "image",
+            "mountpoint",
+            "pid",
+            "read-only",
+            "size",
+            "block-size",
+            "codec",
+            "uuid",
+            "allocated-bytes",
+            "stored-bytes",
+            "file-bytes",
+            "cache-size",
+            "cache-used",
+            "cache-hits",
+            "cache-misses",
+            "dirty-bytes",
+            "generation",
+            "snapshots",
+            "last-error"
+        ],
+        "{status}"
+    );
+    assert_eq!(m.status_value("state").as_deref(), Some("mounted"));
+    assert_eq!(
+        m.status_value("image"),
+        Some(img.canonicalize().expect("canon").display().to_string())
+    );
+    assert_eq!(m.status_value("size").as_deref(), Some("33554432"));
+    assert_eq!(m.status_value("block-size").as_deref(), Some("4096"));
+    assert_eq!(m.status_value("codec").as_deref(), Some("none"));
+    assert_eq!(m.status_value("cache-size").as_deref(), Some("8388608"));
+    assert_eq!(m.status_value("read-only").as_deref(), Some("no"));
+    assert_eq!(m.status_value("last-error").as_deref(), Some("none"));
+
+    // Data written, then flushed through the control file.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.disk())
+        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 8192], 4096))
+        .expect("write disk");
+    let (ok, err) = echo_to(&m.control(), "flush");
+    assert!(ok, "flush failed: {err}");
+    assert_eq!(m.status_value("dirty-bytes").as_deref(), Some("0"));
+    let allocated: u64 = m
+        .status_value("allocated-bytes")
+        .and_then(|v| v.parse().ok())
+        .expect("allocated");
+    assert_eq!(allocated, 8192);
+
+    // Failing commands: the shell's write fails with the errno.
+    for (cmd, errno_text) in [
+        ("bogus", "Invalid argument"),
+        ("flush now", "Invalid argument"),
+        ("snapshot", "Invalid argument"),
+        ("snapshot bad/name", "Invalid argument"),
+        ("snapshot pre-upgrade", "Operation not supported"),
+        ("delete-snapshot pre-upgrade", "Operation not supported"),
+        ("compact", "Operation not supported"),
+    ] {
+        let (ok, err) = echo_to(&m.control(), cmd);
+        assert!(!ok, "{cmd:?} succeeded");
+        assert!(err.contains(errno_text), "{cmd:?}: {err}");
+    }
+    let last = m.status_value("last-error").expect("last-error");
+    assert!(
+        last.contains("compact") && last.contains("not available yet"),
+        "{last}"
+    );
+    assert_eq!(m.status_value("state").as_deref(), Some("mounted"));
+    m.umount();
+}
+
+#[test]
+fn read_only_mount_refuses_writes() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "8M", &[]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), Some("ro"));
+    assert_eq!(m.status_value("read-only").as_deref(), Some("yes"));
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.disk())
+        .expect_err("opened rw");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let (ok, _) = echo_to(&m.control(), "flush");
+    assert!(!ok, "control write on a read-only mount succeeded");
+    m.umount();
+}

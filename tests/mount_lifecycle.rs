@@ -1,0 +1,196 @@
+//! Mount lifecycle through a real kernel FUSE mount: readiness, refusals of a
+//! second mount and of offline changes (naming the mount point), and clean
+//! shutdown by `vbdfs umount`, plain `umount`, SIGTERM and `-f` + SIGINT.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{
+    create, fuse_available, is_clean, is_mounted, p, pattern, run, stderr, wait_for, Mount,
+};
+
+fn write_pattern(m: &Mount, seed: u64) -> Vec<u8> {
+    let data = pattern(3 << 20, seed);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.disk())
+        .expect("open disk");
+    f.write_all_at(&data, 12345).expect("write");
+    data
+}
+
+fn read_back(img: &std::path::Path, dir: &std::path::Path, len: usize) -> Vec<u8> {
+    let m = Mount::new(img, dir, Some("ro"));
+    let f = std::fs::File::open(m.disk()).expect("open disk");
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, 12345).expect("read");
+    drop(f);
+    m.umount();
+    buf
+}
+
+#[test]
+fn second_mount_and_offline_changes_are_refused_with_the_mount_point() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    let other = tmp.path().join("b.vbd");
+    create(&img, "8M", &[]);
+    create(&other, "8M", &[]);
+    let dir = tmp.path().join("mnt");
+    let m = Mount::new(&img, &dir, None);
+    let canon_dir = dir.canonicalize().expect("canon");
+
+    let err = Mount::try_new(&img, &tmp.path().join("mnt2"), None).expect_err("second mount");
+    assert!(
+        err.contains("already mounted") && err.contains(p(&canon_dir)),
+        "{err}"
+    );
+    assert!(!is_mounted(&tmp.path().join("mnt2")));
+
+    let err = Mount::try_new(&other, &dir, None).expect_err("mount over a vbdfs mount");
+    assert!(err.contains("already a vbdfs mount point"), "{err}");
+
+    let out = run(&["check", "--repair", p(&img)]);
+    assert!(
+        !out.status.success(),
+        "check --repair on a mounted image succeeded"
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("is mounted at") && err.contains(p(&canon_dir)),
+        "{err}"
+    );
+
+    // Read-only inspection of a mounted image is allowed.
+    let out = run(&["info", p(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(common::stdout(&out).contains(&format!("mounted at: {}", p(&canon_dir))));
+    m.umount();
+}
+
+#[test]
+fn daemon_errors_reach_the_caller() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let junk = tmp.path().join("junk.vbd");
+    std::fs::write(&junk, vec![0xa5u8; 1 << 20]).expect("write junk");
+    let dir = tmp.path().join("mnt");
+    let err = Mount::try_new(&junk, &dir, None).expect_err("mounting junk");
+    assert!(
+        err.starts_with("vbdfs: ") && err.contains("junk.vbd"),
+        "{err}"
+    );
+    assert!(!is_mounted(&dir));
+}
+
+#[test]
+fn vbdfs_umount_waits_and_refuses_when_busy() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "16M", &[]);
+    let dir = tmp.path().join("mnt");
+    let m = Mount::new(&img, &dir, None);
+    let data = write_pattern(&m, 1);
+    let held = std::fs::File::open(m.disk()).expect("open");
+    let out = run(&["umount", p(&dir)]);
+    assert!(!out.status.success(), "umount of a busy mount succeeded");
+    assert!(stderr(&out).contains("busy"), "{}", stderr(&out));
+    assert!(is_mounted(&dir));
+    drop(held);
+    m.umount(); // asserts the daemon has exited when vbdfs umount returns
+    assert!(is_clean(&img), "not clean after vbdfs umount");
+    assert_eq!(read_back(&img, &dir, data.len()), data);
+}
+
+#[test]
+fn plain_umount_leaves_the_image_clean_and_remount_works() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "16M", &[]);
+    let dir = tmp.path().join("mnt");
+    let mut m = Mount::new(&img, &dir, None);
+    let data = write_pattern(&m, 2);
+    common::sh("umount", &[p(&dir)]);
+    // Mounting again right away waits for the old daemon to finish closing.
+    let again = read_back(&img, &dir, data.len());
+    m.wait_daemon_exit();
+    assert!(is_clean(&img), "not clean after plain umount");
+    assert_eq!(again, data);
+}
+
+#[test]
+fn sigterm_unmounts_and_leaves_the_image_clean() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "16M", &[]);
+    let dir = tmp.path().join("mnt");
+    let mut m = Mount::new(&img, &dir, None);
+    let data = write_pattern(&m, 3);
+    let pid = m.pid.expect("daemon pid in status");
+    common::sh("kill", &["-TERM", &pid.to_string()]);
+    m.wait_daemon_exit();
+    assert!(!is_mounted(&dir), "still mounted after SIGTERM");
+    assert!(is_clean(&img), "not clean after SIGTERM");
+    assert_eq!(read_back(&img, &dir, data.len()), data);
+}
+
+#[test]
+fn foreground_mount_stops_on_sigint() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "16M", &[]);
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let mut child = common::vbdfs()
+        .args(["mount", "-f", p(&img), p(&dir)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vbdfs mount -f");
+    // The guard cleans up if anything below fails.
+    let mut guard = Mount {
+        dir: dir.clone(),
+        image: img.clone(),
+        pid: Some(child.id()),
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || is_mounted(&dir)),
+        "-f never mounted"
+    );
+    let data = write_pattern(&guard, 4);
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "mount -f exited with {:?}: {}",
+        out.status,
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("closed clean"), "{}", stderr(&out));
+    guard.pid = None;
+    assert!(!is_mounted(&dir));
+    assert!(is_clean(&img));
+    assert_eq!(read_back(&img, &dir, data.len()), data);
+}
