@@ -161,7 +161,7 @@ fn foreground_mount_stops_on_sigint() {
     create(&img, "16M", &[]);
     let dir = tmp.path().join("mnt");
     std::fs::create_dir(&dir).expect("mkdir");
-    let mut child = common::vbdfs()
+    let child = common::vbdfs()
         .args(["mount", "-f", p(&img), p(&dir)])
         .stderr(Stdio::piped())
         .spawn()
