@@ -107,11 +107,6 @@ fn later_commands_say_not_available() {
         &["clone", &format!("{i}@s1"), "/tmp/never.vbd"],
         "not available yet",
     );
-    assert_error(
-        &["import", "/dev/null", "/tmp/never.vbd"],
-        "not available yet",
-    );
-    assert_error(&["export", i, "/tmp/never.raw"], "not available yet");
     assert_error(&["compact", i], "not available yet");
 }
 
