@@ -45,9 +45,9 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// New copy-on-write image based on a snapshot (not available yet).
     Clone(CloneArgs),
-    /// Convert a raw, qcow2 or vhd file into an image (not available yet).
+    /// Convert a raw, qcow2 or vhd file into an image.
     Import(ImportArgs),
-    /// Convert an image or snapshot into a raw file (not available yet).
+    /// Convert an image into a raw file (or qcow2 when DEST ends in .qcow2).
     Export(ExportArgs),
     /// Reclaim space held by overwritten blocks and deleted snapshots (not available yet).
     Compact(CompactArgs),
@@ -181,8 +181,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Umount(a) => umount::run(&a).map(|()| ExitCode::SUCCESS),
         Command::Snapshot(_) => not_yet("snapshot"),
         Command::Clone(_) => not_yet("clone"),
-        Command::Import(_) => not_yet("import"),
-        Command::Export(_) => not_yet("export"),
+        Command::Import(a) => crate::convert::run_import(
+            &a.source,
+            &a.image,
+            a.format.as_deref(),
+            &crate::CreateOptions::default(),
+        )
+        .map(|()| ExitCode::SUCCESS),
+        Command::Export(a) => {
+            crate::convert::run_export(&a.image, &a.dest, None).map(|()| ExitCode::SUCCESS)
+        }
         Command::Compact(_) => not_yet("compact"),
     }
 }
