@@ -203,3 +203,105 @@ fn fallocate_punch_and_zero() {
     drop(f);
     m.umount();
 }
+
+#[test]
+fn concurrent_writers_and_readers() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "32M", &["--block-size", "16K"]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), Some("threads=8"));
+    const REGION: u64 = 4 * MIB;
+    let models: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8u64)
+            .map(|t| {
+                let m = &m;
+                s.spawn(move || {
+                    let direct = t % 2 == 0;
+                    let f = open_disk(m, direct);
+                    let base = t * REGION;
+                    let mut model = vec![0u8; REGION as usize];
+                    let mut x = t * 7919 + 1;
+                    for i in 0..60u64 {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let (mut off, mut len) = ((x >> 20) % REGION, (x >> 44) % (300 << 10) + 1);
+                        if direct {
+                            off &= !4095;
+                            len = (len + 4095) & !4095;
+                        }
+                        len = len.min(REGION - off);
+                        let data = pattern(len as usize, t * 1000 + i);
+                        if direct {
+                            let mut buf = Aligned::new(len as usize);
+                            buf.as_mut_slice().copy_from_slice(&data);
+                            f.write_all_at(buf.as_slice(), base + off)
+                                .expect("direct write");
+                        } else {
+                            f.write_all_at(&data, base + off).expect("write");
+                        }
+                        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                        // Read a random earlier range back while others write.
+                        let roff = ((x >> 8) % REGION) & !4095;
+                        let rlen = 8192.min(REGION - roff);
+                        let mut got = Aligned::new(rlen as usize);
+                        f.read_exact_at(got.as_mut_slice(), base + roff)
+                            .expect("read");
+                        assert!(
+                            got.as_slice() == &model[roff as usize..(roff + rlen) as usize],
+                            "thread {t}: read-back mismatch at {roff}"
+                        );
+                    }
+                    f.sync_data().expect("fdatasync");
+                    model
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let data = std::fs::read(m.disk()).expect("read disk");
+    for (t, model) in models.iter().enumerate() {
+        let base = t * REGION as usize;
+        assert!(
+            data[base..base + REGION as usize] == model[..],
+            "region {t} differs"
+        );
+    }
+    m.umount();
+}
+
+#[test]
+fn seek_data_and_seek_hole() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "8M", &["--block-size", "64K"]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), None);
+    let f = open_disk(&m, false);
+    f.write_all_at(&[1u8; 4096], 3 * MIB + 100).expect("write");
+    f.sync_data().expect("sync");
+    assert_eq!(
+        vbdfs::sys::seek_data(&f, 0).expect("SEEK_DATA"),
+        Some(3 * MIB)
+    );
+    assert_eq!(
+        vbdfs::sys::seek_hole(&f, 3 * MIB).expect("SEEK_HOLE"),
+        Some(3 * MIB + 65536)
+    );
+    assert_eq!(vbdfs::sys::seek_hole(&f, 0).expect("SEEK_HOLE"), Some(0));
+    assert_eq!(vbdfs::sys::seek_data(&f, 4 * MIB).expect("SEEK_DATA"), None);
+    assert_eq!(
+        vbdfs::sys::seek_hole(&f, 8 * MIB).expect("SEEK_HOLE at end"),
+        None
+    );
+    drop(f);
+    m.umount();
+}

@@ -104,7 +104,25 @@ fn ext4_on_a_direct_io_loop_device_survives_remount() {
         sh("mkfs.ext4", &["-q", "-F", &lo.dev]);
         let fs = FsMount::new(&lo.dev, &fsdir);
         sh("cp", &["-a", p(&tree), p(&fsdir.join("tree"))]);
-        sh("cp", &["-a", p(&tree), p(&fsdir.join("scratch"))]);
+        // Heavy use: four copies in parallel, then a big file, all into scratch/.
+        let copies: Vec<_> = (0..4)
+            .map(|i| {
+                let dst = fsdir.join("scratch").join(format!("c{i}"));
+                std::fs::create_dir_all(&dst).expect("mkdir");
+                Command::new("cp")
+                    .args(["-a", p(&tree), p(&dst)])
+                    .spawn()
+                    .expect("spawn cp")
+            })
+            .collect();
+        for mut c in copies {
+            assert!(c.wait().expect("wait cp").success(), "cp failed");
+        }
+        let big = format!("of={}", p(&fsdir.join("scratch/big")));
+        sh(
+            "dd",
+            &["if=/dev/urandom", &big, "bs=1M", "count=24", "status=none"],
+        );
         sh("sync", &[]);
         let before = allocated(&m);
         // Deleted files are discarded (loop turns DISCARD into PUNCH_HOLE).
