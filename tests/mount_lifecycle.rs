@@ -163,6 +163,7 @@ fn foreground_mount_stops_on_sigint() {
     std::fs::create_dir(&dir).expect("mkdir");
     let child = common::vbdfs()
         .args(["mount", "-f", p(&img), p(&dir)])
+        .env_remove("VBDFS_LOG_FILE")
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn vbdfs mount -f");
@@ -193,4 +194,56 @@ fn foreground_mount_stops_on_sigint() {
     assert!(!is_mounted(&dir));
     assert!(is_clean(&img));
     assert_eq!(read_back(&img, &dir, data.len()), data);
+}
+
+/// Runs `cat FILE` as user nobody; true if it succeeded.
+fn nobody_can_read(file: &std::path::Path) -> bool {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "cat",
+            p(file),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run setpriv (util-linux)")
+        .success()
+}
+
+#[test]
+fn allow_other_and_mode_control_access() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Let user nobody traverse the temp dir.
+    common::sh("chmod", &["755", p(tmp.path())]);
+    let img = tmp.path().join("a.vbd");
+    create(&img, "1M", &[]);
+    let dir = tmp.path().join("mnt");
+    let m = Mount::new(&img, &dir, None);
+    assert!(
+        !nobody_can_read(&m.disk()),
+        "other users got in without allow_other"
+    );
+    m.umount();
+    let m = Mount::new(&img, &dir, Some("allow_other,mode=0644"));
+    assert!(
+        nobody_can_read(&m.disk()),
+        "mode=0644 + allow_other: nobody cannot read disk"
+    );
+    assert!(
+        !nobody_can_read(&m.control()),
+        "nobody can read the 0600 control file"
+    );
+    m.umount();
+    let m = Mount::new(&img, &dir, Some("allow_other,uid=65534,mode=0400"));
+    assert!(
+        nobody_can_read(&m.disk()),
+        "uid=65534: the owner cannot read disk"
+    );
+    m.umount();
 }

@@ -154,3 +154,56 @@ fn ext4_on_a_direct_io_loop_device_survives_remount() {
         common::stdout(&out)
     );
 }
+
+#[test]
+fn sigterm_under_a_loop_device_detaches_lazily_and_closes_clean() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "16M", &[]);
+    let dir = tmp.path().join("mnt");
+    let mut m = Mount::new(&img, &dir, None);
+    let lo = Loop::new(&m.disk(), true);
+    let pid = m.pid.expect("pid");
+    sh("kill", &["-TERM", &pid.to_string()]);
+    assert!(
+        common::wait_for(std::time::Duration::from_secs(5), || !common::is_mounted(
+            &dir
+        )),
+        "SIGTERM did not detach the mount"
+    );
+    // The loop device keeps working until it is detached.
+    let src = tmp.path().join("src");
+    std::fs::write(&src, pattern(1 << 20, 9)).expect("write src");
+    let (ifile, of) = (format!("if={}", p(&src)), format!("of={}", lo.dev));
+    sh(
+        "dd",
+        &[
+            &ifile,
+            &of,
+            "bs=1M",
+            "oflag=direct",
+            "conv=fsync",
+            "status=none",
+        ],
+    );
+    assert!(
+        common::alive(pid),
+        "daemon exited while the loop device still used it"
+    );
+    drop(lo);
+    m.wait_daemon_exit();
+    assert!(
+        common::is_clean(&img),
+        "not clean after SIGTERM + loop detach"
+    );
+    let m = Mount::new(&img, &dir, Some("ro"));
+    let data = std::fs::read(m.disk()).expect("read");
+    assert!(
+        data[..1 << 20] == pattern(1 << 20, 9)[..],
+        "loop writes after SIGTERM lost"
+    );
+    m.umount();
+}

@@ -79,6 +79,9 @@ fn open_image(job: &Job) -> Result<Image> {
         opts.cache_bytes = cache;
     }
     let start = Instant::now();
+    if opts.read_only {
+        wait_unlocked(job, start)?;
+    }
     loop {
         match Image::open(&job.image, &opts) {
             Err(e) if e.kind() == ErrorKind::Locked => {
@@ -89,6 +92,29 @@ fn open_image(job: &Job) -> Result<Image> {
                 std::thread::sleep(Duration::from_millis(100));
             }
             other => return other,
+        }
+    }
+}
+
+/// A read-only open takes no lock, so it would not wait for a previous daemon
+/// that is still closing the image: wait here while another process holds the
+/// image's lock, and refuse if that lasts (a writer is using it).
+fn wait_unlocked(job: &Job, start: Instant) -> Result<()> {
+    let file = std::fs::File::open(&job.image)
+        .map_err(|e| Error::io(format!("cannot open {}", job.image.display()), e))?;
+    loop {
+        match file.try_lock_shared() {
+            Ok(()) => return file.unlock().map_err(|e| Error::io("unlock", e)),
+            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < CLOSING_WAIT => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let locked = Error::new(ErrorKind::Locked, "locked");
+                return Err(mountinfo::explain_locked(&job.image, locked));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io(format!("{}: lock", job.image.display()), e))
+            }
         }
     }
 }

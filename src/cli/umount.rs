@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{mountinfo, UmountArgs};
-use crate::{sys, Error, ErrorKind, Result};
+use crate::{sys, Error, ErrorKind, Image, OpenOptions, Result};
 
 /// After this long, tell the user what we are waiting for.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -26,9 +26,12 @@ pub fn run(args: &UmountArgs) -> Result<()> {
     let status = std::fs::read_to_string(&control).unwrap_or_default();
     let pid: Option<u32> = status_value(&status, "pid").and_then(|v| v.parse().ok());
     // A read-only mount has nothing to flush (and refuses writes to control).
-    let flushed = match status_value(&status, "read-only") {
-        Some("yes") => Ok(()),
-        _ => std::fs::write(&control, b"flush\n"),
+    let read_only = status_value(&status, "read-only") == Some("yes");
+    // A read-only mount has nothing to flush (and refuses writes to control).
+    let flushed = if read_only {
+        Ok(())
+    } else {
+        std::fs::write(&control, b"flush\n")
     };
     match unmount_patiently(&dir) {
         Ok(()) => {}
@@ -46,33 +49,87 @@ pub fn run(args: &UmountArgs) -> Result<()> {
         }
         Err(e) => return Err(Error::io(format!("cannot unmount {}", dir.display()), e)),
     }
-    if let Some(pid) = pid {
-        wait_exit(pid, &image);
-    }
-    flushed.map_err(|e| {
-        Error::io(
+    let Some(pid) = pid else {
+        return Err(Error::new(
+            ErrorKind::Io,
             format!(
-                "{} unmounted, but the flush before it failed",
-                dir.display()
+                "{} unmounted, but its daemon did not answer; check {} with vbdfs info",
+                dir.display(),
+                image.display()
             ),
-            e,
-        )
-    })
+        ));
+    };
+    wait_exit(pid, &image);
+    if let Err(e) = flushed {
+        let msg = format!(
+            "{} unmounted, but the flush before it failed",
+            dir.display()
+        );
+        return Err(Error::io(msg, e));
+    }
+    if !read_only {
+        verify_clean(&image)?;
+    }
+    Ok(())
 }
 
-/// `umount2(dir)`, retrying `EBUSY` for up to [`BUSY_RETRY`]: a process that
-/// has just closed `disk` (or a forked child that has not yet exec'd) may still
-/// hold it for a moment.
+/// After the daemon exited, the image must be marked clean.
+fn verify_clean(image: &Path) -> Result<()> {
+    let opts = OpenOptions {
+        read_only: true,
+        cache_bytes: 1 << 20,
+        ..OpenOptions::default()
+    };
+    let stats = Image::open(image, &opts)?.stats();
+    if stats.clean {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Io,
+        format!(
+            "the daemon did not close {} cleanly (see its log); the next read-write open \
+             recovers it",
+            image.display()
+        ),
+    ))
+}
+
+/// `umount2(dir)` (or `fusermount3 -u` for a mount of another user), retrying
+/// `EBUSY` for up to [`BUSY_RETRY`]: a process that has just closed `disk` (or
+/// a forked child that has not yet exec'd) may still hold it for a moment.
 fn unmount_patiently(dir: &Path) -> std::io::Result<()> {
     let start = Instant::now();
     loop {
-        match sys::unmount(dir, false) {
+        let result = match sys::unmount(dir, false) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) && sys::effective_ids().0 != 0 => {
+                fusermount_u(dir)
+            }
+            other => other,
+        };
+        match result {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < BUSY_RETRY => {
                 std::thread::sleep(Duration::from_millis(50));
             }
             other => return other,
         }
     }
+}
+
+/// `fusermount3 -u DIR` for unprivileged users; a failure reads as EBUSY if
+/// fusermount says so.
+fn fusermount_u(dir: &Path) -> std::io::Result<()> {
+    let out = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(dir)
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if err.contains("busy") {
+        return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+    }
+    Err(std::io::Error::other(format!("fusermount3 -u: {err}")))
 }
 
 /// The absolute path of `dir` as the mount table spells it; works even when
