@@ -79,8 +79,10 @@ pub fn import_report(
     let mut opts = create.clone();
     opts.size = image_size;
 
+    let what = format!("import {} into {}", source.display(), image.display());
     let tmp = TempImage::new(image)?;
-    let img = Image::create(&tmp.path, &opts, &OpenOptions::default())?;
+    let img =
+        Image::create(&tmp.path, &opts, &OpenOptions::default()).map_err(|e| e.context(&what))?;
     let plan = Plan {
         len: image_size,
         block: img.block_size(),
@@ -96,14 +98,8 @@ pub fn import_report(
         |buf, off| read_padded(src, buf, off),
         |data, off| img.write_at(data, off),
     )
-    .map_err(|e| {
-        e.context(format!(
-            "import {} into {}",
-            source.display(),
-            image.display()
-        ))
-    })?;
-    img.close()?;
+    .map_err(|e| e.context(&what))?;
+    img.close().map_err(|e| e.context(&what))?;
     bar.finish();
     tmp.commit(image)?;
     Ok(ImportReport {
