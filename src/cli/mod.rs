@@ -97,7 +97,18 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     /// Options, comma-separated: cache=SIZE, ro, rw, allow_other, threads=N, uid=N,
     /// gid=N, mode=OCTAL (mount(8)/fstab options such as nofail or _netdev are ignored).
-    #[arg(short = 'o', value_name = "OPTS")]
+    ///
+    /// cache=SIZE: engine buffer cache (default 256M; K, M, G, T suffixes).
+    /// ro / rw: read-only or read-write (default rw).
+    /// allow_other: let other users in; access then follows mode, uid and gid.
+    /// threads=N: I/O worker threads (default 32).
+    /// uid=N, gid=N: numeric owner of disk and control (default: the mounting user).
+    /// mode=OCTAL: permission bits of disk (default 0600; control is always 0600).
+    ///
+    /// Accepted and ignored (they belong to mount(8), fstab or systemd): defaults,
+    /// nofail, noauto, auto, _netdev, nodev, nosuid, noexec, dev, suid, exec, user,
+    /// users, nouser, comment=..., x-*. Any other option is an error. -o may repeat.
+    #[arg(short = 'o', value_name = "OPTS", verbatim_doc_comment)]
     pub options: Vec<String>,
     /// Stay in the foreground and log to stderr.
     #[arg(short = 'f', long)]
