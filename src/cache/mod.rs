@@ -171,6 +171,14 @@ impl BlockCache {
     /// bumps the version and queues the slot for write-back if it was clean.
     pub fn mark_dirty(&self, slot: &Arc<Slot>, state: &mut SlotState) {
         state.version += 1;
+        if state.detached {
+            // A discard removed the slot while the caller was writing into it:
+            // the two overlapped, so the discard may win. A detached slot is
+            // never written back, so counting it dirty would leak the count
+            // (and, once leaks pass the dirty limit, stall every writer).
+            state.written = state.version;
+            return;
+        }
         if !state.dirty {
             state.dirty = true;
             self.dirty.fetch_add(1, Ordering::Relaxed);
@@ -295,5 +303,29 @@ impl Slot {
     fn try_lock_clean(&self) -> Option<parking_lot::MutexGuard<'_, SlotState>> {
         let state = self.try_lock()?;
         (state.load == Load::Ready && !state.dirty && !state.in_flight).then_some(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writing_into_a_discarded_slot_leaves_nothing_dirty() {
+        let cache = BlockCache::new(1 << 20, 4096);
+        let (slot, created) = cache.get_or_insert(5);
+        assert!(created);
+        cache.finish_load(&slot, vec![0; 4096]);
+        // A discard detaches the slot while a writer still holds it...
+        cache.remove_range(5, 5);
+        // ...and the writer then modifies it.
+        let mut state = slot.wait_ready().unwrap();
+        state.data[0] = 1;
+        cache.mark_dirty(&slot, &mut state);
+        assert!(!state.dirty);
+        drop(state);
+        assert_eq!(cache.stats().dirty, 0, "dirty count leaked");
+        assert!(cache.queue().try_recv().is_err(), "detached slot queued");
+        slot.wait_written(1); // must not block
     }
 }

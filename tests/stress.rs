@@ -1,0 +1,329 @@
+//! Concurrency stress: 8 threads on one `Arc<Image>`.
+//!
+//! Each thread owns a private region whose ends are NOT block-aligned, so
+//! neighbours share a block at every boundary (read-modify-write of one block
+//! by two threads must keep both halves). In it the thread does unaligned
+//! writes, reads checked against its own model, partial discards and flushes.
+//! All threads also hammer a shared region with whole-block writes tagged
+//! (block, thread, seq) in every 8-byte word, whole-block discards and reads
+//! that must see, per block, either zeros or one complete tag for that block,
+//! never a mix. After the joins every shared block must hold the last
+//! operation of one of the threads on it (per-block linearizability), the
+//! private regions must equal the models, nothing may be left dirty after a
+//! flush, and the same must hold after close + open.
+//!
+//! `VBDFS_STRESS_OPS` sets operations per thread (default 1500).
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+use vbdfs::io::MemStore;
+use vbdfs::{Codec, CreateOptions, Image, OpenOptions};
+
+const THREADS: u64 = 8;
+/// A run that takes longer than this is a hang (deadlock, lost wake-up,
+/// leaked dirty count stalling the throttle).
+const WATCHDOG: Duration = Duration::from_secs(180);
+
+fn ops_per_thread() -> u64 {
+    std::env::var("VBDFS_STRESS_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1500)
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    bs: u64,
+    /// Private region length per thread (not a block multiple).
+    private: u64,
+    /// First byte of the shared region (block-aligned).
+    shared_off: u64,
+    shared_blocks: u64,
+    size: u64,
+}
+
+impl Layout {
+    fn new(bs: u64, shared_blocks: u64) -> Layout {
+        let private = 16 * bs + bs / 3 + 7;
+        let shared_off = (THREADS * private).div_ceil(bs) * bs;
+        Layout {
+            bs,
+            private,
+            shared_off,
+            shared_blocks,
+            size: shared_off + shared_blocks * bs,
+        }
+    }
+}
+
+fn tag(block: u64, thread: u64, seq: u64) -> u64 {
+    (block << 40) | (thread << 32) | (seq & 0xFFFF_FFFF) | 1 << 63
+}
+
+fn tagged_block(bs: u64, t: u64) -> Vec<u8> {
+    t.to_le_bytes()
+        .iter()
+        .copied()
+        .cycle()
+        .take(bs as usize)
+        .collect()
+}
+
+/// The tag a shared block holds (0 for zeros); panics on a mix.
+fn read_tag(data: &[u8], block: u64, what: &str) -> u64 {
+    let first = u64::from_le_bytes(data[..8].try_into().unwrap());
+    for (i, w) in data.chunks_exact(8).enumerate() {
+        let w = u64::from_le_bytes(w.try_into().unwrap());
+        assert_eq!(
+            w, first,
+            "{what}: shared block {block} is torn at word {i}: {w:#x} vs {first:#x}"
+        );
+    }
+    assert!(
+        first == 0 || first >> 40 & 0x7F_FFFF == block,
+        "{what}: shared block {block} holds the tag of another block: {first:#x}"
+    );
+    first
+}
+
+/// The last operation of a thread on each shared block: a tag, or 0 (discard).
+type LastOps = HashMap<u64, u64>;
+
+fn worker(img: &Image, lay: Layout, t: u64, ops: u64) -> (Vec<u8>, LastOps) {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((t + 1) * 0x1234_5678_9ABC_DEF1));
+    let base = t * lay.private;
+    let mut model = vec![0u8; lay.private as usize];
+    let mut last = LastOps::new();
+    let bs = lay.bs;
+    for seq in 0..ops {
+        match rng.below(100) {
+            // Private: unaligned write.
+            0..=29 => {
+                let len = 1 + rng.below((lay.private / 3).min(200_000));
+                let off = rng.below(lay.private - len + 1);
+                let byte = (rng.next() as u8) | 1;
+                let data: Vec<u8> = (0..len)
+                    .map(|i| byte.wrapping_add((i % 251) as u8))
+                    .collect();
+                img.write_at(&data, base + off).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            // Private: read and compare.
+            30..=44 => {
+                let len = 1 + rng.below(lay.private.min(300_000));
+                let off = rng.below(lay.private - len + 1);
+                let mut buf = vec![0xEEu8; len as usize];
+                img.read_at(&mut buf, base + off).unwrap();
+                let want = &model[off as usize..(off + len) as usize];
+                if buf != want {
+                    let i = buf.iter().zip(want).position(|(a, b)| a != b).unwrap();
+                    panic!(
+                        "thread {t}: private read {off}+{len} differs at +{i} (disk byte {})",
+                        base + off + i as u64
+                    );
+                }
+            }
+            // Private: partial discard or write_zeroes.
+            45..=51 => {
+                let len = 1 + rng.below(lay.private / 2);
+                let off = rng.below(lay.private - len + 1);
+                if rng.below(2) == 0 {
+                    img.discard(base + off, len).unwrap();
+                } else {
+                    img.write_zeroes(base + off, len).unwrap();
+                }
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            // Shared: tagged whole-block writes (1..4 blocks).
+            52..=74 => {
+                let n = 1 + rng.below(4.min(lay.shared_blocks));
+                let first = rng.below(lay.shared_blocks - n + 1);
+                let mut buf = Vec::with_capacity((n * bs) as usize);
+                for b in first..first + n {
+                    let tg = tag(b, t, seq);
+                    buf.extend_from_slice(&tagged_block(bs, tg));
+                    last.insert(b, tg);
+                }
+                img.write_at(&buf, lay.shared_off + first * bs).unwrap();
+            }
+            // Shared: whole-block discards.
+            75..=81 => {
+                let n = 1 + rng.below(3.min(lay.shared_blocks));
+                let first = rng.below(lay.shared_blocks - n + 1);
+                img.discard(lay.shared_off + first * bs, n * bs).unwrap();
+                for b in first..first + n {
+                    last.insert(b, 0);
+                }
+            }
+            // Shared: reads must see whole tags.
+            82..=94 => {
+                let n = 1 + rng.below(6.min(lay.shared_blocks));
+                let first = rng.below(lay.shared_blocks - n + 1);
+                let mut buf = vec![0u8; (n * bs) as usize];
+                img.read_at(&mut buf, lay.shared_off + first * bs).unwrap();
+                for (i, chunk) in buf.chunks(bs as usize).enumerate() {
+                    read_tag(chunk, first + i as u64, "concurrent read");
+                }
+            }
+            95..=98 => img.flush().unwrap(),
+            _ => {
+                if t == 0 {
+                    img.checkpoint().unwrap();
+                } else {
+                    img.flush().unwrap();
+                }
+            }
+        }
+    }
+    (model, last)
+}
+
+fn verify(img: &Image, lay: Layout, models: &[Vec<u8>], lasts: &[LastOps], when: &str) {
+    for (t, model) in models.iter().enumerate() {
+        let mut buf = vec![0u8; model.len()];
+        img.read_at(&mut buf, t as u64 * lay.private).unwrap();
+        if &buf != model {
+            let i = buf.iter().zip(model).position(|(a, b)| a != b).unwrap();
+            panic!("{when}: private region of thread {t} differs at +{i}");
+        }
+    }
+    let bs = lay.bs as usize;
+    let mut buf = vec![0u8; bs * lay.shared_blocks as usize];
+    img.read_at(&mut buf, lay.shared_off).unwrap();
+    for (b, chunk) in buf.chunks(bs).enumerate() {
+        let b = b as u64;
+        let got = read_tag(chunk, b, when);
+        let candidates: Vec<u64> = lasts.iter().filter_map(|l| l.get(&b).copied()).collect();
+        let ok = if candidates.is_empty() {
+            got == 0
+        } else {
+            candidates.contains(&got)
+        };
+        assert!(
+            ok,
+            "{when}: shared block {b} holds {got:#x}, not the last operation of any \
+             thread on it ({candidates:x?})"
+        );
+    }
+    let report = img.check().unwrap();
+    assert!(report.is_ok(), "{when}: check found {:?}", report.bad);
+}
+
+fn opts(cache: u64) -> OpenOptions {
+    OpenOptions {
+        read_only: false,
+        cache_bytes: cache,
+        workers: 2,
+    }
+}
+
+enum Where {
+    Mem(Arc<MemStore>),
+    /// The directory is kept alive (deleted on drop) with the path in it.
+    File(PathBuf, #[allow(dead_code)] tempfile::TempDir),
+}
+
+fn run(bs: u64, codec: Codec, cache: u64, on_file: bool) {
+    let lay = Layout::new(bs, 48);
+    let create = CreateOptions {
+        size: lay.size,
+        block_size: bs,
+        codec,
+    };
+    let (place, img) = if on_file {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.vbd");
+        let img = Image::create(&path, &create, &opts(cache)).unwrap();
+        (Where::File(path, dir), img)
+    } else {
+        let store = Arc::new(MemStore::new());
+        let img = Image::create_on(store.clone(), &create, &opts(cache)).unwrap();
+        (Where::Mem(store), img)
+    };
+    let img = Arc::new(img);
+    let ops = ops_per_thread();
+    let (tx, rx) = mpsc::channel();
+    for t in 0..THREADS {
+        let img = img.clone();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                worker(&img, lay, t, ops)
+            }));
+            let _ = tx.send((t, r));
+        });
+    }
+    drop(tx);
+    let mut results: Vec<Option<(Vec<u8>, LastOps)>> = vec![None; THREADS as usize];
+    for _ in 0..THREADS {
+        let (t, r) = rx.recv_timeout(WATCHDOG).unwrap_or_else(|_| {
+            panic!(
+                "stress bs={bs} {codec}: threads still running after {WATCHDOG:?} \
+                 (hang); stats: {:?}",
+                img.stats()
+            )
+        });
+        match r {
+            Ok(v) => results[t as usize] = Some(v),
+            Err(e) => std::panic::resume_unwind(e),
+        }
+    }
+    let (models, lasts): (Vec<_>, Vec<_>) = results.into_iter().map(Option::unwrap).unzip();
+    let what = format!("bs={bs} {codec} cache={cache} file={on_file}");
+    verify(
+        &img,
+        lay,
+        &models,
+        &lasts,
+        &format!("{what}, after the joins"),
+    );
+    img.flush().unwrap();
+    let stats = img.stats();
+    assert_eq!(
+        stats.dirty_bytes, 0,
+        "{what}: dirty bytes left after a flush with no writer running: {stats:?}"
+    );
+    let img = Arc::into_inner(img).unwrap();
+    img.close().unwrap();
+    let img = match &place {
+        Where::Mem(store) => Image::open_on(store.clone(), &opts(cache)).unwrap(),
+        Where::File(path, _) => Image::open(path, &opts(cache)).unwrap(),
+    };
+    verify(&img, lay, &models, &lasts, &format!("{what}, after reopen"));
+    img.close().unwrap();
+}
+
+#[test]
+fn stress_4k_zstd_mem_tiny_cache() {
+    run(4096, Codec::Zstd(1), 256 << 10, false);
+}
+
+#[test]
+fn stress_64k_none_file() {
+    run(65536, Codec::None, 4 << 20, true);
+}
+
+#[test]
+fn stress_64k_zstd_mem() {
+    run(65536, Codec::Zstd(1), 1 << 20, false);
+}
