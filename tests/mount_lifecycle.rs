@@ -247,3 +247,39 @@ fn allow_other_and_mode_control_access() {
     );
     m.umount();
 }
+
+#[test]
+fn killed_daemon_leaves_a_dead_mount_that_umount_clears() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "16M", &[]);
+    let dir = tmp.path().join("mnt");
+    let mut m = Mount::new(&img, &dir, None);
+    let data = pattern(3 << 20, 5);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.disk())
+        .expect("open disk");
+    f.write_all_at(&data, 12345).expect("write");
+    f.sync_all().expect("fsync");
+    drop(f);
+    let pid = m.pid.expect("pid");
+    common::sh("kill", &["-KILL", &pid.to_string()]);
+    m.wait_daemon_exit();
+    let err = Mount::try_new(&img, &dir, None).expect_err("mount on a dead mount");
+    assert!(err.contains("dead mount"), "{err}");
+    let out = run(&["umount", p(&dir)]);
+    assert!(stderr(&out).contains("did not answer"), "{}", stderr(&out));
+    assert!(!is_mounted(&dir), "dead mount still there");
+    assert!(
+        !is_clean(&img),
+        "a killed daemon cannot have closed the image"
+    );
+    // A read-write mount recovers; the fsync'd data is there.
+    Mount::new(&img, &dir, None).umount();
+    assert!(is_clean(&img));
+    assert_eq!(read_back(&img, &dir, data.len()), data);
+}

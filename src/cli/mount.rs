@@ -18,6 +18,18 @@ pub fn run(args: &MountArgs) -> Result<()> {
     let image = canonical_file(&args.image)?;
     let mountpoint = canonical_dir(&args.mountpoint)?;
     if let Some(dir) = mountinfo::mount_points_of(&image).first() {
+        if mountinfo::is_dead(dir) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "{} is still mounted at {}, a dead mount (its daemon is gone): run \
+                     `vbdfs umount {}` first",
+                    image.display(),
+                    dir.display(),
+                    dir.display()
+                ),
+            ));
+        }
         return Err(Error::new(
             ErrorKind::Locked,
             format!(
@@ -67,13 +79,24 @@ fn canonical_dir(path: &Path) -> Result<PathBuf> {
     let canon = path
         .canonicalize()
         .map_err(|e| Error::io(format!("mount point {}", path.display()), e))?;
-    if !canon.is_dir() {
-        return Err(Error::invalid(format!(
+    if mountinfo::is_dead(&canon) {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "{} is a dead mount (its daemon is gone): run `vbdfs umount {}` first",
+                canon.display(),
+                canon.display()
+            ),
+        ));
+    }
+    match std::fs::metadata(&canon) {
+        Ok(meta) if meta.is_dir() => Ok(canon),
+        Ok(_) => Err(Error::invalid(format!(
             "mount point {} is not a directory",
             path.display()
-        )));
+        ))),
+        Err(e) => Err(Error::io(format!("mount point {}", path.display()), e)),
     }
-    Ok(canon)
 }
 
 /// Forks the daemon and waits for its verdict on a pipe.

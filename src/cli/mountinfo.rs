@@ -102,6 +102,13 @@ pub fn vbdfs_mount_at(dir: &Path) -> Option<MountEntry> {
         .filter(|m| m.image().is_some())
 }
 
+/// True if `dir` is a FUSE mount whose daemon is gone ("transport endpoint
+/// is not connected").
+pub fn is_dead(dir: &Path) -> bool {
+    // Not stat: the kernel may answer that from its attribute cache.
+    std::fs::read_dir(dir).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
 /// Replaces an engine [`ErrorKind::Locked`] error on `image` with one that says
 /// where the image is mounted; other errors pass through.
 pub fn explain_locked(image: &Path, err: Error) -> Error {
