@@ -145,3 +145,28 @@ fn bad_mount_options_are_refused_before_mounting() {
     }
     assert_error(&["mount", i, p(&img)], "not a directory");
 }
+
+#[test]
+fn check_reports_a_damaged_block() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = common::damaged_image(tmp.path());
+    let out = run(&["check", p(&img)]);
+    assert!(
+        !out.status.success(),
+        "check passed a damaged image: {}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("bad block"), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("vbdfs: ") && err.contains("bad block"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+    let out = run(&["info", p(&img)]);
+    assert!(
+        out.status.success(),
+        "info of a damaged image failed: {}",
+        stderr(&out)
+    );
+}

@@ -69,6 +69,21 @@ pub fn create(image: &Path, size: &str, extra: &[&str]) {
     assert!(out.status.success(), "create failed: {}", stderr(&out));
 }
 
+/// Imports 2 MiB of [`pattern`] data (seed 11) into `dir/damaged.vbd` and
+/// damages the middle of the file, where a stored block lives.
+pub fn damaged_image(dir: &Path) -> PathBuf {
+    let raw = dir.join("src.raw");
+    std::fs::write(&raw, pattern(2 << 20, 11)).expect("write raw");
+    let img = dir.join("damaged.vbd");
+    let out = run(&["import", p(&raw), p(&img)]);
+    assert!(out.status.success(), "import failed: {}", stderr(&out));
+    let mut bytes = std::fs::read(&img).expect("read image");
+    let mid = bytes.len() / 2;
+    bytes[mid..mid + 64].fill(0xff);
+    std::fs::write(&img, bytes).expect("write image");
+    img
+}
+
 /// `vbdfs info --json IMAGE` parsed.
 pub fn info_json(image: &Path) -> serde_json::Value {
     let out = run(&["info", "--json", p(image)]);
