@@ -6,7 +6,9 @@
 //! the map always reflects a prefix of the log (what checkpoints rely on).
 
 use crate::error::{Error, Result};
-use crate::format::{align_up, RecordHeader, RecordKind, RECORD_ALIGN, RECORD_HEADER_LEN};
+use crate::format::{
+    align_up, RecordHeader, RecordKind, MAX_PAYLOAD, RECORD_ALIGN, RECORD_HEADER_LEN,
+};
 use crate::io::Store;
 
 /// The tail of the log and the numbers the next record gets.
@@ -79,7 +81,7 @@ pub(crate) fn read_record(
     off: u64,
     len: u32,
 ) -> Result<(RecordHeader, Vec<u8>)> {
-    if (len as usize) < RECORD_HEADER_LEN {
+    if (len as usize) < RECORD_HEADER_LEN || len > MAX_PAYLOAD + RECORD_HEADER_LEN as u32 {
         return Err(Error::corrupt(format!("record at {off} has length {len}")));
     }
     let mut buf = vec![0u8; len as usize];

@@ -102,9 +102,11 @@ pub(crate) struct Inner {
     sync_lock: Mutex<()>,
     failed: Mutex<Option<String>>,
     failed_flag: AtomicBool,
-    shutdown: AtomicBool,
     kick: crossbeam_channel::Sender<()>,
     kick_rx: crossbeam_channel::Receiver<()>,
+    /// One message per background thread tells it to exit.
+    stop_tx: crossbeam_channel::Sender<()>,
+    stop_rx: crossbeam_channel::Receiver<()>,
 }
 
 /// An open image. `Send + Sync`: share it behind an `Arc`.
@@ -252,8 +254,9 @@ impl Image {
                 .flush()
                 .and_then(|()| self.inner.checkpoint(true))
         };
-        self.inner.shutdown.store(true, Ordering::Release);
-        let _ = self.inner.kick.send(());
+        for _ in &self.threads {
+            let _ = self.inner.stop_tx.send(());
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

@@ -310,6 +310,15 @@ pub(super) fn zero_payload(payload: &[u8]) -> Result<(u64, u64)> {
 pub(super) fn load(store: Arc<dyn Store>, open: &OpenOptions) -> Result<Inner> {
     let file_len = store.len().map_err(|e| Error::io("size of image", e))?;
     let sb = read_superblock(store.as_ref(), file_len)?;
+    // A checkpoint writes records after its log start before its superblock,
+    // so the log start is always inside the file. A larger one would put the
+    // next append (and the file's end) at an arbitrary offset up to 2^56.
+    if sb.log_start_off > file_len {
+        return Err(Error::corrupt(format!(
+            "log start {} is past the end of the file ({file_len} bytes)",
+            sb.log_start_off
+        )));
+    }
     let nblocks = sb.virtual_size.div_ceil(sb.block_size());
     let mut map = load_map(store.as_ref(), &sb, file_len, nblocks)?;
     let (end, lsn, max_birth) = roll_forward(store.as_ref(), &sb, &mut map, file_len, nblocks)?;
@@ -324,6 +333,7 @@ pub(super) fn load(store: Arc<dyn Store>, open: &OpenOptions) -> Result<Inner> {
         random_u64()
     };
     let (kick, kick_rx) = crossbeam_channel::bounded(1);
+    let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
     Ok(Inner {
         read_only: open.read_only,
         virtual_size: sb.virtual_size,
@@ -344,9 +354,10 @@ pub(super) fn load(store: Arc<dyn Store>, open: &OpenOptions) -> Result<Inner> {
         sync_lock: Mutex::new(()),
         failed: Mutex::new(None),
         failed_flag: AtomicBool::new(false),
-        shutdown: AtomicBool::new(false),
         kick,
         kick_rx,
+        stop_tx,
+        stop_rx,
         sb: Mutex::new(sb),
         store,
     })

@@ -40,19 +40,25 @@ pub(super) fn spawn(inner: &Arc<Inner>, workers: usize) -> Result<Vec<JoinHandle
 fn worker(inner: &Inner) {
     let queue = inner.cache.queue().clone();
     loop {
-        match queue.recv_timeout(Duration::from_millis(100)) {
-            Ok(slot) => inner.write_back(&slot),
-            Err(_) if inner.shutdown.load(Ordering::Acquire) => return,
-            Err(_) => {}
+        crossbeam_channel::select! {
+            recv(queue) -> slot => match slot {
+                Ok(slot) => inner.write_back(&slot),
+                Err(_) => return,
+            },
+            recv(inner.stop_rx) -> _ => return,
         }
     }
 }
 
 fn checkpointer(inner: &Inner) {
     let mut last = std::time::Instant::now();
-    while !inner.shutdown.load(Ordering::Acquire) {
-        let _ = inner.kick_rx.recv_timeout(Duration::from_secs(1));
-        if inner.shutdown.load(Ordering::Acquire) || inner.failed_flag.load(Ordering::Acquire) {
+    loop {
+        crossbeam_channel::select! {
+            recv(inner.kick_rx) -> _ => {},
+            recv(inner.stop_rx) -> _ => return,
+            default(Duration::from_secs(1)) => {},
+        }
+        if inner.failed_flag.load(Ordering::Acquire) {
             continue;
         }
         let pending = inner.log.lock().since_checkpoint;
