@@ -36,7 +36,10 @@
 #   JOBS         fio jobs (seqwrite seqread randread randwrite)
 #   ROUNDS       repeat the job-major sweep; report medians (3 / 1)
 #   SUSTAIN=0    skip the sustained write; SUSTAIN_RUNTIME (60 / 20 s),
-#   SUSTAIN_TARGETS (raw loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd)
+#   SUSTAIN_TARGETS (raw loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd),
+#   SUSTAIN_MIN_FREE_GB (8): stop a sustained write when the fs gets this full
+#   (a vbdfs image grows with every write until it is compacted: a full run
+#   can need 60+ GiB free)
 #   BONNIE=0     skip bonnie++; BONNIE_S,BONNIE_R,BONNIE_N (1024,512,16 / 128,64,2)
 #   BONNIE_HOSTFS=1  also bonnie++ directly on the host fs  (1 / 0)
 #   BONNIE_TIMEOUT   per bonnie++ run (s)                  (240 / 90)
@@ -766,7 +769,7 @@ main() {
   log "writing report"
   local raw_dir="${OUT_PREFIX}-raw"
   rm -rf "$raw_dir"; mkdir -p "$raw_dir"
-  cp "$RES"/*.json "$RES"/*.tsv "$RES"/*.csv "$RES"/*.txt "$raw_dir"/ 2>/dev/null
+  cp "$RES"/*.json "$RES"/*.tsv "$RES"/*.csv "$RES"/*.txt "$RES"/*_clat.*log "$raw_dir"/ 2>/dev/null
   python3 "$BENCH_DIR/e2e_report.py" "$RES" "$OUT_PREFIX.md" "$OUT_PREFIX.csv" || log "report generation failed"
   cat "$OUT_PREFIX.md"
   log "results: $OUT_PREFIX.md  $OUT_PREFIX.csv  (raw: $raw_dir/)"
