@@ -6,23 +6,45 @@
 
 use crate::error::{Error, Result};
 use crate::format::Codec;
+use std::borrow::Cow;
+use std::cell::RefCell;
 
 /// Codec id stored in a record header: payload stored as is.
 pub const STORED_RAW: u8 = 0;
 /// Codec id stored in a record header: payload is one zstd frame.
 pub const STORED_ZSTD: u8 = 1;
 
-/// Encodes `block` with `codec`; returns the stored codec id and payload.
-pub fn encode(block: &[u8], codec: Codec) -> (u8, Vec<u8>) {
+thread_local! {
+    /// One zstd compression context per thread and level, reused: creating a
+    /// context costs more than compressing a 4 KiB block.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    /// One zstd decompression context per thread, reused.
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn compress(block: &[u8], level: i32, limit: usize) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_none_or(|(l, _)| *l != level) {
+            *cell = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, ctx) = cell.as_mut()?;
+        let mut out = Vec::with_capacity(limit);
+        // A block that does not fit in `limit` bytes fails here: stored raw.
+        ctx.compress_to_buffer(block, &mut out).ok()?;
+        Some(out)
+    })
+}
+
+/// Encodes `block` with `codec`; returns the stored codec id and payload
+/// (borrowed from `block` when it is stored raw).
+pub fn encode(block: &[u8], codec: Codec) -> (u8, Cow<'_, [u8]>) {
     if let Codec::Zstd(level) = codec {
-        let limit = block.len() - block.len() / 8;
-        if let Ok(out) = zstd::bulk::compress(block, level) {
-            if out.len() <= limit {
-                return (STORED_ZSTD, out);
-            }
+        if let Some(out) = compress(block, level, block.len() - block.len() / 8) {
+            return (STORED_ZSTD, Cow::Owned(out));
         }
     }
-    (STORED_RAW, block.to_vec())
+    (STORED_RAW, Cow::Borrowed(block))
 }
 
 /// Decodes a payload stored with `stored` into `out` (exactly `out.len()` bytes).
@@ -33,7 +55,17 @@ pub fn decode(stored: u8, payload: &[u8], out: &mut [u8]) -> Result<()> {
             Ok(())
         }
         STORED_ZSTD => {
-            let n = zstd::bulk::decompress_to_buffer(payload, out)
+            let n = DECOMPRESSOR
+                .with(|cell| {
+                    let mut cell = cell.borrow_mut();
+                    if cell.is_none() {
+                        *cell = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    match cell.as_mut() {
+                        Some(ctx) => ctx.decompress_to_buffer(payload, out),
+                        None => Err(std::io::Error::other("no zstd context")),
+                    }
+                })
                 .map_err(|e| Error::corrupt(format!("zstd payload does not decode: {e}")))?;
             if n != out.len() {
                 return Err(Error::corrupt(format!(
@@ -48,6 +80,17 @@ pub fn decode(stored: u8, payload: &[u8], out: &mut [u8]) -> Result<()> {
             payload.len()
         ))),
     }
+}
+
+/// Decodes a payload into a new block of `len` bytes; a raw payload of the
+/// right length is moved, not copied.
+pub fn decode_owned(stored: u8, payload: Vec<u8>, len: usize) -> Result<Vec<u8>> {
+    if stored == STORED_RAW && payload.len() == len {
+        return Ok(payload);
+    }
+    let mut out = vec![0u8; len];
+    decode(stored, &payload, &mut out)?;
+    Ok(out)
 }
 
 /// True if every byte of `buf` is zero.

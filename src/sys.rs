@@ -230,3 +230,29 @@ pub fn effective_ids() -> (u32, u32) {
     // SAFETY: geteuid/getegid cannot fail and take no arguments.
     unsafe { (libc::geteuid(), libc::getegid()) }
 }
+
+/// Starts writeback of `[off, off+len)` of `file` to the disk without waiting
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), and, when `wait` is set, waits
+/// for it and drops the range from the page cache. Used to keep the host's
+/// dirty pages of an image bounded (no writeback storm, no double caching).
+/// Advisory: errors are ignored; durability still comes from fdatasync.
+pub fn writeback_hint(file: &impl AsRawFd, off: u64, len: u64, wait: bool) {
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return;
+    };
+    let flags = if wait {
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        libc::SYNC_FILE_RANGE_WRITE
+    };
+    // SAFETY: sync_file_range only reads its integer arguments and the fd, which
+    // is valid while `file` is borrowed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), off, len, flags);
+    }
+    if wait {
+        drop_page_cache(file, off as u64, len as u64);
+    }
+}

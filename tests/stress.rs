@@ -270,6 +270,9 @@ fn run(bs: u64, codec: Codec, cache: u64, on_file: bool) {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 worker(&img, lay, t, ops)
             }));
+            // Release this thread's handle before reporting, so the main
+            // thread can take the image back with Arc::into_inner.
+            drop(img);
             let _ = tx.send((t, r));
         });
     }

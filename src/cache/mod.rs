@@ -92,6 +92,11 @@ impl BlockCache {
         slot
     }
 
+    /// True if `block` is cached (no hit counted, no LRU update).
+    pub fn peek(&self, block: u64) -> bool {
+        self.shard(block).lock().contains(&block)
+    }
+
     /// The slot for `block`, creating it in `Loading` state if absent. Returns
     /// `(slot, true)` when created: the caller must then fill it with
     /// [`BlockCache::finish_load`] or [`BlockCache::fail_load`].
@@ -134,7 +139,7 @@ impl BlockCache {
     pub fn finish_load(&self, slot: &Slot, data: Vec<u8>) {
         let mut state = slot.lock();
         debug_assert_eq!(data.len(), self.block_size);
-        state.data = data;
+        state.data = Arc::new(data);
         state.load = Load::Ready;
         drop(state);
         slot.notify();
@@ -320,7 +325,7 @@ mod tests {
         cache.remove_range(5, 5);
         // ...and the writer then modifies it.
         let mut state = slot.wait_ready().unwrap();
-        state.data[0] = 1;
+        Arc::make_mut(&mut state.data)[0] = 1;
         cache.mark_dirty(&slot, &mut state);
         assert!(!state.dirty);
         drop(state);

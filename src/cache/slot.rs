@@ -2,6 +2,7 @@
 
 use crate::error::{Error, ErrorKind};
 use parking_lot::{Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 
 /// Where a slot's contents stand.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,8 +19,9 @@ pub enum Load {
 /// The mutable part of a slot, behind its mutex.
 #[derive(Debug)]
 pub struct SlotState {
-    /// The block's bytes (block size long once ready).
-    pub data: Vec<u8>,
+    /// The block's bytes (block size long once ready). Shared with a
+    /// write-back worker while in flight; writers copy on write then.
+    pub data: Arc<Vec<u8>>,
     /// Load state.
     pub load: Load,
     /// True while the cache holds changes not yet persisted.
@@ -48,7 +50,7 @@ impl Slot {
         Slot {
             block,
             state: Mutex::new(SlotState {
-                data: Vec::new(),
+                data: Arc::new(Vec::new()),
                 load: Load::Loading,
                 dirty: false,
                 version: 0,

@@ -7,7 +7,14 @@
 //! naming the index and `start`, and `sync` again. A crash anywhere before the
 //! second sync leaves the previous superblock in charge; its roll-forward simply
 //! skips the new LEAF/INDEX records.
+//!
+//! A snapshot operation rides on a checkpoint ([`Inner::commit`] with an
+//! edit): after the INDEX record, the edit computes the new snapshot table
+//! (a new snapshot names this very INDEX), which is appended as a SNAP_TABLE
+//! record before the first sync and named by the same superblock. The table
+//! and the map therefore commit atomically, with the same crash guarantees.
 
+use super::snapshot::SnapEdit;
 use super::Inner;
 use crate::codec;
 use crate::error::{Error, Result};
@@ -15,18 +22,40 @@ use crate::format::{
     encode_index, encode_leaf, Codec, LeafPtr, RecPtr, RecordKind, SB_FLAG_DIRTY, SB_SLOT_SIZE,
 };
 
+/// What a checkpoint committed, as seen by a snapshot edit.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Committed {
+    /// The INDEX record of the map at the checkpoint.
+    pub index: RecPtr,
+    /// The checkpoint generation.
+    pub gen: u64,
+    /// Blocks mapped to data in that map.
+    pub data_blocks: u64,
+    /// Bytes of their records.
+    pub stored_bytes: u64,
+}
+
 impl Inner {
     /// Writes a checkpoint; `clean` marks the image cleanly closed.
     pub(super) fn checkpoint(&self, clean: bool) -> Result<()> {
+        self.commit(clean, None)
+    }
+
+    /// Writes a checkpoint that also commits the snapshot table `edit` returns.
+    /// An error from `edit` (a duplicate name, a busy snapshot) aborts before
+    /// the superblock is written: nothing is committed.
+    pub(super) fn commit(&self, clean: bool, edit: Option<SnapEdit<'_>>) -> Result<()> {
         let _one = self.checkpoint_lock.lock();
         self.check_failed()?;
-        let (dirty, start_off, start_lsn, epoch, gen) = {
+        let (dirty, start_off, start_lsn, epoch, gen, data_blocks, stored_bytes) = {
             let mut log = self.log.lock();
-            let dirty = self.map.write().take_dirty();
+            let mut map = self.map.write();
+            let dirty = map.take_dirty();
             let gen = log.gen;
             log.gen += 1;
             log.since_checkpoint = 0;
-            (dirty, log.off, log.lsn, log.epoch, gen)
+            let counts = (map.data_blocks, map.stored_bytes);
+            (dirty, log.off, log.lsn, log.epoch, gen, counts.0, counts.1)
         };
         let store = self.store.as_ref();
         let mut written = Vec::with_capacity(dirty.len());
@@ -61,7 +90,7 @@ impl Inner {
         };
         let raw = encode_index(&ptrs);
         let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
-        let (index, tail) = {
+        let index = {
             let mut log = self.log.lock();
             let w = log
                 .append(
@@ -73,15 +102,50 @@ impl Inner {
                     &payload,
                 )
                 .map_err(|e| self.fail(e))?;
-            (
-                RecPtr {
-                    off: w.off,
-                    len: w.len,
-                    crc: w.crc,
-                },
-                log.off,
-            )
+            RecPtr {
+                off: w.off,
+                len: w.len,
+                crc: w.crc,
+            }
         };
+        let snap_table = match edit {
+            None => None,
+            Some(edit) => {
+                let committed = Committed {
+                    index,
+                    gen,
+                    data_blocks,
+                    stored_bytes,
+                };
+                Some(self.append_snap_table(edit, &committed)?)
+            }
+        };
+        let tail = self.log.lock().off;
+        let published = self.publish(clean, gen, (start_off, start_lsn, epoch), index, tail, {
+            snap_table.as_ref().map(|(_, ptr)| *ptr)
+        });
+        match (published, snap_table) {
+            (Ok(()), Some((table, ptr))) => self.snaps.install(table, ptr),
+            (Err(e), Some(_)) => {
+                self.snaps.abort();
+                return Err(e);
+            }
+            (result, None) => result?,
+        }
+        Ok(())
+    }
+
+    /// Syncs the records, then writes and syncs the next superblock.
+    fn publish(
+        &self,
+        clean: bool,
+        gen: u64,
+        (start_off, start_lsn, epoch): (u64, u64, u64),
+        index: RecPtr,
+        tail: u64,
+        snap_table: Option<RecPtr>,
+    ) -> Result<()> {
+        let store = self.store.as_ref();
         store
             .sync()
             .map_err(|e| self.fail(Error::io("sync checkpoint", e)))?;
@@ -95,6 +159,9 @@ impl Inner {
         next.log_epoch = epoch;
         next.log_tail = tail;
         next.index = index;
+        if let Some(ptr) = snap_table {
+            next.snap_table = ptr;
+        }
         let slot = next.seq % 2;
         store
             .write_at(&next.encode(slot as u8), slot * SB_SLOT_SIZE)

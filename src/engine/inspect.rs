@@ -60,12 +60,16 @@ pub struct CheckReport {
     pub blocks_checked: u64,
     /// Blocks that failed.
     pub bad: Vec<BadBlock>,
+    /// Snapshots whose maps were read (their blocks are counted above).
+    pub snapshots_checked: u64,
+    /// Problems that are not one block's (a snapshot's damaged index).
+    pub errors: Vec<String>,
 }
 
 impl CheckReport {
     /// True if nothing was wrong.
     pub fn is_ok(&self) -> bool {
-        self.bad.is_empty()
+        self.bad.is_empty() && self.errors.is_empty()
     }
 }
 
@@ -114,7 +118,10 @@ impl Inner {
     }
 
     fn is_data(&self, block: u64) -> bool {
-        self.map.read().get(block).kind == EntryKind::Data || self.cache.lookup(block).is_some()
+        let kind = self.map.read().get(block).kind;
+        kind == EntryKind::Data
+            || self.cache.lookup(block).is_some()
+            || (kind == EntryKind::Unmapped && self.base_has_data(block))
     }
 
     pub(super) fn next_data(&self, off: u64) -> Option<u64> {
@@ -122,7 +129,14 @@ impl Inner {
             return None;
         }
         let first = off >> self.block_shift;
-        let mapped = self.map.read().next_mapped(first);
+        let (mapped, backed) = {
+            let map = self.map.read();
+            (map.next_mapped(first), self.next_backed(first, &map))
+        };
+        let mapped = match (mapped, backed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let cached = self
             .cache
             .cached_blocks(first, self.nblocks - 1)

@@ -24,6 +24,21 @@ pub(crate) struct LogTail {
     pub gen: u64,
     /// Bytes appended since the last checkpoint started.
     pub since_checkpoint: u64,
+    /// The log up to here has been handed to host writeback (see
+    /// [`LogTail::take_writeback`]).
+    hinted: u64,
+}
+
+/// Appended bytes are handed to host writeback in windows of this size.
+const WRITEBACK_WINDOW: u64 = 8 << 20;
+
+/// Ranges of the log to hand to host writeback, from [`LogTail::take_writeback`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WritebackHint {
+    /// Just appended: start writing it to disk.
+    pub start: (u64, u64),
+    /// The window before: wait for it and drop it from the host page cache.
+    pub settle: Option<(u64, u64)>,
 }
 
 /// Where a record landed.
@@ -35,6 +50,26 @@ pub(crate) struct Written {
 }
 
 impl LogTail {
+    /// A log run whose next record goes at `off` with `lsn`.
+    pub fn new(off: u64, lsn: u64, epoch: u64, gen: u64) -> Self {
+        LogTail { off, lsn, epoch, gen, since_checkpoint: 0, hinted: off }
+    }
+
+    /// Once a window of appended bytes is complete, the ranges to hand to the
+    /// host: the host page cache then never holds more than about two windows
+    /// of an image's dirty log, and no second copy of what the engine caches.
+    pub fn take_writeback(&mut self) -> Option<WritebackHint> {
+        if self.off < self.hinted + WRITEBACK_WINDOW {
+            return None;
+        }
+        let start = (self.hinted, self.off - self.hinted);
+        let settle = (self.hinted >= WRITEBACK_WINDOW).then(|| {
+            let from = self.hinted.saturating_sub(WRITEBACK_WINDOW);
+            (from, self.hinted - from)
+        });
+        self.hinted = self.off;
+        Some(WritebackHint { start, settle })
+    }
     /// Appends one record. The caller holds the log lock.
     pub fn append(
         &mut self,
@@ -74,6 +109,29 @@ impl LogTail {
     }
 }
 
+/// Checks the record held in `bytes` (exactly `len` bytes read at `off`, as
+/// the map or an index says): header, length and crc. Returns the header.
+pub(crate) fn parse_record(bytes: &[u8], off: u64, len: u32) -> Result<RecordHeader> {
+    let header = RecordHeader::decode(bytes, off)?;
+    if header.total_len() != u64::from(len) || bytes.len() != len as usize {
+        return Err(Error::corrupt(format!(
+            "record at {off} is {} bytes, expected {len}",
+            header.total_len()
+        )));
+    }
+    let (head, body) = bytes.split_at(RECORD_HEADER_LEN);
+    header.verify(head, body)?;
+    Ok(header)
+}
+
+/// Checks a record length from the map or an index before reading it.
+pub(crate) fn check_len(off: u64, len: u32) -> Result<()> {
+    if (len as usize) < RECORD_HEADER_LEN || len > MAX_PAYLOAD + RECORD_HEADER_LEN as u32 {
+        return Err(Error::corrupt(format!("record at {off} has length {len}")));
+    }
+    Ok(())
+}
+
 /// Reads and verifies the record at `off`, `len` bytes long (as the map or an
 /// index says), returning its header and payload.
 pub(crate) fn read_record(
@@ -81,23 +139,13 @@ pub(crate) fn read_record(
     off: u64,
     len: u32,
 ) -> Result<(RecordHeader, Vec<u8>)> {
-    if (len as usize) < RECORD_HEADER_LEN || len > MAX_PAYLOAD + RECORD_HEADER_LEN as u32 {
-        return Err(Error::corrupt(format!("record at {off} has length {len}")));
-    }
+    check_len(off, len)?;
     let mut buf = vec![0u8; len as usize];
-    store
-        .read_at(&mut buf, off)
-        .map_err(|e| read_error(off, e))?;
-    let header = RecordHeader::decode(&buf, off)?;
-    if header.total_len() != u64::from(len) {
-        return Err(Error::corrupt(format!(
-            "record at {off} is {} bytes, expected {len}",
-            header.total_len()
-        )));
-    }
-    let payload = buf.split_off(RECORD_HEADER_LEN);
-    header.verify(&buf, &payload)?;
-    Ok((header, payload))
+    store.read_at(&mut buf, off).map_err(|e| read_error(off, e))?;
+    let header = parse_record(&buf, off, len)?;
+    // Shift the payload to the front in place: no second allocation.
+    buf.drain(..RECORD_HEADER_LEN);
+    Ok((header, buf))
 }
 
 /// Reads the record at `off` without knowing its length (roll-forward). `None`
@@ -129,7 +177,7 @@ pub(crate) fn next_off(header: &RecordHeader) -> u64 {
     align_up(header.self_off + header.total_len(), RECORD_ALIGN)
 }
 
-fn read_error(off: u64, e: std::io::Error) -> Error {
+pub(crate) fn read_error(off: u64, e: std::io::Error) -> Error {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
         Error::corrupt(format!("record at {off} runs past the end of the file"))
     } else {

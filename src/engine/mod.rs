@@ -13,15 +13,24 @@
 //! across compression; the log lock is held across the record `pwrite` (into
 //! the host page cache) so that log order equals map order.
 
+mod backing;
+mod batch;
 mod checkpoint;
+mod clone;
 mod inspect;
 mod log;
 mod map;
 mod open;
+mod reader;
 mod rw;
+mod snapshot;
+mod space;
 mod writeback;
 
+pub use backing::{BackingInfo, CloneOptions};
 pub use inspect::{BadBlock, CheckReport, ImageStats};
+pub use reader::SnapshotReader;
+pub use snapshot::{SnapshotInfo, SnapshotTiming, SnapshotUsage};
 
 use crate::cache::BlockCache;
 use crate::error::{Error, ErrorKind, Result};
@@ -107,6 +116,10 @@ pub(crate) struct Inner {
     /// One message per background thread tells it to exit.
     stop_tx: crossbeam_channel::Sender<()>,
     stop_rx: crossbeam_channel::Receiver<()>,
+    /// The snapshot table, pins of open snapshot readers.
+    snaps: Arc<snapshot::Snapshots>,
+    /// The base snapshot of a clone (None for a plain image).
+    backing: Option<backing::Backing>,
 }
 
 /// An open image. `Send + Sync`: share it behind an `Arc`.
@@ -168,9 +181,16 @@ impl Image {
         Self::open_on(store, open)
     }
 
-    /// Opens the image held by `store`.
+    /// Opens the image held by `store`. The backing image of a clone is looked
+    /// for at its absolute path, then relative to the current directory.
     pub fn open_on(store: Arc<dyn Store>, open: &OpenOptions) -> Result<Image> {
-        let inner = Arc::new(open::load(store, open)?);
+        Self::open_at(store, open, None)
+    }
+
+    /// Opens the image held by `store`, read from the file `origin` (the
+    /// directory a clone's relative backing path starts from).
+    fn open_at(store: Arc<dyn Store>, open: &OpenOptions, origin: Option<&Path>) -> Result<Image> {
+        let inner = Arc::new(open::load(store, open, origin)?);
         let mut image = Image {
             inner,
             threads: Vec::new(),
@@ -268,9 +288,11 @@ impl Image {
         self.inner.stats()
     }
 
-    /// Reads and verifies every mapped block.
+    /// Reads and verifies every mapped block of the head and of every snapshot.
     pub fn check(&self) -> Result<CheckReport> {
-        self.inner.check()
+        let mut report = self.inner.check()?;
+        self.inner.check_snapshots(&mut report)?;
+        Ok(report)
     }
 
     /// The first byte at or after `off` in a block that holds data (SEEK_DATA).

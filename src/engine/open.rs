@@ -2,14 +2,15 @@
 
 use super::log::{next_off, read_next, read_record, LogTail};
 use super::map::BlockMap;
+use super::reader::SnapshotReader;
 use super::{Image, Inner, OpenOptions};
 use crate::cache::BlockCache;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
-    align_up, decode_index, decode_leaf, EntryKind, MapEntry, RecordKind, Superblock, LEAF_ENTRIES,
-    LOG_START, MAX_BLOCK_SHIFT, MAX_VIRTUAL_SIZE, MIN_BLOCK_SHIFT, RECORD_HEADER_LEN,
-    SB_FLAG_DIRTY, SB_SLOTS, SB_SLOT_SIZE, ZSTD_LEVELS,
+    align_up, decode_index, decode_leaf, EntryKind, LeafPtr, MapEntry, RecPtr, RecordKind,
+    Superblock, LEAF_ENTRIES, LOG_START, MAX_BLOCK_SHIFT, MAX_VIRTUAL_SIZE, MIN_BLOCK_SHIFT,
+    RECORD_HEADER_LEN, SB_FLAG_DIRTY, SB_SLOTS, SB_SLOT_SIZE, ZSTD_LEVELS,
 };
 use crate::io::{FileStore, Store};
 use crate::{Codec, CreateOptions};
@@ -19,14 +20,14 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-fn random_u64() -> u64 {
+pub(super) fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // getrandom only fails if the OS has no entropy source at all.
     let _ = getrandom::fill(&mut b);
     u64::from_le_bytes(b) | 1
 }
 
-fn now_ns() -> u64 {
+pub(super) fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -141,7 +142,7 @@ pub(super) fn create_file(
         let _ = std::fs::remove_file(path);
         return Err(e.context(path.display()));
     }
-    Image::open_on(store, open).map_err(|e| e.context(path.display()))
+    Image::open_at(store, open, Some(path)).map_err(|e| e.context(path.display()))
 }
 
 pub(super) fn open_file(path: &Path, open: &OpenOptions) -> Result<Image> {
@@ -160,11 +161,12 @@ pub(super) fn open_file(path: &Path, open: &OpenOptions) -> Result<Image> {
     if !open.read_only {
         lock(&file, path)?;
     }
-    Image::open_on(Arc::new(FileStore::new(file)), open).map_err(|e| e.context(path.display()))
+    Image::open_at(Arc::new(FileStore::new(file)), open, Some(path))
+        .map_err(|e| e.context(path.display()))
 }
 
 /// Picks the valid superblock with the highest sequence number.
-fn read_superblock(store: &dyn Store, file_len: u64) -> Result<Superblock> {
+pub(super) fn read_superblock(store: &dyn Store, file_len: u64) -> Result<Superblock> {
     if file_len < LOG_START {
         return Err(Error::corrupt(format!(
             "file is {file_len} bytes, too short to be a vbd image"
@@ -187,54 +189,87 @@ fn read_superblock(store: &dyn Store, file_len: u64) -> Result<Superblock> {
     best.ok_or_else(|| first_err.unwrap_or_else(|| Error::corrupt("no valid superblock")))
 }
 
-fn load_map(store: &dyn Store, sb: &Superblock, file_len: u64, nblocks: u64) -> Result<BlockMap> {
-    let mut map = BlockMap::default();
-    if sb.index.off == 0 {
-        return Ok(map);
+/// Reads the leaf pointers of the INDEX record `index` (none if `off` is 0).
+pub(super) fn read_index(
+    store: &dyn Store,
+    index: RecPtr,
+    file_len: u64,
+    nblocks: u64,
+) -> Result<Vec<LeafPtr>> {
+    if index.off == 0 {
+        return Ok(Vec::new());
     }
-    let (h, payload) = read_record(store, sb.index.off, sb.index.len)?;
+    let (h, payload) = read_record(store, index.off, index.len)?;
     let max_leaves = nblocks.div_ceil(LEAF_ENTRIES);
     // Each listed leaf needs a record of at least a header in the file.
     let max_count = max_leaves.min(file_len / RECORD_HEADER_LEN as u64);
     if h.kind != RecordKind::Index
-        || h.crc != sb.index.crc
+        || h.crc != index.crc
         || h.key > max_count
         || u64::from(h.raw_len) != h.key * 24
     {
         return Err(Error::corrupt(format!(
-            "map index at {} does not match the superblock",
-            sb.index.off
+            "map index at {} does not match its pointer",
+            index.off
         )));
     }
     let mut raw = vec![0u8; h.raw_len as usize];
     codec::decode(h.codec, &payload, &mut raw)?;
-    let max_record = (1u32 << sb.block_shift) + RECORD_HEADER_LEN as u32;
-    for ptr in decode_index(&raw, max_leaves)? {
-        let (lh, lp) = read_record(store, ptr.off, ptr.len)?;
-        if lh.kind != RecordKind::Leaf || lh.key != ptr.leaf || lh.crc != ptr.crc {
+    decode_index(&raw, max_leaves)
+}
+
+/// Reads and validates the LEAF record `ptr` names: 1024 entries, each inside
+/// the file and, if mapped, for a block of the disk.
+pub(super) fn read_leaf(
+    store: &dyn Store,
+    ptr: &LeafPtr,
+    block_shift: u8,
+    file_len: u64,
+    nblocks: u64,
+) -> Result<Vec<MapEntry>> {
+    let max_record = (1u32 << block_shift) + RECORD_HEADER_LEN as u32;
+    let (lh, lp) = read_record(store, ptr.off, ptr.len)?;
+    if lh.kind != RecordKind::Leaf || lh.key != ptr.leaf || lh.crc != ptr.crc {
+        return Err(Error::corrupt(format!(
+            "leaf {} at {} does not match the index",
+            ptr.leaf, ptr.off
+        )));
+    }
+    let mut bytes = vec![0u8; crate::format::LEAF_ENTRIES as usize * 16];
+    if lh.raw_len as usize != bytes.len() {
+        return Err(Error::corrupt(format!(
+            "leaf {} has raw length {}",
+            ptr.leaf, lh.raw_len
+        )));
+    }
+    codec::decode(lh.codec, &lp, &mut bytes)?;
+    let entries = decode_leaf(&bytes, file_len, max_record)?;
+    for (i, e) in entries.iter().enumerate() {
+        let block = ptr.leaf * LEAF_ENTRIES + i as u64;
+        if e.kind != EntryKind::Unmapped && block >= nblocks {
             return Err(Error::corrupt(format!(
-                "leaf {} at {} does not match the index",
-                ptr.leaf, ptr.off
+                "map entry for block {block} beyond the disk"
             )));
         }
-        let mut bytes = vec![0u8; crate::format::LEAF_ENTRIES as usize * 16];
-        if lh.raw_len as usize != bytes.len() {
-            return Err(Error::corrupt(format!(
-                "leaf {} has raw length {}",
-                ptr.leaf, lh.raw_len
-            )));
-        }
-        codec::decode(lh.codec, &lp, &mut bytes)?;
-        let entries = decode_leaf(&bytes, file_len, max_record)?;
+    }
+    Ok(entries)
+}
+
+/// Loads the map committed by the INDEX record `index` (the head's, or a
+/// snapshot's: snapshots reuse the INDEX of the checkpoint that made them).
+pub(super) fn load_map(
+    store: &dyn Store,
+    index: RecPtr,
+    block_shift: u8,
+    file_len: u64,
+    nblocks: u64,
+) -> Result<BlockMap> {
+    let mut map = BlockMap::default();
+    for ptr in read_index(store, index, file_len, nblocks)? {
+        let entries = read_leaf(store, &ptr, block_shift, file_len, nblocks)?;
         for (i, e) in entries.into_iter().enumerate() {
-            let block = ptr.leaf * LEAF_ENTRIES + i as u64;
             if e.kind != EntryKind::Unmapped {
-                if block >= nblocks {
-                    return Err(Error::corrupt(format!(
-                        "map entry for block {block} beyond the disk"
-                    )));
-                }
-                map.set(block, e);
+                map.set(ptr.leaf * LEAF_ENTRIES + i as u64, e);
             }
         }
         map.ptrs.insert(ptr.leaf, ptr);
@@ -252,6 +287,7 @@ fn roll_forward(
     map: &mut BlockMap,
     file_len: u64,
     nblocks: u64,
+    backing: Option<&SnapshotReader>,
 ) -> Result<(u64, u64, u64)> {
     let (mut off, mut lsn, mut max_birth) = (sb.log_start_off, sb.log_start_lsn, sb.gen);
     let block_size = 1u32 << sb.block_shift;
@@ -284,9 +320,9 @@ fn roll_forward(
                         "zero record at {off} is out of bounds"
                     )));
                 }
-                map.set_range(first, count, MapEntry::default());
+                super::backing::set_holes(map, backing, first, count, sb.block_shift);
             }
-            RecordKind::Leaf | RecordKind::Index | RecordKind::SnapTable => {}
+            RecordKind::Leaf | RecordKind::Index | RecordKind::SnapTable | RecordKind::Config => {}
         }
         max_birth = max_birth.max(h.birth);
         off = next_off(&h);
@@ -306,8 +342,14 @@ pub(super) fn zero_payload(payload: &[u8]) -> Result<(u64, u64)> {
     Ok((first, count))
 }
 
-/// Reads an image from `store` into memory: superblock, map, log roll-forward.
-pub(super) fn load(store: Arc<dyn Store>, open: &OpenOptions) -> Result<Inner> {
+/// Reads an image from `store` into memory: superblock, snapshot table,
+/// backing chain (clones; relative paths resolve against `origin`'s
+/// directory), map, log roll-forward.
+pub(super) fn load(
+    store: Arc<dyn Store>,
+    open: &OpenOptions,
+    origin: Option<&Path>,
+) -> Result<Inner> {
     let file_len = store.len().map_err(|e| Error::io("size of image", e))?;
     let sb = read_superblock(store.as_ref(), file_len)?;
     // A checkpoint writes records after its log start before its superblock,
@@ -320,8 +362,12 @@ pub(super) fn load(store: Arc<dyn Store>, open: &OpenOptions) -> Result<Inner> {
         )));
     }
     let nblocks = sb.virtual_size.div_ceil(sb.block_size());
-    let mut map = load_map(store.as_ref(), &sb, file_len, nblocks)?;
-    let (end, lsn, max_birth) = roll_forward(store.as_ref(), &sb, &mut map, file_len, nblocks)?;
+    let snaps = super::snapshot::load_table(store.as_ref(), &sb, file_len)?;
+    let backing = super::backing::open_backing(store.as_ref(), &sb, file_len, origin)?;
+    let base = backing.as_ref().map(|b| b.reader.as_ref());
+    let mut map = load_map(store.as_ref(), sb.index, sb.block_shift, file_len, nblocks)?;
+    let (end, lsn, max_birth) =
+        roll_forward(store.as_ref(), &sb, &mut map, file_len, nblocks, base)?;
     let tail = if open.read_only {
         end
     } else {
@@ -341,13 +387,7 @@ pub(super) fn load(store: Arc<dyn Store>, open: &OpenOptions) -> Result<Inner> {
         codec: sb.codec,
         nblocks,
         opened_clean: sb.flags & SB_FLAG_DIRTY == 0,
-        log: Mutex::new(LogTail {
-            off: tail,
-            lsn,
-            epoch,
-            gen: max_birth + 1,
-            since_checkpoint: 0,
-        }),
+        log: Mutex::new(LogTail::new(tail, lsn, epoch, max_birth + 1)),
         map: RwLock::new(map),
         cache: BlockCache::new(open.cache_bytes, 1 << sb.block_shift),
         checkpoint_lock: Mutex::new(()),
@@ -358,6 +398,8 @@ pub(super) fn load(store: Arc<dyn Store>, open: &OpenOptions) -> Result<Inner> {
         kick_rx,
         stop_tx,
         stop_rx,
+        snaps: Arc::new(snaps),
+        backing,
         sb: Mutex::new(sb),
         store,
     })

@@ -4,7 +4,7 @@ use super::Inner;
 use crate::cache::Slot;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{EntryKind, MapEntry, RecordKind};
+use crate::format::{EntryKind, MapEntry, RecordHeader, RecordKind};
 use std::sync::Arc;
 
 impl Inner {
@@ -46,25 +46,34 @@ impl Inner {
 
     /// Reads and decodes the stored content of `block` as `entry` says.
     pub(super) fn decode_block(&self, block: u64, entry: MapEntry) -> Result<Vec<u8>> {
-        let mut data = vec![0u8; self.block_size() as usize];
-        if entry.kind == EntryKind::Data {
-            let (h, payload) = super::log::read_record(self.store.as_ref(), entry.off, entry.len)?;
-            if h.kind != RecordKind::Data || h.key != block || h.birth != u64::from(entry.birth) {
-                return Err(Error::corrupt(format!(
-                    "block {block}: record at {} belongs to {:?} {} (birth {})",
-                    entry.off, h.kind, h.key, h.birth
-                )));
+        if entry.kind != EntryKind::Data {
+            let mut data = vec![0u8; self.block_size() as usize];
+            if entry.kind == EntryKind::Unmapped && self.backing.is_some() {
+                self.read_base_block(block, &mut data)?; // a clone: the base's block
             }
-            if u64::from(h.raw_len) != self.block_size() {
-                return Err(Error::corrupt(format!(
-                    "block {block}: record has raw length {}",
-                    h.raw_len
-                )));
-            }
-            codec::decode(h.codec, &payload, &mut data)
-                .map_err(|e| e.context(format!("block {block}")))?;
+            return Ok(data);
         }
-        Ok(data)
+        let (h, payload) = super::log::read_record(self.store.as_ref(), entry.off, entry.len)?;
+        self.check_data_record(block, entry, &h)?;
+        codec::decode_owned(h.codec, payload, self.block_size() as usize)
+            .map_err(|e| e.context(format!("block {block}")))
+    }
+
+    /// Checks that a verified record is the DATA record `entry` names for `block`.
+    pub(super) fn check_data_record(&self, block: u64, entry: MapEntry, h: &RecordHeader) -> Result<()> {
+        if h.kind != RecordKind::Data || h.key != block || h.birth != u64::from(entry.birth) {
+            return Err(Error::corrupt(format!(
+                "block {block}: record at {} belongs to {:?} {} (birth {})",
+                entry.off, h.kind, h.key, h.birth
+            )));
+        }
+        if u64::from(h.raw_len) != self.block_size() {
+            return Err(Error::corrupt(format!(
+                "block {block}: record has raw length {}",
+                h.raw_len
+            )));
+        }
+        Ok(())
     }
 
     /// Fills a freshly created slot from the map; on error removes it.
@@ -85,12 +94,15 @@ impl Inner {
 
     pub(super) fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
+        if buf.len() as u64 > self.block_size() {
+            self.load_many(off, buf.len() as u64);
+        }
         self.pieces(off, buf.len(), |block, in_block, range| {
             let out = &mut buf[range];
             let slot = match self.cache.lookup(block) {
                 Some(slot) => slot,
                 None => {
-                    if self.map.read().get(block).kind != EntryKind::Data {
+                    if !self.has_content(self.map.read().get(block).kind) {
                         out.fill(0);
                         return Ok(());
                     }
@@ -135,7 +147,14 @@ impl Inner {
                 self.cache.mark_dirty(&slot, &mut state);
             } else {
                 let mut state = slot.wait_ready()?;
-                state.data[in_block..in_block + src.len()].copy_from_slice(src);
+                if src.len() == bs {
+                    // A whole-block overwrite replaces the buffer: no copy of
+                    // the old one even if a write-back worker still holds it.
+                    state.data = Arc::new(src.to_vec());
+                } else {
+                    Arc::make_mut(&mut state.data)[in_block..in_block + src.len()]
+                        .copy_from_slice(src);
+                }
                 self.cache.mark_dirty(&slot, &mut state);
             }
             Ok(())
@@ -160,9 +179,13 @@ impl Inner {
         // Map first, then cache, then record: a block loaded after this point
         // reads zeros, and a write-back of older data (checked under the log
         // lock) sees its slot detached and drops it.
-        self.map
-            .write()
-            .set_range(first_full, count, MapEntry::default());
+        super::backing::set_holes(
+            &mut self.map.write(),
+            self.base(),
+            first_full,
+            count,
+            self.block_shift,
+        );
         self.cache.remove_range(first_full, end_full - 1);
         let mut payload = first_full.to_le_bytes().to_vec();
         payload.extend_from_slice(&count.to_le_bytes());

@@ -82,7 +82,7 @@ impl Inner {
                 return;
             }
             state.in_flight = true;
-            (state.data.clone(), state.version)
+            (Arc::clone(&state.data), state.version)
         };
         if let Err(e) = self.persist(slot, &data) {
             ::log::error!("write-back of block {} failed: {e}", slot.block);
@@ -105,7 +105,7 @@ impl Inner {
                 payload.extend_from_slice(&1u64.to_le_bytes());
                 log.append(store, RecordKind::Zero, block, 0, 0, &payload)
                     .map_err(|e| self.fail(e))?;
-                MapEntry::default()
+                self.hole_entry(block)
             }
             Some((stored, payload)) => {
                 let raw_len = data.len() as u32;
@@ -125,6 +125,16 @@ impl Inner {
         self.map.write().set(block, entry);
         if log.since_checkpoint >= CHECKPOINT_BYTES {
             let _ = self.kick.try_send(());
+        }
+        let hint = log.take_writeback();
+        drop(log);
+        if let Some(hint) = hint {
+            // Outside the log lock: waiting for the older window paces this
+            // worker to the disk instead of letting the host page cache fill.
+            self.store.writeback_hint(hint.start.0, hint.start.1, false);
+            if let Some((off, len)) = hint.settle {
+                self.store.writeback_hint(off, len, true);
+            }
         }
         Ok(())
     }

@@ -7,14 +7,18 @@
 //! sizes pinned by `const` assertions; decoding returns typed values that have
 //! passed every bound check, or an [`Error`](crate::Error) of kind `Corrupt`.
 
+mod config;
 mod entry;
 mod record;
+mod snap;
 mod superblock;
 
 pub use entry::{
     decode_index, decode_leaf, encode_index, encode_leaf, EntryKind, LeafPtr, MapEntry,
 };
 pub use record::{align_up, RecordHeader, RecordKind, RECORD_ALIGN, RECORD_HEADER_LEN};
+pub use config::{BackingRef, MAX_BACKING_PATH};
+pub use snap::{check_snapshot_name, SnapEntry, SnapTable, MAX_SNAPSHOTS, MAX_SNAP_NAME};
 pub use superblock::{Codec, RecPtr, Superblock, SB_FLAG_DIRTY};
 
 /// Size of one superblock slot; slot `i` starts at `i * SB_SLOT_SIZE`.

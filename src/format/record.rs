@@ -27,8 +27,10 @@ pub enum RecordKind {
     Leaf = 3,
     /// The list of leaf records of a checkpoint; `key` = number of leaves.
     Index = 4,
-    /// The snapshot table (reserved for snapshots).
+    /// The snapshot table; `key` = number of snapshots (`format::snap`).
     SnapTable = 5,
+    /// The backing reference of a clone; `key` = 0 (`format::snap`).
+    Config = 6,
 }
 
 impl RecordKind {
@@ -39,6 +41,7 @@ impl RecordKind {
             3 => Self::Leaf,
             4 => Self::Index,
             5 => Self::SnapTable,
+            6 => Self::Config,
             _ => return None,
         })
     }

@@ -53,4 +53,8 @@ impl Store for FileStore {
     fn forget(&self, off: u64, len: u64) {
         sys::drop_page_cache(&self.file, off, len);
     }
+
+    fn writeback_hint(&self, off: u64, len: u64, wait: bool) {
+        sys::writeback_hint(&self.file, off, len, wait);
+    }
 }

@@ -36,4 +36,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()>;
     /// Hint that `[off, off+len)` will not be read soon (drop host caches).
     fn forget(&self, _off: u64, _len: u64) {}
+    /// Hint that `[off, off+len)` was appended: start writing it to disk now;
+    /// with `wait`, wait for that and drop it from host caches. Advisory only:
+    /// it never replaces `sync`.
+    fn writeback_hint(&self, _off: u64, _len: u64, _wait: bool) {}
 }

@@ -1,0 +1,281 @@
+//! Making clones: [`Image::create_clone`].
+//!
+//! Order of steps, chosen so a crash or error never leaves a clone whose base
+//! snapshot could be deleted under it:
+//! 1. open the base read-write (so it must not be mounted: a mounted image is
+//!    locked, and the refusal says where it is mounted);
+//! 2. without a snapshot name, take a snapshot `clone-base-YYYYMMDD-HHMMSS`
+//!    (UTC) first;
+//! 3. add a hold to the snapshot (committed in the base) and close the base;
+//! 4. write the clone under a temporary name in the target directory — one
+//!    CONFIG record and a superblock naming it — sync, and link it to the
+//!    final name (never replacing an existing file);
+//! 5. on any failure after 3, release the hold again (best effort; a stale
+//!    hold only makes `delete` ask for `--force`).
+
+use super::open::{now_ns, random_u64, validate};
+use super::{Image, OpenOptions};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{
+    BackingRef, Codec, RecPtr, RecordHeader, RecordKind, Superblock, LOG_START, SB_SLOT_SIZE,
+};
+use crate::io::{FileStore, Store};
+use crate::CreateOptions;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+/// How to make a clone; every field defaults to the base's value.
+#[derive(Debug, Clone, Default)]
+pub struct CloneOptions {
+    /// Virtual size (default: the base snapshot's size). Bytes past the base's
+    /// size read as zeros.
+    pub size: Option<u64>,
+    /// Block size (default: the base's).
+    pub block_size: Option<u64>,
+    /// Compression (default: the base's).
+    pub codec: Option<Codec>,
+}
+
+/// `clone-base-YYYYMMDD-HHMMSS` for a time in seconds since the epoch (UTC).
+fn clone_base_name(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "clone-base-{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The path from directory `from` to `to` (both absolute and canonical).
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let a: Vec<Component> = from.components().collect();
+    let b: Vec<Component> = to.components().collect();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = PathBuf::new();
+    for _ in common..a.len() {
+        out.push("..");
+    }
+    for c in &b[common..] {
+        out.push(c.as_os_str());
+    }
+    out
+}
+
+/// Writes a new clone onto an empty store: a CONFIG record at the start of
+/// the log and the first superblock naming it.
+fn format_clone(store: &dyn Store, create: &CreateOptions, backing: &BackingRef) -> Result<()> {
+    let block_shift = validate(create)?;
+    backing.validate()?;
+    let epoch = random_u64();
+    let io = |e| Error::io("format clone", e);
+    store.set_len(LOG_START).map_err(io)?;
+    let raw = backing.encode();
+    let mut header = RecordHeader {
+        kind: RecordKind::Config,
+        codec: 0,
+        payload_len: raw.len() as u32,
+        raw_len: raw.len() as u32,
+        lsn: 1,
+        epoch,
+        self_off: LOG_START,
+        key: 0,
+        birth: 1,
+        crc: 0,
+    };
+    let bytes = header.encode(&raw);
+    store.write_at(&bytes, LOG_START).map_err(io)?;
+    let log_start = LOG_START + bytes.len() as u64;
+    let mut uuid = [0u8; 16];
+    uuid[..8].copy_from_slice(&random_u64().to_le_bytes());
+    uuid[8..].copy_from_slice(&random_u64().to_le_bytes());
+    let sb = Superblock {
+        flags: 0,
+        image_uuid: uuid,
+        seq: 1,
+        gen: 1,
+        block_shift,
+        codec: create.codec,
+        virtual_size: create.size,
+        log_start_off: log_start,
+        log_start_lsn: 2,
+        log_epoch: epoch,
+        log_tail: log_start,
+        index: RecPtr::default(),
+        snap_table: RecPtr::default(),
+        config: RecPtr {
+            off: LOG_START,
+            len: header.total_len() as u32,
+            crc: header.crc,
+        },
+        created_ns: now_ns(),
+    };
+    store.write_at(&sb.encode(1), SB_SLOT_SIZE).map_err(io)?;
+    store.sync().map_err(io)
+}
+
+/// Writes the clone under a temporary name in `dir` and links it to `new`.
+fn write_clone(new: &Path, dir: &Path, create: &CreateOptions, b: &BackingRef) -> Result<()> {
+    let name = new.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(format!("{}: create", tmp.display()), e))?;
+    let made = format_clone(&FileStore::new(file), create, b).and_then(|()| {
+        std::fs::hard_link(&tmp, new).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::new(
+                    ErrorKind::Exists,
+                    format!("{}: already exists", new.display()),
+                )
+            } else {
+                Error::io(format!("{}: create", new.display()), e)
+            }
+        })
+    });
+    let _ = std::fs::remove_file(&tmp);
+    made?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("sync directory", e))
+}
+
+impl Image {
+    /// Creates `new`, a copy-on-write clone of snapshot `snapshot` of the
+    /// image at `base` (without a name, a snapshot of the base's current state
+    /// is taken first), and opens it. The base must not be open read-write
+    /// elsewhere (`Locked`): its snapshot gets a hold, so it cannot be
+    /// deleted while the clone exists.
+    pub fn create_clone(
+        new: &Path,
+        base: &Path,
+        snapshot: Option<&str>,
+        opts: &CloneOptions,
+        open: &OpenOptions,
+    ) -> Result<Image> {
+        if new.symlink_metadata().is_ok() {
+            return Err(Error::new(
+                ErrorKind::Exists,
+                format!("{}: already exists", new.display()),
+            ));
+        }
+        let dir = new
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let canon = |p: &Path| {
+            p.canonicalize().map_err(|e| {
+                let kind = if e.kind() == std::io::ErrorKind::NotFound {
+                    ErrorKind::NotFound
+                } else {
+                    ErrorKind::Io
+                };
+                Error::new(kind, format!("{}: {e}", p.display()))
+            })
+        };
+        let (base, dir) = (canon(base)?, canon(dir)?);
+        let base_opts = OpenOptions {
+            read_only: false,
+            cache_bytes: 8 << 20,
+            workers: 1,
+        };
+        let img = Image::open(&base, &base_opts)?;
+        let name = match snapshot {
+            Some(name) => name.to_string(),
+            None => {
+                let secs = now_ns() / 1_000_000_000;
+                let mut name = clone_base_name(secs);
+                for n in 2.. {
+                    if img.snapshot(&name).is_err() {
+                        break;
+                    }
+                    name = format!("{}-{n}", clone_base_name(secs));
+                }
+                img.snapshot_create(&name)?;
+                name
+            }
+        };
+        let info = img.snapshot_hold(&name)?;
+        let entry = img
+            .inner
+            .snaps
+            .entry_by_id(info.id)
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("snapshot '{name}'")))?;
+        let (uuid, base_shift, base_codec) = (
+            img.inner.sb.lock().image_uuid,
+            img.inner.block_shift,
+            img.inner.codec,
+        );
+        img.close()?;
+        let backing = BackingRef {
+            base_uuid: uuid,
+            snap_id: entry.id,
+            snap_gen: entry.gen,
+            snap_index: entry.index,
+            virtual_size: entry.virtual_size,
+            rel_path: relative(&dir, &base).as_os_str().as_bytes().to_vec(),
+            abs_path: base.as_os_str().as_bytes().to_vec(),
+            snap_name: name.clone(),
+        };
+        let create = CreateOptions {
+            size: opts.size.unwrap_or(entry.virtual_size),
+            block_size: opts.block_size.unwrap_or(1 << base_shift),
+            codec: opts.codec.unwrap_or(base_codec),
+        };
+        let target = dir.join(new.file_name().unwrap_or_default());
+        let made = write_clone(&target, &dir, &create, &backing).and_then(|()| {
+            Image::open(&target, open).inspect_err(|_| {
+                let _ = std::fs::remove_file(&target); // ours: it was just linked
+            })
+        });
+        if made.is_err() {
+            let released = Image::open(&base, &base_opts).and_then(|img| {
+                img.snapshot_release(&name)?;
+                img.close()
+            });
+            if let Err(e) = released {
+                ::log::warn!(
+                    "could not release the hold on {}@{name}: {e}",
+                    base.display()
+                );
+            }
+        }
+        made
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_paths() {
+        assert_eq!(clone_base_name(0), "clone-base-19700101-000000");
+        assert_eq!(
+            clone_base_name(951_782_400 + 3661),
+            "clone-base-20000229-010101"
+        );
+        assert_eq!(
+            relative(Path::new("/srv/vms"), Path::new("/srv/gold/base.vbd")),
+            PathBuf::from("../gold/base.vbd")
+        );
+        assert_eq!(
+            relative(Path::new("/srv"), Path::new("/srv/base.vbd")),
+            PathBuf::from("base.vbd")
+        );
+    }
+}

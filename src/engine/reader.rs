@@ -1,0 +1,219 @@
+//! [`SnapshotReader`]: a read-only view of one snapshot — of this image (the
+//! files under `snapshots/` of a mount) or of a clone's base image.
+//!
+//! It loads the snapshot's map from its INDEX record once, then reads DATA
+//! records straight from the store: records are immutable, so reading needs
+//! no lock against writers of the head (in this process or, for a base
+//! image, in another daemon). Unmapped blocks fall through to the snapshot's
+//! own backing image (a snapshot of a clone), ZERO entries read as zeros. A
+//! small LRU of decoded blocks serves reads smaller than a block.
+
+use super::map::BlockMap;
+use super::snapshot::{Pin, SnapshotInfo};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::format::{EntryKind, MapEntry, RecordKind, SnapEntry};
+use crate::io::Store;
+use lru::LruCache;
+use parking_lot::Mutex;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+/// Bytes of decoded blocks a reader keeps (at least 4 blocks).
+const READER_CACHE: usize = 4 << 20;
+
+/// A read-only snapshot. `Send + Sync`.
+#[derive(Debug)]
+pub struct SnapshotReader {
+    store: Arc<dyn Store>,
+    map: BlockMap,
+    block_shift: u8,
+    nblocks: u64,
+    info: SnapshotInfo,
+    backing: Option<Arc<SnapshotReader>>,
+    cache: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    _pin: Option<Pin>,
+}
+
+/// Reads and verifies the DATA record of `block` that `entry` names.
+pub(super) fn decode_data(
+    store: &dyn Store,
+    block: u64,
+    entry: MapEntry,
+    block_size: u64,
+) -> Result<Vec<u8>> {
+    let (h, payload) = super::log::read_record(store, entry.off, entry.len)?;
+    if h.kind != RecordKind::Data || h.key != block || h.birth != u64::from(entry.birth) {
+        return Err(Error::corrupt(format!(
+            "block {block}: record at {} belongs to {:?} {} (birth {})",
+            entry.off, h.kind, h.key, h.birth
+        )));
+    }
+    if u64::from(h.raw_len) != block_size {
+        return Err(Error::corrupt(format!(
+            "block {block}: record has raw length {}",
+            h.raw_len
+        )));
+    }
+    let mut data = vec![0u8; block_size as usize];
+    codec::decode(h.codec, &payload, &mut data).map_err(|e| e.context(format!("block {block}")))?;
+    Ok(data)
+}
+
+impl SnapshotReader {
+    /// Loads the map of `entry` from `store`.
+    pub(super) fn load(
+        store: Arc<dyn Store>,
+        entry: &SnapEntry,
+        info: SnapshotInfo,
+        block_shift: u8,
+        backing: Option<Arc<SnapshotReader>>,
+        pin: Option<Pin>,
+    ) -> Result<SnapshotReader> {
+        let file_len = store.len().map_err(|e| Error::io("size of image", e))?;
+        let nblocks = entry.virtual_size.div_ceil(1 << block_shift);
+        let map =
+            super::open::load_map(store.as_ref(), entry.index, block_shift, file_len, nblocks)
+                .map_err(|e| e.context(format!("snapshot '{}'", entry.name)))?;
+        let blocks = (READER_CACHE >> block_shift).max(4);
+        Ok(SnapshotReader {
+            store,
+            map,
+            block_shift,
+            nblocks,
+            info,
+            backing,
+            cache: Mutex::new(LruCache::new(
+                NonZeroUsize::new(blocks).unwrap_or(NonZeroUsize::MIN),
+            )),
+            _pin: pin,
+        })
+    }
+
+    /// The snapshot's size in bytes (the disk's virtual size at the snapshot).
+    pub fn len(&self) -> u64 {
+        self.info.virtual_size
+    }
+
+    /// True for a zero-length snapshot (never: sizes are positive).
+    pub fn is_empty(&self) -> bool {
+        self.info.virtual_size == 0
+    }
+
+    /// Block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        1 << self.block_shift
+    }
+
+    /// Name, id, time and sizes of the snapshot.
+    pub fn info(&self) -> &SnapshotInfo {
+        &self.info
+    }
+
+    fn block(&self, block: u64, entry: MapEntry) -> Result<Arc<Vec<u8>>> {
+        if let Some(data) = self.cache.lock().get(&block) {
+            return Ok(data.clone());
+        }
+        let data = Arc::new(decode_data(
+            self.store.as_ref(),
+            block,
+            entry,
+            self.block_size(),
+        )?);
+        self.cache.lock().put(block, data.clone());
+        Ok(data)
+    }
+
+    /// Reads `buf.len()` bytes at `off` (`Invalid` past the end, `Corrupt` for
+    /// a damaged block).
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        if off.checked_add(len).is_none_or(|end| end > self.len()) {
+            return Err(Error::invalid(format!(
+                "range {off}+{len} is outside the snapshot ({} bytes)",
+                self.len()
+            )));
+        }
+        let bs = self.block_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let in_block = (pos & (bs - 1)) as usize;
+            let n = (bs as usize - in_block).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            let block = pos >> self.block_shift;
+            let entry = self.map.get(block);
+            match entry.kind {
+                EntryKind::Data => {
+                    let data = self.block(block, entry)?;
+                    out.copy_from_slice(&data[in_block..in_block + n]);
+                }
+                EntryKind::Zero => out.fill(0),
+                EntryKind::Unmapped => read_backing(self.backing.as_deref(), out, pos)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The first byte at or after `off` in a block that holds data (SEEK_DATA).
+    pub fn next_data(&self, off: u64) -> Option<u64> {
+        if off >= self.len() {
+            return None;
+        }
+        let first = off >> self.block_shift;
+        let own = self.map.next_mapped(first);
+        let base = self.backing.as_deref().and_then(|b| {
+            super::backing::next_backed(&self.map, b, first, self.nblocks, self.block_shift)
+        });
+        let block = match (own, base) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some((block << self.block_shift).max(off))
+    }
+
+    /// The first byte at or after `off` in a block without data (SEEK_HOLE),
+    /// or the size.
+    pub fn next_hole(&self, off: u64) -> u64 {
+        let mut block = off >> self.block_shift;
+        while block < self.nblocks && self.has_data(block) {
+            block += 1;
+        }
+        (block << self.block_shift).clamp(off, self.len())
+    }
+
+    fn has_data(&self, block: u64) -> bool {
+        match self.map.get(block).kind {
+            EntryKind::Data => true,
+            EntryKind::Zero => false,
+            EntryKind::Unmapped => self
+                .backing
+                .as_deref()
+                .is_some_and(|b| b.range_has_data(block << self.block_shift, self.block_size())),
+        }
+    }
+
+    /// True if some block overlapping `[off, off+len)` holds data.
+    pub(super) fn range_has_data(&self, off: u64, len: u64) -> bool {
+        self.next_data(off)
+            .is_some_and(|d| d < off.saturating_add(len))
+    }
+}
+
+/// Fills `out` with the bytes at `pos` of `backing` (zeros past its end or
+/// without one).
+pub(super) fn read_backing(
+    backing: Option<&SnapshotReader>,
+    out: &mut [u8],
+    pos: u64,
+) -> Result<()> {
+    out.fill(0);
+    if let Some(b) = backing {
+        let end = (pos + out.len() as u64).min(b.len());
+        if pos < end {
+            b.read_at(&mut out[..(end - pos) as usize], pos)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! Whole-image walks over snapshots: the space only each snapshot holds, and
+//! the check of every snapshot's records.
+//!
+//! Both work leaf by leaf: snapshots that share a LEAF record (the leaf did not
+//! change between them) share all its entries, so each distinct LEAF record is
+//! read once, and only one leaf's worth of entries is in memory at a time.
+
+use super::map::BlockMap;
+use super::open::{load_map, read_index, read_leaf};
+use super::reader::decode_data;
+use super::snapshot::SnapshotUsage;
+use super::{BadBlock, CheckReport, Image, Inner};
+use crate::error::{Error, Result};
+use crate::format::{EntryKind, MapEntry, SnapEntry, LEAF_ENTRIES};
+use std::collections::{BTreeMap, HashSet};
+
+/// The distinct LEAF records of one leaf number: (record offset, owners, entries).
+type Distinct = Vec<(u64, Vec<usize>, Vec<MapEntry>)>;
+
+impl Inner {
+    fn file_len(&self) -> Result<u64> {
+        self.store.len().map_err(|e| Error::io("size of image", e))
+    }
+
+    fn snapshot_entries(&self) -> Vec<SnapEntry> {
+        self.snaps.entries()
+    }
+
+    /// Verifies every DATA record of every snapshot not already checked as
+    /// part of the head (records shared by several snapshots are read once).
+    pub(super) fn check_snapshots(&self, report: &mut CheckReport) -> Result<()> {
+        let file_len = self.file_len()?;
+        let mut seen: HashSet<u64> = self.map.read().data_entries().map(|(_, e)| e.off).collect();
+        for snap in self.snapshot_entries() {
+            report.snapshots_checked += 1;
+            let map: BlockMap = match load_map(
+                self.store.as_ref(),
+                snap.index,
+                self.block_shift,
+                file_len,
+                self.nblocks,
+            ) {
+                Ok(map) => map,
+                Err(e) => {
+                    report.errors.push(format!("snapshot '{}': {e}", snap.name));
+                    continue;
+                }
+            };
+            for (block, entry) in map.data_entries() {
+                if !seen.insert(entry.off) {
+                    continue;
+                }
+                report.blocks_checked += 1;
+                if let Err(e) = decode_data(self.store.as_ref(), block, entry, self.block_size()) {
+                    report.bad.push(BadBlock {
+                        block,
+                        offset: block << self.block_shift,
+                        reason: format!("snapshot '{}': {e}", snap.name),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Image {
+    /// Every snapshot with the bytes of DATA records that it alone references
+    /// (neither the head nor another snapshot does). Reads every snapshot's
+    /// index and each distinct leaf record once.
+    pub fn snapshot_usage(&self) -> Result<Vec<SnapshotUsage>> {
+        let inner = &self.inner;
+        let snaps = inner.snapshot_entries();
+        let file_len = inner.file_len()?;
+        let store = inner.store.as_ref();
+        let mut by_leaf: BTreeMap<u64, Vec<(usize, crate::format::LeafPtr)>> = BTreeMap::new();
+        for (i, s) in snaps.iter().enumerate() {
+            let ptrs = read_index(store, s.index, file_len, inner.nblocks)
+                .map_err(|e| e.context(format!("snapshot '{}'", s.name)))?;
+            for p in ptrs {
+                by_leaf.entry(p.leaf).or_default().push((i, p));
+            }
+        }
+        let mut exclusive = vec![0u64; snaps.len()];
+        for (leaf, owners) in by_leaf {
+            let mut distinct: Distinct = Vec::new();
+            for (i, p) in owners {
+                match distinct.iter_mut().find(|d| d.0 == p.off) {
+                    Some(d) => d.1.push(i),
+                    None => {
+                        let entries =
+                            read_leaf(store, &p, inner.block_shift, file_len, inner.nblocks)
+                                .map_err(|e| e.context(format!("snapshot '{}'", snaps[i].name)))?;
+                        distinct.push((p.off, vec![i], entries));
+                    }
+                }
+            }
+            if distinct.len() == 1 && distinct[0].1.len() > 1 {
+                continue; // one record shared by several snapshots: nothing is exclusive
+            }
+            let head = inner
+                .map
+                .read()
+                .leaves
+                .get(&leaf)
+                .map(|l| l.entries.clone());
+            count_leaf(&distinct, head.as_deref(), &mut exclusive);
+        }
+        Ok(snaps
+            .iter()
+            .zip(exclusive)
+            .map(|(s, bytes)| SnapshotUsage {
+                info: inner.snapshot_info(s),
+                exclusive_bytes: bytes,
+            })
+            .collect())
+    }
+}
+
+/// Adds, per owner, the record bytes of one leaf that only that owner maps.
+fn count_leaf(distinct: &Distinct, head: Option<&[MapEntry]>, exclusive: &mut [u64]) {
+    // (record offset, number of owners, first owner, record length)
+    let mut offs: Vec<(u64, usize, usize, u32)> = Vec::with_capacity(distinct.len());
+    for pos in 0..LEAF_ENTRIES as usize {
+        offs.clear();
+        for (_, owners, entries) in distinct {
+            let Some(e) = entries.get(pos).filter(|e| e.kind == EntryKind::Data) else {
+                continue;
+            };
+            match offs.iter_mut().find(|o| o.0 == e.off) {
+                Some(o) => o.1 += owners.len(),
+                None => offs.push((e.off, owners.len(), owners[0], e.len)),
+            }
+        }
+        let in_head = |off: u64| {
+            head.and_then(|h| h.get(pos))
+                .is_some_and(|e| e.kind == EntryKind::Data && e.off == off)
+        };
+        for &(off, count, owner, len) in &offs {
+            if count == 1 && !in_head(off) {
+                exclusive[owner] += u64::from(len);
+            }
+        }
+    }
+}
