@@ -45,5 +45,9 @@ pub const MAX_FILE_OFFSET: u64 = (1 << 56) - 1;
 /// 4 KiB blocks (2^24 leaves x 24 bytes = 384 MiB raw, compressed far smaller;
 /// capped here at 512 MiB so a hostile length cannot force a larger allocation).
 pub const MAX_PAYLOAD: u32 = 512 << 20;
+/// Largest superblock sequence number and log sequence number accepted (2^62):
+/// unreachable by real images, far enough from `u64::MAX` that counting on
+/// from them cannot overflow.
+pub const MAX_COUNTER: u64 = 1 << 62;
 /// zstd levels accepted (the zstd library's range).
 pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=19;

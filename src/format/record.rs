@@ -154,7 +154,12 @@ impl RecordHeader {
             )));
         }
         let payload_len = raw.payload_len.get();
-        if payload_len > MAX_PAYLOAD || raw.raw_len.get() > MAX_PAYLOAD || raw.codec > 1 {
+        // Births are checkpoint generations, 32-bit in map entries.
+        if payload_len > MAX_PAYLOAD
+            || raw.raw_len.get() > MAX_PAYLOAD
+            || raw.codec > 1
+            || raw.birth.get() > u64::from(u32::MAX)
+        {
             return Err(Error::corrupt(format!(
                 "record at {at} has impossible lengths"
             )));
@@ -237,6 +242,15 @@ mod tests {
         let payload = b"x";
         let bytes = header(payload, 65536).encode(payload);
         assert!(RecordHeader::decode(&bytes, 65552).is_err());
+    }
+
+    #[test]
+    fn birth_beyond_32_bits_is_refused() {
+        let payload = b"x";
+        let mut h = header(payload, 65536);
+        h.birth = 1 << 32;
+        let bytes = h.encode(payload);
+        assert!(RecordHeader::decode(&bytes, 65536).is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The superblock: 512 bytes in each of two 4 KiB slots at offsets 0 and 4096.
 
 use super::{
-    LOG_START, MAX_BLOCK_SHIFT, MAX_FILE_OFFSET, MAX_VIRTUAL_SIZE, MIN_BLOCK_SHIFT, ZSTD_LEVELS,
+    LOG_START, MAX_BLOCK_SHIFT, MAX_COUNTER, MAX_FILE_OFFSET, MAX_VIRTUAL_SIZE, MIN_BLOCK_SHIFT,
+    ZSTD_LEVELS,
 };
 use crate::error::{Error, Result};
 use zerocopy::little_endian::{I32, U16, U32, U64};
@@ -264,6 +265,21 @@ impl Superblock {
                 "log start {log_start_off} out of range"
             )));
         }
+        // seq and gen grow by one per checkpoint, the lsn by one per record:
+        // real images stay far below these bounds, and arithmetic on larger
+        // values (seq + 1, gen + 1, lsn + 1) would overflow. Births are 32-bit
+        // in map entries, so a generation must fit in 32 bits.
+        if raw.seq.get() > MAX_COUNTER
+            || raw.gen.get() >= u64::from(u32::MAX)
+            || raw.log_start_lsn.get() > MAX_COUNTER
+        {
+            return Err(Error::corrupt(format!(
+                "superblock counters out of range (seq {}, generation {}, lsn {})",
+                raw.seq.get(),
+                raw.gen.get(),
+                raw.log_start_lsn.get()
+            )));
+        }
         Ok(Superblock {
             flags: raw.flags.get(),
             image_uuid: raw.image_uuid,
@@ -327,6 +343,21 @@ mod tests {
             Superblock::decode(&bytes, 1).unwrap_err().kind(),
             crate::ErrorKind::Corrupt
         );
+    }
+
+    #[test]
+    fn counters_that_would_overflow_are_corrupt() {
+        let cases: [fn(&mut Superblock); 3] = [
+            |sb| sb.seq = u64::MAX,
+            |sb| sb.gen = u64::from(u32::MAX),
+            |sb| sb.log_start_lsn = u64::MAX,
+        ];
+        for set in cases {
+            let mut sb = sample();
+            set(&mut sb);
+            let err = Superblock::decode(&sb.encode(0), 0).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Corrupt, "{sb:?}");
+        }
     }
 
     #[test]
