@@ -88,9 +88,41 @@ pub fn decode_owned(stored: u8, payload: Vec<u8>, len: usize) -> Result<Vec<u8>>
     if stored == STORED_RAW && payload.len() == len {
         return Ok(payload);
     }
-    let mut out = vec![0u8; len];
-    decode(stored, &payload, &mut out)?;
-    Ok(out)
+    decode_to_vec(stored, &payload, len)
+}
+
+/// Decodes a payload into a new block of exactly `len` bytes (no zero-fill of
+/// the output first).
+pub fn decode_to_vec(stored: u8, payload: &[u8], len: usize) -> Result<Vec<u8>> {
+    match stored {
+        STORED_RAW if payload.len() == len => Ok(payload.to_vec()),
+        STORED_ZSTD => {
+            let out = DECOMPRESSOR
+                .with(|cell| {
+                    let mut cell = cell.borrow_mut();
+                    if cell.is_none() {
+                        *cell = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    match cell.as_mut() {
+                        // The capacity bounds the output: a zstd bomb fails.
+                        Some(ctx) => ctx.decompress(payload, len),
+                        None => Err(std::io::Error::other("no zstd context")),
+                    }
+                })
+                .map_err(|e| Error::corrupt(format!("zstd payload does not decode: {e}")))?;
+            if out.len() != len {
+                return Err(Error::corrupt(format!(
+                    "zstd payload decodes to {} bytes, not {len}",
+                    out.len()
+                )));
+            }
+            Ok(out)
+        }
+        _ => Err(Error::corrupt(format!(
+            "payload of {} bytes with codec {stored} does not fit a block",
+            payload.len()
+        ))),
+    }
 }
 
 /// True if every byte of `buf` is zero.

@@ -256,3 +256,48 @@ pub fn writeback_hint(file: &impl AsRawFd, off: u64, len: u64, wait: bool) {
         drop_page_cache(file, off as u64, len as u64);
     }
 }
+
+/// Writes the concatenation of `bufs` at `off` with `pwritev`, retrying short
+/// writes and EINTR until everything is written.
+pub fn pwritev_all(file: &impl AsRawFd, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+    let mut parts: Vec<&[u8]> = bufs.iter().copied().filter(|b| !b.is_empty()).collect();
+    let mut off = off;
+    while !parts.is_empty() {
+        let iov: Vec<libc::iovec> = parts
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        let at = i64::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let count = libc::c_int::try_from(iov.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: every iovec points into a slice borrowed for this whole call
+        // (`parts` outlives the syscall); pwritev only reads from them. The fd
+        // is valid while `file` is borrowed.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), count, at) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        let mut n = n as usize;
+        off += n as u64;
+        while let Some(first) = parts.first_mut() {
+            if n >= first.len() {
+                n -= first.len();
+                parts.remove(0);
+            } else {
+                *first = &first[n..];
+                break;
+            }
+        }
+    }
+    Ok(())
+}

@@ -42,7 +42,9 @@ impl Inner {
                 let (prev, next) = (&missing[end - 1].1, &missing[end].1);
                 let contiguous = next.kind == EntryKind::Data
                     && next.off == align_up(prev.off + u64::from(prev.len), RECORD_ALIGN);
-                if !contiguous || next.off + u64::from(next.len) - missing[start].1.off > MAX_RUN_BYTES {
+                if !contiguous
+                    || next.off + u64::from(next.len) - missing[start].1.off > MAX_RUN_BYTES
+                {
                     break;
                 }
                 end += 1;
@@ -62,7 +64,10 @@ impl Inner {
         let bs = self.block_size() as usize;
         for (slot, entry) in run {
             let result = match &read {
-                Err(e) => Err(super::log::read_error(base, std::io::Error::new(e.kind(), e.to_string()))),
+                Err(e) => Err(super::log::read_error(
+                    base,
+                    std::io::Error::new(e.kind(), e.to_string()),
+                )),
                 Ok(()) => {
                     let at = (entry.off - base) as usize;
                     let bytes = &buf[at..at + entry.len as usize];
@@ -70,9 +75,11 @@ impl Inner {
                         .and_then(|()| super::log::parse_record(bytes, entry.off, entry.len))
                         .and_then(|h| {
                             self.check_data_record(slot.block, *entry, &h)?;
-                            let mut out = vec![0u8; bs];
-                            codec::decode(h.codec, &bytes[crate::format::RECORD_HEADER_LEN..], &mut out)?;
-                            Ok(out)
+                            codec::decode_to_vec(
+                                h.codec,
+                                &bytes[crate::format::RECORD_HEADER_LEN..],
+                                bs,
+                            )
                         })
                 }
             };

@@ -52,7 +52,14 @@ pub(crate) struct Written {
 impl LogTail {
     /// A log run whose next record goes at `off` with `lsn`.
     pub fn new(off: u64, lsn: u64, epoch: u64, gen: u64) -> Self {
-        LogTail { off, lsn, epoch, gen, since_checkpoint: 0, hinted: off }
+        LogTail {
+            off,
+            lsn,
+            epoch,
+            gen,
+            since_checkpoint: 0,
+            hinted: off,
+        }
     }
 
     /// Once a window of appended bytes is complete, the ranges to hand to the
@@ -93,18 +100,23 @@ impl LogTail {
             birth: self.gen,
             crc: 0,
         };
-        let bytes = header.encode(payload);
+        let head = header.encode_header(payload);
+        let pad = [0u8; RECORD_ALIGN as usize];
+        let pad = &pad[..header.padding()];
+        // Header, payload and padding in one vectored write: the payload is
+        // not copied into a record buffer first.
         store
-            .write_at(&bytes, self.off)
+            .write_vectored_at(&[&head, payload, pad], self.off)
             .map_err(|e| Error::io(format!("write record at {}", self.off), e))?;
         let written = Written {
             off: self.off,
             len: header.total_len() as u32,
             crc: header.crc,
         };
-        self.off += bytes.len() as u64;
+        let stored = align_up(header.total_len(), RECORD_ALIGN);
+        self.off += stored;
         self.lsn += 1;
-        self.since_checkpoint += bytes.len() as u64;
+        self.since_checkpoint += stored;
         Ok(written)
     }
 }
@@ -141,7 +153,9 @@ pub(crate) fn read_record(
 ) -> Result<(RecordHeader, Vec<u8>)> {
     check_len(off, len)?;
     let mut buf = vec![0u8; len as usize];
-    store.read_at(&mut buf, off).map_err(|e| read_error(off, e))?;
+    store
+        .read_at(&mut buf, off)
+        .map_err(|e| read_error(off, e))?;
     let header = parse_record(&buf, off, len)?;
     // Shift the payload to the front in place: no second allocation.
     buf.drain(..RECORD_HEADER_LEN);

@@ -101,18 +101,28 @@ impl RecordHeader {
     /// Encodes header + payload into one buffer, padded to [`RECORD_ALIGN`], and
     /// fills in `crc`.
     pub fn encode(&mut self, payload: &[u8]) -> Vec<u8> {
-        debug_assert_eq!(payload.len(), self.payload_len as usize);
         let total = align_up(self.total_len(), RECORD_ALIGN) as usize;
         let mut buf = Vec::with_capacity(total);
-        let mut raw = self.to_raw(0);
-        buf.extend_from_slice(raw.as_bytes());
+        buf.extend_from_slice(&self.encode_header(payload));
         buf.extend_from_slice(payload);
-        let crc = crc32c::crc32c(&buf);
-        self.crc = crc;
-        raw.crc32c = crc.into();
-        buf[..RECORD_HEADER_LEN].copy_from_slice(raw.as_bytes());
         buf.resize(total, 0);
         buf
+    }
+
+    /// Encodes only the header for `payload` and fills in `crc`. On disk the
+    /// record is this header, the payload, then [`RecordHeader::padding`] zeros.
+    pub fn encode_header(&mut self, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
+        debug_assert_eq!(payload.len(), self.payload_len as usize);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(self.to_raw(0).as_bytes()), payload);
+        self.crc = crc;
+        let mut out = [0u8; RECORD_HEADER_LEN];
+        out.copy_from_slice(self.to_raw(crc).as_bytes());
+        out
+    }
+
+    /// Zero bytes after the payload up to the next aligned offset.
+    pub fn padding(&self) -> usize {
+        (align_up(self.total_len(), RECORD_ALIGN) - self.total_len()) as usize
     }
 
     fn to_raw(self, crc: u32) -> RawHeader {

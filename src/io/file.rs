@@ -34,6 +34,10 @@ impl Store for FileStore {
         self.file.write_all_at(buf, off)
     }
 
+    fn write_vectored_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+        sys::pwritev_all(&self.file, bufs, off)
+    }
+
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }

@@ -26,6 +26,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Writes all of `buf` at `off`, growing the store if needed. Not durable
     /// until [`Store::sync`] returns.
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Writes the concatenation of `bufs` at `off` (one `pwritev` where the
+    /// backend can). Not durable until [`Store::sync`] returns.
+    fn write_vectored_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+        self.write_at(&bufs.concat(), off)
+    }
     /// Makes every earlier completed write durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
     /// Current length in bytes.
