@@ -78,7 +78,7 @@ else
   : "${OUT_PREFIX:=$PWD/results-e2e}"
 fi
 : "${TARGETS:=raw loop loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd}"
-: "${JOBS:=seqwrite seqread randread randwrite}"
+: "${JOBS=seqwrite seqread randread randwrite}"   # JOBS="" runs no fio sweep
 : "${NUMJOBS:=2}"
 : "${VSIZE:=4G}"
 : "${BONNIE:=1}"

@@ -6,10 +6,14 @@
 //! | command | effect |
 //! |---|---|
 //! | `flush` | everything written to `disk` before is durable when the write returns |
-//! | `snapshot NAME`, `delete-snapshot NAME`, `compact` | not available yet: `EOPNOTSUPP` |
+//! | `snapshot NAME` | a crash-consistent snapshot of `disk` (the writes completed before the command), durable when the write returns; `snapshots/NAME` appears at once. `EEXIST` if the name is taken, `EROFS` on a read-only mount |
+//! | `delete-snapshot NAME` | deletes it; `ENOENT` if there is none, `EBUSY` while `snapshots/NAME` is open or clones are based on it |
+//! | `compact` | not available yet: `EOPNOTSUPP` |
 //!
-//! An unknown or malformed command fails with `EINVAL`; a command that fails in
-//! the engine fails with the engine error's errno ([`Error::errno`]). The text of
+//! Snapshot names: 1 to 64 of `A-Z a-z 0-9 . _ -`, starting with a letter,
+//! digit or `_` ([`crate::format::check_snapshot_name`]). An unknown or
+//! malformed command or a bad name fails with `EINVAL`; a command that fails
+//! in the engine fails with the engine error's errno ([`Error::errno`]). The text of
 //! the last failure (of a command or of I/O on `disk`) is kept and shown as
 //! `last-error`.
 //!
@@ -26,7 +30,7 @@
 //! | `cache-size`, `cache-used`, `cache-hits`, `cache-misses` | the engine's buffer cache |
 //! | `dirty-bytes` | written but not yet durable |
 //! | `generation` | checkpoint generation |
-//! | `snapshots` | `none` (snapshots are not available yet) |
+//! | `snapshots` | the snapshot names, oldest first, separated by spaces; `none` without any |
 //! | `last-error` | the last failed command or I/O error, `none` if nothing failed |
 
 use std::path::PathBuf;
@@ -92,16 +96,9 @@ pub fn parse(data: &[u8]) -> Result<Command> {
     }
 }
 
-/// A snapshot name: 1..=128 bytes of letters, digits, `.`, `_`, `-`, `+`,
-/// `:`, not starting with `.`.
+/// A snapshot name (see the module docs).
 fn check_name(name: &str) -> Result<()> {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || "._-+:".contains(c);
-    if name.is_empty() || name.len() > 128 || name.starts_with('.') || !name.chars().all(ok_char) {
-        return Err(Error::invalid(format!(
-            "invalid snapshot name '{name}' (letters, digits, . _ - + :, at most 128)"
-        )));
-    }
-    Ok(())
+    crate::format::check_snapshot_name(name)
 }
 
 /// The state behind the control file of one mount.
@@ -149,7 +146,10 @@ impl Control {
         };
         match cmd {
             Command::Flush => self.image.flush(),
-            Command::Snapshot(_) | Command::DeleteSnapshot(_) => not_yet("snapshots"),
+            Command::Snapshot(name) => self.image.snapshot_create(name).map(|_| ()),
+            Command::DeleteSnapshot(name) => self.image.snapshot_delete(name).map(|()| {
+                log::info!("{}: snapshot '{name}' deleted", self.image_path.display());
+            }),
             Command::Compact => not_yet("compact"),
         }
     }
@@ -194,13 +194,23 @@ impl Control {
             ("cache-misses", st.cache_misses.to_string()),
             ("dirty-bytes", st.dirty_bytes.to_string()),
             ("generation", st.generation.to_string()),
-            ("snapshots", "none".into()),
+            ("snapshots", snapshot_names(&self.image)),
             (
                 "last-error",
                 last.unwrap_or_else(|| "none".into()).replace('\n', " "),
             ),
         ];
         lines.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+    }
+}
+
+/// The snapshot names separated by spaces, or `none`.
+fn snapshot_names(image: &Image) -> String {
+    let names: Vec<String> = image.snapshot_list().into_iter().map(|s| s.name).collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(" ")
     }
 }
 

@@ -83,8 +83,8 @@ fn create_refuses_bad_arguments() {
     );
     assert_error(&["create", i, "--size", "1G", "--compress", "lz4"], "lz4");
     assert_error(
-        &["create", i, "--size", "1G", "--backing", "x.vbd"],
-        "not available yet",
+        &["create", i, "--size", "1G", "--backing", "/nonexistent/x.vbd"],
+        "/nonexistent/x.vbd",
     );
     assert_error(
         &["create", i, "--size", "1G", "--encrypt"],
@@ -101,12 +101,6 @@ fn later_commands_say_not_available() {
     let img = tmp.path().join("c.vbd");
     create(&img, "1M", &[]);
     let i = p(&img);
-    assert_error(&["snapshot", "create", i, "s1"], "not available yet");
-    assert_error(&["snapshot", "list", i], "not available yet");
-    assert_error(
-        &["clone", &format!("{i}@s1"), "/tmp/never.vbd"],
-        "not available yet",
-    );
     assert_error(&["compact", i], "not available yet");
 }
 

@@ -94,8 +94,8 @@ fn status_and_commands() {
         ("flush now", "Invalid argument"),
         ("snapshot", "Invalid argument"),
         ("snapshot bad/name", "Invalid argument"),
-        ("snapshot pre-upgrade", "Operation not supported"),
-        ("delete-snapshot pre-upgrade", "Operation not supported"),
+        ("snapshot .hidden", "Invalid argument"),
+        ("delete-snapshot pre-upgrade", "No such file or directory"),
         ("compact", "Operation not supported"),
     ] {
         let (ok, err) = echo_to(&m.control(), cmd);

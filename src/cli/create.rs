@@ -1,46 +1,65 @@
 //! `vbdfs create`: validate the size, block size and codec, create the image
-//! and close it clean.
+//! and close it clean; with `--backing BASE[@SNAP]`, a clone (see
+//! `snapshot.rs`).
 
 use super::options::{format_size, parse_codec, parse_size};
+use super::snapshot::{make_clone, split_at_snapshot};
 use super::CreateArgs;
+use crate::engine::CloneOptions;
 use crate::{CreateOptions, Error, ErrorKind, Image, OpenOptions, Result};
 
 /// Runs `vbdfs create`.
 pub fn run(args: &CreateArgs) -> Result<()> {
-    if args.backing.is_some() {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            "create --backing: backing images are not available yet in this build",
-        ));
-    }
     if args.encrypt || args.key_file.is_some() {
         return Err(Error::new(
             ErrorKind::Unsupported,
             "create --encrypt: encryption is not available yet in this build",
         ));
     }
-    let size_text = args
+    let size = args
         .size
         .as_deref()
-        .ok_or_else(|| Error::invalid("create: --size SIZE is required"))?;
-    let size = parse_size(size_text).map_err(|e| e.context("--size"))?;
-    if size == 0 {
+        .map(|text| parse_size(text).map_err(|e| e.context("--size")))
+        .transpose()?;
+    if size == Some(0) {
         return Err(Error::invalid("--size: the size must be larger than 0"));
     }
-    let block_size = parse_size(&args.block_size).map_err(|e| e.context("--block-size"))?;
-    if !block_size.is_power_of_two() || !(4096..=1 << 20).contains(&block_size) {
-        return Err(Error::invalid(format!(
-            "--block-size {}: expected a power of two from 4K to 1M",
-            args.block_size
-        )));
+    let block_size = args
+        .block_size
+        .as_deref()
+        .map(|text| {
+            let bs = parse_size(text).map_err(|e| e.context("--block-size"))?;
+            if !bs.is_power_of_two() || !(4096..=1 << 20).contains(&bs) {
+                return Err(Error::invalid(format!(
+                    "--block-size {text}: expected a power of two from 4K to 1M"
+                )));
+            }
+            Ok(bs)
+        })
+        .transpose()?;
+    let codec = args
+        .compress
+        .as_deref()
+        .map(|c| parse_codec(c).map_err(|e| e.context("--compress")))
+        .transpose()?;
+    if let Some(spec) = &args.backing {
+        let (base, snap) = split_at_snapshot(spec);
+        let opts = CloneOptions {
+            size,
+            block_size,
+            codec,
+        };
+        return make_clone(&args.image, &base, snap.as_deref(), &opts);
     }
+    let size = size.ok_or_else(|| Error::invalid("create: --size SIZE is required"))?;
+    let block_size = block_size.unwrap_or(CreateOptions::default().block_size);
     let mut create = CreateOptions {
         size,
         block_size,
         ..CreateOptions::default()
     };
-    if let Some(codec) = &args.compress {
-        create.codec = parse_codec(codec).map_err(|e| e.context("--compress"))?;
+    if let Some(codec) = codec {
+        create.codec = codec;
     }
     let image = Image::create(&args.image, &create, &OpenOptions::default())
         .map_err(|e| with_path(e, &args.image))?;

@@ -39,8 +39,15 @@ pub fn info(args: &InfoArgs) -> Result<()> {
             let dirs: Vec<String> = mounted.iter().map(|d| d.display().to_string()).collect();
             obj.insert("mounted_at".into(), dirs.into());
             obj.insert("encryption".into(), "none".into());
-            obj.insert("backing".into(), serde_json::Value::Null);
-            obj.insert("snapshots".into(), serde_json::Value::Array(Vec::new()));
+            let chain = image.backing_chain();
+            let backing = if chain.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::to_value(&chain).unwrap_or_default()
+            };
+            obj.insert("backing".into(), backing);
+            let snaps = serde_json::to_value(image.snapshot_list()).unwrap_or_default();
+            obj.insert("snapshots".into(), snaps);
         }
         println!(
             "{}",
@@ -64,8 +71,8 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         ("block size", format_size(stats.block_size)),
         ("codec", stats.codec.clone()),
         ("encryption", "none".into()),
-        ("backing", "none".into()),
-        ("snapshots", "none".into()),
+        ("backing", backing_text(&image)),
+        ("snapshots", snapshots_text(&image)),
         ("allocated", bytes(stats.allocated_bytes)),
         ("stored", bytes(stats.stored_bytes)),
         ("file size", bytes(stats.file_bytes)),
@@ -78,6 +85,44 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         println!("{key}: {value}");
     }
     Ok(())
+}
+
+/// The backing chain as `base.vbd@snap -> older.vbd@snap`, or `none`.
+fn backing_text(image: &Image) -> String {
+    let chain: Vec<String> = image
+        .backing_chain()
+        .into_iter()
+        .map(|l| format!("{}@{} (uuid {})", l.path, l.snapshot, l.uuid))
+        .collect();
+    if chain.is_empty() {
+        "none".into()
+    } else {
+        chain.join(" -> ")
+    }
+}
+
+/// `N: name (created ..., clones H), ...`, or `none`.
+fn snapshots_text(image: &Image) -> String {
+    let snaps = image.snapshot_list();
+    if snaps.is_empty() {
+        return "none".into();
+    }
+    let items: Vec<String> = snaps
+        .iter()
+        .map(|s| {
+            let clones = if s.holds > 0 {
+                format!(", {} clone(s)", s.holds)
+            } else {
+                String::new()
+            };
+            format!(
+                "{} ({}{clones})",
+                s.name,
+                super::snapshot::format_time(s.created_ns)
+            )
+        })
+        .collect();
+    format!("{}: {}", snaps.len(), items.join(", "))
 }
 
 /// Runs `vbdfs check`: prints the report; exit status 1 when anything is bad.
@@ -93,6 +138,10 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
     }
     let report = image.check().map_err(|e| with_path(e, &args.image))?;
     println!("blocks checked: {}", report.blocks_checked);
+    println!("snapshots checked: {}", report.snapshots_checked);
+    for err in &report.errors {
+        println!("error: {err}");
+    }
     for bad in &report.bad {
         println!(
             "bad block {} (offset {}): {}",
@@ -107,9 +156,10 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!(
-            "vbdfs: {}: {} bad block(s)",
+            "vbdfs: {}: {} bad block(s), {} other error(s)",
             canon.display(),
-            report.bad.len()
+            report.bad.len(),
+            report.errors.len()
         );
         Ok(ExitCode::FAILURE)
     }

@@ -9,6 +9,7 @@ pub mod logger;
 mod mount;
 pub mod mountinfo;
 pub mod options;
+mod snapshot;
 mod umount;
 
 use std::path::PathBuf;
@@ -41,9 +42,9 @@ pub enum Command {
     Umount(UmountArgs),
     /// Verify every checksum and all metadata.
     Check(CheckArgs),
-    /// Offline snapshot management (not available yet).
+    /// Offline snapshot management (a mounted image: use MOUNTPOINT/control).
     Snapshot(SnapshotArgs),
-    /// New copy-on-write image based on a snapshot (not available yet).
+    /// New copy-on-write image whose unwritten blocks read from a snapshot of a base.
     Clone(CloneArgs),
     /// Convert a raw, qcow2 or vhd file into an image.
     Import(ImportArgs),
@@ -61,13 +62,16 @@ pub struct CreateArgs {
     /// Virtual disk size, e.g. 10G (K, M, G, T are powers of 1024).
     #[arg(long, value_name = "SIZE")]
     pub size: Option<String>,
-    /// Block size: a power of two from 4K to 1M.
-    #[arg(long, value_name = "SIZE", default_value = "64K")]
-    pub block_size: String,
+    /// Block size: a power of two from 4K to 1M (default 64K; with --backing,
+    /// the base's).
+    #[arg(long, value_name = "SIZE")]
+    pub block_size: Option<String>,
     /// Compression: none, zstd or zstd:LEVEL (default: zstd at a fast level).
     #[arg(long, value_name = "CODEC")]
     pub compress: Option<String>,
-    /// Base image (and snapshot) for a copy-on-write image (not available yet).
+    /// Make a copy-on-write clone of BASE at snapshot SNAP (without @SNAP, a
+    /// snapshot of the base's current state is taken first). The base must not
+    /// be mounted. --size, --block-size and --compress default to the base's.
     #[arg(long, value_name = "BASE[@SNAP]")]
     pub backing: Option<String>,
     /// Encrypt the image (not available yet).
@@ -142,6 +146,10 @@ pub struct SnapshotArgs {
     pub image: PathBuf,
     /// The snapshot name (not for list).
     pub name: Option<String>,
+    /// delete: delete even if clones are based on the snapshot (they can then
+    /// no longer be opened).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `vbdfs clone`.
@@ -190,8 +198,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check(a) => inspect::check(&a),
         Command::Mount(a) => mount::run(&a).map(|()| ExitCode::SUCCESS),
         Command::Umount(a) => umount::run(&a).map(|()| ExitCode::SUCCESS),
-        Command::Snapshot(_) => not_yet("snapshot"),
-        Command::Clone(_) => not_yet("clone"),
+        Command::Snapshot(a) => snapshot::run(&a).map(|()| ExitCode::SUCCESS),
+        Command::Clone(a) => snapshot::clone(&a).map(|()| ExitCode::SUCCESS),
         Command::Import(a) => crate::convert::run_import(
             &a.source,
             &a.image,

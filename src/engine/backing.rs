@@ -18,7 +18,7 @@
 use super::map::BlockMap;
 use super::open::read_superblock;
 use super::reader::{read_backing, SnapshotReader};
-use super::snapshot::{load_table, read_meta};
+use super::snaptable::{load_table, read_meta};
 use super::Inner;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{BackingRef, EntryKind, MapEntry, RecordKind, Superblock, MAX_BACKING_PATH};
@@ -139,7 +139,7 @@ fn open_level(
             format!("its snapshot '{}' (id {}) changed", r.snap_name, r.snap_id),
         ));
     }
-    let info = super::snapshot::plain_info(&entry, base_sb.block_size());
+    let info = super::snaptable::plain_info(&entry, base_sb.block_size());
     let reader = SnapshotReader::load(
         base_store,
         &entry,

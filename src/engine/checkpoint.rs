@@ -14,7 +14,7 @@
 //! record before the first sync and named by the same superblock. The table
 //! and the map therefore commit atomically, with the same crash guarantees.
 
-use super::snapshot::SnapEdit;
+use super::snaptable::SnapEdit;
 use super::Inner;
 use crate::codec;
 use crate::error::{Error, Result};
@@ -146,9 +146,11 @@ impl Inner {
         snap_table: Option<RecPtr>,
     ) -> Result<()> {
         let store = self.store.as_ref();
+        let t = std::time::Instant::now();
         store
             .sync()
             .map_err(|e| self.fail(Error::io("sync checkpoint", e)))?;
+        let records_synced = t.elapsed();
         let mut sb = self.sb.lock();
         let mut next = sb.clone();
         next.seq += 1;
@@ -169,6 +171,10 @@ impl Inner {
         store
             .sync()
             .map_err(|e| self.fail(Error::io("sync superblock", e)))?;
+        ::log::debug!(
+            "checkpoint {gen}: records synced in {records_synced:?}, superblock in {:?}",
+            t.elapsed() - records_synced
+        );
         *sb = next;
         Ok(())
     }

@@ -24,6 +24,7 @@ mod open;
 mod reader;
 mod rw;
 mod snapshot;
+mod snaptable;
 mod space;
 mod writeback;
 
@@ -117,7 +118,7 @@ pub(crate) struct Inner {
     stop_tx: crossbeam_channel::Sender<()>,
     stop_rx: crossbeam_channel::Receiver<()>,
     /// The snapshot table, pins of open snapshot readers.
-    snaps: Arc<snapshot::Snapshots>,
+    snaps: Arc<snaptable::Snapshots>,
     /// The base snapshot of a clone (None for a plain image).
     backing: Option<backing::Backing>,
 }

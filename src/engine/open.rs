@@ -362,7 +362,7 @@ pub(super) fn load(
         )));
     }
     let nblocks = sb.virtual_size.div_ceil(sb.block_size());
-    let snaps = super::snapshot::load_table(store.as_ref(), &sb, file_len)?;
+    let snaps = super::snaptable::load_table(store.as_ref(), &sb, file_len)?;
     let backing = super::backing::open_backing(store.as_ref(), &sb, file_len, origin)?;
     let base = backing.as_ref().map(|b| b.reader.as_ref());
     let mut map = load_map(store.as_ref(), sb.index, sb.block_shift, file_len, nblocks)?;

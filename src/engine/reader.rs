@@ -9,7 +9,8 @@
 //! small LRU of decoded blocks serves reads smaller than a block.
 
 use super::map::BlockMap;
-use super::snapshot::{Pin, SnapshotInfo};
+use super::snapshot::SnapshotInfo;
+use super::snaptable::Pin;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::format::{EntryKind, MapEntry, RecordKind, SnapEntry};

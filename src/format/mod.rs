@@ -13,11 +13,11 @@ mod record;
 mod snap;
 mod superblock;
 
+pub use config::{BackingRef, MAX_BACKING_PATH};
 pub use entry::{
     decode_index, decode_leaf, encode_index, encode_leaf, EntryKind, LeafPtr, MapEntry,
 };
 pub use record::{align_up, RecordHeader, RecordKind, RECORD_ALIGN, RECORD_HEADER_LEN};
-pub use config::{BackingRef, MAX_BACKING_PATH};
 pub use snap::{check_snapshot_name, SnapEntry, SnapTable, MAX_SNAPSHOTS, MAX_SNAP_NAME};
 pub use superblock::{Codec, RecPtr, Superblock, SB_FLAG_DIRTY};
 

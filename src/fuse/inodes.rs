@@ -1,5 +1,6 @@
 //! The fixed inode table of a mount: `/`, `disk`, `control` and the
-//! `snapshots/` directory (empty until snapshots land), with their attributes.
+//! `snapshots/` directory, with their attributes (the snapshot files inside
+//! are `snapfiles.rs`'s; their attributes are built here from `disk`'s).
 //!
 //! Ownership and permission bits live here (set from `uid=`, `gid=`, `mode=`,
 //! changeable with chmod/chown while mounted, not persisted). Sizes come from
@@ -139,6 +140,30 @@ impl Inodes {
             blksize: self.blksize,
             flags: 0,
         })
+    }
+
+    /// The attributes of a snapshot file `ino`: owned like `disk`, its
+    /// permission bits without any write bit, times = the snapshot's creation.
+    pub fn snapshot_attr(&self, ino: INodeNo, size: u64, created_ns: u64) -> FileAttr {
+        let disk = self.meta.lock()[1];
+        let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(created_ns);
+        FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind: FileType::RegularFile,
+            perm: disk.perm & 0o5555,
+            nlink: 1,
+            uid: disk.uid,
+            gid: disk.gid,
+            rdev: 0,
+            blksize: self.blksize,
+            flags: 0,
+        }
     }
 
     /// Applies chmod/chown; returns false if there is no such inode.

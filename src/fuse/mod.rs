@@ -19,6 +19,7 @@ mod inodes;
 mod ops;
 mod pool;
 pub mod session;
+mod snapfiles;
 
 use std::collections::HashMap;
 use std::io;
@@ -31,6 +32,7 @@ use parking_lot::Mutex;
 use crate::control::Control;
 use crate::{Error, Image};
 pub use inodes::{CONTROL, DISK, ROOT, SNAPSHOTS};
+pub use snapfiles::SNAP_INO_BASE;
 
 /// Largest request the kernel is asked to send (`max_write`; reads follow `max_pages`).
 pub const MAX_REQUEST: u32 = 1 << 20;
@@ -60,6 +62,8 @@ pub struct VbdFs {
     inodes: inodes::Inodes,
     /// Status text per open `control` handle, taken when it is read at offset 0.
     status: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
+    /// The reader behind each open `snapshots/NAME` handle (it pins the snapshot).
+    snap_handles: Mutex<HashMap<u64, Arc<crate::engine::SnapshotReader>>>,
     next_fh: AtomicU64,
 }
 
@@ -82,6 +86,7 @@ impl VbdFs {
             bufs: Arc::default(),
             inodes,
             status: Mutex::new(HashMap::new()),
+            snap_handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         })
     }
@@ -106,6 +111,7 @@ impl VbdFs {
     fn stop(&mut self) {
         self.pool.shutdown();
         self.status.lock().clear();
+        self.snap_handles.lock().clear();
     }
 }
 
@@ -127,6 +133,7 @@ fn ino_name(ino: INodeNo) -> &'static str {
         DISK => "disk",
         CONTROL => "control",
         SNAPSHOTS => "snapshots",
+        _ if snapfiles::is_snapshot(ino) => "snapshots/*",
         _ => "?",
     }
 }

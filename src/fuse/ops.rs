@@ -1,6 +1,7 @@
 //! The `fuser::Filesystem` implementation: one handler per FUSE request.
 //! Metadata requests are answered inline; data requests on `disk` and command
-//! writes on `control` are queued to the worker pool, which replies.
+//! writes on `control` are queued to the worker pool, which replies. Requests
+//! on `snapshots/` and the files in it go to `snapfiles.rs`.
 
 use std::ffi::OsStr;
 use std::io;
@@ -13,7 +14,8 @@ use fuser::{
 };
 
 use super::inodes::{Inodes, TTL};
-use super::{errno, failed, ino_name, VbdFs, CONTROL, DISK};
+use super::snapfiles::is_snapshot;
+use super::{errno, failed, ino_name, VbdFs, CONTROL, DISK, SNAPSHOTS};
 
 impl VbdFs {
     /// Clamps `[off, off+len)` to the disk; None if `off` is at or past the end.
@@ -34,6 +36,9 @@ impl Filesystem for VbdFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent == SNAPSHOTS {
+            return self.snap_lookup(name, reply);
+        }
         match Inodes::lookup(parent, name).and_then(|ino| self.inodes.attr(ino)) {
             Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -41,6 +46,9 @@ impl Filesystem for VbdFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if is_snapshot(ino) {
+            return self.snap_getattr(ino, reply);
+        }
         match self.inodes.attr(ino) {
             Some(attr) => reply.attr(&TTL, &attr),
             None => reply.error(Errno::ENOENT),
@@ -67,6 +75,9 @@ impl Filesystem for VbdFs {
     ) {
         // The disk has a fixed size (O_TRUNC or truncate to another size is
         // refused); the control file ignores truncation (`echo cmd > control`).
+        if is_snapshot(ino) {
+            return self.snap_setattr(ino, size, reply);
+        }
         if ino == DISK && size.is_some_and(|s| s != self.image.len()) {
             return reply.error(Errno::EPERM);
         }
@@ -88,6 +99,7 @@ impl Filesystem for VbdFs {
                 FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
             ),
             CONTROL => reply.opened(FileHandle(self.new_fh()), FopenFlags::FOPEN_DIRECT_IO),
+            _ if is_snapshot(ino) => self.snap_open(ino, flags, reply),
             _ if self.inodes.attr(ino).is_some() => reply.error(Errno::EISDIR),
             _ => reply.error(Errno::ENOENT),
         }
@@ -133,6 +145,7 @@ impl Filesystem for VbdFs {
                 let end = start.saturating_add(size as usize).min(text.len());
                 reply.data(&text[start..end]);
             }
+            _ if is_snapshot(ino) => self.snap_read(fh, offset, size, reply),
             _ => reply.error(Errno::EISDIR),
         }
     }
@@ -179,6 +192,7 @@ impl Filesystem for VbdFs {
                         Err(e) => reply.error(errno(&e)),
                     }));
             }
+            _ if is_snapshot(ino) => reply.error(Errno::EROFS),
             _ => reply.error(Errno::EISDIR),
         }
     }
@@ -211,6 +225,8 @@ impl Filesystem for VbdFs {
     ) {
         if ino == CONTROL {
             self.status.lock().remove(&fh.0);
+        } else if is_snapshot(ino) {
+            self.snap_release(fh);
         }
         reply.ok();
     }
@@ -243,6 +259,9 @@ impl Filesystem for VbdFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        if is_snapshot(ino) {
+            return reply.error(Errno::EROFS);
+        }
         if ino != DISK {
             return reply.error(Errno::EOPNOTSUPP);
         }
@@ -282,11 +301,17 @@ impl Filesystem for VbdFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
+        if is_snapshot(ino) {
+            let Ok(off) = u64::try_from(offset) else {
+                return reply.error(Errno::ENXIO);
+            };
+            return self.snap_lseek(fh, off, whence, reply);
+        }
         if ino != DISK {
             return reply.error(Errno::EINVAL);
         }
@@ -315,6 +340,9 @@ impl Filesystem for VbdFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if ino == SNAPSHOTS {
+            return self.snap_readdir(offset, reply);
+        }
         let Some(entries) = Inodes::dir_entries(ino) else {
             return reply.error(Errno::ENOTDIR);
         };

@@ -1,0 +1,229 @@
+//! `vbdfs snapshot create|list|delete|rollback IMAGE [NAME]`, `vbdfs clone
+//! IMAGE@SNAP NEW` and the backing part of `vbdfs create --backing`.
+//!
+//! Snapshot changes open the image read-write, so a mounted image (locked by
+//! its daemon) is refused with a message that names the mount point and its
+//! control file. `list` opens read-only and also works on a mounted image (it
+//! shows the last committed state, which includes every snapshot taken).
+//! A clone's base is opened read-write for a moment to record the clone's
+//! hold on the snapshot: the base must not be mounted either.
+
+use std::path::{Path, PathBuf};
+
+use super::create::with_path;
+use super::mount::canonical_file;
+use super::options::format_size;
+use super::{mountinfo, CloneArgs, SnapshotArgs};
+use crate::engine::CloneOptions;
+use crate::{Error, Image, OpenOptions, Result};
+
+/// Cache for offline snapshot commands (they read little).
+const CACHE: u64 = 32 << 20;
+
+fn open(path: &Path, read_only: bool) -> Result<(PathBuf, Image)> {
+    let canon = canonical_file(path)?;
+    let opts = OpenOptions {
+        read_only,
+        cache_bytes: CACHE,
+        ..OpenOptions::default()
+    };
+    let image = Image::open(&canon, &opts)
+        .map_err(|e| mountinfo::explain_locked(&canon, e))
+        .map_err(|e| with_path(e, path))?;
+    Ok((canon, image))
+}
+
+/// `2024-05-01 12:00:00 UTC` for ns since the epoch.
+pub fn format_time(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn name_of(args: &SnapshotArgs) -> Result<&str> {
+    args.name.as_deref().ok_or_else(|| {
+        Error::invalid(format!(
+            "snapshot {}: a snapshot NAME is required",
+            args.action
+        ))
+    })
+}
+
+/// Runs `vbdfs snapshot ACTION IMAGE [NAME]`.
+pub fn run(args: &SnapshotArgs) -> Result<()> {
+    let shown = args.image.display();
+    match args.action.as_str() {
+        "list" => list(args),
+        "create" => {
+            let name = name_of(args)?;
+            let (_, image) = open(&args.image, false)?;
+            let info = image
+                .snapshot_create(name)
+                .map_err(|e| with_path(e, &args.image))?;
+            image.close().map_err(|e| with_path(e, &args.image))?;
+            println!("created snapshot {name} of {shown} (id {})", info.id);
+            Ok(())
+        }
+        "delete" => {
+            let name = name_of(args)?;
+            let (_, image) = open(&args.image, false)?;
+            let deleted = if args.force {
+                image.snapshot_delete_forced(name)
+            } else {
+                image.snapshot_delete(name)
+            };
+            deleted.map_err(|e| {
+                let hint = if e.to_string().contains("clone(s)") {
+                    " (--force deletes it anyway; its clones can then no longer be opened)"
+                } else {
+                    ""
+                };
+                with_path(Error::new(e.kind(), format!("{e}{hint}")), &args.image)
+            })?;
+            image.close().map_err(|e| with_path(e, &args.image))?;
+            println!("deleted snapshot {name} of {shown}");
+            Ok(())
+        }
+        "rollback" => {
+            let name = name_of(args)?;
+            let (_, mut image) = open(&args.image, false)?;
+            image
+                .snapshot_rollback(name)
+                .map_err(|e| with_path(e, &args.image))?;
+            image.close().map_err(|e| with_path(e, &args.image))?;
+            println!("rolled {shown} back to snapshot {name}");
+            Ok(())
+        }
+        other => Err(Error::invalid(format!(
+            "unknown snapshot action '{other}' (expected create, list, delete or rollback)"
+        ))),
+    }
+}
+
+fn list(args: &SnapshotArgs) -> Result<()> {
+    let (canon, image) = open(&args.image, true)?;
+    if let Some(dir) = mountinfo::mount_points_of(&canon).first() {
+        eprintln!(
+            "note: {} is mounted at {}; listing its last committed state",
+            canon.display(),
+            dir.display()
+        );
+    }
+    let usage = image
+        .snapshot_usage()
+        .map_err(|e| with_path(e, &args.image))?;
+    if usage.is_empty() {
+        println!("no snapshots");
+        return Ok(());
+    }
+    let width = usage
+        .iter()
+        .map(|u| u.info.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:<width$}  {:<23}  {:>12}  {:>12}  CLONES",
+        "NAME", "CREATED", "DATA", "ONLY HERE"
+    );
+    for u in &usage {
+        println!(
+            "{:<width$}  {:<23}  {:>12}  {:>12}  {}",
+            u.info.name,
+            format_time(u.info.created_ns),
+            format_size(u.info.allocated_bytes),
+            format_size(u.exclusive_bytes),
+            u.info.holds
+        );
+    }
+    Ok(())
+}
+
+/// Splits `IMAGE@SNAP` at the last `@` (None when there is no `@` or the whole
+/// text names an existing file).
+pub fn split_at_snapshot(spec: &str) -> (PathBuf, Option<String>) {
+    if Path::new(spec).exists() {
+        return (PathBuf::from(spec), None);
+    }
+    match spec.rsplit_once('@') {
+        Some((img, snap)) if !img.is_empty() && !snap.contains('/') => {
+            (PathBuf::from(img), Some(snap.to_string()))
+        }
+        _ => (PathBuf::from(spec), None),
+    }
+}
+
+/// Creates `new` as a clone of `base` (at snapshot `snap`, or a new snapshot
+/// of the base's current state), prints what was made.
+pub fn make_clone(new: &Path, base: &Path, snap: Option<&str>, opts: &CloneOptions) -> Result<()> {
+    let canon = canonical_file(base)?;
+    let open = OpenOptions {
+        cache_bytes: CACHE,
+        ..OpenOptions::default()
+    };
+    let image = Image::create_clone(new, &canon, snap, opts, &open)
+        .map_err(|e| mountinfo::explain_locked(&canon, e))
+        .map_err(|e| with_path(e, new))?;
+    let link = image.backing_chain().into_iter().next();
+    let size = image.len();
+    image.close().map_err(|e| with_path(e, new))?;
+    let used = link.map(|l| l.snapshot).unwrap_or_default();
+    if snap.is_none() {
+        println!("took snapshot {used} of {}", base.display());
+    }
+    println!(
+        "created {}: {}, copy-on-write clone of {}@{used}",
+        new.display(),
+        format_size(size),
+        base.display()
+    );
+    Ok(())
+}
+
+/// Runs `vbdfs clone IMAGE@SNAP NEW`.
+pub fn clone(args: &CloneArgs) -> Result<()> {
+    let (base, snap) = split_at_snapshot(&args.source);
+    let snap = snap.ok_or_else(|| {
+        Error::invalid(format!(
+            "clone: '{}' must be IMAGE@SNAPSHOT (vbdfs create NEW --backing IMAGE \
+             snapshots the base first)",
+            args.source
+        ))
+    })?;
+    make_clone(&args.new, &base, Some(&snap), &CloneOptions::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_specs() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(
+            format_time(1_709_210_096_000_000_000),
+            "2024-02-29 12:34:56 UTC"
+        );
+        assert_eq!(
+            split_at_snapshot("/nope/a.vbd@s1"),
+            (PathBuf::from("/nope/a.vbd"), Some("s1".into()))
+        );
+        assert_eq!(split_at_snapshot("/nope/a.vbd").1, None);
+        assert_eq!(split_at_snapshot("@x").1, None);
+    }
+}

@@ -1,0 +1,198 @@
+//! The snapshot table in memory: the committed table, where it is on disk,
+//! the pins of open snapshot readers, and the commit hook that writes a new
+//! table as part of a checkpoint (see `checkpoint.rs`).
+//!
+//! The state is behind one mutex that is never held across I/O; lock order:
+//! checkpoint lock → snapshot state → log lock.
+
+use super::checkpoint::Committed;
+use super::log::read_record;
+use super::snapshot::SnapshotInfo;
+use super::Inner;
+use crate::codec;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{Codec, RecPtr, RecordKind, SnapEntry, SnapTable, Superblock, MAX_SNAPSHOTS};
+use crate::io::Store;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The snapshot table in memory and who uses which snapshot.
+#[derive(Debug, Default)]
+pub(crate) struct SnapState {
+    /// The committed table.
+    pub table: SnapTable,
+    /// Where it is on disk.
+    pub ptr: RecPtr,
+    /// Open readers per snapshot id.
+    pub pins: HashMap<u64, usize>,
+    /// A snapshot being deleted: hidden from new readers until the commit ends.
+    pub deleting: Option<u64>,
+}
+
+/// Shared by the image and its readers' pins.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshots {
+    pub(super) state: Mutex<SnapState>,
+    pub(super) timing: Mutex<Option<super::snapshot::SnapshotTiming>>,
+}
+
+/// A snapshot edit run inside a commit: gets the state and what the
+/// checkpoint committed, returns the new table (or refuses).
+pub(super) type SnapEdit<'a> = &'a mut dyn FnMut(&mut SnapState, &Committed) -> Result<SnapTable>;
+
+/// Keeps a snapshot open (deletion fails with `Busy` while any pin exists).
+#[derive(Debug)]
+pub(crate) struct Pin {
+    snaps: Arc<Snapshots>,
+    id: u64,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut st = self.snaps.state.lock();
+        if let Some(n) = st.pins.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                st.pins.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Snapshots {
+    pub(super) fn install(&self, table: SnapTable, ptr: RecPtr) {
+        let mut st = self.state.lock();
+        st.table = table;
+        st.ptr = ptr;
+        st.deleting = None;
+    }
+
+    pub(super) fn abort(&self) {
+        self.state.lock().deleting = None;
+    }
+
+    /// The entry named `name` and a pin on it.
+    pub(super) fn pin(self: &Arc<Self>, name: &str) -> Result<(SnapEntry, Pin)> {
+        let mut st = self.state.lock();
+        let entry = st
+            .table
+            .find(name)
+            .filter(|e| st.deleting != Some(e.id))
+            .cloned()
+            .ok_or_else(|| not_found(name))?;
+        *st.pins.entry(entry.id).or_insert(0) += 1;
+        let pin = Pin {
+            snaps: self.clone(),
+            id: entry.id,
+        };
+        Ok((entry, pin))
+    }
+}
+
+impl Snapshots {
+    /// The committed entries.
+    pub(super) fn entries(&self) -> Vec<SnapEntry> {
+        self.state.lock().table.entries.clone()
+    }
+
+    /// The committed entry with id `id`.
+    pub(super) fn entry_by_id(&self, id: u64) -> Option<SnapEntry> {
+        let st = self.state.lock();
+        st.table.entries.iter().find(|e| e.id == id).cloned()
+    }
+}
+
+/// The API view of a table entry of an image with `block_size` blocks.
+pub(super) fn plain_info(e: &SnapEntry, block_size: u64) -> SnapshotInfo {
+    SnapshotInfo {
+        id: e.id,
+        name: e.name.clone(),
+        created_ns: e.ctime_ns,
+        generation: e.gen,
+        virtual_size: e.virtual_size,
+        holds: e.holds,
+        allocated_bytes: e.data_blocks.saturating_mul(block_size),
+        stored_bytes: e.stored_bytes,
+    }
+}
+
+pub(super) fn not_found(name: &str) -> Error {
+    Error::new(ErrorKind::NotFound, format!("no snapshot named '{name}'"))
+}
+
+/// Reads a metadata record named by a superblock pointer: kind, crc and raw
+/// length checked, payload decoded.
+pub(super) fn read_meta(
+    store: &dyn Store,
+    ptr: RecPtr,
+    kind: RecordKind,
+    max_raw: u32,
+) -> Result<Vec<u8>> {
+    let (h, payload) = read_record(store, ptr.off, ptr.len)?;
+    if h.kind != kind || h.crc != ptr.crc || h.raw_len > max_raw {
+        return Err(Error::corrupt(format!(
+            "{kind:?} record at {} does not match its pointer",
+            ptr.off
+        )));
+    }
+    let mut raw = vec![0u8; h.raw_len as usize];
+    codec::decode(h.codec, &payload, &mut raw)?;
+    Ok(raw)
+}
+
+/// Loads the snapshot table the superblock names.
+pub(super) fn load_table(store: &dyn Store, sb: &Superblock, file_len: u64) -> Result<Snapshots> {
+    let mut state = SnapState {
+        table: SnapTable {
+            next_id: 1,
+            entries: Vec::new(),
+        },
+        ptr: sb.snap_table,
+        ..SnapState::default()
+    };
+    if sb.snap_table.off != 0 {
+        let max = 32 + MAX_SNAPSHOTS as u32 * 144;
+        let raw = read_meta(store, sb.snap_table, RecordKind::SnapTable, max)?;
+        state.table = SnapTable::decode(&raw, file_len)?;
+    }
+    Ok(Snapshots {
+        state: Mutex::new(state),
+        timing: Mutex::new(None),
+    })
+}
+
+impl Inner {
+    /// Runs `edit` under the snapshot state and appends the table it returns.
+    pub(super) fn append_snap_table(
+        &self,
+        edit: SnapEdit<'_>,
+        committed: &Committed,
+    ) -> Result<(SnapTable, RecPtr)> {
+        let table = edit(&mut self.snaps.state.lock(), committed)?;
+        let raw = table.encode();
+        let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
+        let appended = self.log.lock().append(
+            self.store.as_ref(),
+            RecordKind::SnapTable,
+            table.entries.len() as u64,
+            stored,
+            raw.len() as u32,
+            &payload,
+        );
+        match appended {
+            Ok(w) => Ok((
+                table,
+                RecPtr {
+                    off: w.off,
+                    len: w.len,
+                    crc: w.crc,
+                },
+            )),
+            Err(e) => {
+                self.snaps.abort();
+                Err(self.fail(e))
+            }
+        }
+    }
+}

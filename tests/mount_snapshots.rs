@@ -1,0 +1,315 @@
+//! Snapshots through a real mount: `echo snapshot NAME > control`, the
+//! read-only `snapshots/NAME` files (O_DIRECT and buffered, while `disk`
+//! keeps changing), errno of failing commands, pins, persistence across a
+//! remount, offline commands refused while mounted, clones mounted, and the
+//! creation time under a writer.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{create, fuse_available, p, pattern, run, stderr, Aligned, Mount};
+
+const MIB: usize = 1 << 20;
+
+/// `bash -c 'echo CMD > CONTROL'`: (success, stderr).
+fn echo_to(control: &Path, cmd: &str) -> (bool, String) {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("echo '{cmd}' > '{}'", p(control)))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn command(m: &Mount, cmd: &str) {
+    let (ok, err) = echo_to(&m.control(), cmd);
+    assert!(ok, "{cmd}: {err}");
+}
+
+fn write_direct(path: &Path, data: &[u8], off: u64) {
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let mut buf = Aligned::new(data.len());
+    buf.as_mut_slice().copy_from_slice(data);
+    f.write_all_at(buf.as_slice(), off).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_direct(path: &Path, off: u64, len: usize) -> Vec<u8> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let mut buf = Aligned::new(len);
+    f.read_exact_at(buf.as_mut_slice(), off).unwrap();
+    buf.as_slice().to_vec()
+}
+
+fn read_buffered(path: &Path, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, off)
+        .unwrap();
+    buf
+}
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+#[test]
+fn snapshot_files_hold_the_disk_at_snapshot_time() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("a.vbd");
+    create(&img, "64M", &[]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), Some("cache=16M"));
+    let a = pattern(8 * MIB, 1);
+    write_direct(&m.disk(), &a, 0);
+    command(&m, "snapshot s1");
+    let snap = m.dir.join("snapshots/s1");
+    let names: Vec<String> = std::fs::read_dir(m.dir.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["s1"]);
+    assert_eq!(std::fs::metadata(&snap).unwrap().len(), 64 << 20);
+    assert_eq!(m.status_value("snapshots").as_deref(), Some("s1"));
+
+    // A writer keeps changing the disk while the snapshot is read.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (disk, stop) = (m.disk(), stop.clone());
+        std::thread::spawn(move || {
+            let b = pattern(MIB, 2);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                write_direct(&disk, &b, (i % 12) * MIB as u64);
+                i += 1;
+            }
+            i
+        })
+    };
+    for _ in 0..3 {
+        assert!(read_direct(&snap, 0, 8 * MIB) == a, "O_DIRECT read differs");
+        assert!(
+            read_buffered(&snap, 0, 8 * MIB) == a,
+            "buffered read differs"
+        );
+        assert_eq!(read_buffered(&snap, 8 << 20, 4096), vec![0; 4096]);
+        assert_eq!(read_buffered(&snap, 100_003, 777), a[100_003..100_780]);
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(writer.join().unwrap() > 0);
+    assert_eq!(read_direct(&m.disk(), 0, MIB), pattern(MIB, 2));
+
+    // Read-only: writes, truncate and fallocate fail.
+    let e = OpenOptions::new().write(true).open(&snap).unwrap_err();
+    assert_eq!(errno_of(&e), libc::EROFS, "{e}");
+    let out = Command::new("truncate")
+        .args(["-s", "0", p(&snap)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = Command::new("fallocate")
+        .args(["-p", "-o", "0", "-l", "4096", p(&snap)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(read_buffered(&snap, 0, 4096), a[..4096]);
+
+    // Errors through echo.
+    for (cmd, text) in [
+        ("snapshot s1", "File exists"),
+        ("delete-snapshot nope", "No such file or directory"),
+        ("snapshot bad/name", "Invalid argument"),
+        ("snapshot -x", "Invalid argument"),
+    ] {
+        let (ok, err) = echo_to(&m.control(), cmd);
+        assert!(!ok && err.contains(text), "{cmd}: {err}");
+    }
+    // An open snapshot file pins the snapshot.
+    let held = File::open(&snap).unwrap();
+    let (ok, err) = echo_to(&m.control(), "delete-snapshot s1");
+    assert!(!ok && err.contains("busy"), "{err}");
+    drop(held);
+    command(&m, "snapshot s2");
+    command(&m, "delete-snapshot s1");
+    assert!(!snap.exists());
+    assert_eq!(m.status_value("snapshots").as_deref(), Some("s2"));
+    m.umount();
+
+    // Persistence across a remount.
+    let m = Mount::new(&img, &tmp.path().join("mnt"), None);
+    let s2 = m.dir.join("snapshots/s2");
+    let mut want = a.clone();
+    let head = read_buffered(&s2, 0, 8 * MIB);
+    for i in 0..8 {
+        if head[i * MIB..(i + 1) * MIB] != a[i * MIB..(i + 1) * MIB] {
+            want[i * MIB..(i + 1) * MIB].copy_from_slice(&pattern(MIB, 2));
+        }
+    }
+    assert!(head == want, "snapshot s2 changed across the remount");
+    m.umount();
+    let out = run(&["check", p(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn offline_commands_are_refused_while_mounted_and_clones_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("base.vbd");
+    create(&img, "16M", &[]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), None);
+    let a = pattern(2 * MIB, 3);
+    write_direct(&m.disk(), &a, 0);
+    command(&m, "snapshot gold");
+    for args in [
+        vec!["snapshot", "create", p(&img), "x"],
+        vec!["snapshot", "delete", p(&img), "gold"],
+        vec!["snapshot", "rollback", p(&img), "gold"],
+    ] {
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("control") && err.contains("mounted at"),
+            "{err}"
+        );
+    }
+    let clone = tmp.path().join("vm.vbd");
+    let out = run(&["clone", &format!("{}@gold", p(&img)), p(&clone)]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("control"), "{}", stderr(&out));
+    assert!(!clone.exists());
+    let out = run(&["snapshot", "list", p(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("gold"));
+    m.umount();
+
+    // A clone of the snapshot, mounted: reads the base, writes stay in the clone.
+    let out = run(&["clone", &format!("{}@gold", p(&img)), p(&clone)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let base_mount = Mount::new(&img, &tmp.path().join("mnt"), None);
+    write_direct(&base_mount.disk(), &pattern(MIB, 9), 0);
+    let cm = Mount::new(&clone, &tmp.path().join("cmnt"), None);
+    assert!(read_direct(&cm.disk(), 0, 2 * MIB) == a);
+    write_direct(&cm.disk(), &pattern(MIB, 4), MIB as u64);
+    assert!(read_direct(&cm.disk(), MIB as u64, MIB) == pattern(MIB, 4));
+    let (ok, err) = echo_to(&base_mount.control(), "delete-snapshot gold");
+    assert!(!ok && err.contains("busy"), "{err}");
+    assert!(read_direct(&base_mount.disk(), MIB as u64, MIB) == a[MIB..]);
+    cm.umount();
+    base_mount.umount();
+    let info = run(&["info", p(&clone)]);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("@gold"));
+}
+
+#[test]
+fn losetup_read_only_over_a_snapshot() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("a.vbd");
+    create(&img, "32M", &[]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), None);
+    let a = pattern(4 * MIB, 5);
+    write_direct(&m.disk(), &a, 0);
+    command(&m, "snapshot ro");
+    write_direct(&m.disk(), &pattern(4 * MIB, 6), 0);
+    let snap = m.dir.join("snapshots/ro");
+    let dev = common::sh("losetup", &["-f", "--show", "-r", p(&snap)]);
+    let lo = common::Loop {
+        dev: dev.trim().to_string(),
+    };
+    let got = read_buffered(Path::new(&lo.dev), 0, 4 * MIB);
+    assert!(got == a, "loop device over the snapshot differs");
+    let written = OpenOptions::new()
+        .write(true)
+        .open(&lo.dev)
+        .and_then(|f| f.write_all_at(&[1; 4096], 0).and_then(|()| f.sync_all()));
+    assert!(written.is_err(), "a write to the read-only loop device succeeded");
+    let (ok, err) = echo_to(&m.control(), "delete-snapshot ro");
+    assert!(!ok && err.contains("busy"), "{err}");
+    drop(lo);
+    // losetup -d is asynchronous: wait until the loop lets go.
+    assert!(common::wait_for(Duration::from_secs(10), || {
+        echo_to(&m.control(), "delete-snapshot ro").0
+    }));
+    m.umount();
+}
+
+#[test]
+fn snapshot_time_under_a_writer_through_the_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("t.vbd");
+    create(&img, "2G", &[]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), Some("cache=64M"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (disk, stop) = (m.disk(), stop.clone());
+        std::thread::spawn(move || {
+            let f = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&disk)
+                .unwrap();
+            let mut buf = Aligned::new(MIB);
+            buf.as_mut_slice().copy_from_slice(&pattern(MIB, 8));
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                f.write_all_at(buf.as_slice(), (i % 1024) * MIB as u64)
+                    .unwrap();
+                i += 1;
+            }
+            i
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let mut times = Vec::new();
+    for n in 0..10 {
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        let mut f = OpenOptions::new().write(true).open(m.control()).unwrap();
+        std::io::Write::write_all(&mut f, format!("snapshot t{n}\n").as_bytes()).unwrap();
+        times.push(t.elapsed());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    times.sort();
+    eprintln!(
+        "snapshot via control under a writer ({written} MiB written): min {:?}, median {:?}, max {:?}",
+        times[0], times[5], times[9]
+    );
+    assert!(times[9] < Duration::from_secs(1), "{times:?}");
+    assert_eq!(
+        std::fs::read_dir(m.dir.join("snapshots")).unwrap().count(),
+        10
+    );
+    m.umount();
+}
