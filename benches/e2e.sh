@@ -25,8 +25,8 @@
 # s3backer/nbdkit peers dropped and vbdfs, 2-job fio, fio CPU accounting and the
 # sustained-write phase added.
 #
-# Usage:   sudo benches/e2e.sh                # full run (~25 min)
-#          QUICK=1 sudo benches/e2e.sh        # quick run (~6 min)
+# Usage:   sudo benches/e2e.sh                # full run (~20 min; needs 60+ GiB free)
+#          QUICK=1 sudo benches/e2e.sh        # quick run (~4 min)
 # Env overrides (defaults: full / QUICK):
 #   TARGETS      space separated subset/order of targets (see above)
 #   VSIZE        virtual size of every flat file           (4G / 4G)
