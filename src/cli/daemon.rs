@@ -121,6 +121,7 @@ fn wait_unlocked(job: &Job, start: Instant) -> Result<()> {
 
 /// Serves `job` until it is unmounted; reports readiness through `ready`.
 pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
+    sys::limit_malloc_retention();
     if let Err(e) = sys::set_io_flusher() {
         log::debug!("PR_SET_IO_FLUSHER not set: {e}");
     }
