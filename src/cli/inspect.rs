@@ -56,10 +56,13 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         return Ok(());
     }
     let bytes = |n: u64| format!("{} ({n} bytes)", format_size(n));
-    let state = match (&stats.failed, stats.clean) {
-        (Some(why), _) => format!("failed: {why}"),
-        (None, true) => "clean".to_string(),
-        (None, false) => "dirty (not closed cleanly; recovered on the next read-write open)".into(),
+    let state = match (&stats.failed, stats.clean, mounted.first()) {
+        (Some(why), _, _) => format!("failed: {why}"),
+        (None, true, _) => "clean".to_string(),
+        (None, false, Some(_)) => "in use (open read-write by the mount)".into(),
+        (None, false, None) => {
+            "dirty (not closed cleanly; recovered on the next read-write open)".into()
+        }
     };
     let mounted_at = match mounted.first() {
         Some(dir) => dir.display().to_string(),
