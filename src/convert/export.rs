@@ -8,7 +8,7 @@
 use super::import::{reader_threads, TempImage};
 use super::pipeline::{self, Plan};
 use super::progress::Progress;
-use crate::engine::{Image, OpenOptions};
+use crate::engine::{DiskView, Image, OpenOptions};
 use crate::{Error, ErrorKind, Result};
 use std::fs::{File, OpenOptions as FsOpen};
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -60,15 +60,6 @@ pub fn export(
     progress: bool,
 ) -> Result<()> {
     let (image, snap) = split_snapshot(image);
-    if let Some(snap) = snap {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "{}@{snap}: snapshots are not available yet",
-                image.display()
-            ),
-        ));
-    }
     let format = format.unwrap_or_else(|| match dest.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("qcow2") => ExportFormat::Qcow2,
         _ => ExportFormat::Raw,
@@ -77,12 +68,23 @@ pub fn export(
         read_only: true,
         ..OpenOptions::default()
     };
-    let img = Image::open(&image, &opts)?;
+    let head = Image::open(&image, &opts)?;
+    let snapshot = match &snap {
+        Some(name) => Some(
+            head.open_snapshot(name)
+                .map_err(|e| e.context(format!("{}@{name}", image.display())))?,
+        ),
+        None => None,
+    };
+    let img: &dyn DiskView = match &snapshot {
+        Some(reader) => reader,
+        None => &head,
+    };
     let target = Target::prepare(dest, format)?;
     let bar = Progress::new(progress, img.len(), "export");
     match format {
-        ExportFormat::Raw => export_raw(&img, &target, &bar),
-        ExportFormat::Qcow2 => super::qcow2_writer::write(&img, &target.file, &bar),
+        ExportFormat::Raw => export_raw(img, &target, &bar),
+        ExportFormat::Qcow2 => super::qcow2_writer::write(img, &target.file, &bar),
     }
     .map_err(|e| e.context(format!("export {} to {}", image.display(), dest.display())))?;
     bar.finish();
@@ -139,7 +141,7 @@ impl Target {
     }
 }
 
-fn export_raw(img: &Image, target: &Target, bar: &Progress) -> Result<()> {
+fn export_raw(img: &dyn DiskView, target: &Target, bar: &Progress) -> Result<()> {
     let len = img.len();
     let device = target.is_device();
     if device {

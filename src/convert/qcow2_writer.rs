@@ -8,7 +8,7 @@
 
 use super::pipeline::is_zero;
 use super::progress::Progress;
-use crate::engine::Image;
+use crate::engine::DiskView;
 use crate::{Error, Result};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -27,7 +27,7 @@ const COPIED: u64 = 1 << 63;
 const HEADER_LEN: u32 = 104;
 
 /// Writes `img` as a qcow2 file into `out` (an empty file).
-pub fn write(img: &Image, out: &File, bar: &Progress) -> Result<()> {
+pub fn write(img: &dyn DiskView, out: &File, bar: &Progress) -> Result<()> {
     let len = img.len();
     let l1_size = len.div_ceil(CS * L2_ENTRIES);
     let l1_clusters = (l1_size * 8).div_ceil(CS).max(1);

@@ -30,7 +30,7 @@ mod writeback;
 
 pub use backing::{BackingInfo, CloneOptions};
 pub use inspect::{BadBlock, CheckReport, ImageStats};
-pub use reader::SnapshotReader;
+pub use reader::{DiskView, SnapshotReader};
 pub use snapshot::{SnapshotInfo, SnapshotTiming, SnapshotUsage};
 
 use crate::cache::BlockCache;

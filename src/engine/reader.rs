@@ -218,3 +218,58 @@ pub(super) fn read_backing(
     }
     Ok(())
 }
+
+/// A readable disk: the head of an [`Image`](super::Image) or a snapshot.
+/// Exporters and other readers take `&dyn DiskView` to handle both.
+pub trait DiskView: Send + Sync {
+    /// Size in bytes.
+    fn len(&self) -> u64;
+    /// True for an empty disk (never: sizes are positive).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Block size in bytes.
+    fn block_size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `off`.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()>;
+    /// SEEK_DATA: the first byte at or after `off` in a block holding data.
+    fn next_data(&self, off: u64) -> Option<u64>;
+    /// SEEK_HOLE: the first byte at or after `off` in a block without data.
+    fn next_hole(&self, off: u64) -> u64;
+}
+
+impl DiskView for SnapshotReader {
+    fn len(&self) -> u64 {
+        SnapshotReader::len(self)
+    }
+    fn block_size(&self) -> u64 {
+        SnapshotReader::block_size(self)
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        SnapshotReader::read_at(self, buf, off)
+    }
+    fn next_data(&self, off: u64) -> Option<u64> {
+        SnapshotReader::next_data(self, off)
+    }
+    fn next_hole(&self, off: u64) -> u64 {
+        SnapshotReader::next_hole(self, off)
+    }
+}
+
+impl DiskView for super::Image {
+    fn len(&self) -> u64 {
+        super::Image::len(self)
+    }
+    fn block_size(&self) -> u64 {
+        super::Image::block_size(self)
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        super::Image::read_at(self, buf, off)
+    }
+    fn next_data(&self, off: u64) -> Option<u64> {
+        super::Image::next_data(self, off)
+    }
+    fn next_hole(&self, off: u64) -> u64 {
+        super::Image::next_hole(self, off)
+    }
+}
