@@ -8,6 +8,7 @@
 //! | `flush` | everything written to `disk` before is durable when the write returns |
 //! | `snapshot NAME` | a crash-consistent snapshot of `disk` (the writes completed before the command), durable when the write returns; `snapshots/NAME` appears at once. `EEXIST` if the name is taken, `EROFS` on a read-only mount |
 //! | `delete-snapshot NAME` | deletes it; `ENOENT` if there is none, `EBUSY` while `snapshots/NAME` is open or clones are based on it |
+//! | `hold-snapshot NAME`, `release-snapshot NAME` | one more / one less clone based on it (what `vbdfs clone` does on a mounted base); `ENOENT`, `EINVAL` when not held |
 //! | `compact` | not available yet: `EOPNOTSUPP` |
 //!
 //! Snapshot names: 1 to 64 of `A-Z a-z 0-9 . _ -`, starting with a letter,
@@ -50,6 +51,11 @@ pub enum Command {
     Snapshot(String),
     /// Delete the named snapshot.
     DeleteSnapshot(String),
+    /// Record one more clone based on the named snapshot (used by `vbdfs clone`
+    /// when the base is mounted).
+    HoldSnapshot(String),
+    /// Drop one such hold (a failed clone, or a clone that was removed).
+    ReleaseSnapshot(String),
     /// Reclaim space.
     Compact,
 }
@@ -89,6 +95,8 @@ pub fn parse(data: &[u8]) -> Result<Command> {
         "compact" => no_args(Command::Compact),
         "snapshot" => Ok(Command::Snapshot(one_name()?)),
         "delete-snapshot" => Ok(Command::DeleteSnapshot(one_name()?)),
+        "hold-snapshot" => Ok(Command::HoldSnapshot(one_name()?)),
+        "release-snapshot" => Ok(Command::ReleaseSnapshot(one_name()?)),
         _ => Err(Error::invalid(format!(
             "unknown command '{verb}' (expected flush, snapshot NAME, \
              delete-snapshot NAME or compact)"
@@ -150,6 +158,8 @@ impl Control {
             Command::DeleteSnapshot(name) => self.image.snapshot_delete(name).map(|()| {
                 log::info!("{}: snapshot '{name}' deleted", self.image_path.display());
             }),
+            Command::HoldSnapshot(name) => self.image.snapshot_hold(name).map(|_| ()),
+            Command::ReleaseSnapshot(name) => self.image.snapshot_release(name).map(|_| ()),
             Command::Compact => not_yet("compact"),
         }
     }
@@ -230,6 +240,14 @@ mod tests {
         assert_eq!(
             parse(b"delete-snapshot v1.2_x").ok(),
             Some(Command::DeleteSnapshot("v1.2_x".into()))
+        );
+        assert_eq!(
+            parse(b"hold-snapshot gold").ok(),
+            Some(Command::HoldSnapshot("gold".into()))
+        );
+        assert_eq!(
+            parse(b"release-snapshot gold").ok(),
+            Some(Command::ReleaseSnapshot("gold".into()))
         );
     }
 

@@ -5,8 +5,10 @@
 //! its daemon) is refused with a message that names the mount point and its
 //! control file. `list` opens read-only and also works on a mounted image (it
 //! shows the last committed state, which includes every snapshot taken).
-//! A clone's base is opened read-write for a moment to record the clone's
-//! hold on the snapshot: the base must not be mounted either.
+//! A clone's base gets a hold on the snapshot: an unmounted base is opened
+//! read-write for a moment; a mounted one gets the snapshot and the hold
+//! through its control file (`snapshot`, `hold-snapshot`) and is read
+//! read-only.
 
 use std::path::{Path, PathBuf};
 
@@ -168,17 +170,65 @@ pub fn split_at_snapshot(spec: &str) -> (PathBuf, Option<String>) {
     }
 }
 
+/// Writes one command to a mount's control file.
+fn control(dir: &Path, cmd: &str) -> Result<()> {
+    let path = dir.join("control");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, cmd.as_bytes()))
+        .map_err(|e| Error::io(format!("{}: {cmd}", path.display()), e))
+}
+
+/// A clone of a mounted base: the snapshot (if asked) and the hold go
+/// through the mount's control file, the base is read read-only.
+fn clone_mounted(
+    new: &Path,
+    base: &Path,
+    mount: &Path,
+    snap: Option<&str>,
+    opts: &CloneOptions,
+    open: &OpenOptions,
+) -> Result<Image> {
+    let ro = OpenOptions {
+        read_only: true,
+        ..open.clone()
+    };
+    let name = match snap {
+        Some(name) => name.to_string(),
+        None => {
+            let name = Image::open(base, &ro)?.clone_base_name();
+            control(mount, &format!("snapshot {name}"))?;
+            name
+        }
+    };
+    control(mount, &format!("hold-snapshot {name}"))?;
+    let made = Image::open(base, &ro)
+        .and_then(|img| img.base_snapshot(&name))
+        .and_then(|b| Image::create_clone_from(new, base, &b, opts, open));
+    if made.is_err() {
+        if let Err(e) = control(mount, &format!("release-snapshot {name}")) {
+            eprintln!("vbdfs: could not release the hold on {name}: {e}");
+        }
+    }
+    made
+}
+
 /// Creates `new` as a clone of `base` (at snapshot `snap`, or a new snapshot
-/// of the base's current state), prints what was made.
+/// of the base's current state), prints what was made. A mounted base is
+/// handled through its control file.
 pub fn make_clone(new: &Path, base: &Path, snap: Option<&str>, opts: &CloneOptions) -> Result<()> {
     let canon = canonical_file(base)?;
     let open = OpenOptions {
         cache_bytes: CACHE,
         ..OpenOptions::default()
     };
-    let image = Image::create_clone(new, &canon, snap, opts, &open)
-        .map_err(|e| mountinfo::explain_locked(&canon, e))
-        .map_err(|e| with_path(e, new))?;
+    let image = match mountinfo::mount_points_of(&canon).first() {
+        Some(mount) => clone_mounted(new, &canon, mount, snap, opts, &open),
+        None => Image::create_clone(new, &canon, snap, opts, &open)
+            .map_err(|e| mountinfo::explain_locked(&canon, e)),
+    }
+    .map_err(|e| with_path(e, new))?;
     let link = image.backing_chain().into_iter().next();
     let size = image.len();
     image.close().map_err(|e| with_path(e, new))?;

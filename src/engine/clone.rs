@@ -12,12 +12,18 @@
 //!    final name (never replacing an existing file);
 //! 5. on any failure after 3, release the hold again (best effort; a stale
 //!    hold only makes `delete` ask for `--force`).
+//!
+//! A mounted base cannot be opened read-write: the CLI then takes the
+//! snapshot and the hold through the mount's control file, reads the base
+//! read-only ([`Image::base_snapshot`]) and writes the clone with
+//! [`Image::create_clone_from`].
 
 use super::open::{now_ns, random_u64, validate};
 use super::{Image, OpenOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
-    BackingRef, Codec, RecPtr, RecordHeader, RecordKind, Superblock, LOG_START, SB_SLOT_SIZE,
+    BackingRef, Codec, RecPtr, RecordHeader, RecordKind, SnapEntry, Superblock, LOG_START,
+    SB_SLOT_SIZE,
 };
 use crate::io::{FileStore, Store};
 use crate::CreateOptions;
@@ -154,7 +160,110 @@ fn write_clone(new: &Path, dir: &Path, create: &CreateOptions, b: &BackingRef) -
         .map_err(|e| Error::io("sync directory", e))
 }
 
+/// A snapshot of a base image, as a clone records it: the base's identity and
+/// the snapshot's id, generation, index and size (from [`Image::base_snapshot`]).
+#[derive(Debug, Clone)]
+pub struct BaseSnapshot {
+    uuid: [u8; 16],
+    entry: SnapEntry,
+    block_shift: u8,
+    codec: Codec,
+}
+
+impl BaseSnapshot {
+    /// The snapshot's name.
+    pub fn name(&self) -> &str {
+        &self.entry.name
+    }
+}
+
+fn canonical(p: &Path) -> Result<PathBuf> {
+    p.canonicalize().map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::NotFound {
+            ErrorKind::NotFound
+        } else {
+            ErrorKind::Io
+        };
+        Error::new(kind, format!("{}: {e}", p.display()))
+    })
+}
+
 impl Image {
+    /// What a clone of snapshot `name` of this image records (works on a
+    /// read-only open, e.g. of a mounted base).
+    pub fn base_snapshot(&self, name: &str) -> Result<BaseSnapshot> {
+        let id = self.snapshot(name)?.id;
+        let entry = self
+            .inner
+            .snaps
+            .entry_by_id(id)
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("snapshot '{name}'")))?;
+        Ok(BaseSnapshot {
+            uuid: self.inner.sb.lock().image_uuid,
+            entry,
+            block_shift: self.inner.block_shift,
+            codec: self.inner.codec,
+        })
+    }
+
+    /// A snapshot name `clone-base-YYYYMMDD-HHMMSS` (UTC, now) not taken yet.
+    pub fn clone_base_name(&self) -> String {
+        let first = clone_base_name(now_ns() / 1_000_000_000);
+        let mut name = first.clone();
+        for n in 2.. {
+            if self.snapshot(&name).is_err() {
+                break;
+            }
+            name = format!("{first}-{n}");
+        }
+        name
+    }
+
+    /// Writes `new` as a clone of `base` (the snapshot described by `snap`
+    /// of the image at `base_path`) and opens it. The caller holds the
+    /// snapshot (see [`Image::snapshot_hold`]); [`Image::create_clone`] does
+    /// everything.
+    pub fn create_clone_from(
+        new: &Path,
+        base_path: &Path,
+        snap: &BaseSnapshot,
+        opts: &CloneOptions,
+        open: &OpenOptions,
+    ) -> Result<Image> {
+        if new.symlink_metadata().is_ok() {
+            return Err(Error::new(
+                ErrorKind::Exists,
+                format!("{}: already exists", new.display()),
+            ));
+        }
+        let dir = new
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let (base, dir) = (canonical(base_path)?, canonical(dir)?);
+        let entry = &snap.entry;
+        let backing = BackingRef {
+            base_uuid: snap.uuid,
+            snap_id: entry.id,
+            snap_gen: entry.gen,
+            snap_index: entry.index,
+            virtual_size: entry.virtual_size,
+            rel_path: relative(&dir, &base).as_os_str().as_bytes().to_vec(),
+            abs_path: base.as_os_str().as_bytes().to_vec(),
+            snap_name: entry.name.clone(),
+        };
+        let create = CreateOptions {
+            size: opts.size.unwrap_or(entry.virtual_size),
+            block_size: opts.block_size.unwrap_or(1 << snap.block_shift),
+            codec: opts.codec.unwrap_or(snap.codec),
+        };
+        let target = dir.join(new.file_name().unwrap_or_default());
+        write_clone(&target, &dir, &create, &backing)?;
+        Image::open(&target, open).inspect_err(|_| {
+            let _ = std::fs::remove_file(&target); // ours: it was just linked
+        })
+    }
+
     /// Creates `new`, a copy-on-write clone of snapshot `snapshot` of the
     /// image at `base` (without a name, a snapshot of the base's current state
     /// is taken first), and opens it. The base must not be open read-write
@@ -173,21 +282,7 @@ impl Image {
                 format!("{}: already exists", new.display()),
             ));
         }
-        let dir = new
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let canon = |p: &Path| {
-            p.canonicalize().map_err(|e| {
-                let kind = if e.kind() == std::io::ErrorKind::NotFound {
-                    ErrorKind::NotFound
-                } else {
-                    ErrorKind::Io
-                };
-                Error::new(kind, format!("{}: {e}", p.display()))
-            })
-        };
-        let (base, dir) = (canon(base)?, canon(dir)?);
+        let base = canonical(base)?;
         let base_opts = OpenOptions {
             read_only: false,
             cache_bytes: 8 << 20,
@@ -197,51 +292,15 @@ impl Image {
         let name = match snapshot {
             Some(name) => name.to_string(),
             None => {
-                let secs = now_ns() / 1_000_000_000;
-                let mut name = clone_base_name(secs);
-                for n in 2.. {
-                    if img.snapshot(&name).is_err() {
-                        break;
-                    }
-                    name = format!("{}-{n}", clone_base_name(secs));
-                }
+                let name = img.clone_base_name();
                 img.snapshot_create(&name)?;
                 name
             }
         };
-        let info = img.snapshot_hold(&name)?;
-        let entry = img
-            .inner
-            .snaps
-            .entry_by_id(info.id)
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("snapshot '{name}'")))?;
-        let (uuid, base_shift, base_codec) = (
-            img.inner.sb.lock().image_uuid,
-            img.inner.block_shift,
-            img.inner.codec,
-        );
+        img.snapshot_hold(&name)?;
+        let snap = img.base_snapshot(&name);
         img.close()?;
-        let backing = BackingRef {
-            base_uuid: uuid,
-            snap_id: entry.id,
-            snap_gen: entry.gen,
-            snap_index: entry.index,
-            virtual_size: entry.virtual_size,
-            rel_path: relative(&dir, &base).as_os_str().as_bytes().to_vec(),
-            abs_path: base.as_os_str().as_bytes().to_vec(),
-            snap_name: name.clone(),
-        };
-        let create = CreateOptions {
-            size: opts.size.unwrap_or(entry.virtual_size),
-            block_size: opts.block_size.unwrap_or(1 << base_shift),
-            codec: opts.codec.unwrap_or(base_codec),
-        };
-        let target = dir.join(new.file_name().unwrap_or_default());
-        let made = write_clone(&target, &dir, &create, &backing).and_then(|()| {
-            Image::open(&target, open).inspect_err(|_| {
-                let _ = std::fs::remove_file(&target); // ours: it was just linked
-            })
-        });
+        let made = snap.and_then(|snap| Image::create_clone_from(new, &base, &snap, opts, open));
         if made.is_err() {
             let released = Image::open(&base, &base_opts).and_then(|img| {
                 img.snapshot_release(&name)?;

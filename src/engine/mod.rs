@@ -29,6 +29,7 @@ mod space;
 mod writeback;
 
 pub use backing::{BackingInfo, CloneOptions};
+pub use clone::BaseSnapshot;
 pub use inspect::{BadBlock, CheckReport, ImageStats};
 pub use reader::{DiskView, SnapshotReader};
 pub use snapshot::{SnapshotInfo, SnapshotTiming, SnapshotUsage};
