@@ -35,11 +35,13 @@ fn cases() -> u32 {
         .unwrap_or(48)
 }
 
+#[allow(clippy::needless_update)] // future fields keep their defaults
 fn open_opts() -> OpenOptions {
     OpenOptions {
         read_only: false,
         cache_bytes: 256 << 10,
         workers: 2,
+        ..OpenOptions::default()
     }
 }
 

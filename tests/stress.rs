@@ -229,11 +229,13 @@ fn verify(img: &Image, lay: Layout, models: &[Vec<u8>], lasts: &[LastOps], when:
     assert!(report.is_ok(), "{when}: check found {:?}", report.bad);
 }
 
+#[allow(clippy::needless_update)] // future fields keep their defaults
 fn opts(cache: u64) -> OpenOptions {
     OpenOptions {
         read_only: false,
         cache_bytes: cache,
         workers: 2,
+        ..OpenOptions::default()
     }
 }
 

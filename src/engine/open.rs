@@ -9,8 +9,8 @@ use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
     align_up, decode_index, decode_leaf, EntryKind, LeafPtr, MapEntry, RecPtr, RecordKind,
-    Superblock, LEAF_ENTRIES, LOG_START, MAX_BLOCK_SHIFT, MAX_VIRTUAL_SIZE, MIN_BLOCK_SHIFT,
-    RECORD_HEADER_LEN, SB_FLAG_DIRTY, SB_SLOTS, SB_SLOT_SIZE, ZSTD_LEVELS,
+    Superblock, LEAF_ENTRIES, LOG_START, MAX_BLOCK_SHIFT, MAX_COUNTER, MAX_VIRTUAL_SIZE,
+    MIN_BLOCK_SHIFT, RECORD_HEADER_LEN, SB_FLAG_DIRTY, SB_SLOTS, SB_SLOT_SIZE, ZSTD_LEVELS,
 };
 use crate::io::{FileStore, Store};
 use crate::{Codec, CreateOptions};
@@ -368,6 +368,20 @@ pub(super) fn load(
     let mut map = load_map(store.as_ref(), sb.index, sb.block_shift, file_len, nblocks)?;
     let (end, lsn, max_birth) =
         roll_forward(store.as_ref(), &sb, &mut map, file_len, nblocks, base)?;
+    // A read-write session counts seq, lsn and generations on from here, and
+    // what it writes must still pass Superblock::decode. Real images stay far
+    // below half the range; only a hostile one gets there: read it read-only.
+    if !open.read_only
+        && (sb.seq > MAX_COUNTER / 2
+            || lsn > MAX_COUNTER / 2
+            || max_birth > u64::from(u32::MAX / 2))
+    {
+        return Err(Error::corrupt(format!(
+            "counters too close to their limits to open read-write (seq {}, lsn {lsn}, \
+             generation {max_birth})",
+            sb.seq
+        )));
+    }
     let tail = if open.read_only {
         end
     } else {
