@@ -3,8 +3,10 @@
 //!
 //! Operations: unaligned writes (1 B..300 KiB, anywhere, including the last
 //! bytes of a disk whose size is not a block multiple), discards and
-//! write_zeroes (partial and whole blocks), reads, flush, checkpoint, close +
-//! open, drop + open, and a simulated kill -9 (the store's bytes are copied
+//! write_zeroes (partial and whole blocks), reads, flush, checkpoint, snapshot
+//! create / delete / read / rollback (each snapshot compared with a copy of the
+//! model taken when it was made), close + open, drop + open, and a simulated
+//! kill -9 (the store's bytes are copied
 //! while the image is open, i.e. everything that reached the host page cache,
 //! and the copy is opened). After a kill every block must hold its value at the
 //! last flush or one written after it, never anything else; after a flush or a
@@ -95,6 +97,14 @@ enum Op {
     DropReopen,
     /// Copy the store's bytes while open (kill -9), open the copy.
     Crash,
+    /// Take a snapshot (durable on return, holds every completed write).
+    SnapCreate,
+    /// Delete the `i % n`-th snapshot.
+    SnapDelete(usize),
+    /// Read the `i % n`-th snapshot in full and compare.
+    SnapVerify(usize),
+    /// Roll the head back to the `i % n`-th snapshot.
+    SnapRollback(usize),
 }
 
 fn place() -> impl Strategy<Value = Place> {
@@ -144,6 +154,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
         1 => Just(Op::DropReopen),
         2 => Just(Op::Crash),
+        1 => Just(Op::SnapCreate),
+        1 => any::<usize>().prop_map(Op::SnapDelete),
+        1 => any::<usize>().prop_map(Op::SnapVerify),
+        1 => any::<usize>().prop_map(Op::SnapRollback),
     ]
 }
 
@@ -254,6 +268,9 @@ struct Harness {
     /// For each block touched since the last flush, its contents after each
     /// operation that touched it (a kill may leave any of them).
     since_flush: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// Live snapshots: name and the disk they hold.
+    snaps: Vec<(String, Vec<u8>)>,
+    snap_names: u64,
     log: Vec<String>,
 }
 
@@ -282,6 +299,8 @@ impl Harness {
             model: vec![0; size],
             durable: vec![0; size],
             since_flush: BTreeMap::new(),
+            snaps: Vec::new(),
+            snap_names: 0,
             log: Vec::new(),
         }
     }
@@ -372,6 +391,36 @@ impl Harness {
                 self.check_allocated()?;
             }
             Op::Crash => self.crash()?,
+            Op::SnapCreate => {
+                if self.snaps.len() >= 4 {
+                    return Ok(());
+                }
+                self.snap_names += 1;
+                let name = format!("s{}", self.snap_names);
+                self.img().snapshot_create(&name).unwrap();
+                self.snaps.push((name, self.model.clone()));
+                // A snapshot is durable on return and holds every write
+                // completed before it: the head up to here is durable too.
+                self.flushed();
+            }
+            Op::SnapDelete(i) if !self.snaps.is_empty() => {
+                let (name, _) = self.snaps.remove(i % self.snaps.len());
+                self.img().snapshot_delete(&name).unwrap();
+            }
+            Op::SnapVerify(i) if !self.snaps.is_empty() => {
+                self.verify_snapshot(i % self.snaps.len(), "verify")?;
+            }
+            Op::SnapRollback(i) if !self.snaps.is_empty() => {
+                let (name, content) = self.snaps[i % self.snaps.len()].clone();
+                self.image
+                    .as_mut()
+                    .unwrap()
+                    .snapshot_rollback(&name)
+                    .unwrap();
+                self.model = content;
+                self.flushed();
+            }
+            Op::SnapDelete(_) | Op::SnapVerify(_) | Op::SnapRollback(_) => {}
         }
         Ok(())
     }
@@ -423,6 +472,8 @@ impl Harness {
                 self.since_flush.get(&b).map_or(0, Vec::len)
             );
         }
+        // Snapshots are durable on return: all of them, exactly.
+        self.verify_snapshots("after a kill")?;
         // What survived is the new truth.
         self.model = got;
         self.flushed();
@@ -439,7 +490,43 @@ impl Harness {
         got
     }
 
+    fn verify_snapshot(&self, i: usize, when: &str) -> Result<(), TestCaseError> {
+        let (name, content) = &self.snaps[i];
+        let reader = self.img().open_snapshot(name).unwrap();
+        prop_assert_eq!(reader.len(), content.len() as u64);
+        let mut got = vec![0xEEu8; content.len()];
+        for (j, chunk) in got.chunks_mut(1 << 20).enumerate() {
+            reader.read_at(chunk, (j as u64) << 20).unwrap();
+        }
+        if &got != content {
+            let first = got.iter().zip(content).position(|(a, b)| a != b);
+            return Err(TestCaseError::fail(format!(
+                "snapshot {name} differs {when}: first difference at byte {first:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The image's snapshots are exactly the model's, with the same contents.
+    fn verify_snapshots(&self, when: &str) -> Result<(), TestCaseError> {
+        let mut have: Vec<String> = self
+            .img()
+            .snapshot_list()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        let mut want: Vec<String> = self.snaps.iter().map(|(n, _)| n.clone()).collect();
+        have.sort();
+        want.sort();
+        prop_assert_eq!(have, want, "snapshots {}", when);
+        for i in 0..self.snaps.len() {
+            self.verify_snapshot(i, when)?;
+        }
+        Ok(())
+    }
+
     fn compare_all(&self, when: &str) -> Result<(), TestCaseError> {
+        self.verify_snapshots(when)?;
         let got = self.read_all();
         if got != self.model {
             let first = got.iter().zip(&self.model).position(|(a, b)| a != b);

@@ -7,8 +7,11 @@
 //! All threads also hammer a shared region with whole-block writes tagged
 //! (block, thread, seq) in every 8-byte word, whole-block discards and reads
 //! that must see, per block, either zeros or one complete tag for that block,
-//! never a mix. After the joins every shared block must hold the last
-//! operation of one of the threads on it (per-block linearizability), the
+//! never a mix. Threads also take snapshots while the others write: a
+//! snapshot must hold the taking thread's region exactly as its model was and
+//! only whole tags in the shared region (checked before it is deleted, after
+//! the joins and after reopen). After the joins every shared block must hold
+//! the last operation of one of the threads on it (per-block linearizability), the
 //! private regions must equal the models, nothing may be left dirty after a
 //! flush, and the same must hold after close + open.
 //!
@@ -109,11 +112,36 @@ fn read_tag(data: &[u8], block: u64, what: &str) -> u64 {
 /// The last operation of a thread on each shared block: a tag, or 0 (discard).
 type LastOps = HashMap<u64, u64>;
 
-fn worker(img: &Image, lay: Layout, t: u64, ops: u64) -> (Vec<u8>, LastOps) {
+/// Snapshots a thread took: name and its private region at that moment.
+type Snaps = Vec<(String, Vec<u8>)>;
+
+/// A snapshot holds every write completed before it was taken: the taking
+/// thread's private region exactly as its model was, and in the shared region
+/// whole tags only.
+fn verify_snapshot(img: &Image, lay: Layout, t: u64, name: &str, model: &[u8], when: &str) {
+    let snap = img
+        .open_snapshot(name)
+        .unwrap_or_else(|e| panic!("{when}: snapshot {name}: {e}"));
+    let mut buf = vec![0u8; model.len()];
+    snap.read_at(&mut buf, t * lay.private).unwrap();
+    if buf != model {
+        let i = buf.iter().zip(model).position(|(a, b)| a != b).unwrap();
+        panic!("{when}: snapshot {name}: thread {t}'s region differs at +{i}");
+    }
+    let bs = lay.bs as usize;
+    let mut shared = vec![0u8; bs * lay.shared_blocks as usize];
+    snap.read_at(&mut shared, lay.shared_off).unwrap();
+    for (b, chunk) in shared.chunks(bs).enumerate() {
+        read_tag(chunk, b as u64, &format!("{when}: snapshot {name}"));
+    }
+}
+
+fn worker(img: &Image, lay: Layout, t: u64, ops: u64) -> (Vec<u8>, LastOps, Snaps) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((t + 1) * 0x1234_5678_9ABC_DEF1));
     let base = t * lay.private;
     let mut model = vec![0u8; lay.private as usize];
     let mut last = LastOps::new();
+    let mut snaps = Snaps::new();
     let bs = lay.bs;
     for seq in 0..ops {
         match rng.below(100) {
@@ -185,7 +213,19 @@ fn worker(img: &Image, lay: Layout, t: u64, ops: u64) -> (Vec<u8>, LastOps) {
                     read_tag(chunk, first + i as u64, "concurrent read");
                 }
             }
-            95..=98 => img.flush().unwrap(),
+            95..=97 => img.flush().unwrap(),
+            // Snapshots, taken while the other threads write; a thread keeps
+            // at most 3, checking and deleting the oldest.
+            98 => {
+                let name = format!("t{t}-{seq}");
+                img.snapshot_create(&name).unwrap();
+                snaps.push((name, model.clone()));
+                if snaps.len() > 3 {
+                    let (name, m) = snaps.remove(0);
+                    verify_snapshot(img, lay, t, &name, &m, "while running");
+                    img.snapshot_delete(&name).unwrap();
+                }
+            }
             _ => {
                 if t == 0 {
                     img.checkpoint().unwrap();
@@ -195,7 +235,7 @@ fn worker(img: &Image, lay: Layout, t: u64, ops: u64) -> (Vec<u8>, LastOps) {
             }
         }
     }
-    (model, last)
+    (model, last, snaps)
 }
 
 fn verify(img: &Image, lay: Layout, models: &[Vec<u8>], lasts: &[LastOps], when: &str) {
@@ -279,7 +319,7 @@ fn run(bs: u64, codec: Codec, cache: u64, on_file: bool) {
         });
     }
     drop(tx);
-    let mut results: Vec<Option<(Vec<u8>, LastOps)>> = vec![None; THREADS as usize];
+    let mut results: Vec<Option<(Vec<u8>, LastOps, Snaps)>> = vec![None; THREADS as usize];
     for _ in 0..THREADS {
         let (t, r) = rx.recv_timeout(WATCHDOG).unwrap_or_else(|_| {
             panic!(
@@ -293,7 +333,27 @@ fn run(bs: u64, codec: Codec, cache: u64, on_file: bool) {
             Err(e) => std::panic::resume_unwind(e),
         }
     }
-    let (models, lasts): (Vec<_>, Vec<_>) = results.into_iter().map(Option::unwrap).unzip();
+    let mut models = Vec::new();
+    let mut lasts = Vec::new();
+    let mut snaps = Vec::new();
+    for r in results {
+        let (m, l, s) = r.unwrap();
+        models.push(m);
+        lasts.push(l);
+        snaps.push(s);
+    }
+    let check_snaps = |img: &Image, when: &str| {
+        let mut names: Vec<String> = img.snapshot_list().into_iter().map(|s| s.name).collect();
+        let mut want: Vec<String> = snaps.iter().flatten().map(|(n, _)| n.clone()).collect();
+        names.sort();
+        want.sort();
+        assert_eq!(names, want, "{when}: snapshot list");
+        for (t, list) in snaps.iter().enumerate() {
+            for (name, m) in list {
+                verify_snapshot(img, lay, t as u64, name, m, when);
+            }
+        }
+    };
     let what = format!("bs={bs} {codec} cache={cache} file={on_file}");
     verify(
         &img,
@@ -302,6 +362,7 @@ fn run(bs: u64, codec: Codec, cache: u64, on_file: bool) {
         &lasts,
         &format!("{what}, after the joins"),
     );
+    check_snaps(&img, &format!("{what}, after the joins"));
     img.flush().unwrap();
     let stats = img.stats();
     assert_eq!(
@@ -315,6 +376,7 @@ fn run(bs: u64, codec: Codec, cache: u64, on_file: bool) {
         Where::File(path, _) => Image::open(path, &opts(cache)).unwrap(),
     };
     verify(&img, lay, &models, &lasts, &format!("{what}, after reopen"));
+    check_snaps(&img, &format!("{what}, after reopen"));
     img.close().unwrap();
 }
 
