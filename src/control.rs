@@ -9,7 +9,7 @@
 //! | `snapshot NAME` | a crash-consistent snapshot of `disk` (the writes completed before the command), durable when the write returns; `snapshots/NAME` appears at once. `EEXIST` if the name is taken, `EROFS` on a read-only mount |
 //! | `delete-snapshot NAME` | deletes it; `ENOENT` if there is none, `EBUSY` while `snapshots/NAME` is open or clones are based on it |
 //! | `hold-snapshot NAME`, `release-snapshot NAME` | one more / one less clone based on it (what `vbdfs clone` does on a mounted base); `ENOENT`, `EINVAL` when not held |
-//! | `compact` | not available yet: `EOPNOTSUPP` |
+//! | `compact` | return the host space of dead records (see `engine::reclaim`) |
 //!
 //! Snapshot names: 1 to 64 of `A-Z a-z 0-9 . _ -`, starting with a letter,
 //! digit or `_` ([`crate::format::check_snapshot_name`]). An unknown or
@@ -146,12 +146,6 @@ impl Control {
     }
 
     fn run(&self, cmd: &Command) -> Result<()> {
-        let not_yet = |what: &str| {
-            Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("{what} is not available yet in this build"),
-            ))
-        };
         match cmd {
             Command::Flush => self.image.flush(),
             Command::Snapshot(name) => self.image.snapshot_create(name).map(|_| ()),
@@ -160,7 +154,15 @@ impl Control {
             }),
             Command::HoldSnapshot(name) => self.image.snapshot_hold(name).map(|_| ()),
             Command::ReleaseSnapshot(name) => self.image.snapshot_release(name).map(|_| ()),
-            Command::Compact => not_yet("compact"),
+            Command::Compact => self.image.compact().map(|r| {
+                log::info!(
+                    "{}: compacted: live {} bytes, host space {} -> {} bytes",
+                    self.image_path.display(),
+                    r.live_bytes,
+                    r.file_allocated_before,
+                    r.file_allocated_after
+                );
+            }),
         }
     }
 

@@ -83,7 +83,14 @@ fn create_refuses_bad_arguments() {
     );
     assert_error(&["create", i, "--size", "1G", "--compress", "lz4"], "lz4");
     assert_error(
-        &["create", i, "--size", "1G", "--backing", "/nonexistent/x.vbd"],
+        &[
+            "create",
+            i,
+            "--size",
+            "1G",
+            "--backing",
+            "/nonexistent/x.vbd",
+        ],
         "/nonexistent/x.vbd",
     );
     assert_error(
@@ -96,12 +103,15 @@ fn create_refuses_bad_arguments() {
 }
 
 #[test]
-fn later_commands_say_not_available() {
+fn compact_reports_host_space_and_refuses_missing_images() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let img = tmp.path().join("c.vbd");
     create(&img, "1M", &[]);
-    let i = p(&img);
-    assert_error(&["compact", i], "not available yet");
+    let out = run(&["compact", p(&img)]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("host space"), "{out:?}");
+    let missing = tmp.path().join("missing.vbd");
+    assert_error(&["compact", p(&missing)], "missing.vbd");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Crash safety at every write boundary.
 //!
 //! A seeded workload (unaligned writes, discards, flushes, checkpoints,
-//! reopens) runs on a [`FaultStore`] that crashes at event `k`, for every `k`
+//! compactions, reopens) runs on a [`FaultStore`] that crashes at event `k`, for every `k`
 //! the workload reaches. Each crash image variant (nothing pending, all, every
 //! prefix, random subsets, torn last writes) must then open without repair,
 //! pass `check`, and read, for every block, a value that block held at some
@@ -48,6 +48,7 @@ enum Op {
     Discard { off: usize, len: usize },
     Flush,
     Checkpoint,
+    Compact,
     Reopen,
 }
 
@@ -71,6 +72,7 @@ fn workload(seed: u64) -> Vec<Op> {
             }
             6 | 7 => Op::Flush,
             8 => Op::Checkpoint,
+            9 if rng.below(2) == 0 => Op::Compact,
             _ => Op::Reopen,
         })
         .collect()
@@ -145,8 +147,16 @@ fn run(store: &Arc<FaultStore>, ops: &[Op]) -> Oracle {
     for op in ops {
         let ok = match op {
             Op::Write { off, len, fill } => {
+                // Incompressible bytes: records fill whole pages, so
+                // reclaim and compaction really punch holes next to them.
+                let mut x = u64::from(*fill).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ *off as u64 | 1;
                 let data: Vec<u8> = (0..*len)
-                    .map(|i| fill.wrapping_add((i / 512) as u8))
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
                     .collect();
                 oracle.apply(*off, &data);
                 img.write_at(&data, *off as u64).is_ok()
@@ -163,6 +173,7 @@ fn run(store: &Arc<FaultStore>, ops: &[Op]) -> Oracle {
                 ok
             }
             Op::Checkpoint => img.checkpoint().is_ok(),
+            Op::Compact => img.compact().is_ok(),
             Op::Reopen => {
                 let ok = img.close().is_ok();
                 if ok {

@@ -2,6 +2,7 @@
 //! module per command group. Every command returns a [`Result`]; `main` prints
 //! an error as one line `vbdfs: <message>` and exits non-zero.
 
+mod compact;
 mod create;
 mod daemon;
 mod inspect;
@@ -17,7 +18,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{Error, ErrorKind, Result};
+use crate::Result;
 
 /// vbdfs: copy-on-write, compressed, checksummed disk images served through
 /// FUSE as a flat raw file.
@@ -210,14 +211,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export(a) => {
             crate::convert::run_export(&a.image, &a.dest, None).map(|()| ExitCode::SUCCESS)
         }
-        Command::Compact(_) => not_yet("compact"),
+        Command::Compact(a) => compact::run(&a).map(|()| ExitCode::SUCCESS),
     }
-}
-
-/// The refusal of a command that a later issue implements.
-fn not_yet(command: &str) -> Result<ExitCode> {
-    Err(Error::new(
-        ErrorKind::Unsupported,
-        format!("{command}: not available yet in this build"),
-    ))
 }

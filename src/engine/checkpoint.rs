@@ -14,6 +14,7 @@
 //! record before the first sync and named by the same superblock. The table
 //! and the map therefore commit atomically, with the same crash guarantees.
 
+use super::map::Dead;
 use super::snaptable::SnapEdit;
 use super::Inner;
 use crate::codec;
@@ -47,18 +48,22 @@ impl Inner {
     pub(super) fn commit(&self, clean: bool, edit: Option<SnapEdit<'_>>) -> Result<()> {
         let _one = self.checkpoint_lock.lock();
         self.check_failed()?;
-        let (dirty, start_off, start_lsn, epoch, gen, data_blocks, stored_bytes) = {
+        let (dirty, freed, start_off, start_lsn, epoch, gen, data_blocks, stored_bytes) = {
             let mut log = self.log.lock();
             let mut map = self.map.write();
             let dirty = map.take_dirty();
+            let freed = std::mem::take(&mut map.freed);
             let gen = log.gen;
             log.gen += 1;
             log.since_checkpoint = 0;
             let counts = (map.data_blocks, map.stored_bytes);
-            (dirty, log.off, log.lsn, log.epoch, gen, counts.0, counts.1)
+            (
+                dirty, freed, log.off, log.lsn, log.epoch, gen, counts.0, counts.1,
+            )
         };
         let store = self.store.as_ref();
         let mut written = Vec::with_capacity(dirty.len());
+        let mut dead = freed;
         for (leaf, entries) in dirty {
             let raw = encode_leaf(&entries);
             let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
@@ -84,7 +89,13 @@ impl Inner {
         let ptrs: Vec<LeafPtr> = {
             let mut map = self.map.write();
             for p in written {
-                map.ptrs.insert(p.leaf, p);
+                if let Some(old) = map.ptrs.insert(p.leaf, p) {
+                    dead.push(Dead {
+                        off: old.off,
+                        len: old.len,
+                        birth: None,
+                    });
+                }
             }
             map.ptrs.values().copied().collect()
         };
@@ -121,6 +132,15 @@ impl Inner {
             }
         };
         let tail = self.log.lock().off;
+        let replaced = {
+            let sb = self.sb.lock();
+            let table = if snap_table.is_some() {
+                Some(sb.snap_table)
+            } else {
+                None
+            };
+            [Some(sb.index), table]
+        };
         let published = self.publish(clean, gen, (start_off, start_lsn, epoch), index, tail, {
             snap_table.as_ref().map(|(_, ptr)| *ptr)
         });
@@ -132,6 +152,19 @@ impl Inner {
             }
             (result, None) => result?,
         }
+        // The previous index (and snapshot table) died with this commit.
+        dead.extend(
+            replaced
+                .into_iter()
+                .flatten()
+                .filter(|p| p.off != 0)
+                .map(|p| Dead {
+                    off: p.off,
+                    len: p.len,
+                    birth: None,
+                }),
+        );
+        self.punch_dead(dead, start_off);
         Ok(())
     }
 

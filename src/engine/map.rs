@@ -25,6 +25,19 @@ pub(crate) struct BlockMap {
     pub data_blocks: u64,
     /// Sum of DATA record lengths.
     pub stored_bytes: u64,
+    /// DATA records this map stopped referencing since the last checkpoint
+    /// took the list (overwritten or discarded blocks): candidates for
+    /// reclaim once a checkpoint without them is durable.
+    pub freed: Vec<Dead>,
+}
+
+/// A record no longer referenced by the head: where it is, and its birth
+/// (`None` for map metadata: leaf and index records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dead {
+    pub off: u64,
+    pub len: u32,
+    pub birth: Option<u32>,
 }
 
 fn split(block: u64) -> (u64, usize) {
@@ -55,6 +68,11 @@ impl BlockMap {
         if old.kind == EntryKind::Data {
             self.data_blocks -= 1;
             self.stored_bytes -= u64::from(old.len);
+            self.freed.push(Dead {
+                off: old.off,
+                len: old.len,
+                birth: Some(old.birth),
+            });
         }
         if entry.kind == EntryKind::Data {
             self.data_blocks += 1;
@@ -129,7 +147,13 @@ impl BlockMap {
         }
         for leaf in empty {
             self.leaves.remove(&leaf);
-            self.ptrs.remove(&leaf);
+            if let Some(old) = self.ptrs.remove(&leaf) {
+                self.freed.push(Dead {
+                    off: old.off,
+                    len: old.len,
+                    birth: None,
+                });
+            }
         }
         out
     }

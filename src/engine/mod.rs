@@ -22,6 +22,7 @@ mod log;
 mod map;
 mod open;
 mod reader;
+mod reclaim;
 mod rw;
 mod snapshot;
 mod snaptable;
@@ -32,6 +33,7 @@ pub use backing::{BackingInfo, CloneOptions};
 pub use clone::BaseSnapshot;
 pub use inspect::{BadBlock, CheckReport, ImageStats};
 pub use reader::{DiskView, SnapshotReader};
+pub use reclaim::CompactReport;
 pub use snapshot::{SnapshotInfo, SnapshotTiming, SnapshotUsage};
 
 use crate::cache::BlockCache;

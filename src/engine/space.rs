@@ -18,11 +18,11 @@ use std::collections::{BTreeMap, HashSet};
 type Distinct = Vec<(u64, Vec<usize>, Vec<MapEntry>)>;
 
 impl Inner {
-    fn file_len(&self) -> Result<u64> {
+    pub(super) fn file_len(&self) -> Result<u64> {
         self.store.len().map_err(|e| Error::io("size of image", e))
     }
 
-    fn snapshot_entries(&self) -> Vec<SnapEntry> {
+    pub(super) fn snapshot_entries(&self) -> Vec<SnapEntry> {
         self.snaps.entries()
     }
 

@@ -54,6 +54,11 @@ impl Store for FileStore {
         sys::punch_hole(&self.file, off, len)
     }
 
+    fn allocated(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
     fn forget(&self, off: u64, len: u64) {
         sys::drop_page_cache(&self.file, off, len);
     }

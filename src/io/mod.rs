@@ -39,6 +39,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Deallocates `[off, off+len)`; it reads back as zeros. The length is kept.
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Bytes of host storage the store occupies, where the backend knows.
+    fn allocated(&self) -> Option<u64> {
+        None
+    }
     /// Hint that `[off, off+len)` will not be read soon (drop host caches).
     fn forget(&self, _off: u64, _len: u64) {}
     /// Hint that `[off, off+len)` was appended: start writing it to disk now;

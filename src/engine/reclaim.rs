@@ -1,0 +1,207 @@
+//! Space reclaim: returning the host space of dead records (hole punching).
+//!
+//! Records are never overwritten, so an overwrite or discard leaves the old
+//! record dead in the log. Two mechanisms give its space back to the host file
+//! system, both by punching holes (`FALLOC_FL_PUNCH_HOLE`), never by moving
+//! data, so a crash at any point loses nothing:
+//!
+//! - **After every checkpoint** ([`Inner::punch_dead`]): the records that the
+//!   head stopped referencing before the checkpoint's log start are dead in the
+//!   durable state too. Data records born after the newest snapshot belong to
+//!   no snapshot; leaf and index records are checked against every snapshot's
+//!   index. Their whole 4 KiB pages are punched.
+//! - **Compaction** ([`Image::compact`], `echo compact > control`, `vbdfs
+//!   compact`): after a checkpoint, every record referenced by the committed
+//!   head map, by any snapshot or by the superblock, and everything after the
+//!   committed log start, is live; every whole page between live records is
+//!   punched. This also frees what deleted snapshots held.
+//!
+//! Liveness is always judged against the **durable** state (the committed
+//! maps), never the in-memory map: a record that the in-memory map has
+//! superseded may still be the last flushed value after a crash.
+
+use super::map::{BlockMap, Dead};
+use super::open::load_map;
+use super::{Image, Inner};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{align_up, RecPtr, LOG_START, RECORD_ALIGN};
+use serde::Serialize;
+use std::collections::HashSet;
+
+/// Host page size used for punching.
+const PAGE: u64 = 4096;
+
+/// What a compaction did.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CompactReport {
+    /// Bytes of the log referenced by live records.
+    pub live_bytes: u64,
+    /// Host bytes allocated to the image file before.
+    pub file_allocated_before: u64,
+    /// Host bytes allocated to the image file after.
+    pub file_allocated_after: u64,
+}
+
+/// A byte range `[start, end)` of the image file.
+type Span = (u64, u64);
+
+fn span(off: u64, len: u32) -> Span {
+    (off, align_up(off + u64::from(len), RECORD_ALIGN))
+}
+
+impl Inner {
+    /// Leaf and index records referenced by some snapshot.
+    fn snapshot_meta(&self) -> Result<HashSet<u64>> {
+        let mut out = HashSet::new();
+        let file_len = self.file_len()?;
+        for snap in self.snapshot_entries() {
+            out.insert(snap.index.off);
+            let map = load_map(
+                self.store.as_ref(),
+                snap.index,
+                self.block_shift,
+                file_len,
+                self.nblocks,
+            )?;
+            out.extend(map.ptrs.values().map(|p| p.off));
+        }
+        Ok(out)
+    }
+
+    /// Punches the pages of `dead` records (dead as of the durable checkpoint
+    /// whose log starts at `start`). Failures only cost space: they are logged.
+    pub(super) fn punch_dead(&self, mut dead: Vec<Dead>, start: u64) {
+        if dead.is_empty() || self.read_only {
+            return;
+        }
+        let snaps = self.snapshot_entries();
+        let newest = snaps.iter().map(|s| s.gen).max();
+        let meta = if snaps.is_empty() {
+            HashSet::new()
+        } else {
+            match self.snapshot_meta() {
+                Ok(meta) => meta,
+                Err(e) => {
+                    ::log::warn!("space reclaim skipped: {e}");
+                    return;
+                }
+            }
+        };
+        dead.retain(|d| {
+            span(d.off, d.len).1 <= start
+                && match d.birth {
+                    Some(birth) => newest.is_none_or(|g| u64::from(birth) > g),
+                    None => !meta.contains(&d.off),
+                }
+        });
+        let mut spans: Vec<Span> = dead.iter().map(|d| span(d.off, d.len)).collect();
+        spans.sort_unstable();
+        let mut run: Option<Span> = None;
+        for s in spans {
+            run = match run {
+                Some((a, b)) if s.0 <= b => Some((a, b.max(s.1))),
+                Some(done) => {
+                    self.punch_interior(done);
+                    Some(s)
+                }
+                None => Some(s),
+            };
+        }
+        if let Some(done) = run {
+            self.punch_interior(done);
+        }
+    }
+
+    /// Punches the whole pages inside `[start, end)`.
+    fn punch_interior(&self, (start, end): Span) {
+        let (a, b) = (align_up(start, PAGE), end & !(PAGE - 1));
+        if a < b {
+            if let Err(e) = self.store.punch_hole(a, b - a) {
+                ::log::warn!("punching {a}+{} failed (space not reclaimed): {e}", b - a);
+            }
+        }
+    }
+
+    /// Every byte range below the committed log start that a live record uses.
+    fn live_spans(&self, committed_index: RecPtr, sb_ptrs: &[RecPtr]) -> Result<Vec<Span>> {
+        let file_len = self.file_len()?;
+        let mut spans = Vec::new();
+        let add_map = |map: &BlockMap, index: RecPtr, spans: &mut Vec<Span>| {
+            if index.off != 0 {
+                spans.push(span(index.off, index.len));
+            }
+            spans.extend(map.ptrs.values().map(|p| span(p.off, p.len)));
+            spans.extend(map.data_entries().map(|(_, e)| span(e.off, e.len)));
+        };
+        let head = load_map(
+            self.store.as_ref(),
+            committed_index,
+            self.block_shift,
+            file_len,
+            self.nblocks,
+        )?;
+        add_map(&head, committed_index, &mut spans);
+        for snap in self.snapshot_entries() {
+            let map = load_map(
+                self.store.as_ref(),
+                snap.index,
+                self.block_shift,
+                file_len,
+                self.nblocks,
+            )?;
+            add_map(&map, snap.index, &mut spans);
+        }
+        spans.extend(
+            sb_ptrs
+                .iter()
+                .filter(|p| p.off != 0)
+                .map(|p| span(p.off, p.len)),
+        );
+        spans.sort_unstable();
+        Ok(spans)
+    }
+
+    pub(super) fn compact(&self) -> Result<CompactReport> {
+        if self.read_only {
+            return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
+        }
+        self.checkpoint(false)?;
+        // Held while judging and punching: no checkpoint or snapshot change
+        // can move the committed state underneath.
+        let _one = self.checkpoint_lock.lock();
+        let before = self.store.allocated().unwrap_or(0);
+        let sb = self.sb.lock().clone();
+        let spans = self.live_spans(sb.index, &[sb.snap_table, sb.config])?;
+        let mut live_bytes = 0;
+        let mut cursor = LOG_START;
+        for (a, b) in spans
+            .iter()
+            .copied()
+            .chain([(sb.log_start_off, sb.log_start_off)])
+        {
+            if a > cursor {
+                self.punch_interior((cursor, a.min(sb.log_start_off)));
+            }
+            if b > cursor {
+                live_bytes += b - a.max(cursor);
+            }
+            cursor = cursor.max(b);
+            if cursor >= sb.log_start_off {
+                break;
+            }
+        }
+        let after = self.store.allocated().unwrap_or(0);
+        Ok(CompactReport {
+            live_bytes,
+            file_allocated_before: before,
+            file_allocated_after: after,
+        })
+    }
+}
+
+impl Image {
+    /// Returns the host space of every dead record (see the module docs).
+    pub fn compact(&self) -> Result<CompactReport> {
+        self.inner.compact()
+    }
+}
