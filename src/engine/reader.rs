@@ -13,7 +13,10 @@ use super::snapshot::SnapshotInfo;
 use super::snaptable::Pin;
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::format::{EntryKind, MapEntry, RecordKind, SnapEntry};
+use crate::format::{
+    align_up, EntryKind, MapEntry, RecordHeader, RecordKind, SnapEntry, RECORD_ALIGN,
+    RECORD_HEADER_LEN,
+};
 use crate::io::Store;
 use lru::LruCache;
 use parking_lot::Mutex;
@@ -22,6 +25,8 @@ use std::sync::Arc;
 
 /// Bytes of decoded blocks a reader keeps (at least 4 blocks).
 const READER_CACHE: usize = 4 << 20;
+/// Largest single read issued for a run of records.
+const MAX_RUN_BYTES: u64 = 2 << 20;
 
 /// A read-only snapshot. `Send + Sync`.
 #[derive(Debug)]
@@ -44,6 +49,14 @@ pub(super) fn decode_data(
     block_size: u64,
 ) -> Result<Vec<u8>> {
     let (h, payload) = super::log::read_record(store, entry.off, entry.len)?;
+    check_header(&h, block, entry, block_size)?;
+    let mut data = vec![0u8; block_size as usize];
+    codec::decode(h.codec, &payload, &mut data).map_err(|e| e.context(format!("block {block}")))?;
+    Ok(data)
+}
+
+/// Checks that a verified record is the DATA record `entry` names for `block`.
+fn check_header(h: &RecordHeader, block: u64, entry: MapEntry, block_size: u64) -> Result<()> {
     if h.kind != RecordKind::Data || h.key != block || h.birth != u64::from(entry.birth) {
         return Err(Error::corrupt(format!(
             "block {block}: record at {} belongs to {:?} {} (birth {})",
@@ -56,12 +69,71 @@ pub(super) fn decode_data(
             h.raw_len
         )));
     }
-    let mut data = vec![0u8; block_size as usize];
-    codec::decode(h.codec, &payload, &mut data).map_err(|e| e.context(format!("block {block}")))?;
-    Ok(data)
+    Ok(())
 }
 
 impl SnapshotReader {
+    /// Decodes the missing DATA blocks of `[off, off+len)` into the cache with
+    /// one `pread` per run of back-to-back records (blocks written in order
+    /// are). Failures are left to the normal path, which reports them.
+    fn prefetch(&self, off: u64, len: u64) {
+        let first = off >> self.block_shift;
+        let last = (off + len - 1) >> self.block_shift;
+        let missing: Vec<(u64, MapEntry)> = {
+            let cache = self.cache.lock();
+            (first..=last)
+                .map(|b| (b, self.map.get(b)))
+                .filter(|(b, e)| e.kind == EntryKind::Data && !cache.contains(b))
+                .collect()
+        };
+        let mut start = 0;
+        while start < missing.len() {
+            let mut end = start + 1;
+            while let Some((_, next)) = missing.get(end) {
+                let prev = missing[end - 1].1;
+                let run = next.off + u64::from(next.len) - missing[start].1.off;
+                if next.off != align_up(prev.off + u64::from(prev.len), RECORD_ALIGN)
+                    || run > MAX_RUN_BYTES
+                {
+                    break;
+                }
+                end += 1;
+            }
+            self.load_run(&missing[start..end]);
+            start = end;
+        }
+    }
+
+    fn load_run(&self, run: &[(u64, MapEntry)]) {
+        let (Some((_, head)), Some((_, tail))) = (run.first(), run.last()) else {
+            return;
+        };
+        let base = head.off;
+        let mut buf = vec![0u8; (tail.off + u64::from(tail.len) - base) as usize];
+        if self.store.read_at(&mut buf, base).is_err() {
+            return;
+        }
+        for &(block, entry) in run {
+            let at = (entry.off - base) as usize;
+            let Some(bytes) = buf.get(at..at + entry.len as usize) else {
+                return;
+            };
+            let decoded = super::log::check_len(entry.off, entry.len)
+                .and_then(|()| super::log::parse_record(bytes, entry.off, entry.len))
+                .and_then(|h| {
+                    check_header(&h, block, entry, self.block_size())?;
+                    codec::decode_to_vec(
+                        h.codec,
+                        &bytes[RECORD_HEADER_LEN..],
+                        self.block_size() as usize,
+                    )
+                });
+            if let Ok(data) = decoded {
+                self.cache.lock().put(block, Arc::new(data));
+            }
+        }
+    }
+
     /// Loads the map of `entry` from `store`.
     pub(super) fn load(
         store: Arc<dyn Store>,
@@ -136,9 +208,18 @@ impl SnapshotReader {
             )));
         }
         let bs = self.block_size();
+        // Prefetch windows of half the cache, so that prefetched blocks are
+        // still there when they are copied out.
+        let window = (self.cache.lock().cap().get() as u64 / 2).max(1) << self.block_shift;
+        let mut prefetched = off;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = off + done as u64;
+            if len > bs && pos >= prefetched {
+                let n = window.min(off + len - pos);
+                self.prefetch(pos, n);
+                prefetched = pos + n;
+            }
             let in_block = (pos & (bs - 1)) as usize;
             let n = (bs as usize - in_block).min(buf.len() - done);
             let out = &mut buf[done..done + n];
