@@ -27,7 +27,7 @@
 //! | `read-only` | `yes` or `no` |
 //! | `size`, `block-size` | virtual size and block size in bytes |
 //! | `codec`, `uuid` | block compression (`zstd:1`, `none`) and image identity |
-//! | `allocated-bytes`, `stored-bytes`, `file-bytes` | data held, its compressed size, the image file length |
+//! | `allocated-bytes`, `stored-bytes`, `file-bytes`, `file-allocated-bytes` | data held, its compressed size, the image file length, the host space it occupies |
 //! | `cache-size`, `cache-used`, `cache-hits`, `cache-misses` | the engine's buffer cache |
 //! | `dirty-bytes` | written but not yet durable |
 //! | `generation` | checkpoint generation |
@@ -187,7 +187,7 @@ impl Control {
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         let failed = self.has_failed() || st.failed.is_some();
         let last = self.last_error.lock().clone().or_else(|| st.failed.clone());
-        let lines: [(&str, String); 20] = [
+        let lines: [(&str, String); 21] = [
             ("state", if failed { "failed" } else { "mounted" }.into()),
             ("image", self.image_path.display().to_string()),
             ("mountpoint", self.mountpoint.display().to_string()),
@@ -200,6 +200,7 @@ impl Control {
             ("allocated-bytes", st.allocated_bytes.to_string()),
             ("stored-bytes", st.stored_bytes.to_string()),
             ("file-bytes", st.file_bytes.to_string()),
+            ("file-allocated-bytes", st.file_allocated_bytes.to_string()),
             ("cache-size", st.cache_bytes.to_string()),
             ("cache-used", st.cache_used_bytes.to_string()),
             ("cache-hits", st.cache_hits.to_string()),

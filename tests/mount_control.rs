@@ -50,6 +50,7 @@ fn status_and_commands() {
             "allocated-bytes",
             "stored-bytes",
             "file-bytes",
+            "file-allocated-bytes",
             "cache-size",
             "cache-used",
             "cache-hits",

@@ -79,6 +79,7 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         ("allocated", bytes(stats.allocated_bytes)),
         ("stored", bytes(stats.stored_bytes)),
         ("file size", bytes(stats.file_bytes)),
+        ("host space", bytes(stats.file_allocated_bytes)),
         ("state", state),
         ("generation", stats.generation.to_string()),
         ("uuid", stats.uuid.clone()),

@@ -22,6 +22,10 @@ pub struct ImageStats {
     pub stored_bytes: u64,
     /// Length of the image file.
     pub file_bytes: u64,
+    /// Host space the image file occupies (it is sparse: dead records are
+    /// punched out). `file_allocated_bytes - stored_bytes` is metadata plus
+    /// dead space not yet reclaimed.
+    pub file_allocated_bytes: u64,
     /// Checkpoint generation.
     pub generation: u64,
     /// True if the image was closed cleanly before this open.
@@ -89,6 +93,7 @@ impl Inner {
             allocated_bytes: allocated,
             stored_bytes: stored,
             file_bytes: self.store.len().unwrap_or(0),
+            file_allocated_bytes: self.store.allocated().unwrap_or(0),
             generation: sb.gen,
             clean: self.opened_clean,
             read_only: self.read_only,
