@@ -23,6 +23,7 @@ pub mod cli;
 pub mod codec;
 pub mod control;
 pub mod convert;
+pub mod crypto;
 pub mod engine;
 pub mod error;
 pub mod format;
