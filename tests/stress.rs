@@ -13,7 +13,11 @@
 //! the joins and after reopen). After the joins every shared block must hold
 //! the last operation of one of the threads on it (per-block linearizability), the
 //! private regions must equal the models, nothing may be left dirty after a
-//! flush, and the same must hold after close + open.
+//! flush, and the same must hold after close + open. One run uses a
+//! FaultStore (writes volatile until sync): as every thread's last operation
+//! is a flush, every power-loss image taken after the joins must read exactly
+//! as the image does, snapshots included. Thread 1 runs `check()` throughout:
+//! nothing may ever look damaged.
 //!
 //! `VBDFS_STRESS_OPS` sets operations per thread (default 1500).
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
@@ -23,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
-use vbdfs::io::MemStore;
+use vbdfs::io::{FaultStore, MemStore};
 use vbdfs::{Codec, CreateOptions, Image, OpenOptions};
 
 const THREADS: u64 = 8;
@@ -226,15 +230,20 @@ fn worker(img: &Image, lay: Layout, t: u64, ops: u64) -> (Vec<u8>, LastOps, Snap
                     img.snapshot_delete(&name).unwrap();
                 }
             }
-            _ => {
-                if t == 0 {
-                    img.checkpoint().unwrap();
-                } else {
-                    img.flush().unwrap();
+            _ => match t {
+                0 => img.checkpoint().unwrap(),
+                // check() while everything moves: nothing is ever damaged.
+                1 => {
+                    let report = img.check().unwrap();
+                    assert!(report.is_ok(), "check() while running: {:?}", report.bad);
+                    let _ = img.stats();
                 }
-            }
+                _ => img.flush().unwrap(),
+            },
         }
     }
+    // Every write of this thread is durable once this returns.
+    img.flush().unwrap();
     (model, last, snaps)
 }
 
@@ -279,28 +288,46 @@ fn opts(cache: u64) -> OpenOptions {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Backend {
+    Mem,
+    File,
+    /// Writes stay volatile until a sync: after the joins (every thread's
+    /// last operation is a flush) every power-loss image must hold it all.
+    Fault,
+}
+
 enum Where {
     Mem(Arc<MemStore>),
+    Fault(Arc<FaultStore>),
     /// The directory is kept alive (deleted on drop) with the path in it.
     File(PathBuf, #[allow(dead_code)] tempfile::TempDir),
 }
 
-fn run(bs: u64, codec: Codec, cache: u64, on_file: bool) {
+fn run(bs: u64, codec: Codec, cache: u64, backend: Backend) {
     let lay = Layout::new(bs, 48);
     let create = CreateOptions {
         size: lay.size,
         block_size: bs,
         codec,
     };
-    let (place, img) = if on_file {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.vbd");
-        let img = Image::create(&path, &create, &opts(cache)).unwrap();
-        (Where::File(path, dir), img)
-    } else {
-        let store = Arc::new(MemStore::new());
-        let img = Image::create_on(store.clone(), &create, &opts(cache)).unwrap();
-        (Where::Mem(store), img)
+    let (place, img) = match backend {
+        Backend::File => {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("s.vbd");
+            let img = Image::create(&path, &create, &opts(cache)).unwrap();
+            (Where::File(path, dir), img)
+        }
+        Backend::Mem => {
+            let store = Arc::new(MemStore::new());
+            let img = Image::create_on(store.clone(), &create, &opts(cache)).unwrap();
+            (Where::Mem(store), img)
+        }
+        Backend::Fault => {
+            let store = Arc::new(FaultStore::new());
+            let img = Image::create_on(store.clone(), &create, &opts(cache)).unwrap();
+            (Where::Fault(store), img)
+        }
     };
     let img = Arc::new(img);
     let ops = ops_per_thread();
@@ -354,7 +381,7 @@ fn run(bs: u64, codec: Codec, cache: u64, on_file: bool) {
             }
         }
     };
-    let what = format!("bs={bs} {codec} cache={cache} file={on_file}");
+    let what = format!("bs={bs} {codec} cache={cache} {backend:?}");
     verify(
         &img,
         lay,
@@ -363,6 +390,26 @@ fn run(bs: u64, codec: Codec, cache: u64, on_file: bool) {
         &format!("{what}, after the joins"),
     );
     check_snaps(&img, &format!("{what}, after the joins"));
+    if let Where::Fault(store) = &place {
+        // Every thread flushed last: whatever a power loss leaves now must
+        // read exactly as the image does.
+        let mut shared = vec![0u8; (lay.shared_blocks * bs) as usize];
+        img.read_at(&mut shared, lay.shared_off).unwrap();
+        for (name, bytes) in store.crash_now().variants(7, 3) {
+            let when = format!("{what}, power loss after the joins ({name})");
+            let copy = Image::open_on(Arc::new(MemStore::from_bytes(bytes)), &opts(cache))
+                .unwrap_or_else(|e| panic!("{when}: open: {e}"));
+            verify(&copy, lay, &models, &lasts, &when);
+            let mut got = vec![0u8; shared.len()];
+            copy.read_at(&mut got, lay.shared_off).unwrap();
+            assert!(
+                got == shared,
+                "{when}: the shared region lost flushed writes"
+            );
+            check_snaps(&copy, &when);
+            copy.close().unwrap();
+        }
+    }
     img.flush().unwrap();
     let stats = img.stats();
     assert_eq!(
@@ -373,6 +420,7 @@ fn run(bs: u64, codec: Codec, cache: u64, on_file: bool) {
     img.close().unwrap();
     let img = match &place {
         Where::Mem(store) => Image::open_on(store.clone(), &opts(cache)).unwrap(),
+        Where::Fault(store) => Image::open_on(store.clone(), &opts(cache)).unwrap(),
         Where::File(path, _) => Image::open(path, &opts(cache)).unwrap(),
     };
     verify(&img, lay, &models, &lasts, &format!("{what}, after reopen"));
@@ -382,15 +430,98 @@ fn run(bs: u64, codec: Codec, cache: u64, on_file: bool) {
 
 #[test]
 fn stress_4k_zstd_mem_tiny_cache() {
-    run(4096, Codec::Zstd(1), 256 << 10, false);
+    run(4096, Codec::Zstd(1), 256 << 10, Backend::Mem);
 }
 
 #[test]
 fn stress_64k_none_file() {
-    run(65536, Codec::None, 4 << 20, true);
+    run(65536, Codec::None, 4 << 20, Backend::File);
 }
 
 #[test]
 fn stress_64k_zstd_mem() {
-    run(65536, Codec::Zstd(1), 1 << 20, false);
+    run(65536, Codec::Zstd(1), 1 << 20, Backend::Mem);
+}
+
+#[test]
+fn stress_4k_zstd_faultstore_flush_is_durable() {
+    run(4096, Codec::Zstd(1), 1 << 20, Backend::Fault);
+}
+
+/// Readers and `check()` race a writer that rewrites the same few blocks and
+/// checkpoints after each write (every checkpoint may reclaim the space of
+/// the records it made dead): a read must never fail or see a torn block,
+/// and `check()` must never report damage, on a healthy image.
+#[test]
+fn reads_and_check_race_rewrites_and_checkpoints() {
+    // Many more blocks than the cache holds, so most reads go to the file.
+    let bs = 4096u64;
+    let blocks = 1024u64;
+    let store = Arc::new(MemStore::new());
+    let create = CreateOptions {
+        size: blocks * bs,
+        block_size: bs,
+        // Uncompressed: records span whole host pages, which reclaim punches.
+        codec: Codec::None,
+    };
+    let img = Arc::new(Image::create_on(store, &create, &opts(256 << 10)).unwrap());
+    for b in 0..blocks {
+        img.write_at(&tagged_block(bs, tag(b, 0, 0)), b * bs)
+            .unwrap();
+    }
+    img.flush().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let duration = Duration::from_millis(2000 + ops_per_thread());
+    let mut handles = Vec::new();
+    {
+        let (img, stop) = (img.clone(), stop.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut seq = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let b = (seq * 7919) % blocks;
+                img.write_at(&tagged_block(bs, tag(b, 1, seq)), b * bs)
+                    .unwrap();
+                if seq % 16 == 0 {
+                    img.checkpoint().unwrap();
+                } else {
+                    img.flush().unwrap();
+                }
+                seq += 1;
+            }
+        }));
+    }
+    for r in 0..3u64 {
+        let (img, stop) = (img.clone(), stop.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; bs as usize];
+            let mut n = r;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let b = (n * 104_729) % blocks;
+                img.read_at(&mut buf, b * bs)
+                    .unwrap_or_else(|e| panic!("read of healthy block {b}: {e}"));
+                assert_ne!(read_tag(&buf, b, "racing read"), 0);
+                n += 1;
+            }
+        }));
+    }
+    {
+        let (img, stop) = (img.clone(), stop.clone());
+        handles.push(std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let report = img.check().unwrap();
+                assert!(
+                    report.is_ok(),
+                    "check() on a healthy image: {:?}",
+                    report.bad
+                );
+            }
+        }));
+    }
+    std::thread::sleep(duration);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in handles {
+        if let Err(e) = h.join() {
+            std::panic::resume_unwind(e);
+        }
+    }
 }
