@@ -48,6 +48,7 @@ impl Inner {
     pub(super) fn commit(&self, clean: bool, edit: Option<SnapEdit<'_>>) -> Result<()> {
         let _one = self.checkpoint_lock.lock();
         self.check_failed()?;
+        let editing = edit.is_some();
         let (dirty, freed, start_off, start_lsn, epoch, gen, data_blocks, stored_bytes) = {
             let mut log = self.log.lock();
             let mut map = self.map.write();
@@ -164,7 +165,13 @@ impl Inner {
                     birth: None,
                 }),
         );
-        self.punch_dead(dead, start_off);
+        if editing {
+            // Snapshot operations must stay O(1): their dead records are
+            // judged by the next plain checkpoint, whose snapshot set is cached.
+            self.map.write().freed.extend(dead);
+        } else {
+            self.punch_dead(dead, start_off);
+        }
         Ok(())
     }
 
@@ -199,7 +206,10 @@ impl Inner {
         }
         let slot = next.seq % 2;
         store
-            .write_at(&next.encode(slot as u8), slot * SB_SLOT_SIZE)
+            .write_at(
+                &crate::crypto::encode_superblock(&next, slot as u8, self.store.as_ref()),
+                slot * SB_SLOT_SIZE,
+            )
             .map_err(|e| self.fail(Error::io("write superblock", e)))?;
         store
             .sync()

@@ -15,7 +15,6 @@ use crate::codec;
 use crate::error::{Error, Result};
 use crate::format::{
     align_up, EntryKind, MapEntry, RecordHeader, RecordKind, SnapEntry, RECORD_ALIGN,
-    RECORD_HEADER_LEN,
 };
 use crate::io::Store;
 use lru::LruCache;
@@ -91,9 +90,10 @@ impl SnapshotReader {
             let mut end = start + 1;
             while let Some((_, next)) = missing.get(end) {
                 let prev = missing[end - 1].1;
-                let run = next.off + u64::from(next.len) - missing[start].1.off;
-                if next.off != align_up(prev.off + u64::from(prev.len), RECORD_ALIGN)
-                    || run > MAX_RUN_BYTES
+                // Back to back (so after the run's start), and not too long.
+                let contiguous = next.off == align_up(prev.off + u64::from(prev.len), RECORD_ALIGN);
+                if !contiguous
+                    || next.off + u64::from(next.len) - missing[start].1.off > MAX_RUN_BYTES
                 {
                     break;
                 }
@@ -119,14 +119,12 @@ impl SnapshotReader {
                 return;
             };
             let decoded = super::log::check_len(entry.off, entry.len)
-                .and_then(|()| super::log::parse_record(bytes, entry.off, entry.len))
-                .and_then(|h| {
+                .and_then(|()| {
+                    super::log::parse_record_in(self.store.as_ref(), bytes, entry.off, entry.len)
+                })
+                .and_then(|(h, payload)| {
                     check_header(&h, block, entry, self.block_size())?;
-                    codec::decode_to_vec(
-                        h.codec,
-                        &bytes[RECORD_HEADER_LEN..],
-                        self.block_size() as usize,
-                    )
+                    codec::decode_to_vec(h.codec, &payload, self.block_size() as usize)
                 });
             if let Ok(data) = decoded {
                 self.cache.lock().put(block, Arc::new(data));

@@ -21,12 +21,13 @@
 //! superseded may still be the last flushed value after a crash.
 
 use super::map::{BlockMap, Dead};
-use super::open::load_map;
+use super::open::{load_map, read_index};
 use super::{Image, Inner};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{align_up, RecPtr, LOG_START, RECORD_ALIGN};
 use serde::Serialize;
 use std::collections::HashSet;
+use std::sync::Arc;
 
 /// Host page size used for punching.
 const PAGE: u64 = 4096;
@@ -50,21 +51,23 @@ fn span(off: u64, len: u32) -> Span {
 }
 
 impl Inner {
-    /// Leaf and index records referenced by some snapshot.
-    fn snapshot_meta(&self) -> Result<HashSet<u64>> {
+    /// Leaf and index records referenced by some snapshot. Only the INDEX
+    /// records are read (not the leaves), and the set is kept until the
+    /// snapshot table changes: checkpoints must not cost O(snapshots).
+    fn snapshot_meta(&self) -> Result<Arc<HashSet<u64>>> {
+        let table = self.snaps.table_ptr();
+        if let Some(meta) = self.snaps.cached_meta(table) {
+            return Ok(meta);
+        }
         let mut out = HashSet::new();
         let file_len = self.file_len()?;
         for snap in self.snapshot_entries() {
             out.insert(snap.index.off);
-            let map = load_map(
-                self.store.as_ref(),
-                snap.index,
-                self.block_shift,
-                file_len,
-                self.nblocks,
-            )?;
-            out.extend(map.ptrs.values().map(|p| p.off));
+            let ptrs = read_index(self.store.as_ref(), snap.index, file_len, self.nblocks)?;
+            out.extend(ptrs.iter().map(|p| p.off));
         }
+        let out = Arc::new(out);
+        self.snaps.set_cached_meta(table, out.clone());
         Ok(out)
     }
 
@@ -77,7 +80,7 @@ impl Inner {
         let snaps = self.snapshot_entries();
         let newest = snaps.iter().map(|s| s.gen).max();
         let meta = if snaps.is_empty() {
-            HashSet::new()
+            Arc::default()
         } else {
             match self.snapshot_meta() {
                 Ok(meta) => meta,

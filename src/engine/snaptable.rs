@@ -14,7 +14,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::{Codec, RecPtr, RecordKind, SnapEntry, SnapTable, Superblock, MAX_SNAPSHOTS};
 use crate::io::Store;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// The snapshot table in memory and who uses which snapshot.
@@ -35,6 +35,9 @@ pub(crate) struct SnapState {
 pub(crate) struct Snapshots {
     pub(super) state: Mutex<SnapState>,
     pub(super) timing: Mutex<Option<super::snapshot::SnapshotTiming>>,
+    /// LEAF and INDEX offsets the snapshots reference, for the table at this
+    /// pointer (space reclaim must not punch them).
+    meta: Mutex<Option<(RecPtr, Arc<HashSet<u64>>)>>,
 }
 
 /// A snapshot edit run inside a commit: gets the state and what the
@@ -66,6 +69,23 @@ impl Snapshots {
         st.table = table;
         st.ptr = ptr;
         st.deleting = None;
+    }
+
+    /// Where the committed table is.
+    pub(super) fn table_ptr(&self) -> RecPtr {
+        self.state.lock().ptr
+    }
+
+    /// The snapshots' LEAF/INDEX offsets if computed for the table at `table`.
+    pub(super) fn cached_meta(&self, table: RecPtr) -> Option<Arc<HashSet<u64>>> {
+        let meta = self.meta.lock();
+        meta.as_ref()
+            .filter(|(ptr, _)| *ptr == table)
+            .map(|(_, m)| m.clone())
+    }
+
+    pub(super) fn set_cached_meta(&self, table: RecPtr, meta: Arc<HashSet<u64>>) {
+        *self.meta.lock() = Some((table, meta));
     }
 
     pub(super) fn abort(&self) {
@@ -159,6 +179,7 @@ pub(super) fn load_table(store: &dyn Store, sb: &Superblock, file_len: u64) -> R
     Ok(Snapshots {
         state: Mutex::new(state),
         timing: Mutex::new(None),
+        meta: Mutex::new(None),
     })
 }
 
