@@ -615,6 +615,7 @@ impl Craft {
             snap_table: RecPtr::default(),
             config: RecPtr::default(),
             created_ns: 1,
+            crypto: 0,
         }
     }
 

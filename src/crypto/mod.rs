@@ -14,6 +14,7 @@
 //! on disk. See `docs/format.md`, "Encryption".
 
 pub mod keyslot;
+mod store;
 
 use crate::error::{Error, ErrorKind, Result};
 use chacha20poly1305::aead::AeadInOut;
@@ -24,6 +25,10 @@ use std::path::Path;
 use zeroize::Zeroizing;
 
 pub use keyslot::{KdfParams, KEYSLOT_AREA, KEYSLOT_SIZE};
+pub use store::{
+    attach, encode_superblock, encode_superblock_with, rekey, rekey_file, verify_superblock,
+    SealedStore,
+};
 
 /// Superblock `crypto` value of XChaCha20-Poly1305 records.
 pub const CRYPTO_XCHACHA20_POLY1305: u8 = 1;

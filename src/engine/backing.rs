@@ -99,6 +99,12 @@ fn open_level(
         .len()
         .map_err(|e| Error::io(format!("{what}: size"), e))?;
     let base_sb = read_superblock(base_store.as_ref(), base_len).map_err(|e| e.context(&what))?;
+    if base_sb.crypto != 0 {
+        return Err(Error::new(
+            crate::ErrorKind::Unsupported,
+            format!("{what}: clones of encrypted images are not supported yet"),
+        ));
+    }
     if base_sb.image_uuid != r.base_uuid {
         return Err(changed(
             &what,

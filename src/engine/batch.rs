@@ -72,19 +72,27 @@ impl Inner {
                     let at = (entry.off - base) as usize;
                     let bytes = &buf[at..at + entry.len as usize];
                     super::log::check_len(entry.off, entry.len)
-                        .and_then(|()| super::log::parse_record(bytes, entry.off, entry.len))
-                        .and_then(|h| {
-                            self.check_data_record(slot.block, *entry, &h)?;
-                            codec::decode_to_vec(
-                                h.codec,
-                                &bytes[crate::format::RECORD_HEADER_LEN..],
-                                bs,
+                        .and_then(|()| {
+                            super::log::parse_record_in(
+                                self.store.as_ref(),
+                                bytes,
+                                entry.off,
+                                entry.len,
                             )
+                        })
+                        .and_then(|(h, payload)| {
+                            self.check_data_record(slot.block, *entry, &h)?;
+                            codec::decode_to_vec(h.codec, &payload, bs)
                         })
                 }
             };
             match result {
                 Ok(data) => self.cache.finish_load(slot, data),
+                // Discarded or rewritten since the entry was read (its record
+                // may be reclaimed): load what the map says now.
+                Err(_) if self.map.read().get(slot.block) != *entry => {
+                    let _ = self.load(slot);
+                }
                 Err(e) => {
                     ::log::error!("read of block {} failed: {e}", slot.block);
                     self.cache.fail_load(slot, &e);

@@ -126,6 +126,7 @@ fn format_clone(store: &dyn Store, create: &CreateOptions, backing: &BackingRef)
             crc: header.crc,
         },
         created_ns: now_ns(),
+        crypto: 0,
     };
     store.write_at(&sb.encode(1), SB_SLOT_SIZE).map_err(io)?;
     store.sync().map_err(io)

@@ -5,11 +5,13 @@
 //! log mutex, which is also held while the map is updated for the record, so
 //! the map always reflects a prefix of the log (what checkpoints rely on).
 
+use crate::crypto::{Sealer, RECORD_AAD_LEN, SEAL_OVERHEAD};
 use crate::error::{Error, Result};
 use crate::format::{
     align_up, RecordHeader, RecordKind, MAX_PAYLOAD, RECORD_ALIGN, RECORD_HEADER_LEN,
 };
 use crate::io::Store;
+use std::borrow::Cow;
 
 /// The tail of the log and the numbers the next record gets.
 #[derive(Debug, Clone)]
@@ -87,10 +89,17 @@ impl LogTail {
         raw_len: u32,
         payload: &[u8],
     ) -> Result<Written> {
+        let sealer = store.sealer();
+        let sealed_len = payload.len()
+            + if sealer.is_some() {
+                SEAL_OVERHEAD as usize
+            } else {
+                0
+            };
         let mut header = RecordHeader {
             kind,
             codec,
-            payload_len: u32::try_from(payload.len())
+            payload_len: u32::try_from(sealed_len)
                 .map_err(|_| Error::invalid("record too large"))?,
             raw_len,
             lsn: self.lsn,
@@ -100,11 +109,23 @@ impl LogTail {
             birth: self.gen,
             crc: 0,
         };
+        // Encrypted images: key and birth travel inside the sealed payload,
+        // the header holds zeros (crate::crypto).
+        let sealed;
+        let payload = match sealer {
+            Some(s) => {
+                header.key = 0;
+                header.birth = 0;
+                sealed = s.seal(&header.sealed_aad(), key, self.gen, payload)?;
+                &sealed[..]
+            }
+            None => payload,
+        };
         let head = header.encode_header(payload);
         let pad = [0u8; RECORD_ALIGN as usize];
         let pad = &pad[..header.padding()];
         // Header, payload and padding in one vectored write: the payload is
-        // not copied into a record buffer first.
+        // not copied into a record buffer first (unless sealed).
         store
             .write_vectored_at(&[&head, payload, pad], self.off)
             .map_err(|e| Error::io(format!("write record at {}", self.off), e))?;
@@ -136,6 +157,46 @@ pub(crate) fn parse_record(bytes: &[u8], off: u64, len: u32) -> Result<RecordHea
     Ok(header)
 }
 
+/// Like [`parse_record`], and opens the payload of an encrypted image (the
+/// header then gets its key and birth from inside). Returns the header and
+/// the payload as stored before sealing.
+pub(crate) fn parse_record_in<'a>(
+    store: &dyn Store,
+    bytes: &'a [u8],
+    off: u64,
+    len: u32,
+) -> Result<(RecordHeader, Cow<'a, [u8]>)> {
+    let mut header = parse_record(bytes, off, len)?;
+    let (head, body) = bytes.split_at(RECORD_HEADER_LEN);
+    match store.sealer() {
+        None => Ok((header, Cow::Borrowed(body))),
+        Some(s) => {
+            let plain = unseal(s, &mut header, head, body)?;
+            Ok((header, Cow::Owned(plain)))
+        }
+    }
+}
+
+/// Opens a sealed payload whose header was read and crc-checked.
+fn unseal(s: &Sealer, header: &mut RecordHeader, head: &[u8], body: &[u8]) -> Result<Vec<u8>> {
+    if header.key != 0 || header.birth != 0 {
+        return Err(Error::corrupt(format!(
+            "record at {} of an encrypted image has a plaintext key",
+            header.self_off
+        )));
+    }
+    let (key, birth, plain) = s.open(&head[..RECORD_AAD_LEN], body, header.self_off)?;
+    if birth > u64::from(u32::MAX) {
+        return Err(Error::corrupt(format!(
+            "record at {} has impossible birth",
+            header.self_off
+        )));
+    }
+    header.key = key;
+    header.birth = birth;
+    Ok(plain)
+}
+
 /// Checks a record length from the map or an index before reading it.
 pub(crate) fn check_len(off: u64, len: u32) -> Result<()> {
     if (len as usize) < RECORD_HEADER_LEN || len > MAX_PAYLOAD + RECORD_HEADER_LEN as u32 {
@@ -156,34 +217,51 @@ pub(crate) fn read_record(
     store
         .read_at(&mut buf, off)
         .map_err(|e| read_error(off, e))?;
-    let header = parse_record(&buf, off, len)?;
+    let mut header = parse_record(&buf, off, len)?;
+    if let Some(s) = store.sealer() {
+        let (head, body) = buf.split_at(RECORD_HEADER_LEN);
+        let plain = unseal(s, &mut header, head, body)?;
+        return Ok((header, plain));
+    }
     // Shift the payload to the front in place: no second allocation.
     buf.drain(..RECORD_HEADER_LEN);
     Ok((header, buf))
 }
 
-/// Reads the record at `off` without knowing its length (roll-forward). `None`
-/// when there is no valid record there (end of log, torn or stale bytes).
+/// Reads the record at `off` without knowing its length (roll-forward).
+/// `Ok(None)` when there is no valid record there (end of log, torn or stale
+/// bytes). A record of an encrypted image that passes its crc but not its
+/// authentication is an error: it was written whole, then altered.
 pub(crate) fn read_next(
     store: &dyn Store,
     off: u64,
     file_len: u64,
-) -> Option<(RecordHeader, Vec<u8>)> {
+) -> Result<Option<(RecordHeader, Vec<u8>)>> {
     if off + RECORD_HEADER_LEN as u64 > file_len {
-        return None;
+        return Ok(None);
     }
     let mut head = [0u8; RECORD_HEADER_LEN];
-    store.read_at(&mut head, off).ok()?;
-    let header = RecordHeader::decode(&head, off).ok()?;
+    if store.read_at(&mut head, off).is_err() {
+        return Ok(None);
+    }
+    let Ok(mut header) = RecordHeader::decode(&head, off) else {
+        return Ok(None);
+    };
     if off + header.total_len() > file_len {
-        return None;
+        return Ok(None);
     }
     let mut payload = vec![0u8; header.payload_len as usize];
-    store
+    if store
         .read_at(&mut payload, off + RECORD_HEADER_LEN as u64)
-        .ok()?;
-    header.verify(&head, &payload).ok()?;
-    Some((header, payload))
+        .is_err()
+        || header.verify(&head, &payload).is_err()
+    {
+        return Ok(None);
+    }
+    if let Some(s) = store.sealer() {
+        payload = unseal(s, &mut header, &head, &payload)?;
+    }
+    Ok(Some((header, payload)))
 }
 
 /// The offset after a record.

@@ -167,12 +167,68 @@ impl Inner {
 impl Image {
     /// Creates a new image file at `path` (which must not exist) and opens it.
     pub fn create(path: &Path, create: &CreateOptions, open: &OpenOptions) -> Result<Image> {
-        open::create_file(path, create, open)
+        open::create_file(path, create, open, None)
+    }
+
+    /// Creates a new encrypted image at `path`, its data key wrapped under
+    /// `key` (see `crate::crypto`), and opens it.
+    pub fn create_encrypted(
+        path: &Path,
+        create: &CreateOptions,
+        open: &OpenOptions,
+        key: &crate::crypto::KeyMaterial,
+    ) -> Result<Image> {
+        open::create_file(path, create, open, Some(key))
+    }
+
+    /// Opens the image file at `path`; `key` is required for an encrypted
+    /// image and refused for a plain one. A missing or wrong key fails before
+    /// anything is written.
+    pub fn open_with_key(
+        path: &Path,
+        open: &OpenOptions,
+        key: Option<&crate::crypto::KeyMaterial>,
+    ) -> Result<Image> {
+        open::open_file(path, open, key)
+    }
+
+    /// [`Image::create_on`] for an encrypted image.
+    pub fn create_on_encrypted(
+        store: Arc<dyn Store>,
+        create: &CreateOptions,
+        open: &OpenOptions,
+        key: &crate::crypto::KeyMaterial,
+    ) -> Result<Image> {
+        open::format_store(store.as_ref(), create, Some(key))?;
+        Self::open_keyed(store, open, None, Some(key))
+    }
+
+    /// [`Image::open_on`] with the key of an encrypted image.
+    pub fn open_on_with_key(
+        store: Arc<dyn Store>,
+        open: &OpenOptions,
+        key: Option<&crate::crypto::KeyMaterial>,
+    ) -> Result<Image> {
+        Self::open_keyed(store, open, None, key)
+    }
+
+    /// Unlocks an encrypted image's keys (if any) and opens it. Reads only
+    /// until the key is accepted.
+    fn open_keyed(
+        store: Arc<dyn Store>,
+        open: &OpenOptions,
+        origin: Option<&Path>,
+        key: Option<&crate::crypto::KeyMaterial>,
+    ) -> Result<Image> {
+        let file_len = store.len().map_err(|e| Error::io("size of image", e))?;
+        let sb = open::read_superblock(store.as_ref(), file_len)?;
+        let store = crate::crypto::attach(store, &sb, key)?;
+        Self::open_at(store, open, origin)
     }
 
     /// Opens the image file at `path`.
     pub fn open(path: &Path, open: &OpenOptions) -> Result<Image> {
-        open::open_file(path, open)
+        open::open_file(path, open, None)
     }
 
     /// Creates a new image on an empty store and opens it.
@@ -181,14 +237,14 @@ impl Image {
         create: &CreateOptions,
         open: &OpenOptions,
     ) -> Result<Image> {
-        open::format_store(store.as_ref(), create)?;
+        open::format_store(store.as_ref(), create, None)?;
         Self::open_on(store, open)
     }
 
     /// Opens the image held by `store`. The backing image of a clone is looked
     /// for at its absolute path, then relative to the current directory.
     pub fn open_on(store: Arc<dyn Store>, open: &OpenOptions) -> Result<Image> {
-        Self::open_at(store, open, None)
+        Self::open_keyed(store, open, None, None)
     }
 
     /// Opens the image held by `store`, read from the file `origin` (the

@@ -6,6 +6,7 @@ use super::reader::SnapshotReader;
 use super::{Image, Inner, OpenOptions};
 use crate::cache::BlockCache;
 use crate::codec;
+use crate::crypto::KeyMaterial;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
     align_up, decode_index, decode_leaf, EntryKind, LeafPtr, MapEntry, RecPtr, RecordKind,
@@ -59,8 +60,13 @@ pub(super) fn validate(create: &CreateOptions) -> Result<u8> {
     Ok(bs.trailing_zeros() as u8)
 }
 
-/// Writes the first superblock of a new image onto an empty store.
-pub(super) fn format_store(store: &dyn Store, create: &CreateOptions) -> Result<()> {
+/// Writes the first superblock of a new image onto an empty store; with
+/// `key`, an encrypted image (keyslots first, then the superblock with its MAC).
+pub(super) fn format_store(
+    store: &dyn Store,
+    create: &CreateOptions,
+    key: Option<&KeyMaterial>,
+) -> Result<()> {
     let block_shift = validate(create)?;
     let sb = Superblock {
         flags: 0,
@@ -83,10 +89,20 @@ pub(super) fn format_store(store: &dyn Store, create: &CreateOptions) -> Result<
         snap_table: Default::default(),
         config: Default::default(),
         created_ns: now_ns(),
+        crypto: if key.is_some() {
+            crate::crypto::CRYPTO_XCHACHA20_POLY1305
+        } else {
+            0
+        },
     };
     let io = |e| Error::io("format image", e);
     store.set_len(LOG_START).map_err(io)?;
-    store.write_at(&sb.encode(1), SB_SLOT_SIZE).map_err(io)?;
+    let sealer = match key {
+        Some(key) => Some(crate::crypto::keyslot::create(store, key, &sb.image_uuid)?),
+        None => None,
+    };
+    let bytes = crate::crypto::encode_superblock_with(&sb, 1, sealer.as_ref());
+    store.write_at(&bytes, SB_SLOT_SIZE).map_err(io)?;
     store.sync().map_err(io)
 }
 
@@ -110,6 +126,7 @@ pub(super) fn create_file(
     path: &Path,
     create: &CreateOptions,
     open: &OpenOptions,
+    key: Option<&KeyMaterial>,
 ) -> Result<Image> {
     validate(create)?;
     let file = FsOpen::new()
@@ -129,7 +146,7 @@ pub(super) fn create_file(
         })?;
     lock(&file, path)?;
     let store = Arc::new(FileStore::new(file));
-    let made = format_store(store.as_ref(), create).and_then(|()| {
+    let made = format_store(store.as_ref(), create, key).and_then(|()| {
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -142,10 +159,14 @@ pub(super) fn create_file(
         let _ = std::fs::remove_file(path);
         return Err(e.context(path.display()));
     }
-    Image::open_at(store, open, Some(path)).map_err(|e| e.context(path.display()))
+    Image::open_keyed(store, open, Some(path), key).map_err(|e| e.context(path.display()))
 }
 
-pub(super) fn open_file(path: &Path, open: &OpenOptions) -> Result<Image> {
+pub(super) fn open_file(
+    path: &Path,
+    open: &OpenOptions,
+    key: Option<&KeyMaterial>,
+) -> Result<Image> {
     let file = FsOpen::new()
         .read(true)
         .write(!open.read_only)
@@ -161,7 +182,7 @@ pub(super) fn open_file(path: &Path, open: &OpenOptions) -> Result<Image> {
     if !open.read_only {
         lock(&file, path)?;
     }
-    Image::open_at(Arc::new(FileStore::new(file)), open, Some(path))
+    Image::open_keyed(Arc::new(FileStore::new(file)), open, Some(path), key)
         .map_err(|e| e.context(path.display()))
 }
 
@@ -179,7 +200,11 @@ pub(super) fn read_superblock(store: &dyn Store, file_len: u64) -> Result<Superb
         store
             .read_at(&mut buf, slot * SB_SLOT_SIZE)
             .map_err(|e| Error::io("read superblock", e))?;
-        match Superblock::decode(&buf, slot as u8) {
+        let decoded = Superblock::decode(&buf, slot as u8).and_then(|sb| {
+            crate::crypto::verify_superblock(&buf, slot as u8, store)?;
+            Ok(sb)
+        });
+        match decoded {
             Ok(sb) if best.as_ref().is_none_or(|b| sb.seq > b.seq) => best = Some(sb),
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::Unsupported => return Err(e),
@@ -227,7 +252,7 @@ pub(super) fn read_leaf(
     file_len: u64,
     nblocks: u64,
 ) -> Result<Vec<MapEntry>> {
-    let max_record = (1u32 << block_shift) + RECORD_HEADER_LEN as u32;
+    let max_record = (1u32 << block_shift) + RECORD_HEADER_LEN as u32 + seal_overhead(store);
     let (lh, lp) = read_record(store, ptr.off, ptr.len)?;
     if lh.kind != RecordKind::Leaf || lh.key != ptr.leaf || lh.crc != ptr.crc {
         return Err(Error::corrupt(format!(
@@ -291,13 +316,14 @@ fn roll_forward(
 ) -> Result<(u64, u64, u64)> {
     let (mut off, mut lsn, mut max_birth) = (sb.log_start_off, sb.log_start_lsn, sb.gen);
     let block_size = 1u32 << sb.block_shift;
-    while let Some((h, payload)) = read_next(store, off, file_len) {
+    let max_payload = block_size + seal_overhead(store);
+    while let Some((h, payload)) = read_next(store, off, file_len)? {
         if h.epoch != sb.log_epoch || h.lsn != lsn {
             break;
         }
         match h.kind {
             RecordKind::Data => {
-                if h.key >= nblocks || h.raw_len != block_size || h.payload_len > block_size {
+                if h.key >= nblocks || h.raw_len != block_size || h.payload_len > max_payload {
                     return Err(Error::corrupt(format!(
                         "data record at {off} is out of bounds"
                     )));
@@ -329,6 +355,15 @@ fn roll_forward(
         lsn += 1;
     }
     Ok((off, lsn, max_birth))
+}
+
+/// Bytes sealing adds to a record of the image in `store`.
+pub(super) fn seal_overhead(store: &dyn Store) -> u32 {
+    if store.sealer().is_some() {
+        crate::crypto::SEAL_OVERHEAD
+    } else {
+        0
+    }
 }
 
 /// Decodes a ZERO record payload: first block and count.

@@ -120,6 +120,14 @@ impl RecordHeader {
         out
     }
 
+    /// The first 40 bytes of the encoded header (magic through self_off): the
+    /// associated data a sealed payload is bound to (`crate::crypto`).
+    pub fn sealed_aad(&self) -> [u8; 40] {
+        let mut out = [0u8; 40];
+        out.copy_from_slice(&self.to_raw(0).as_bytes()[..40]);
+        out
+    }
+
     /// Zero bytes after the payload up to the next aligned offset.
     pub fn padding(&self) -> usize {
         (align_up(self.total_len(), RECORD_ALIGN) - self.total_len()) as usize

@@ -15,7 +15,14 @@ const LEN: usize = 512;
 /// never needs it, `info` reports it).
 pub const SB_FLAG_DIRTY: u32 = 1;
 /// Incompatible features this build understands (none yet).
-const KNOWN_INCOMPAT: u64 = 0;
+/// Incompat feature bit 0: records are sealed (`crypto` = 1, `crate::crypto`).
+pub const INCOMPAT_ENCRYPTED: u64 = 1;
+const KNOWN_INCOMPAT: u64 = INCOMPAT_ENCRYPTED;
+/// Where an encrypted image's superblock MAC (HMAC-SHA256 of bytes
+/// `0..SB_MAC_OFF`) lives, in the reserved bytes.
+pub const SB_MAC_OFF: usize = 176;
+/// Length of the superblock header that the crc covers (the crc follows).
+pub const SB_CRC_OFF: usize = LEN - 4;
 
 /// How blocks are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +137,8 @@ pub struct Superblock {
     pub config: RecPtr,
     /// Creation time, ns since the Unix epoch.
     pub created_ns: u64,
+    /// 0 = plain, 1 = records sealed with XChaCha20-Poly1305 (`crate::crypto`).
+    pub crypto: u8,
 }
 
 fn ptr_to_raw(p: RecPtr) -> RawPtr {
@@ -169,7 +178,12 @@ impl Superblock {
             version: VERSION.into(),
             header_len: (LEN as u16).into(),
             flags: self.flags.into(),
-            incompat: 0.into(),
+            incompat: if self.crypto != 0 {
+                INCOMPAT_ENCRYPTED
+            } else {
+                0
+            }
+            .into(),
             ro_compat: 0.into(),
             compat: 0.into(),
             image_uuid: self.image_uuid,
@@ -178,7 +192,7 @@ impl Superblock {
             self_slot: slot,
             block_shift: self.block_shift,
             codec,
-            crypto: 0,
+            crypto: self.crypto,
             codec_level: codec_level.into(),
             virtual_size: self.virtual_size.into(),
             log_start_off: self.log_start_off.into(),
@@ -246,10 +260,11 @@ impl Superblock {
             (1, level) if ZSTD_LEVELS.contains(&level) => Codec::Zstd(level),
             (c, l) => return Err(Error::corrupt(format!("unknown codec {c} level {l}"))),
         };
-        if raw.crypto != 0 {
+        let encrypted = raw.incompat.get() & INCOMPAT_ENCRYPTED != 0;
+        if raw.crypto > 1 || (raw.crypto == 1) != encrypted {
             return Err(Error::new(
                 crate::ErrorKind::Unsupported,
-                "encrypted images are not supported by this build",
+                format!("encryption method {} is not supported", raw.crypto),
             ));
         }
         let virtual_size = raw.virtual_size.get();
@@ -296,6 +311,7 @@ impl Superblock {
             snap_table: ptr_from_raw(&raw.snap_table, "snapshot table")?,
             config: ptr_from_raw(&raw.config, "config")?,
             created_ns: raw.created_ns.get(),
+            crypto: raw.crypto,
         })
     }
 }
@@ -325,6 +341,7 @@ mod tests {
             snap_table: RecPtr::default(),
             config: RecPtr::default(),
             created_ns: 1,
+            crypto: 0,
         }
     }
 

@@ -49,4 +49,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// with `wait`, wait for that and drop it from host caches. Advisory only:
     /// it never replaces `sync`.
     fn writeback_hint(&self, _off: u64, _len: u64, _wait: bool) {}
+    /// The keys of an unlocked encrypted image: records are sealed on append
+    /// and opened on read by the log layer (`crate::crypto::SealedStore`).
+    fn sealer(&self) -> Option<&crate::crypto::Sealer> {
+        None
+    }
 }
