@@ -88,11 +88,6 @@ impl Inner {
             };
             match result {
                 Ok(data) => self.cache.finish_load(slot, data),
-                // Discarded or rewritten since the entry was read (its record
-                // may be reclaimed): load what the map says now.
-                Err(_) if self.map.read().get(slot.block) != *entry => {
-                    let _ = self.load(slot);
-                }
                 Err(e) => {
                     ::log::error!("read of block {} failed: {e}", slot.block);
                     self.cache.fail_load(slot, &e);
