@@ -401,3 +401,41 @@ fn multi_block_snapshot_reads_with_records_in_any_order() {
         assert_eq!(byte, b as u8 + 1, "byte {i}");
     }
 }
+
+/// Creation time does not follow the amount of data: 4096 touched map leaves
+/// (a block in every 64 MiB of a 256 GiB disk) against one.
+#[test]
+fn snapshot_time_with_a_large_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size: 256 << 30,
+        ..CreateOptions::default()
+    };
+    let o = OpenOptions {
+        cache_bytes: 64 << 20,
+        ..OpenOptions::default()
+    };
+    let img = Image::create(&dir.path().join("big.vbd"), &c, &o).unwrap();
+    let time = |img: &Image, name: &str| {
+        img.write_at(&[1; 4096], 0).unwrap();
+        let t = Instant::now();
+        img.snapshot_create(name).unwrap();
+        (t.elapsed(), img.last_snapshot_timing().unwrap().commit)
+    };
+    let small = time(&img, "small");
+    for leaf in 0..4096u64 {
+        img.write_at(&[leaf as u8; 65536], leaf << 26).unwrap();
+    }
+    img.flush().unwrap();
+    img.checkpoint().unwrap();
+    let large = time(&img, "large");
+    eprintln!(
+        "snapshot with 1 leaf: {:?} (commit {:?}); with 4096 leaves: {:?} (commit {:?})",
+        small.0, small.1, large.0, large.1
+    );
+    assert!(large.0 < Duration::from_secs(1), "{large:?}");
+    let snap = img.open_snapshot("large").unwrap();
+    let mut buf = vec![0u8; 16];
+    snap.read_at(&mut buf, 4095 << 26).unwrap();
+    assert_eq!(buf, vec![255u8; 16]);
+}

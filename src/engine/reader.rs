@@ -76,6 +76,9 @@ impl SnapshotReader {
     /// one `pread` per run of back-to-back records (blocks written in order
     /// are). Failures are left to the normal path, which reports them.
     fn prefetch(&self, off: u64, len: u64) {
+        if self.store.sealer().is_some() {
+            return; // sealed payloads: the normal path reads and opens them
+        }
         let first = off >> self.block_shift;
         let last = (off + len - 1) >> self.block_shift;
         let missing: Vec<(u64, MapEntry)> = {
