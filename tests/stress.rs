@@ -525,3 +525,96 @@ fn reads_and_check_race_rewrites_and_checkpoints() {
         }
     }
 }
+
+/// A store whose reads take a while (as a disk's do): the data is copied at
+/// the end of the read, so a concurrent punch of the range is seen.
+#[derive(Debug)]
+struct SlowReads(MemStore, std::sync::atomic::AtomicU64);
+
+impl vbdfs::io::Store for SlowReads {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        let n = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n.is_multiple_of(3) {
+            std::thread::sleep(Duration::from_millis(1 + n % 7));
+        }
+        self.0.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, off)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.0.punch_hole(off, len)
+    }
+}
+
+/// Reads of blocks being rewritten and discarded, with slow reads and a
+/// checkpoint after every few changes (each may reclaim the records it made
+/// dead): a read must never fail on a healthy image.
+#[test]
+fn slow_reads_race_rewrites_and_reclaim() {
+    let bs = 4096u64;
+    let blocks = 512u64;
+    let store = Arc::new(SlowReads(MemStore::new(), Default::default()));
+    let create = CreateOptions {
+        size: blocks * bs,
+        block_size: bs,
+        codec: Codec::None,
+    };
+    let img = Arc::new(Image::create_on(store, &create, &opts(256 << 10)).unwrap());
+    for b in 0..blocks {
+        img.write_at(&tagged_block(bs, tag(b, 0, 0)), b * bs)
+            .unwrap();
+    }
+    img.flush().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut handles = Vec::new();
+    {
+        let (img, stop) = (img.clone(), stop.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut seq = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let b = (seq * 7919) % blocks;
+                if seq % 3 == 0 {
+                    img.discard(b * bs, bs).unwrap();
+                } else {
+                    img.write_at(&tagged_block(bs, tag(b, 1, seq)), b * bs)
+                        .unwrap();
+                }
+                if seq % 8 == 0 {
+                    img.checkpoint().unwrap();
+                }
+                seq += 1;
+            }
+        }));
+    }
+    for r in 0..6u64 {
+        let (img, stop) = (img.clone(), stop.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; bs as usize];
+            let mut n = r * 1000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let b = (n * 104_729) % blocks;
+                img.read_at(&mut buf, b * bs)
+                    .unwrap_or_else(|e| panic!("read of healthy block {b}: {e}"));
+                read_tag(&buf, b, "racing read");
+                n += 1;
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(3000));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in handles {
+        if let Err(e) = h.join() {
+            std::panic::resume_unwind(e);
+        }
+    }
+}

@@ -109,26 +109,17 @@ impl Inner {
     pub(super) fn check(&self) -> Result<CheckReport> {
         let entries: Vec<_> = self.map.read().data_entries().collect();
         let mut report = CheckReport::default();
-        for (block, mut entry) in entries {
+        for (block, entry) in entries {
             report.blocks_checked += 1;
-            while let Err(e) = self.decode_block(block, entry) {
-                // On a live image the block may have been rewritten since the
-                // entries were taken, and its old record reclaimed (punched)
-                // after a checkpoint: judge the entry the map holds now.
-                let now = self.map.read().get(block);
-                if now != entry {
-                    if now.kind != EntryKind::Data {
-                        break;
-                    }
-                    entry = now;
-                    continue;
-                }
+            // On a live image the block may have been rewritten since the
+            // entries were taken, and its old record reclaimed (punched) after
+            // a checkpoint: decode_current judges the entry the map holds now.
+            if let Err(e) = self.decode_current(block, entry) {
                 report.bad.push(BadBlock {
                     block,
                     offset: block << self.block_shift,
                     reason: e.to_string(),
                 });
-                break;
             }
         }
         Ok(report)

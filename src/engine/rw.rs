@@ -60,7 +60,12 @@ impl Inner {
     }
 
     /// Checks that a verified record is the DATA record `entry` names for `block`.
-    pub(super) fn check_data_record(&self, block: u64, entry: MapEntry, h: &RecordHeader) -> Result<()> {
+    pub(super) fn check_data_record(
+        &self,
+        block: u64,
+        entry: MapEntry,
+        h: &RecordHeader,
+    ) -> Result<()> {
         if h.kind != RecordKind::Data || h.key != block || h.birth != u64::from(entry.birth) {
             return Err(Error::corrupt(format!(
                 "block {block}: record at {} belongs to {:?} {} (birth {})",
@@ -76,10 +81,32 @@ impl Inner {
         Ok(())
     }
 
+    /// [`Inner::decode_block`], judged against the map as it is when the read
+    /// fails: a discard drops the cache slot that pins a block while it loads
+    /// (and a check works from a copy of the map), so the record read may have
+    /// been superseded and reclaimed meanwhile. While the entry keeps
+    /// changing, the current one is read; an error on an unchanged entry is
+    /// real.
+    pub(super) fn decode_current(&self, block: u64, mut entry: MapEntry) -> Result<Vec<u8>> {
+        let mut tries = 0;
+        loop {
+            let err = match self.decode_block(block, entry) {
+                Ok(data) => return Ok(data),
+                Err(e) => e,
+            };
+            let now = self.map.read().get(block);
+            if now == entry || tries == 8 {
+                return Err(err);
+            }
+            entry = now;
+            tries += 1;
+        }
+    }
+
     /// Fills a freshly created slot from the map; on error removes it.
-    fn load(&self, slot: &Arc<Slot>) -> Result<()> {
+    pub(super) fn load(&self, slot: &Arc<Slot>) -> Result<()> {
         let entry = self.map.read().get(slot.block);
-        match self.decode_block(slot.block, entry) {
+        match self.decode_current(slot.block, entry) {
             Ok(data) => {
                 self.cache.finish_load(slot, data);
                 Ok(())
@@ -131,7 +158,7 @@ impl Inner {
                     src.to_vec()
                 } else {
                     let entry = self.map.read().get(block);
-                    match self.decode_block(block, entry) {
+                    match self.decode_current(block, entry) {
                         Ok(mut data) => {
                             data[in_block..in_block + src.len()].copy_from_slice(src);
                             data
