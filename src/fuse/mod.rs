@@ -63,7 +63,7 @@ pub struct VbdFs {
     /// Status text per open `control` handle, taken when it is read at offset 0.
     status: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
     /// The reader behind each open `snapshots/NAME` handle (it pins the snapshot).
-    snap_handles: Mutex<HashMap<u64, Arc<crate::engine::SnapshotReader>>>,
+    snap_handles: Arc<snapfiles::SnapHandles>,
     next_fh: AtomicU64,
 }
 
@@ -86,7 +86,7 @@ impl VbdFs {
             bufs: Arc::default(),
             inodes,
             status: Mutex::new(HashMap::new()),
-            snap_handles: Mutex::new(HashMap::new()),
+            snap_handles: Arc::default(),
             next_fh: AtomicU64::new(1),
         })
     }

@@ -24,7 +24,9 @@ use fuser::{
 use super::inodes::Inodes;
 use super::{errno, VbdFs, SNAPSHOTS};
 use crate::engine::SnapshotReader;
-use crate::{Error, ErrorKind};
+use crate::{Error, ErrorKind, Image};
+use parking_lot::Mutex;
+use std::collections::HashMap;
 
 /// Inode of the snapshot with id 0 (ids start at 1).
 pub const SNAP_INO_BASE: u64 = 1 << 32;
@@ -35,6 +37,32 @@ const SNAP_TTL: Duration = Duration::ZERO;
 /// True if `ino` is a snapshot file.
 pub fn is_snapshot(ino: INodeNo) -> bool {
     ino.0 > SNAP_INO_BASE
+}
+
+/// Open snapshot readers by file handle.
+pub type SnapHandles = Mutex<HashMap<u64, Arc<SnapshotReader>>>;
+
+/// A reader of snapshot `id`: shared with an open handle, or newly opened.
+fn open_reader(
+    image: &Image,
+    handles: &SnapHandles,
+    id: u64,
+) -> Result<Arc<SnapshotReader>, Error> {
+    let shared = handles.lock().values().find(|r| r.info().id == id).cloned();
+    if let Some(reader) = shared {
+        return Ok(reader);
+    }
+    let name = image
+        .snapshot_list()
+        .into_iter()
+        .find(|s| s.id == id)
+        .map(|s| s.name)
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no snapshot {id}")))?;
+    let reader = image.open_snapshot(&name)?;
+    if reader.info().id != id {
+        return Err(Error::new(ErrorKind::NotFound, "snapshot replaced"));
+    }
+    Ok(Arc::new(reader))
 }
 
 impl VbdFs {
@@ -102,32 +130,9 @@ impl VbdFs {
         reply.ok();
     }
 
-    /// A reader of snapshot `id`: shared with an open handle, or newly opened.
-    fn snap_reader(&self, id: u64) -> Result<Arc<SnapshotReader>, Error> {
-        let shared = self
-            .snap_handles
-            .lock()
-            .values()
-            .find(|r| r.info().id == id)
-            .cloned();
-        if let Some(reader) = shared {
-            return Ok(reader);
-        }
-        let name = self
-            .image
-            .snapshot_list()
-            .into_iter()
-            .find(|s| s.id == id)
-            .map(|s| s.name)
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no snapshot {id}")))?;
-        let reader = self.image.open_snapshot(&name)?;
-        if reader.info().id != id {
-            return Err(Error::new(ErrorKind::NotFound, "snapshot replaced"));
-        }
-        Ok(Arc::new(reader))
-    }
-
-    /// `open` of a snapshot file: read-only, pins the snapshot.
+    /// `open` of a snapshot file: read-only, pins the snapshot. Loading the
+    /// snapshot's map reads the file, so it runs on the worker pool; handles
+    /// of one snapshot share one reader.
     pub(super) fn snap_open(&self, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
@@ -135,14 +140,16 @@ impl VbdFs {
         let Some(id) = ino.0.checked_sub(SNAP_INO_BASE) else {
             return reply.error(Errno::ENOENT);
         };
-        match self.snap_reader(id) {
-            Ok(reader) => {
-                let fh = self.new_fh();
-                self.snap_handles.lock().insert(fh, reader);
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        let fh = self.new_fh();
+        let (image, handles) = (self.image.clone(), self.snap_handles.clone());
+        self.pool
+            .submit(Box::new(move || match open_reader(&image, &handles, id) {
+                Ok(reader) => {
+                    handles.lock().insert(fh, reader);
+                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+                }
+                Err(e) => reply.error(errno(&e)),
+            }));
     }
 
     /// `release` of a snapshot file: the last handle unpins the snapshot.
