@@ -4,7 +4,7 @@ use super::options::format_size;
 use super::CompactArgs;
 use crate::cli::{mount::canonical_file, mountinfo};
 use crate::error::Result;
-use crate::{Image, OpenOptions};
+use crate::OpenOptions;
 
 /// Opens the image read-write (refused with the mount point while mounted),
 /// compacts it and closes it clean.
@@ -14,7 +14,8 @@ pub fn run(args: &CompactArgs) -> Result<()> {
         cache_bytes: 32 << 20,
         ..OpenOptions::default()
     };
-    let image = Image::open(&canon, &opts).map_err(|e| mountinfo::explain_locked(&canon, e))?;
+    let image =
+        super::keys::open(&canon, &opts).map_err(|e| mountinfo::explain_locked(&canon, e))?;
     let report = image.compact()?;
     image.close()?;
     println!(

@@ -6,14 +6,19 @@ use super::options::{format_size, parse_codec, parse_size};
 use super::snapshot::{make_clone, split_at_snapshot};
 use super::CreateArgs;
 use crate::engine::CloneOptions;
-use crate::{CreateOptions, Error, ErrorKind, Image, OpenOptions, Result};
+use crate::{CreateOptions, Error, ErrorKind, OpenOptions, Result};
 
 /// Runs `vbdfs create`.
 pub fn run(args: &CreateArgs) -> Result<()> {
-    if args.encrypt || args.key_file.is_some() {
+    if args.encrypt != args.key_file.is_some() {
+        return Err(Error::invalid(
+            "create: --encrypt and --key-file FILE go together",
+        ));
+    }
+    if args.encrypt && args.backing.is_some() {
         return Err(Error::new(
             ErrorKind::Unsupported,
-            "create --encrypt: encryption is not available yet in this build",
+            "create: encrypted clones (--encrypt with --backing) are not supported yet",
         ));
     }
     let size = args
@@ -61,7 +66,7 @@ pub fn run(args: &CreateArgs) -> Result<()> {
     if let Some(codec) = codec {
         create.codec = codec;
     }
-    let image = Image::create(&args.image, &create, &OpenOptions::default())
+    let image = super::keys::create(&args.image, &create, &OpenOptions::default())
         .map_err(|e| with_path(e, &args.image))?;
     let codec = image.codec();
     image.close().map_err(|e| with_path(e, &args.image))?;

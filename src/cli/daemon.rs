@@ -83,7 +83,7 @@ fn open_image(job: &Job) -> Result<Image> {
         wait_unlocked(job, start)?;
     }
     loop {
-        match Image::open(&job.image, &opts) {
+        match super::keys::open(&job.image, &opts) {
             Err(e) if e.kind() == ErrorKind::Locked => {
                 let mounted = !mountinfo::mount_points_of(&job.image).is_empty();
                 if mounted || start.elapsed() > CLOSING_WAIT {

@@ -6,6 +6,7 @@ mod compact;
 mod create;
 mod daemon;
 mod inspect;
+pub mod keys;
 pub mod logger;
 mod mount;
 pub mod mountinfo;
@@ -53,6 +54,8 @@ pub enum Command {
     Export(ExportArgs),
     /// Reclaim space held by overwritten blocks and deleted snapshots (not available yet).
     Compact(CompactArgs),
+    /// Change the key of an encrypted image (rewrites only its keyslots, not the data).
+    Rekey(RekeyArgs),
 }
 
 /// `vbdfs create`.
@@ -75,10 +78,12 @@ pub struct CreateArgs {
     /// be mounted. --size, --block-size and --compress default to the base's.
     #[arg(long, value_name = "BASE[@SNAP]")]
     pub backing: Option<String>,
-    /// Encrypt the image (not available yet).
+    /// Encrypt the image (XChaCha20-Poly1305, data key wrapped under
+    /// --key-file through Argon2id). Needs --key-file.
     #[arg(long)]
     pub encrypt: bool,
-    /// Key file for --encrypt (not available yet).
+    /// Key file for --encrypt: a passphrase or raw key bytes (one trailing
+    /// newline ignored); must not be readable by group or others (chmod 600).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
 }
@@ -91,6 +96,9 @@ pub struct InfoArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Key file of an encrypted image (without it, only unencrypted facts are shown).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// `vbdfs mount`.
@@ -135,6 +143,9 @@ pub struct CheckArgs {
     /// Open read-write first, which runs crash recovery and leaves the image clean.
     #[arg(long)]
     pub repair: bool,
+    /// Key file of an encrypted image.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// `vbdfs snapshot`.
@@ -151,6 +162,9 @@ pub struct SnapshotArgs {
     /// no longer be opened).
     #[arg(long)]
     pub force: bool,
+    /// Key file of an encrypted image.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// `vbdfs clone`.
@@ -172,6 +186,9 @@ pub struct ImportArgs {
     /// The source format (default: detected).
     #[arg(long, value_parser = ["raw", "qcow2", "vhd"])]
     pub format: Option<String>,
+    /// Encrypt the new image under this key file (see `create --encrypt`).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// `vbdfs export`.
@@ -181,6 +198,9 @@ pub struct ExportArgs {
     pub image: String,
     /// The raw file to write.
     pub dest: PathBuf,
+    /// Key file of an encrypted image.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// `vbdfs compact`.
@@ -188,11 +208,39 @@ pub struct ExportArgs {
 pub struct CompactArgs {
     /// The image.
     pub image: PathBuf,
+    /// Key file of an encrypted image.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `vbdfs rekey`.
+#[derive(Debug, Args)]
+pub struct RekeyArgs {
+    /// The encrypted image (not mounted).
+    pub image: PathBuf,
+    /// The current key file.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: PathBuf,
+    /// The new key file.
+    #[arg(long, value_name = "FILE")]
+    pub new_key_file: PathBuf,
 }
 
 /// Runs one command; Ok carries the exit status (non-zero e.g. when `check`
 /// finds problems it has already reported).
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    // One key per command, for every image it opens (crate::cli::keys).
+    let key_file = match &cli.command {
+        Command::Create(a) => a.key_file.clone(),
+        Command::Info(a) => a.key_file.clone(),
+        Command::Check(a) => a.key_file.clone(),
+        Command::Snapshot(a) => a.key_file.clone(),
+        Command::Import(a) => a.key_file.clone(),
+        Command::Export(a) => a.key_file.clone(),
+        Command::Compact(a) => a.key_file.clone(),
+        _ => None,
+    };
+    keys::set(key_file.as_deref())?;
     match cli.command {
         Command::Create(a) => create::run(&a).map(|()| ExitCode::SUCCESS),
         Command::Info(a) => inspect::info(&a).map(|()| ExitCode::SUCCESS),
@@ -212,5 +260,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             crate::convert::run_export(&a.image, &a.dest, None).map(|()| ExitCode::SUCCESS)
         }
         Command::Compact(a) => compact::run(&a).map(|()| ExitCode::SUCCESS),
+        Command::Rekey(a) => keys::rekey(&a).map(|()| ExitCode::SUCCESS),
     }
 }

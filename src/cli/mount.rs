@@ -15,6 +15,8 @@ use crate::{Error, ErrorKind, Result};
 /// Runs `vbdfs mount`.
 pub fn run(args: &MountArgs) -> Result<()> {
     let options = MountOptions::parse(&args.options)?;
+    // Read before the daemon forks: relative paths work, errors show here.
+    super::keys::set(options.key_file.as_deref())?;
     let image = canonical_file(&args.image)?;
     let mountpoint = canonical_dir(&args.mountpoint)?;
     if let Some(dir) = mountinfo::mount_points_of(&image).first() {

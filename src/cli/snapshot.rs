@@ -29,7 +29,7 @@ fn open(path: &Path, read_only: bool) -> Result<(PathBuf, Image)> {
         cache_bytes: CACHE,
         ..OpenOptions::default()
     };
-    let image = Image::open(&canon, &opts)
+    let image = super::keys::open(&canon, &opts)
         .map_err(|e| mountinfo::explain_locked(&canon, e))
         .map_err(|e| with_path(e, path))?;
     Ok((canon, image))

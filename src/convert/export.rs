@@ -8,7 +8,7 @@
 use super::import::{reader_threads, TempImage};
 use super::pipeline::{self, Plan};
 use super::progress::Progress;
-use crate::engine::{DiskView, Image, OpenOptions};
+use crate::engine::{DiskView, OpenOptions};
 use crate::{Error, ErrorKind, Result};
 use std::fs::{File, OpenOptions as FsOpen};
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -68,7 +68,7 @@ pub fn export(
         read_only: true,
         ..OpenOptions::default()
     };
-    let head = Image::open(&image, &opts)?;
+    let head = crate::cli::keys::open(&image, &opts)?;
     let snapshot = match &snap {
         Some(name) => Some(
             head.open_snapshot(name)

@@ -6,7 +6,7 @@
 use super::pipeline::{self, Plan};
 use super::progress::Progress;
 use super::{open_source, Format, Source};
-use crate::engine::{CreateOptions, Image, OpenOptions};
+use crate::engine::{CreateOptions, OpenOptions};
 use crate::{Error, ErrorKind, Result};
 use std::path::{Path, PathBuf};
 
@@ -81,8 +81,8 @@ pub fn import_report(
 
     let what = format!("import {} into {}", source.display(), image.display());
     let tmp = TempImage::new(image)?;
-    let img =
-        Image::create(&tmp.path, &opts, &OpenOptions::default()).map_err(|e| e.context(&what))?;
+    let img = crate::cli::keys::create(&tmp.path, &opts, &OpenOptions::default())
+        .map_err(|e| e.context(&what))?;
     let plan = Plan {
         len: image_size,
         block: img.block_size(),

@@ -286,6 +286,11 @@ impl Image {
         self.inner.codec
     }
 
+    /// True for an encrypted image (opened with its key).
+    pub fn is_encrypted(&self) -> bool {
+        self.inner.store.sealer().is_some()
+    }
+
     /// True if opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.inner.read_only

@@ -1,0 +1,85 @@
+//! Keys of encrypted images on the command line: `--key-file FILE` (offline
+//! commands) and `-o key-file=FILE` (mount) load one key for the whole
+//! command; every image the command opens or creates uses it.
+//!
+//! A key file holds a passphrase or raw key bytes (one trailing newline is
+//! dropped) and must not be accessible by group or others: such a file is
+//! refused (`chmod 600 FILE`). The key is read before the mount daemon forks,
+//! so a relative path works, and it is never logged.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use crate::crypto::KeyMaterial;
+use crate::format::{Superblock, SB_SLOTS, SB_SLOT_SIZE};
+use crate::{CreateOptions, Error, Image, OpenOptions, Result};
+
+static KEY: Mutex<Option<KeyMaterial>> = Mutex::new(None);
+
+/// Loads the key of this command from `path` (none: no key).
+pub fn set(path: Option<&Path>) -> Result<()> {
+    let key = path.map(KeyMaterial::from_file).transpose()?;
+    *KEY.lock().unwrap_or_else(|p| p.into_inner()) = key;
+    Ok(())
+}
+
+/// The key of this command, if one was given.
+pub fn get() -> Option<KeyMaterial> {
+    KEY.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Opens an image with the command's key.
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
+    Image::open_with_key(path, opts, get().as_ref())
+}
+
+/// Creates an image, encrypted under the command's key if one was given.
+pub fn create(path: &Path, create: &CreateOptions, opts: &OpenOptions) -> Result<Image> {
+    match get() {
+        Some(key) => Image::create_encrypted(path, create, opts, &key),
+        None => Image::create(path, create, opts),
+    }
+}
+
+/// The newest valid superblock of the image at `path`, read without a key
+/// (for the facts `info` shows of a locked encrypted image).
+pub fn read_header(path: &Path) -> Result<Superblock> {
+    use std::os::unix::fs::FileExt;
+    let file =
+        std::fs::File::open(path).map_err(|e| Error::io(format!("{}: open", path.display()), e))?;
+    let mut best: Option<Superblock> = None;
+    for slot in 0..SB_SLOTS {
+        let mut buf = vec![0u8; SB_SLOT_SIZE as usize];
+        if file.read_exact_at(&mut buf, slot * SB_SLOT_SIZE).is_err() {
+            continue;
+        }
+        if let Ok(sb) = Superblock::decode(&buf, slot as u8) {
+            if best.as_ref().is_none_or(|b| sb.seq > b.seq) {
+                best = Some(sb);
+            }
+        }
+    }
+    best.ok_or_else(|| Error::corrupt(format!("{}: no valid superblock", path.display())))
+}
+
+/// The name of an image's encryption for `info`.
+pub fn encryption_name(crypto: u8) -> &'static str {
+    match crypto {
+        0 => "none",
+        _ => "xchacha20-poly1305",
+    }
+}
+
+/// `vbdfs rekey IMAGE --key-file OLD --new-key-file NEW`.
+pub fn rekey(args: &super::RekeyArgs) -> Result<()> {
+    let old = KeyMaterial::from_file(&args.key_file)?;
+    let new = KeyMaterial::from_file(&args.new_key_file)?;
+    let canon = super::mount::canonical_file(&args.image)?;
+    crate::crypto::rekey_file(&canon, &old, &new)
+        .map_err(|e| super::mountinfo::explain_locked(&canon, e))?;
+    println!(
+        "{}: key changed (only the keyslots were rewritten)",
+        args.image.display()
+    );
+    Ok(())
+}
