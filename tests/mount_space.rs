@@ -1,0 +1,102 @@
+//! Space through the real mount: zeros cost nothing, and punch hole, zero
+//! range and blkdiscard through a loop device give host space back.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
+
+mod common;
+
+use common::{create, fuse_available, p, pattern, sh, Loop, Mount};
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+const MIB: u64 = 1 << 20;
+
+fn host_space(img: &Path) -> u64 {
+    std::fs::metadata(img).unwrap().blocks() * 512
+}
+
+fn write_data(disk: &Path, off: u64, mib: u64, seed: u64) {
+    let f = OpenOptions::new().write(true).open(disk).unwrap();
+    for i in 0..mib {
+        f.write_all_at(&pattern(MIB as usize, seed + i), off + i * MIB)
+            .unwrap();
+    }
+    f.sync_data().unwrap();
+}
+
+fn compact(m: &Mount) {
+    std::fs::write(m.control(), "compact").unwrap();
+}
+
+#[test]
+fn zeros_cost_nothing_and_discards_return_host_space() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("s.vbd");
+    create(&img, "1G", &[]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), Some("cache=32M"));
+
+    // 1 GiB of zeros: no data space at all.
+    let f = OpenOptions::new().write(true).open(m.disk()).unwrap();
+    let zeros = vec![0u8; MIB as usize];
+    for i in 0..1024 {
+        f.write_all_at(&zeros, i * MIB).unwrap();
+    }
+    f.sync_data().unwrap();
+    drop(f);
+    compact(&m);
+    assert_eq!(m.status_value("allocated-bytes").as_deref(), Some("0"));
+    assert!(
+        host_space(&img) < 2 * MIB,
+        "zeros took {} bytes",
+        host_space(&img)
+    );
+
+    // Punch hole and zero range free what they cover.
+    write_data(&m.disk(), 0, 64, 1);
+    compact(&m);
+    let full = host_space(&img);
+    assert!(
+        full > 60 * MIB,
+        "64 MiB of random data stored in {full} bytes?"
+    );
+    sh("fallocate", &["-p", "-o", "0", "-l", "32M", p(&m.disk())]);
+    sh("fallocate", &["-z", "-o", "32M", "-l", "32M", p(&m.disk())]);
+    compact(&m);
+    let after = host_space(&img);
+    assert!(
+        after < 4 * MIB,
+        "punch/zero range left {after} of {full} bytes"
+    );
+    let f = OpenOptions::new().read(true).open(m.disk()).unwrap();
+    let mut got = vec![1u8; MIB as usize];
+    f.read_exact_at(&mut got, 40 * MIB).unwrap();
+    assert!(got.iter().all(|&b| b == 0));
+    drop(f);
+
+    // blkdiscard on a loop device over disk reaches the engine.
+    write_data(&m.disk(), 128 * MIB, 64, 100);
+    compact(&m);
+    let full = host_space(&img);
+    let dev = Loop::new(&m.disk(), true);
+    sh(
+        "blkdiscard",
+        &[
+            "-o",
+            &(128 * MIB).to_string(),
+            "-l",
+            &(64 * MIB).to_string(),
+            &dev.dev,
+        ],
+    );
+    drop(dev);
+    compact(&m);
+    let after = host_space(&img);
+    assert!(
+        after + 56 * MIB < full,
+        "blkdiscard freed too little: {full} -> {after}"
+    );
+    m.umount();
+}
