@@ -27,7 +27,7 @@
 //! | `read-only` | `yes` or `no` |
 //! | `size`, `block-size` | virtual size and block size in bytes |
 //! | `codec`, `uuid` | block compression (`zstd:1`, `none`) and image identity |
-//! | `allocated-bytes`, `stored-bytes`, `file-bytes`, `file-allocated-bytes` | data held, its compressed size, the image file length, the host space it occupies |
+//! | `allocated-bytes`, `stored-bytes`, `file-bytes`, `file-allocated-bytes`, `dead-bytes` | data held, its compressed size, the image file length, the host space it occupies, the part of it not used by live records or the map |
 //! | `cache-size`, `cache-used`, `cache-hits`, `cache-misses` | the engine's buffer cache |
 //! | `dirty-bytes` | written but not yet durable |
 //! | `generation` | checkpoint generation |
@@ -187,7 +187,7 @@ impl Control {
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         let failed = self.has_failed() || st.failed.is_some();
         let last = self.last_error.lock().clone().or_else(|| st.failed.clone());
-        let lines: [(&str, String); 21] = [
+        let lines: [(&str, String); 22] = [
             ("state", if failed { "failed" } else { "mounted" }.into()),
             ("image", self.image_path.display().to_string()),
             ("mountpoint", self.mountpoint.display().to_string()),
@@ -201,6 +201,7 @@ impl Control {
             ("stored-bytes", st.stored_bytes.to_string()),
             ("file-bytes", st.file_bytes.to_string()),
             ("file-allocated-bytes", st.file_allocated_bytes.to_string()),
+            ("dead-bytes", st.dead_bytes.to_string()),
             ("cache-size", st.cache_bytes.to_string()),
             ("cache-used", st.cache_used_bytes.to_string()),
             ("cache-hits", st.cache_hits.to_string()),

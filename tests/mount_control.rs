@@ -51,6 +51,7 @@ fn status_and_commands() {
             "stored-bytes",
             "file-bytes",
             "file-allocated-bytes",
+            "dead-bytes",
             "cache-size",
             "cache-used",
             "cache-hits",

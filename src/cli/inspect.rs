@@ -95,6 +95,7 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         ("stored", bytes(stats.stored_bytes)),
         ("file size", bytes(stats.file_bytes)),
         ("host space", bytes(stats.file_allocated_bytes)),
+        ("dead space", bytes(stats.dead_bytes)),
         ("state", state),
         ("generation", stats.generation.to_string()),
         ("uuid", stats.uuid.clone()),

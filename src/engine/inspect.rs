@@ -26,6 +26,11 @@ pub struct ImageStats {
     /// punched out). `file_allocated_bytes - stored_bytes` is metadata plus
     /// dead space not yet reclaimed.
     pub file_allocated_bytes: u64,
+    /// Bytes of the committed map's leaf records.
+    pub metadata_bytes: u64,
+    /// Host space beyond live records and the map: dead records not yet
+    /// reclaimed, snapshots' records, superblocks and partly used pages.
+    pub dead_bytes: u64,
     /// Checkpoint generation.
     pub generation: u64,
     /// True if the image was closed cleanly before this open.
@@ -79,10 +84,16 @@ impl CheckReport {
 
 impl Inner {
     pub(super) fn stats(&self) -> ImageStats {
-        let (allocated, stored) = {
+        let (allocated, stored, metadata) = {
             let map = self.map.read();
-            (map.data_blocks * self.block_size(), map.stored_bytes)
+            let leaves: u64 = map.ptrs.values().map(|p| u64::from(p.len)).sum();
+            (
+                map.data_blocks * self.block_size(),
+                map.stored_bytes,
+                leaves,
+            )
         };
+        let file_allocated = self.store.allocated().unwrap_or(0);
         let sb = self.sb.lock().clone();
         let cache = self.cache.stats();
         ImageStats {
@@ -93,7 +104,9 @@ impl Inner {
             allocated_bytes: allocated,
             stored_bytes: stored,
             file_bytes: self.store.len().unwrap_or(0),
-            file_allocated_bytes: self.store.allocated().unwrap_or(0),
+            file_allocated_bytes: file_allocated,
+            metadata_bytes: metadata,
+            dead_bytes: file_allocated.saturating_sub(stored + metadata),
             generation: sb.gen,
             clean: self.opened_clean,
             read_only: self.read_only,
