@@ -215,3 +215,37 @@ fn encrypted_image_through_the_cli_and_the_mount() {
     let text = format!("{}{}", stdout(&out), stderr(&out));
     assert!(text.contains("block"), "{text}");
 }
+
+#[test]
+fn clone_of_an_encrypted_base_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let k = dir.join("k");
+    key_file(&k, "clone key\n", 0o600);
+    let (base, new) = (dir.join("base.vbd"), dir.join("clone.vbd"));
+    let out = run(&[
+        "create",
+        p(&base),
+        "--size",
+        "8M",
+        "--encrypt",
+        "--key-file",
+        p(&k),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let src = format!("{}@gold", p(&base));
+    let out = run(&["snapshot", "create", p(&base), "gold", "--key-file", p(&k)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["clone", &src, p(&new)]);
+    assert!(!out.status.success(), "clone without the key");
+    let out = run(&["clone", &src, p(&new), "--key-file", p(&k)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["info", p(&new)]);
+    assert!(
+        stdout(&out).contains("xchacha20-poly1305"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(&["check", p(&new), "--key-file", p(&k)]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+}

@@ -10,15 +10,16 @@ use crate::{CreateOptions, Error, ErrorKind, OpenOptions, Result};
 
 /// Runs `vbdfs create`.
 pub fn run(args: &CreateArgs) -> Result<()> {
-    if args.encrypt != args.key_file.is_some() {
-        return Err(Error::invalid(
-            "create: --encrypt and --key-file FILE go together",
-        ));
-    }
     if args.encrypt && args.backing.is_some() {
         return Err(Error::new(
             ErrorKind::Unsupported,
-            "create: encrypted clones (--encrypt with --backing) are not supported yet",
+            "create: a clone is encrypted exactly when its base is: leave out --encrypt \
+             and give the base's key with --key-file",
+        ));
+    }
+    if args.backing.is_none() && args.encrypt != args.key_file.is_some() {
+        return Err(Error::invalid(
+            "create: --encrypt and --key-file FILE go together",
         ));
     }
     let size = args

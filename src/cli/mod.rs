@@ -79,7 +79,9 @@ pub struct CreateArgs {
     #[arg(long, value_name = "BASE[@SNAP]")]
     pub backing: Option<String>,
     /// Encrypt the image (XChaCha20-Poly1305, data key wrapped under
-    /// --key-file through Argon2id). Needs --key-file.
+    /// --key-file through Argon2id). Needs --key-file. With --backing, leave
+    /// it out: a clone is encrypted exactly when its base is, and --key-file
+    /// then gives the base's key.
     #[arg(long)]
     pub encrypt: bool,
     /// Key file for --encrypt: a passphrase or raw key bytes (one trailing
@@ -174,6 +176,9 @@ pub struct CloneArgs {
     pub source: String,
     /// The new image.
     pub new: PathBuf,
+    /// Key file of an encrypted base: the clone is encrypted under the same key.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// `vbdfs import`.
@@ -238,6 +243,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Import(a) => a.key_file.clone(),
         Command::Export(a) => a.key_file.clone(),
         Command::Compact(a) => a.key_file.clone(),
+        Command::Clone(a) => a.key_file.clone(),
         _ => None,
     };
     keys::set(key_file.as_deref())?;

@@ -197,13 +197,13 @@ fn clone_mounted(
     let name = match snap {
         Some(name) => name.to_string(),
         None => {
-            let name = Image::open(base, &ro)?.clone_base_name();
+            let name = super::keys::open(base, &ro)?.clone_base_name();
             control(mount, &format!("snapshot {name}"))?;
             name
         }
     };
     control(mount, &format!("hold-snapshot {name}"))?;
-    let made = Image::open(base, &ro)
+    let made = super::keys::open(base, &ro)
         .and_then(|img| img.base_snapshot(&name))
         .and_then(|b| Image::create_clone_from(new, base, &b, opts, open));
     if made.is_err() {
@@ -223,9 +223,11 @@ pub fn make_clone(new: &Path, base: &Path, snap: Option<&str>, opts: &CloneOptio
         cache_bytes: CACHE,
         ..OpenOptions::default()
     };
+    // A clone of an encrypted base is encrypted under the base's key.
+    let keys = super::keys::get();
     let image = match mountinfo::mount_points_of(&canon).first() {
         Some(mount) => clone_mounted(new, &canon, mount, snap, opts, &open),
-        None => Image::create_clone(new, &canon, snap, opts, &open)
+        None => Image::create_clone_with_key(new, &canon, snap, opts, &open, keys.as_ref())
             .map_err(|e| mountinfo::explain_locked(&canon, e)),
     }
     .map_err(|e| with_path(e, new))?;

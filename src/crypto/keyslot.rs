@@ -253,7 +253,7 @@ pub fn create(store: &dyn Store, secret: &KeyMaterial, uuid: &[u8; 16]) -> Resul
             .write_at(&slot.encode(), KEYSLOT_AREA + which * KEYSLOT_SIZE)
             .map_err(|e| Error::io("write keyslot", e))?;
     }
-    Ok(Sealer::new(&master, uuid))
+    Ok(Sealer::new(&master, uuid).with_secret(secret))
 }
 
 /// Reads both slots: (which, slot) of the valid ones, newest first, and the
@@ -290,7 +290,7 @@ pub fn unlock(store: &dyn Store, secret: &KeyMaterial, uuid: &[u8; 16]) -> Resul
         )));
     }
     let master = unwrap_slot(secret, slot, *which)?;
-    Ok(Sealer::new(&master, uuid))
+    Ok(Sealer::new(&master, uuid).with_secret(secret))
 }
 
 /// Replaces the secret: checks `old`, then writes the same master key wrapped

@@ -129,6 +129,9 @@ impl KeyMaterial {
 pub struct Sealer {
     aead: XChaCha20Poly1305,
     mac_key: Zeroizing<[u8; 32]>,
+    /// The secret that unlocked the image: the base of an encrypted clone is
+    /// unlocked with the same one.
+    secret: Option<KeyMaterial>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -161,7 +164,22 @@ impl Sealer {
         let record = hkdf(master, uuid, b"vbdfs v1 record key");
         let mac_key = hkdf(master, uuid, b"vbdfs v1 superblock mac key");
         let aead = XChaCha20Poly1305::new(&(*record).into());
-        Sealer { aead, mac_key }
+        Sealer {
+            aead,
+            mac_key,
+            secret: None,
+        }
+    }
+
+    /// The same keys, remembering the secret that unlocked them.
+    pub fn with_secret(mut self, secret: &KeyMaterial) -> Sealer {
+        self.secret = Some(secret.clone());
+        self
+    }
+
+    /// The secret that unlocked the image, if known.
+    pub fn secret(&self) -> Option<&KeyMaterial> {
+        self.secret.as_ref()
     }
 
     /// Seals `payload` of a record whose header (with the sealed length in

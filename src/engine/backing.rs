@@ -99,12 +99,23 @@ fn open_level(
         .len()
         .map_err(|e| Error::io(format!("{what}: size"), e))?;
     let base_sb = read_superblock(base_store.as_ref(), base_len).map_err(|e| e.context(&what))?;
-    if base_sb.crypto != 0 {
-        return Err(Error::new(
-            crate::ErrorKind::Unsupported,
-            format!("{what}: clones of encrypted images are not supported yet"),
-        ));
-    }
+    // An encrypted base is unlocked with the key that unlocked the clone
+    // (an encrypted base has only encrypted clones); its superblock is then
+    // read again through the keys, which checks its MAC.
+    let (base_store, base_sb) = if base_sb.crypto != 0 {
+        let key = store.sealer().and_then(|s| s.secret()).ok_or_else(|| {
+            Error::new(
+                crate::ErrorKind::Unsupported,
+                format!("{what}: the base is encrypted but this clone is not"),
+            )
+        })?;
+        let sealed = crate::crypto::attach(base_store, &base_sb, Some(key))
+            .map_err(|e| e.context(format!("{what} (the base, same key as its clone)")))?;
+        let sb = read_superblock(sealed.as_ref(), base_len).map_err(|e| e.context(&what))?;
+        (sealed, sb)
+    } else {
+        (base_store, base_sb)
+    };
     if base_sb.image_uuid != r.base_uuid {
         return Err(changed(
             &what,

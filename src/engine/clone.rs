@@ -20,6 +20,7 @@
 
 use super::open::{now_ns, random_u64, validate};
 use super::{Image, OpenOptions};
+use crate::crypto::{KeyMaterial, SEAL_OVERHEAD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
     BackingRef, Codec, RecPtr, RecordHeader, RecordKind, SnapEntry, Superblock, LOG_START,
@@ -80,18 +81,36 @@ fn relative(from: &Path, to: &Path) -> PathBuf {
 }
 
 /// Writes a new clone onto an empty store: a CONFIG record at the start of
-/// the log and the first superblock naming it.
-fn format_clone(store: &dyn Store, create: &CreateOptions, backing: &BackingRef) -> Result<()> {
+/// the log and the first superblock naming it; with `key`, an encrypted clone
+/// (keyslots, sealed CONFIG record, superblock MAC: `docs/format.md` §11).
+fn format_clone(
+    store: &dyn Store,
+    create: &CreateOptions,
+    backing: &BackingRef,
+    key: Option<&KeyMaterial>,
+) -> Result<()> {
     let block_shift = validate(create)?;
     backing.validate()?;
     let epoch = random_u64();
     let io = |e| Error::io("format clone", e);
     store.set_len(LOG_START).map_err(io)?;
-    let raw = backing.encode();
+    let mut uuid = [0u8; 16];
+    uuid[..8].copy_from_slice(&random_u64().to_le_bytes());
+    uuid[8..].copy_from_slice(&random_u64().to_le_bytes());
+    let sealer = key
+        .map(|k| crate::crypto::keyslot::create(store, k, &uuid))
+        .transpose()?;
+    let mut raw = backing.encode();
+    let sealed_len = raw.len()
+        + if sealer.is_some() {
+            SEAL_OVERHEAD as usize
+        } else {
+            0
+        };
     let mut header = RecordHeader {
         kind: RecordKind::Config,
         codec: 0,
-        payload_len: raw.len() as u32,
+        payload_len: sealed_len as u32,
         raw_len: raw.len() as u32,
         lsn: 1,
         epoch,
@@ -100,12 +119,13 @@ fn format_clone(store: &dyn Store, create: &CreateOptions, backing: &BackingRef)
         birth: 1,
         crc: 0,
     };
+    if let Some(s) = &sealer {
+        header.birth = 0;
+        raw = s.seal(&header.sealed_aad(), 0, 1, &raw)?;
+    }
     let bytes = header.encode(&raw);
     store.write_at(&bytes, LOG_START).map_err(io)?;
     let log_start = LOG_START + bytes.len() as u64;
-    let mut uuid = [0u8; 16];
-    uuid[..8].copy_from_slice(&random_u64().to_le_bytes());
-    uuid[8..].copy_from_slice(&random_u64().to_le_bytes());
     let sb = Superblock {
         flags: 0,
         image_uuid: uuid,
@@ -126,14 +146,25 @@ fn format_clone(store: &dyn Store, create: &CreateOptions, backing: &BackingRef)
             crc: header.crc,
         },
         created_ns: now_ns(),
-        crypto: 0,
+        crypto: if sealer.is_some() {
+            crate::crypto::CRYPTO_XCHACHA20_POLY1305
+        } else {
+            0
+        },
     };
-    store.write_at(&sb.encode(1), SB_SLOT_SIZE).map_err(io)?;
+    let bytes = crate::crypto::encode_superblock_with(&sb, 1, sealer.as_ref());
+    store.write_at(&bytes, SB_SLOT_SIZE).map_err(io)?;
     store.sync().map_err(io)
 }
 
 /// Writes the clone under a temporary name in `dir` and links it to `new`.
-fn write_clone(new: &Path, dir: &Path, create: &CreateOptions, b: &BackingRef) -> Result<()> {
+fn write_clone(
+    new: &Path,
+    dir: &Path,
+    create: &CreateOptions,
+    b: &BackingRef,
+    key: Option<&KeyMaterial>,
+) -> Result<()> {
     let name = new.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let file = std::fs::OpenOptions::new()
@@ -142,7 +173,7 @@ fn write_clone(new: &Path, dir: &Path, create: &CreateOptions, b: &BackingRef) -
         .create_new(true)
         .open(&tmp)
         .map_err(|e| Error::io(format!("{}: create", tmp.display()), e))?;
-    let made = format_clone(&FileStore::new(file), create, b).and_then(|()| {
+    let made = format_clone(&FileStore::new(file), create, b, key).and_then(|()| {
         std::fs::hard_link(&tmp, new).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 Error::new(
@@ -169,6 +200,8 @@ pub struct BaseSnapshot {
     entry: SnapEntry,
     block_shift: u8,
     codec: Codec,
+    /// The key of an encrypted base: its clones are encrypted under it too.
+    secret: Option<KeyMaterial>,
 }
 
 impl BaseSnapshot {
@@ -204,6 +237,7 @@ impl Image {
             entry,
             block_shift: self.inner.block_shift,
             codec: self.inner.codec,
+            secret: self.inner.store.sealer().and_then(|s| s.secret()).cloned(),
         })
     }
 
@@ -259,8 +293,10 @@ impl Image {
             codec: opts.codec.unwrap_or(snap.codec),
         };
         let target = dir.join(new.file_name().unwrap_or_default());
-        write_clone(&target, &dir, &create, &backing)?;
-        Image::open(&target, open).inspect_err(|_| {
+        // A clone of an encrypted base is encrypted under the same key.
+        let key = snap.secret.as_ref();
+        write_clone(&target, &dir, &create, &backing, key)?;
+        Image::open_with_key(&target, open, key).inspect_err(|_| {
             let _ = std::fs::remove_file(&target); // ours: it was just linked
         })
     }
@@ -277,6 +313,19 @@ impl Image {
         opts: &CloneOptions,
         open: &OpenOptions,
     ) -> Result<Image> {
+        Self::create_clone_with_key(new, base, snapshot, opts, open, None)
+    }
+
+    /// [`Image::create_clone`] of a base that may be encrypted (`key` is its
+    /// key; the clone is then encrypted under the same key).
+    pub fn create_clone_with_key(
+        new: &Path,
+        base: &Path,
+        snapshot: Option<&str>,
+        opts: &CloneOptions,
+        open: &OpenOptions,
+        key: Option<&KeyMaterial>,
+    ) -> Result<Image> {
         if new.symlink_metadata().is_ok() {
             return Err(Error::new(
                 ErrorKind::Exists,
@@ -289,7 +338,7 @@ impl Image {
             cache_bytes: 8 << 20,
             workers: 1,
         };
-        let img = Image::open(&base, &base_opts)?;
+        let img = Image::open_with_key(&base, &base_opts, key)?;
         let name = match snapshot {
             Some(name) => name.to_string(),
             None => {
@@ -303,7 +352,7 @@ impl Image {
         img.close()?;
         let made = snap.and_then(|snap| Image::create_clone_from(new, &base, &snap, opts, open));
         if made.is_err() {
-            let released = Image::open(&base, &base_opts).and_then(|img| {
+            let released = Image::open_with_key(&base, &base_opts, key).and_then(|img| {
                 img.snapshot_release(&name)?;
                 img.close()
             });
