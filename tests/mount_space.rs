@@ -100,3 +100,55 @@ fn zeros_cost_nothing_and_discards_return_host_space() {
     );
     m.umount();
 }
+
+fn du_kib(img: &Path) -> u64 {
+    host_space(img) / 1024
+}
+
+#[test]
+fn ext4_fstrim_and_compact_shrink_the_image_back() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("e.vbd");
+    create(&img, "1G", &[]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), Some("cache=32M"));
+    let dev = Loop::new(&m.disk(), true);
+    sh("mkfs.ext4", &["-q", "-F", "-E", "nodiscard", &dev.dev]);
+    let fsdir = tmp.path().join("fs");
+    std::fs::create_dir_all(&fsdir).unwrap();
+    let fs = common::FsMount::new(&dev.dev, &fsdir);
+    std::fs::write(m.control(), "flush").unwrap();
+    compact(&m);
+    let empty = du_kib(&img);
+    for i in 0..8 {
+        std::fs::write(fsdir.join(format!("f{i}")), pattern(8 * MIB as usize, i)).unwrap();
+    }
+    sh("sync", &[]);
+    compact(&m);
+    let full = du_kib(&img);
+    assert!(
+        full > empty + 60 * 1024,
+        "64 MiB of files took only {full} KiB (empty {empty})"
+    );
+    for i in 0..8 {
+        std::fs::remove_file(fsdir.join(format!("f{i}"))).unwrap();
+    }
+    // ext4 can trim freed blocks only once the transaction that freed them
+    // has committed.
+    sh("sync", &[]);
+    sh("fstrim", &[p(&fsdir)]);
+    sh("sync", &[]);
+    compact(&m);
+    let trimmed = du_kib(&img);
+    assert!(
+        trimmed < empty + 8 * 1024,
+        "after rm + fstrim + compact the image holds {trimmed} KiB (empty fs {empty}, full {full})"
+    );
+    fs.umount();
+    drop(dev);
+    m.umount();
+    let out = common::run(&["check", p(&img)]);
+    assert!(out.status.success(), "{out:?}");
+}
