@@ -17,6 +17,9 @@
 //! and zstd level 1, 64 KiB blocks (the defaults), so 4 KiB writes are a
 //! read-modify-write of a block.
 //!
+//! ENCRYPT=1 instead compares plain images with encrypted ones (XChaCha20-
+//! Poly1305 records, `vbdfs::crypto`), for both codecs, as ratios.
+//!
 //! Environment: DATA_MB, CACHE_MB, ROUNDS (3), RAND_SECS (2), THREADS (4),
 //! BENCH_DIR (default target/bench-engine; must be on a real disk, not tmpfs),
 //! QUICK=1 (64 MiB, 1 round, 0.5 s: a smoke run).
@@ -28,6 +31,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use vbdfs::crypto::KeyMaterial;
 use vbdfs::{Codec, CreateOptions, Image, OpenOptions};
 
 const MIB: usize = 1 << 20;
@@ -263,6 +267,16 @@ fn run_raw(cfg: &Config, round: usize, res: &mut Results) {
 }
 
 fn run_engine(cfg: &Config, codec: Codec, round: usize, res: &mut Results) {
+    run_engine_keyed(cfg, codec, None, round, res);
+}
+
+fn run_engine_keyed(
+    cfg: &Config,
+    codec: Codec,
+    key: Option<&KeyMaterial>,
+    round: usize,
+    res: &mut Results,
+) {
     let path = cfg.dir.join("engine.vbd");
     let _ = std::fs::remove_file(&path);
     let open = OpenOptions {
@@ -277,9 +291,12 @@ fn run_engine(cfg: &Config, codec: Codec, round: usize, res: &mut Results) {
     let reopen = |img: Image| -> Engine {
         img.close().expect("close");
         drop_file_cache(&path);
-        Engine(Image::open(&path, &open).expect("reopen"))
+        Engine(Image::open_with_key(&path, &open, key).expect("reopen"))
     };
-    let t = Engine(Image::create(&path, &create, &open).expect("create image"));
+    let t = Engine(match key {
+        Some(k) => Image::create_encrypted(&path, &create, &open, k).expect("create image"),
+        None => Image::create(&path, &create, &open).expect("create image"),
+    });
     record(res, "seq write 1M", seq_write(&t, cfg.data, round as u64));
     let t = reopen(t.0);
     record(res, "seq read 1M", seq_read(&t, cfg.data));
@@ -315,6 +332,10 @@ fn main() {
         cfg.threads,
         cfg.dir.display()
     );
+    if std::env::var("ENCRYPT").is_ok_and(|v| v == "1") {
+        encryption_bench(&cfg);
+        return;
+    }
     let (mut raw, mut none, mut zstd) = (Results::new(), Results::new(), Results::new());
     for round in 0..cfg.rounds {
         // rotate the order so that drift of a shared machine is spread out
@@ -352,4 +373,86 @@ fn main() {
     println!();
     println!("(medians of {} round(s); ratio = engine / raw)", cfg.rounds);
     let _ = std::fs::remove_dir(&cfg.dir);
+}
+
+/// ENCRYPT=1: plain vs encrypted images, both codecs, same patterns.
+fn encryption_bench(cfg: &Config) {
+    let key = KeyMaterial::from_bytes(b"engine bench passphrase").expect("key");
+    seal_cost();
+    let mut res: Vec<Results> = (0..4).map(|_| Results::new()).collect();
+    let setups = [
+        (Codec::None, false),
+        (Codec::None, true),
+        (Codec::Zstd(1), false),
+        (Codec::Zstd(1), true),
+    ];
+    for round in 0..cfg.rounds {
+        for k in 0..4 {
+            let i = (round + k) % 4;
+            let (codec, enc) = setups[i];
+            run_engine_keyed(cfg, codec, enc.then_some(&key), round, &mut res[i]);
+        }
+        eprintln!("round {}/{} done", round + 1, cfg.rounds);
+    }
+    println!();
+    println!("| pattern | none | none encrypted | ratio | zstd:1 | zstd:1 encrypted | ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, _) in &res[0] {
+        let unit = if name.starts_with("seq") {
+            "MB/s"
+        } else {
+            "IOPS"
+        };
+        let get = |r: &Results| {
+            r.iter()
+                .find(|(n, _)| n == name)
+                .map_or(f64::NAN, |(_, v)| median(v))
+        };
+        let v: Vec<f64> = res.iter().map(get).collect();
+        println!(
+            "| {name} | {:.0} {unit} | {:.0} {unit} | {:.2}x | {:.0} {unit} | {:.0} {unit} | {:.2}x |",
+            v[0],
+            v[1],
+            v[1] / v[0],
+            v[2],
+            v[3],
+            v[3] / v[2]
+        );
+    }
+    println!();
+    println!(
+        "(medians of {} round(s); ratio = encrypted / plain)",
+        cfg.rounds
+    );
+    let _ = std::fs::remove_dir(&cfg.dir);
+}
+
+/// CPU cost of sealing alone (one core): 64 KiB payloads, like a block.
+fn seal_cost() {
+    let sealer = vbdfs::crypto::Sealer::new(&[7; 32], &[1; 16]);
+    let block = vec![0x5au8; 64 << 10];
+    let aad = [0u8; 40];
+    let n = 4096; // 256 MiB
+    let start = Instant::now();
+    let mut sealed = Vec::new();
+    for i in 0..n {
+        sealed = sealer.seal(&aad, i, 1, &block).expect("seal");
+    }
+    let seal = (n as f64 * block.len() as f64) / start.elapsed().as_secs_f64() / 1e6;
+    let start = Instant::now();
+    for _ in 0..n {
+        sealer.open(&aad, &sealed, 0).expect("open");
+    }
+    let open = (n as f64 * block.len() as f64) / start.elapsed().as_secs_f64() / 1e6;
+    let start = Instant::now();
+    let _ = vbdfs::crypto::KdfParams::default();
+    let store = vbdfs::io::MemStore::new();
+    let k = KeyMaterial::from_bytes(b"x").expect("key");
+    vbdfs::crypto::keyslot::create(&store, &k, &[1; 16]).expect("keyslot");
+    let kdf = start.elapsed().as_secs_f64() / 2.0; // two slots
+    println!(
+        "XChaCha20-Poly1305, one core, 64 KiB payloads: seal {seal:.0} MB/s, open {open:.0} MB/s; \
+         Argon2id (64 MiB, 3 passes) unlock {:.2} s",
+        kdf
+    );
 }
