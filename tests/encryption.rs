@@ -509,3 +509,42 @@ fn clone_of_an_encrypted_base() {
     assert_eq!(&got[BS..], &other[..]);
     assert!(clone.check().unwrap().is_ok());
 }
+
+#[test]
+fn rekey_is_crash_safe() {
+    let (old, new) = (key("old"), key("new"));
+    let mut crashed = 0;
+    for k in 0..8 {
+        let store = Arc::new(FaultStore::new());
+        let c = CreateOptions {
+            size: (BS * 8) as u64,
+            block_size: BS as u64,
+            codec: Codec::Zstd(1),
+        };
+        let img = Image::create_on_encrypted(store.clone(), &c, &opts(), &old).unwrap();
+        img.write_at(&noise(4, 2 * BS), 0).unwrap();
+        img.close().unwrap();
+        store.sync().unwrap();
+        store.crash_at(store.events() + k);
+        let done = vbdfs::crypto::rekey(store.as_ref(), &old, &new).is_ok();
+        let Some(image) = store.crashed() else {
+            assert!(done);
+            continue;
+        };
+        for (name, bytes) in image.variants(k, 6) {
+            let s = Arc::new(MemStore::from_bytes(bytes));
+            let ro = OpenOptions {
+                read_only: true,
+                ..opts()
+            };
+            let img = Image::open_on_with_key(s.clone(), &ro, Some(&new))
+                .or_else(|_| Image::open_on_with_key(s, &ro, Some(&old)))
+                .unwrap_or_else(|e| panic!("event {k} {name}: neither key opens: {e}"));
+            let mut got = vec![0u8; 2 * BS];
+            img.read_at(&mut got, 0).unwrap();
+            assert_eq!(got, noise(4, 2 * BS), "event {k} {name}");
+            crashed += 1;
+        }
+    }
+    assert!(crashed > 0);
+}
