@@ -235,7 +235,12 @@ fn worker(img: &Image, lay: Layout, t: u64, ops: u64) -> (Vec<u8>, LastOps, Snap
                 // check() while everything moves: nothing is ever damaged.
                 1 => {
                     let report = img.check().unwrap();
-                    assert!(report.is_ok(), "check() while running: {:?}", report.bad);
+                    assert!(
+                        report.is_ok(),
+                        "check() while running: {:?} {:?}",
+                        report.bad,
+                        report.errors
+                    );
                     let _ = img.stats();
                 }
                 _ => img.flush().unwrap(),
@@ -511,8 +516,9 @@ fn reads_and_check_race_rewrites_and_checkpoints() {
                 let report = img.check().unwrap();
                 assert!(
                     report.is_ok(),
-                    "check() on a healthy image: {:?}",
-                    report.bad
+                    "check() on a healthy image: {:?} {:?}",
+                    report.bad,
+                    report.errors
                 );
             }
         }));
@@ -607,6 +613,72 @@ fn slow_reads_race_rewrites_and_reclaim() {
                     .unwrap_or_else(|e| panic!("read of healthy block {b}: {e}"));
                 read_tag(&buf, b, "racing read");
                 n += 1;
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(3000));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in handles {
+        if let Err(e) = h.join() {
+            std::panic::resume_unwind(e);
+        }
+    }
+}
+
+/// Multi-block reads (which load runs of back-to-back records in one go)
+/// race discards and rewrites of the blocks they cover: every block must read
+/// as zeros or one whole tag, never an error.
+#[test]
+fn multi_block_reads_race_discards() {
+    let bs = 4096u64;
+    let blocks = 256u64;
+    let store = Arc::new(MemStore::new());
+    let create = CreateOptions {
+        size: blocks * bs,
+        block_size: bs,
+        codec: Codec::Zstd(1),
+    };
+    let img = Arc::new(Image::create_on(store, &create, &opts(256 << 10)).unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for w in 0..3u64 {
+        let (img, stop) = (img.clone(), stop.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut rng = Rng(0xD15C_A4D5 + w);
+            let mut seq = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = 1 + rng.below(8);
+                let first = rng.below(blocks - n + 1);
+                if rng.below(2) == 0 {
+                    img.discard(first * bs, n * bs).unwrap();
+                } else {
+                    let mut buf = Vec::new();
+                    for b in first..first + n {
+                        buf.extend_from_slice(&tagged_block(bs, tag(b, w, seq)));
+                    }
+                    img.write_at(&buf, first * bs).unwrap();
+                }
+                if rng.below(16) == 0 {
+                    img.checkpoint().unwrap();
+                }
+                seq += 1;
+            }
+        }));
+    }
+    for r in 0..4u64 {
+        let (img, stop) = (img.clone(), stop.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut rng = Rng(0x5EAD + r);
+            let mut buf = vec![0u8; (32 * bs) as usize];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = 2 + rng.below(31);
+                let first = rng.below(blocks - n + 1);
+                let buf = &mut buf[..(n * bs) as usize];
+                img.read_at(buf, first * bs)
+                    .unwrap_or_else(|e| panic!("read of blocks {first}+{n}: {e}"));
+                for (i, chunk) in buf.chunks(bs as usize).enumerate() {
+                    read_tag(chunk, first + i as u64, "multi-block read");
+                }
             }
         }));
     }

@@ -31,8 +31,15 @@ impl Inner {
             }
             let (slot, created) = self.cache.get_or_insert(block);
             if created {
-                // Re-read the entry now that the slot pins the block.
-                missing.push((slot.clone(), self.map.read().get(block)));
+                // Re-read the entry now that the slot pins the block. A
+                // discard may have unmapped it since the check above: then
+                // it is no record to read in a run.
+                let entry = self.map.read().get(block);
+                if entry.kind == EntryKind::Data {
+                    missing.push((slot.clone(), entry));
+                } else {
+                    let _ = self.load(&slot);
+                }
             }
         }
         let mut start = 0;
@@ -88,6 +95,11 @@ impl Inner {
             };
             match result {
                 Ok(data) => self.cache.finish_load(slot, data),
+                // Discarded or rewritten since the entry was read (its record
+                // may be reclaimed): load what the map says now.
+                Err(_) if self.map.read().get(slot.block) != *entry => {
+                    let _ = self.load(slot);
+                }
                 Err(e) => {
                     ::log::error!("read of block {} failed: {e}", slot.block);
                     self.cache.fail_load(slot, &e);

@@ -29,10 +29,16 @@ impl Inner {
     /// Verifies every DATA record of every snapshot not already checked as
     /// part of the head (records shared by several snapshots are read once).
     pub(super) fn check_snapshots(&self, report: &mut CheckReport) -> Result<()> {
-        let file_len = self.file_len()?;
         let mut seen: HashSet<u64> = self.map.read().data_entries().map(|(_, e)| e.off).collect();
-        for snap in self.snapshot_entries() {
+        // The list first: a snapshot taken after the file length was read
+        // would point past it.
+        let snaps = self.snapshot_entries();
+        let file_len = self.file_len()?;
+        for snap in snaps {
             report.snapshots_checked += 1;
+            // A snapshot deleted while this runs may have had its records
+            // reclaimed already: only one that still exists is judged.
+            let gone = || !self.snapshot_entries().iter().any(|s| s.id == snap.id);
             let map: BlockMap = match load_map(
                 self.store.as_ref(),
                 snap.index,
@@ -42,7 +48,9 @@ impl Inner {
             ) {
                 Ok(map) => map,
                 Err(e) => {
-                    report.errors.push(format!("snapshot '{}': {e}", snap.name));
+                    if !gone() {
+                        report.errors.push(format!("snapshot '{}': {e}", snap.name));
+                    }
                     continue;
                 }
             };
@@ -52,6 +60,9 @@ impl Inner {
                 }
                 report.blocks_checked += 1;
                 if let Err(e) = decode_data(self.store.as_ref(), block, entry, self.block_size()) {
+                    if gone() {
+                        break;
+                    }
                     report.bad.push(BadBlock {
                         block,
                         offset: block << self.block_shift,
