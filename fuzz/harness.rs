@@ -12,11 +12,14 @@
 //!   If the image opens read-write, a write + flush + close must reopen with the
 //!   write in place and every other block unchanged.
 //! - [`crash_target`]: "random operation sequences with injected crashes". The
-//!   input drives writes/discards/flushes/checkpoints/reopens on a `FaultStore`
+//!   input drives writes/discards/flushes/checkpoints/snapshot creates and
+//!   deletes/compactions/reopens on a `FaultStore`
 //!   that crashes at an input-chosen event; every power-loss variant of the
 //!   crash (durable only, all, prefixes, random subsets, torn writes) must open
 //!   without repair, pass `check()`, and hold in every block its value at the
-//!   last successful flush or one written after it.
+//!   last successful flush or one written after it; every snapshot whose create
+//!   returned must be there with exactly its data, every one whose delete
+//!   returned must be gone.
 //!
 //! Used by `tests/fuzz.rs`: a short run in `cargo test`, a long one in its
 //! ignored test `fuzz_long`; see `docs/testing.md`.
@@ -104,6 +107,28 @@ pub struct Seed {
     /// a known limitation, see docs/testing.md and
     /// tests/corrupt.rs `damaged_log_record_hides_later_flushed_writes`.)
     pub clean: bool,
+    /// Encrypted: records are authenticated, so even lies with re-sealed
+    /// checksums must never read as wrong data.
+    pub encrypted: bool,
+}
+
+/// The key of the encrypted seeds (cheap KDF). Inputs whose superblock says
+/// "encrypted" are opened with it.
+pub fn fuzz_key() -> vbdfs::crypto::KeyMaterial {
+    vbdfs::crypto::KeyMaterial::from_bytes(b"vbdfs fuzz key")
+        .expect("key")
+        .with_kdf(vbdfs::crypto::KdfParams::insecure_for_tests())
+}
+
+fn open_store(store: Arc<MemStore>, read_only: bool) -> vbdfs::Result<Image> {
+    // Any input may claim encryption: without a key such an image is refused
+    // as Invalid ("needs a key"), then it is opened with the fuzz key.
+    match Image::open_on(store.clone(), &opts(read_only)) {
+        Err(e) if e.kind() == ErrorKind::Invalid => {
+            Image::open_on_with_key(store, &opts(read_only), Some(&fuzz_key()))
+        }
+        r => r,
+    }
 }
 
 fn fill(rng: &mut Rng, len: usize) -> Vec<u8> {
@@ -132,6 +157,8 @@ pub fn seeds() -> Vec<Seed> {
         (4096, Codec::Zstd(3), 1030, false),
         (65536, Codec::Zstd(1), 12, true),
         (65536, Codec::None, 6, false),
+        // Encrypted (opened with fuzz_key()).
+        (4096, Codec::Zstd(1), 40, false),
     ];
     for (i, &(bs, codec, blocks, unclean)) in configs.iter().enumerate() {
         let mut rng = Rng::new(i as u64 + 1);
@@ -143,7 +170,12 @@ pub fn seeds() -> Vec<Seed> {
             codec,
         };
         let mut content = vec![0u8; size as usize];
-        let img = Image::create_on(store.clone(), &create, &opts(false)).expect("seed create");
+        let img = if i == 5 {
+            Image::create_on_encrypted(store.clone(), &create, &opts(false), &fuzz_key())
+        } else {
+            Image::create_on(store.clone(), &create, &opts(false))
+        }
+        .expect("seed create");
         let write = |img: &Image, content: &mut Vec<u8>, rng: &mut Rng| {
             let len = 1 + rng.below(2 * bs) as usize;
             let len = len.min(size as usize);
@@ -159,10 +191,20 @@ pub fn seeds() -> Vec<Seed> {
         let last = vec![0xC3u8; 700];
         img.write_at(&last, size - 700).expect("seed write");
         content[(size - 700) as usize..].copy_from_slice(&last);
+        // Two of the seeds carry snapshots (a snapshot table, records that
+        // only a snapshot holds).
+        if i % 2 == 1 {
+            img.snapshot_create("a").expect("seed snapshot");
+            img.snapshot_create("b").expect("seed snapshot");
+        }
         img.close().expect("seed close");
-        let img = Image::open_on(store.clone(), &opts(false)).expect("seed reopen");
+        let img = open_store(store.clone(), false).expect("seed reopen");
         for _ in 0..3 {
             write(&img, &mut content, &mut rng);
+        }
+        if i % 2 == 1 {
+            img.snapshot_delete("a").expect("seed snapshot delete");
+            img.snapshot_create("c").expect("seed snapshot");
         }
         let off = rng.below(size / 2);
         img.discard(off, bs + 100).expect("seed discard");
@@ -179,13 +221,15 @@ pub fn seeds() -> Vec<Seed> {
         };
         out.push(Seed {
             name: format!(
-                "bs{bs}-{codec}-{blocks}b-{}",
-                if unclean { "unclean" } else { "clean" }
+                "bs{bs}-{codec}-{blocks}b-{}{}",
+                if unclean { "unclean" } else { "clean" },
+                if i == 5 { "-encrypted" } else { "" }
             ),
             bytes,
             content,
             block_size: bs,
             clean: !unclean,
+            encrypted: i == 5,
         });
     }
     out
@@ -721,7 +765,35 @@ fn checked_view(img: &Image, truth: Option<&[u8]>) -> Vec<Result<Vec<u8>, ErrorK
         }
     }
     let report = img.check().expect("check");
-    let bad: BTreeSet<u64> = report.bad.iter().map(|b| b.block).collect();
+    // The head's unreadable blocks; snapshots' damage is reported with the
+    // snapshot's name.
+    let bad: BTreeSet<u64> = report
+        .bad
+        .iter()
+        .filter(|b| !b.reason.starts_with("snapshot '"))
+        .map(|b| b.block)
+        .collect();
+    // Snapshots: listed ones open and read, or fail with a typed error.
+    for s in img.snapshot_list() {
+        match img.open_snapshot(&s.name) {
+            Ok(reader) => {
+                let mut buf = vec![0u8; bs as usize];
+                let n = reader.len().div_ceil(bs).min(64);
+                for b in 0..n {
+                    let len = bs.min(reader.len() - b * bs) as usize;
+                    if let Err(e) = reader.read_at(&mut buf[..len], b * bs) {
+                        assert!(
+                            matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Io),
+                            "snapshot {} block {b}: read error of kind {:?}: {e}",
+                            s.name,
+                            e.kind()
+                        );
+                    }
+                }
+            }
+            Err(e) => assert!(typed(e.kind()), "open snapshot {}: {e}", s.name),
+        }
+    }
     if view.len() as u64 == img.len().div_ceil(bs) {
         let failed: BTreeSet<u64> = view
             .iter()
@@ -743,7 +815,7 @@ fn checked_view(img: &Image, truth: Option<&[u8]>) -> Vec<Result<Vec<u8>, ErrorK
 /// Opens `input` read-only and read-write and uses it; panics on a violation.
 /// `truth` is the seed's disk when the input's checksums were not re-sealed.
 pub fn open_target(input: &[u8], truth: Option<&[u8]>, rng_seed: u64) {
-    let ro = match Image::open_on(Arc::new(MemStore::from_bytes(input.to_vec())), &opts(true)) {
+    let ro = match open_store(Arc::new(MemStore::from_bytes(input.to_vec())), true) {
         Ok(img) => Some(checked_view(&img, truth)),
         Err(e) => {
             assert!(
@@ -755,7 +827,7 @@ pub fn open_target(input: &[u8], truth: Option<&[u8]>, rng_seed: u64) {
         }
     };
     let store = Arc::new(MemStore::from_bytes(input.to_vec()));
-    let img = match Image::open_on(store.clone(), &opts(false)) {
+    let img = match open_store(store.clone(), false) {
         Ok(img) => img,
         Err(e) => {
             assert!(
@@ -799,7 +871,7 @@ pub fn open_target(input: &[u8], truth: Option<&[u8]>, rng_seed: u64) {
     if wrote.is_err() {
         return;
     }
-    let img = Image::open_on(store, &opts(true))
+    let img = open_store(store, true)
         .unwrap_or_else(|e| panic!("an image closed cleanly does not reopen: {e}"));
     let mut got = vec![0u8; len as usize];
     img.read_at(&mut got, off)
@@ -868,10 +940,14 @@ pub fn crash_target(input: &[u8]) {
         }
     };
     let mut img = Some(img);
+    // Snapshots: name, the disk it holds, and whether it surely exists (its
+    // create or delete returned) or may (the call failed in the crash).
+    let mut snaps: Vec<(String, Vec<u8>, bool)> = Vec::new();
+    let mut deleted: Vec<String> = Vec::new();
     let ops = 4 + byte(&mut rng) % 24;
-    for _ in 0..ops {
+    for n in 0..ops {
         let Some(im) = img.as_ref() else { break };
-        let op = byte(&mut rng) % 10;
+        let op = byte(&mut rng) % 13;
         let a = u64::from(byte(&mut rng)) | u64::from(byte(&mut rng)) << 8;
         let c = u64::from(byte(&mut rng)) | u64::from(byte(&mut rng)) << 8;
         match op {
@@ -909,6 +985,37 @@ pub fn crash_target(input: &[u8]) {
                     assert!(typed(e.kind()), "checkpoint: {e}");
                 }
             }
+            // A snapshot create is durable on return and flushes the head.
+            10 => {
+                let name = format!("f{n}");
+                match im.snapshot_create(&name) {
+                    Ok(_) => {
+                        snaps.push((name, model.clone(), true));
+                        durable.clone_from(&model);
+                        later.clear();
+                    }
+                    Err(e) => {
+                        assert!(typed(e.kind()), "snapshot create: {e}");
+                        snaps.push((name, model.clone(), false));
+                    }
+                }
+            }
+            11 if !snaps.is_empty() => {
+                let i = (a as usize) % snaps.len();
+                match im.snapshot_delete(&snaps[i].0) {
+                    Ok(()) => deleted.push(snaps.remove(i).0),
+                    Err(e) => {
+                        assert!(typed(e.kind()), "snapshot delete: {e}");
+                        snaps[i].2 = false;
+                    }
+                }
+            }
+            12 => {
+                if let Err(e) = im.compact() {
+                    assert!(typed(e.kind()), "compact: {e}");
+                }
+            }
+            11 => {} // no snapshot to delete
             _ => {
                 let im = img.take().expect("image");
                 match im.close() {
@@ -945,7 +1052,33 @@ pub fn crash_target(input: &[u8]) {
             );
         }
         let report = img.check().expect("check");
-        assert!(report.is_ok(), "{what}: check: {:?}", report.bad);
+        assert!(
+            report.is_ok(),
+            "{what}: check: {:?} {:?}",
+            report.bad,
+            report.errors
+        );
+        let have: Vec<String> = img.snapshot_list().into_iter().map(|s| s.name).collect();
+        for (name, content, sure) in &snaps {
+            if !have.contains(name) {
+                assert!(!sure, "{what}: snapshot {name} was created but is gone");
+                continue;
+            }
+            let reader = img
+                .open_snapshot(name)
+                .unwrap_or_else(|e| panic!("{what}: snapshot {name}: {e}"));
+            let mut got = vec![0u8; content.len()];
+            reader
+                .read_at(&mut got, 0)
+                .unwrap_or_else(|e| panic!("{what}: snapshot {name}: read: {e}"));
+            assert!(got == *content, "{what}: snapshot {name} holds other data");
+        }
+        for name in &deleted {
+            assert!(
+                !have.contains(name),
+                "{what}: deleted snapshot {name} is back"
+            );
+        }
         img.close()
             .unwrap_or_else(|e| panic!("{what}: close after recovery: {e}"));
     }
@@ -1073,7 +1206,8 @@ pub fn fuzz_open(run: &Run) -> Report {
                 let r = (slot * SB_SLOT_SIZE) as usize..(slot * SB_SLOT_SIZE) as usize + 512;
                 m.bytes.get(r.clone()) == seed.bytes.get(r)
             });
-            let truth = (seed.clean && !m.resealed && intact).then_some(&seed.content[..]);
+            let truth = (seed.clean && intact && (!m.resealed || seed.encrypted))
+                .then_some(&seed.content[..]);
             let sub = rng.next();
             let input = m.bytes.clone();
             execute(watch, run, "open", &input, || {

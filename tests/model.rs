@@ -5,7 +5,8 @@
 //! bytes of a disk whose size is not a block multiple), discards and
 //! write_zeroes (partial and whole blocks), reads, flush, checkpoint, snapshot
 //! create / delete / read / rollback (each snapshot compared with a copy of the
-//! model taken when it was made), close + open, drop + open, and a simulated
+//! model taken when it was made), compact (hole punching of dead records, then
+//! everything compared), close + open, drop + open, and a simulated
 //! kill -9 (the store's bytes are copied
 //! while the image is open, i.e. everything that reached the host page cache,
 //! and the copy is opened). After a kill every block must hold its value at the
@@ -105,6 +106,8 @@ enum Op {
     SnapVerify(usize),
     /// Roll the head back to the `i % n`-th snapshot.
     SnapRollback(usize),
+    /// Give the host space of every dead record back (hole punching).
+    Compact,
 }
 
 fn place() -> impl Strategy<Value = Place> {
@@ -151,6 +154,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (place(), write_len()).prop_map(|(place, len)| Op::Read { place, len }),
         2 => Just(Op::Flush),
         1 => Just(Op::Checkpoint),
+        1 => Just(Op::Compact),
         1 => Just(Op::Reopen),
         1 => Just(Op::DropReopen),
         2 => Just(Op::Crash),
@@ -375,6 +379,10 @@ impl Harness {
                 self.check_allocated()?;
             }
             Op::Checkpoint => self.img().checkpoint().unwrap(),
+            Op::Compact => {
+                self.img().compact().unwrap();
+                self.compare_all("after compact")?;
+            }
             Op::Reopen => {
                 self.image.take().unwrap().close().unwrap();
                 self.flushed();

@@ -16,8 +16,8 @@
 //! flush, and the same must hold after close + open. One run uses a
 //! FaultStore (writes volatile until sync): as every thread's last operation
 //! is a flush, every power-loss image taken after the joins must read exactly
-//! as the image does, snapshots included. Thread 1 runs `check()` throughout:
-//! nothing may ever look damaged.
+//! as the image does, snapshots included. Thread 1 runs `check()` throughout
+//! (nothing may ever look damaged) and thread 2 `compact()`.
 //!
 //! `VBDFS_STRESS_OPS` sets operations per thread (default 1500).
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
@@ -232,6 +232,10 @@ fn worker(img: &Image, lay: Layout, t: u64, ops: u64) -> (Vec<u8>, LastOps, Snap
             }
             _ => match t {
                 0 => img.checkpoint().unwrap(),
+                // Space reclaim while everything moves.
+                2 => {
+                    img.compact().unwrap();
+                }
                 // check() while everything moves: nothing is ever damaged.
                 1 => {
                     let report = img.check().unwrap();
