@@ -124,7 +124,15 @@ fn plain_umount_leaves_the_image_clean_and_remount_works() {
     let dir = tmp.path().join("mnt");
     let mut m = Mount::new(&img, &dir, None);
     let data = write_pattern(&m, 2);
-    common::sh("umount", &[p(&dir)]);
+    // Plain umount(8); under a loaded test run something may hold the mount
+    // for a moment (EBUSY), as vbdfs umount also allows for: retry briefly.
+    let unmounted = common::wait_for(std::time::Duration::from_secs(5), || {
+        std::process::Command::new("umount")
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    assert!(unmounted, "plain umount kept failing");
     // Mounting again right away waits for the old daemon to finish closing.
     let again = read_back(&img, &dir, data.len());
     m.wait_daemon_exit();
