@@ -26,6 +26,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use vbdfs::engine::CloneOptions;
 use vbdfs::io::MemStore;
 use vbdfs::{Codec, CreateOptions, Image, OpenOptions};
 
@@ -644,5 +645,293 @@ fn edges_of_a_partial_last_block() {
             }
             h.finish().unwrap();
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clones: a clone (or a clone of a clone) reads as its base's snapshot plus
+// its own writes, whatever happens to the base's head meanwhile.
+
+#[derive(Debug, Clone, Copy)]
+enum CloneOp {
+    Write {
+        place: Place,
+        len: usize,
+        fill: Fill,
+        seed: u64,
+    },
+    Discard {
+        place: Place,
+        len: usize,
+        zeroes: bool,
+    },
+    Read {
+        place: Place,
+        len: usize,
+    },
+    Flush,
+    Compact,
+    Reopen,
+    /// Copy the clone's file while open (kill -9) and open the copy.
+    Crash,
+    /// Writes to the base's head: the clone must not see them.
+    BaseWrite {
+        place: Place,
+        len: usize,
+        seed: u64,
+    },
+    /// Discard in the base's head, then compact it.
+    BaseDiscard {
+        place: Place,
+        len: usize,
+    },
+}
+
+fn clone_op() -> impl Strategy<Value = CloneOp> {
+    prop_oneof![
+        8 => (place(), write_len(), fill(), any::<u64>())
+            .prop_map(|(place, len, fill, seed)| CloneOp::Write { place, len, fill, seed }),
+        4 => (place(), discard_len(), any::<bool>())
+            .prop_map(|(place, len, zeroes)| CloneOp::Discard { place, len, zeroes }),
+        3 => (place(), write_len()).prop_map(|(place, len)| CloneOp::Read { place, len }),
+        1 => Just(CloneOp::Flush),
+        1 => Just(CloneOp::Compact),
+        1 => Just(CloneOp::Reopen),
+        1 => Just(CloneOp::Crash),
+        2 => (place(), write_len(), any::<u64>())
+            .prop_map(|(place, len, seed)| CloneOp::BaseWrite { place, len, seed }),
+        1 => (place(), discard_len()).prop_map(|(place, len)| CloneOp::BaseDiscard { place, len }),
+    ]
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CloneConfig {
+    base_bs: u64,
+    /// Block size of each clone level (None: the base's).
+    clone_bs: [Option<u64>; 2],
+    codec: Codec,
+    /// 1: a clone of the base; 2: a clone of a clone.
+    depth: usize,
+    /// Sectors each clone adds to the size (0: same size).
+    grow: [u64; 2],
+    base_blocks: u64,
+}
+
+fn clone_config() -> impl Strategy<Value = CloneConfig> {
+    let bs = || prop::sample::select(vec![None, Some(4096u64), Some(65536)]);
+    (
+        prop::sample::select(vec![4096u64, 65536]),
+        bs(),
+        bs(),
+        prop::bool::ANY,
+        1usize..=2,
+        prop::sample::select(vec![0u64, 1, 9, 200]),
+        prop::sample::select(vec![0u64, 3]),
+        6u64..40,
+    )
+        .prop_map(
+            |(base_bs, b1, b2, zstd, depth, g1, g2, base_blocks)| CloneConfig {
+                base_bs,
+                clone_bs: [b1, b2],
+                codec: if zstd { Codec::Zstd(1) } else { Codec::None },
+                depth,
+                grow: [g1, g2],
+                base_blocks: if base_bs == 65536 {
+                    base_blocks / 4 + 2
+                } else {
+                    base_blocks * 8
+                },
+            },
+        )
+}
+
+fn read_image(img: &Image) -> Vec<u8> {
+    let mut got = vec![0xEEu8; img.len() as usize];
+    for (i, chunk) in got.chunks_mut(1 << 20).enumerate() {
+        img.read_at(chunk, (i as u64) << 20).unwrap();
+    }
+    got
+}
+
+fn clone_case(
+    cfg: CloneConfig,
+    base_writes: &[(Place, usize, Fill, u64)],
+    ops: &[CloneOp],
+) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = dir.path().join("b0.vbd");
+    let size = cfg.base_blocks * cfg.base_bs;
+    let base = Image::create(
+        &base_path,
+        &CreateOptions {
+            size,
+            block_size: cfg.base_bs,
+            codec: cfg.codec,
+        },
+        &open_opts(),
+    )
+    .unwrap();
+    let mut model = vec![0u8; size as usize];
+    for &(place, len, fill, seed) in base_writes {
+        let (off, len) = resolve(place, len, size, cfg.base_bs);
+        let data = make_data(fill, len, seed);
+        base.write_at(&data, off).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    base.snapshot_create("s").unwrap();
+    // The head moves on: the snapshot, not the head, is what clones see.
+    base.write_at(&vec![0x77; 5000], 0).unwrap();
+    base.close().unwrap();
+    let mut prev = base_path.clone();
+    let mut img = None;
+    for level in 0..cfg.depth {
+        let path = dir.path().join(format!("c{}.vbd", level + 1));
+        let new_size = model.len() as u64 + cfg.grow[level] * 512;
+        let clone = Image::create_clone(
+            &path,
+            &prev,
+            Some("s"),
+            &CloneOptions {
+                size: Some(new_size),
+                block_size: cfg.clone_bs[level],
+                codec: None,
+            },
+            &open_opts(),
+        )
+        .unwrap();
+        model.resize(new_size as usize, 0);
+        let got = read_image(&clone);
+        prop_assert!(
+            got == model,
+            "a new clone (level {}) differs from its base snapshot",
+            level + 1
+        );
+        if level + 1 < cfg.depth {
+            // Some writes of its own, then the snapshot the next level uses.
+            let data = make_data(Fill::Pattern, 3000, level as u64);
+            let off = new_size / 3;
+            clone.write_at(&data, off).unwrap();
+            model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+            clone.discard(0, 700).unwrap();
+            model[..700].fill(0);
+            clone.snapshot_create("s").unwrap();
+            clone.write_at(&[0x55; 100], 0).unwrap(); // after the snapshot
+            clone.close().unwrap();
+            prev = path;
+        } else {
+            img = Some((clone, path));
+        }
+    }
+    let (clone, mut path) = img.unwrap();
+    let mut clone = Some(clone);
+    let base_rw = Image::open(&base_path, &open_opts()).unwrap();
+    let size = model.len() as u64;
+    let bs = clone.as_ref().unwrap().block_size();
+    let mut copies = 0;
+    for &op in ops {
+        let c = clone.as_ref().unwrap();
+        match op {
+            CloneOp::Write {
+                place,
+                len,
+                fill,
+                seed,
+            } => {
+                let (off, len) = resolve(place, len, size, bs);
+                let data = make_data(fill, len, seed);
+                c.write_at(&data, off).unwrap();
+                model[off as usize..off as usize + len].copy_from_slice(&data);
+            }
+            CloneOp::Discard { place, len, zeroes } => {
+                let (off, len) = resolve(place, len, size, bs);
+                if zeroes {
+                    c.write_zeroes(off, len as u64).unwrap();
+                } else {
+                    c.discard(off, len as u64).unwrap();
+                }
+                model[off as usize..off as usize + len].fill(0);
+            }
+            CloneOp::Read { place, len } => {
+                let (off, len) = resolve(place, len, size, bs);
+                let mut buf = vec![0xEE; len];
+                c.read_at(&mut buf, off).unwrap();
+                prop_assert!(
+                    buf[..] == model[off as usize..off as usize + len],
+                    "clone read {}+{} differs",
+                    off,
+                    len
+                );
+            }
+            CloneOp::Flush => c.flush().unwrap(),
+            CloneOp::Compact => {
+                c.compact().unwrap();
+            }
+            CloneOp::Reopen => {
+                clone.take().unwrap().close().unwrap();
+                clone = Some(Image::open(&path, &open_opts()).unwrap());
+                prop_assert!(
+                    read_image(clone.as_ref().unwrap()) == model,
+                    "clone after reopen"
+                );
+            }
+            CloneOp::Crash => {
+                c.flush().unwrap();
+                copies += 1;
+                let copy = dir.path().join(format!("k{copies}.vbd"));
+                std::fs::copy(&path, &copy).unwrap();
+                drop(clone.take());
+                path = copy;
+                clone = Some(Image::open(&path, &open_opts()).unwrap());
+                prop_assert!(
+                    read_image(clone.as_ref().unwrap()) == model,
+                    "clone after a kill"
+                );
+            }
+            CloneOp::BaseWrite { place, len, seed } => {
+                let (off, len) = resolve(place, len, base_rw.len(), cfg.base_bs);
+                base_rw
+                    .write_at(&make_data(Fill::Random, len, seed), off)
+                    .unwrap();
+                base_rw.flush().unwrap();
+            }
+            CloneOp::BaseDiscard { place, len } => {
+                let (off, len) = resolve(place, len, base_rw.len(), cfg.base_bs);
+                base_rw.discard(off, len as u64).unwrap();
+                base_rw.checkpoint().unwrap();
+                base_rw.compact().unwrap();
+            }
+        }
+    }
+    let c = clone.take().unwrap();
+    prop_assert!(read_image(&c) == model, "clone at the end");
+    let report = c.check().unwrap();
+    prop_assert!(
+        report.is_ok(),
+        "clone check: {:?} {:?}",
+        report.bad,
+        report.errors
+    );
+    c.close().unwrap();
+    base_rw.close().unwrap();
+    let c = Image::open(&path, &open_opts()).unwrap();
+    prop_assert!(read_image(&c) == model, "clone after the base was closed");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases().div_ceil(3),
+        max_shrink_iters: 100,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn clones_read_as_base_snapshot_plus_own_writes(
+        cfg in clone_config(),
+        base_writes in prop::collection::vec((place(), write_len(), fill(), any::<u64>()), 1..6),
+        ops in prop::collection::vec(clone_op(), 1..30),
+    ) {
+        clone_case(cfg, &base_writes, &ops)?;
     }
 }
