@@ -545,7 +545,7 @@ impl Harness {
         }
         let report = self.img().check().unwrap();
         prop_assert!(report.is_ok(), "check {}: {:?}", when, report.bad);
-        Ok(())
+        check_seek(self.img(), &self.model, when)
     }
 
     /// After a flush: allocated bytes = non-zero model blocks x block size.
@@ -745,6 +745,57 @@ fn clone_config() -> impl Strategy<Value = CloneConfig> {
         )
 }
 
+/// SEEK_DATA / SEEK_HOLE against the contents, from every block boundary and
+/// a few odd offsets: no data may be skipped (`cp --sparse`, `qemu-img
+/// convert` rely on it). `next_data(off)` may report zeros as data, but
+/// everything in `[off, next_data(off))` must be zero; a hole `next_hole(off)`
+/// must read as zeros to the end of its block.
+fn check_seek(img: &Image, model: &[u8], when: &str) -> Result<(), TestCaseError> {
+    let len = model.len() as u64;
+    let bs = img.block_size();
+    let mut offs: Vec<u64> = (0..len).step_by(bs as usize).collect();
+    offs.extend([1, bs - 1, bs + 17, len / 2 + 3, len - 1]);
+    for off in offs.into_iter().filter(|&o| o < len) {
+        let data = img.next_data(off);
+        let end = data.unwrap_or(len);
+        prop_assert!(
+            end >= off,
+            "{}: next_data({}) = {:?} is before it",
+            when,
+            off,
+            data
+        );
+        prop_assert!(
+            model[off as usize..end as usize].iter().all(|&b| b == 0),
+            "{}: next_data({}) = {:?} skips data",
+            when,
+            off,
+            data
+        );
+        let hole = img.next_hole(off);
+        prop_assert!(
+            hole >= off && hole <= len,
+            "{}: next_hole({}) = {}",
+            when,
+            off,
+            hole
+        );
+        if hole < len {
+            let block_end = ((hole / bs + 1) * bs).min(len);
+            prop_assert!(
+                model[hole as usize..block_end as usize]
+                    .iter()
+                    .all(|&b| b == 0),
+                "{}: next_hole({}) = {} is not a hole",
+                when,
+                off,
+                hole
+            );
+        }
+    }
+    Ok(())
+}
+
 fn read_image(img: &Image) -> Vec<u8> {
     let mut got = vec![0xEEu8; img.len() as usize];
     for (i, chunk) in got.chunks_mut(1 << 20).enumerate() {
@@ -904,6 +955,7 @@ fn clone_case(
     }
     let c = clone.take().unwrap();
     prop_assert!(read_image(&c) == model, "clone at the end");
+    check_seek(&c, &model, "clone at the end")?;
     let report = c.check().unwrap();
     prop_assert!(
         report.is_ok(),
