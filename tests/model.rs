@@ -15,10 +15,11 @@
 //! `stats().allocated_bytes` must equal the model's non-zero blocks times the
 //! block size (all-zero blocks cost nothing).
 //!
-//! Block sizes 4 KiB / 64 KiB / 1 MiB, codecs none / zstd, MemStore and real
-//! files, a 256 KiB cache (eviction and dirty throttling run all the time).
+//! Block sizes 4 KiB / 64 KiB / 1 MiB, codecs none / zstd, plain and encrypted
+//! (a quarter of the cases), MemStore and real files, a 256 KiB cache
+//! (eviction and dirty throttling run all the time).
 //!
-//! Cases: 48 by default (about 20 s in release on 2 cores); set
+//! Cases: 48 by default (about 10 s in release on 2 cores); set
 //! `VBDFS_PROPTEST_CASES=2000` for a long run (see docs/testing.md).
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
@@ -175,6 +176,30 @@ struct Config {
     blocks: u64,
     /// Sectors cut off the end so the last block is partial (0 = aligned).
     trim_sectors: u64,
+    /// Records sealed (XChaCha20-Poly1305) under `test_key()`.
+    encrypted: bool,
+}
+
+fn test_key() -> vbdfs::crypto::KeyMaterial {
+    vbdfs::crypto::KeyMaterial::from_bytes(b"model test key")
+        .unwrap()
+        .with_kdf(vbdfs::crypto::KdfParams::insecure_for_tests())
+}
+
+fn open_mem(store: Arc<MemStore>, encrypted: bool) -> Image {
+    if encrypted {
+        Image::open_on_with_key(store, &open_opts(), Some(&test_key())).unwrap()
+    } else {
+        Image::open_on(store, &open_opts()).unwrap()
+    }
+}
+
+fn open_file(path: &std::path::Path, encrypted: bool) -> Image {
+    if encrypted {
+        Image::open_with_key(path, &open_opts(), Some(&test_key())).unwrap()
+    } else {
+        Image::open(path, &open_opts()).unwrap()
+    }
 }
 
 fn config() -> impl Strategy<Value = Config> {
@@ -183,8 +208,9 @@ fn config() -> impl Strategy<Value = Config> {
         prop::bool::ANY,
         prop::bool::ANY,
         0u64..4,
+        prop::bool::weighted(0.25),
     )
-        .prop_flat_map(|(block_size, zstd, on_file, trim_sel)| {
+        .prop_flat_map(|(block_size, zstd, on_file, trim_sel, encrypted)| {
             // Keep disks small enough to compare in full often: 1.5..24 MiB.
             let blocks = match block_size {
                 4096 => 400u64..1500,
@@ -203,6 +229,7 @@ fn config() -> impl Strategy<Value = Config> {
                 } else {
                     1 + trim_sel * 3 % (block_size / 512 - 1)
                 },
+                encrypted,
             })
         })
 }
@@ -289,11 +316,21 @@ impl Harness {
         let (backing, image) = if cfg.on_file {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("img0.vbd");
-            let image = Image::create(&path, &create, &open_opts()).unwrap();
+            let image = if cfg.encrypted {
+                Image::create_encrypted(&path, &create, &open_opts(), &test_key())
+            } else {
+                Image::create(&path, &create, &open_opts())
+            }
+            .unwrap();
             (Backing::File(dir, path, 0), image)
         } else {
             let store = Arc::new(MemStore::new());
-            let image = Image::create_on(store.clone(), &create, &open_opts()).unwrap();
+            let image = if cfg.encrypted {
+                Image::create_on_encrypted(store.clone(), &create, &open_opts(), &test_key())
+            } else {
+                Image::create_on(store.clone(), &create, &open_opts())
+            }
+            .unwrap();
             (Backing::Mem(store), image)
         };
         let size = cfg.size() as usize;
@@ -436,8 +473,8 @@ impl Harness {
 
     fn reopen_same(&mut self) {
         let image = match &self.backing {
-            Backing::Mem(store) => Image::open_on(store.clone(), &open_opts()).unwrap(),
-            Backing::File(_, path, _) => Image::open(path, &open_opts()).unwrap(),
+            Backing::Mem(store) => open_mem(store.clone(), self.cfg.encrypted),
+            Backing::File(_, path, _) => open_file(path, self.cfg.encrypted),
         };
         self.image = Some(image);
     }
@@ -449,7 +486,7 @@ impl Harness {
                 let bytes = store.to_bytes();
                 drop(self.image.take());
                 let copy = Arc::new(MemStore::from_bytes(bytes));
-                self.image = Some(Image::open_on(copy.clone(), &open_opts()).unwrap());
+                self.image = Some(open_mem(copy.clone(), self.cfg.encrypted));
                 *store = copy;
             }
             Backing::File(dir, path, n) => {
@@ -459,7 +496,7 @@ impl Harness {
                 drop(self.image.take());
                 std::fs::remove_file(&*path).unwrap();
                 *path = copy;
-                self.image = Some(Image::open(path, &open_opts()).unwrap());
+                self.image = Some(open_file(path, self.cfg.encrypted));
             }
         }
         let got = self.read_all();
@@ -608,6 +645,7 @@ fn edges_of_a_partial_last_block() {
                 on_file: false,
                 blocks: 4,
                 trim_sectors: 1,
+                encrypted: codec == Codec::None,
             };
             let size = cfg.size();
             let mut h = Harness::new(cfg);
