@@ -361,8 +361,11 @@ fn ext4_snapshot_mid_write_passes_e2fsck() {
                         .and_then(|f| f.sync_all())
                         .unwrap();
                 }
-                if n.is_multiple_of(13) {
-                    let _ = std::fs::remove_file(sub.join(format!("f{}", n / 2)));
+                // Keep 64 files live: a fast machine would otherwise fill
+                // the 256 MiB filesystem before the snapshot is taken.
+                if let Some(old) = n.checked_sub(64) {
+                    let old_dir = dir.join(format!("d{}", old % 7));
+                    std::fs::remove_file(old_dir.join(format!("f{old}"))).unwrap();
                 }
                 n += 1;
             }
