@@ -47,7 +47,8 @@ pub struct BlockCache {
     shard_capacity: usize,
     dirty_limit: usize,
     dirty: AtomicUsize,
-    throttle: Mutex<()>,
+    /// Writers waiting in [`BlockCache::throttle`].
+    throttled: Mutex<usize>,
     drained: Condvar,
     queue_tx: Sender<Arc<Slot>>,
     queue_rx: Receiver<Arc<Slot>>,
@@ -69,7 +70,7 @@ impl BlockCache {
             shard_capacity: blocks.div_ceil(SHARDS),
             dirty_limit: (blocks / 2).max(1),
             dirty: AtomicUsize::new(0),
-            throttle: Mutex::new(()),
+            throttled: Mutex::new(0),
             drained: Condvar::new(),
             queue_tx,
             queue_rx,
@@ -198,11 +199,24 @@ impl BlockCache {
         if self.dirty.load(Ordering::Relaxed) <= self.dirty_limit {
             return;
         }
-        let mut guard = self.throttle.lock();
+        let mut waiting = self.throttled.lock();
+        *waiting += 1;
         while self.dirty.load(Ordering::Relaxed) > self.dirty_limit {
-            // A timeout guards against a lost wake-up; the loop rechecks.
+            // The timeout only guards against a bug; wake-ups come from
+            // `finish_writeback` under this lock.
             self.drained
-                .wait_for(&mut guard, std::time::Duration::from_millis(50));
+                .wait_for(&mut waiting, std::time::Duration::from_millis(50));
+        }
+        *waiting -= 1;
+    }
+
+    /// Lets one throttled writer go (a block was persisted below the limit).
+    /// One per persisted block: waking every writer at each completion made
+    /// dozens of threads spin through the scheduler for every block.
+    fn release_one_writer(&self) {
+        let waiting = self.throttled.lock();
+        if *waiting > 0 {
+            self.drained.notify_one();
         }
     }
 
@@ -217,15 +231,18 @@ impl BlockCache {
         let mut state = slot.lock();
         state.in_flight = false;
         state.written = state.written.max(version);
+        let mut below_limit = false;
         if state.dirty && state.version == version {
             state.dirty = false;
-            self.dirty.fetch_sub(1, Ordering::Relaxed);
+            below_limit = self.dirty.fetch_sub(1, Ordering::Relaxed) <= self.dirty_limit + 1;
         } else if state.dirty {
             let _ = self.queue_tx.send(slot.clone());
         }
         drop(state);
         slot.notify();
-        self.drained.notify_all();
+        if below_limit {
+            self.release_one_writer();
+        }
     }
 
     /// Every dirty or in-flight slot with the version a flush must wait for.
@@ -270,6 +287,7 @@ impl BlockCache {
                 slot.notify();
             }
         }
+        let _waiting = self.throttled.lock();
         self.drained.notify_all();
     }
 
@@ -332,5 +350,37 @@ mod tests {
         assert_eq!(cache.stats().dirty, 0, "dirty count leaked");
         assert!(cache.queue().try_recv().is_err(), "detached slot queued");
         slot.wait_written(1); // must not block
+    }
+
+    #[test]
+    fn throttled_writers_wait_for_write_back_and_are_released_by_it() {
+        let cache = Arc::new(BlockCache::new(64 * 4096, 4096)); // dirty limit 32
+        let mut slots = Vec::new();
+        for b in 0..40 {
+            let (slot, _) = cache.get_or_insert(b);
+            cache.finish_load(&slot, vec![0; 4096]);
+            let mut state = slot.lock();
+            Arc::make_mut(&mut state.data)[0] = 1;
+            cache.mark_dirty(&slot, &mut state);
+            drop(state);
+            slots.push(slot);
+        }
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (cache, released) = (cache.clone(), released.clone());
+            std::thread::spawn(move || {
+                cache.throttle();
+                released.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!released.load(Ordering::SeqCst), "writer not throttled");
+        for slot in &slots[..8] {
+            let version = slot.lock().version;
+            cache.finish_writeback(slot, version);
+        }
+        writer.join().unwrap();
+        assert!(released.load(Ordering::SeqCst));
+        assert_eq!(cache.stats().dirty, 32 * 4096);
     }
 }

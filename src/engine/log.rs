@@ -89,57 +89,104 @@ impl LogTail {
         raw_len: u32,
         payload: &[u8],
     ) -> Result<Written> {
-        let sealer = store.sealer();
-        let sealed_len = payload.len()
-            + if sealer.is_some() {
-                SEAL_OVERHEAD as usize
-            } else {
-                0
-            };
-        let mut header = RecordHeader {
+        let record = NewRecord {
             kind,
-            codec,
-            payload_len: u32::try_from(sealed_len)
-                .map_err(|_| Error::invalid("record too large"))?,
-            raw_len,
-            lsn: self.lsn,
-            epoch: self.epoch,
-            self_off: self.off,
             key,
-            birth: self.gen,
-            crc: 0,
+            codec,
+            raw_len,
+            payload,
+            payload_crc: None,
         };
-        // Encrypted images: key and birth travel inside the sealed payload,
-        // the header holds zeros (crate::crypto).
-        let sealed;
-        let payload = match sealer {
-            Some(s) => {
-                header.key = 0;
-                header.birth = 0;
-                sealed = s.seal(&header.sealed_aad(), key, self.gen, payload)?;
-                &sealed[..]
-            }
-            None => payload,
+        let written = self.append_all(store, &[record])?;
+        Ok(written[0])
+    }
+
+    /// Appends `records` back to back with one vectored write (header,
+    /// payload and padding of each; payloads are not copied unless sealed).
+    /// The caller holds the log lock. On error nothing is counted as
+    /// appended: the tail stays where it was.
+    pub fn append_all(
+        &mut self,
+        store: &dyn Store,
+        records: &[NewRecord<'_>],
+    ) -> Result<Vec<Written>> {
+        const PAD: [u8; RECORD_ALIGN as usize] = [0u8; RECORD_ALIGN as usize];
+        let sealer = store.sealer();
+        let overhead = if sealer.is_some() {
+            SEAL_OVERHEAD as usize
+        } else {
+            0
         };
-        let head = header.encode_header(payload);
-        let pad = [0u8; RECORD_ALIGN as usize];
-        let pad = &pad[..header.padding()];
-        // Header, payload and padding in one vectored write: the payload is
-        // not copied into a record buffer first (unless sealed).
+        let mut heads = Vec::with_capacity(records.len());
+        let mut sealed = Vec::new();
+        let mut written = Vec::with_capacity(records.len());
+        let (mut off, mut lsn) = (self.off, self.lsn);
+        for r in records {
+            let mut header = RecordHeader {
+                kind: r.kind,
+                codec: r.codec,
+                payload_len: u32::try_from(r.payload.len() + overhead)
+                    .map_err(|_| Error::invalid("record too large"))?,
+                raw_len: r.raw_len,
+                lsn,
+                epoch: self.epoch,
+                self_off: off,
+                key: r.key,
+                birth: self.gen,
+                crc: 0,
+            };
+            // Encrypted images: key and birth travel inside the sealed
+            // payload, the header holds zeros (crate::crypto).
+            let head = match sealer {
+                Some(s) => {
+                    header.key = 0;
+                    header.birth = 0;
+                    let payload = s.seal(&header.sealed_aad(), r.key, self.gen, r.payload)?;
+                    let head = header.encode_header(&payload);
+                    sealed.push(payload);
+                    head
+                }
+                None => header
+                    .encode_header_for(r.payload_crc.unwrap_or_else(|| crc32c::crc32c(r.payload))),
+            };
+            heads.push((head, header.padding()));
+            written.push(Written {
+                off,
+                len: header.total_len() as u32,
+                crc: header.crc,
+            });
+            off += align_up(header.total_len(), RECORD_ALIGN);
+            lsn += 1;
+        }
+        let mut sealed_iter = sealed.iter();
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(records.len() * 3);
+        for (r, (head, pad)) in records.iter().zip(&heads) {
+            let payload = match sealer {
+                Some(_) => sealed_iter.next().map_or(&[][..], |p| &p[..]),
+                None => r.payload,
+            };
+            bufs.extend_from_slice(&[&head[..], payload, &PAD[..*pad]]);
+        }
         store
-            .write_vectored_at(&[&head, payload, pad], self.off)
-            .map_err(|e| Error::io(format!("write record at {}", self.off), e))?;
-        let written = Written {
-            off: self.off,
-            len: header.total_len() as u32,
-            crc: header.crc,
-        };
-        let stored = align_up(header.total_len(), RECORD_ALIGN);
-        self.off += stored;
-        self.lsn += 1;
-        self.since_checkpoint += stored;
+            .write_vectored_at(&bufs, self.off)
+            .map_err(|e| Error::io(format!("write records at {}", self.off), e))?;
+        self.since_checkpoint += off - self.off;
+        self.off = off;
+        self.lsn = lsn;
         Ok(written)
     }
+}
+
+/// A record to append: everything but its place in the log.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewRecord<'a> {
+    pub kind: RecordKind,
+    pub key: u64,
+    pub codec: u8,
+    pub raw_len: u32,
+    pub payload: &'a [u8],
+    /// crc32c of `payload` if already computed (outside the log lock).
+    pub payload_crc: Option<u32>,
 }
 
 /// Checks the record held in `bytes` (exactly `len` bytes read at `off`, as

@@ -7,15 +7,20 @@
 //! log since the last one passes [`CHECKPOINT_BYTES`](super::CHECKPOINT_BYTES)
 //! or [`CHECKPOINT_INTERVAL`](super::CHECKPOINT_INTERVAL) passes with changes.
 
+use super::log::NewRecord;
 use super::{Inner, CHECKPOINT_BYTES, CHECKPOINT_INTERVAL};
 use crate::cache::Slot;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::format::{EntryKind, MapEntry, RecordKind};
+use std::ops::Not;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+/// Most blocks one worker appends with one write.
+const WRITEBACK_BATCH: usize = 8;
 
 /// Starts `workers` write-back threads and the checkpointer.
 pub(super) fn spawn(inner: &Arc<Inner>, workers: usize) -> Result<Vec<JoinHandle<()>>> {
@@ -42,7 +47,18 @@ fn worker(inner: &Inner) {
     loop {
         crossbeam_channel::select! {
             recv(queue) -> slot => match slot {
-                Ok(slot) => inner.write_back(&slot),
+                Ok(slot) => {
+                    // Whatever else is already queued goes in the same append,
+                    // up to WRITEBACK_BATCH blocks: one lock and one write.
+                    let mut batch = vec![slot];
+                    while batch.len() < WRITEBACK_BATCH {
+                        match queue.try_recv() {
+                            Ok(slot) => batch.push(slot),
+                            Err(_) => break,
+                        }
+                    }
+                    inner.write_back(&batch);
+                }
                 Err(_) => return,
             },
             recv(inner.stop_rx) -> _ => return,
@@ -74,55 +90,101 @@ fn checkpointer(inner: &Inner) {
 }
 
 impl Inner {
-    /// Persists one dirty slot (one pass; the cache requeues it if it changed).
-    pub(super) fn write_back(&self, slot: &Arc<Slot>) {
-        let (data, version) = {
+    /// Persists dirty slots (one pass each; the cache requeues a slot that
+    /// changed meanwhile).
+    pub(super) fn write_back(&self, slots: &[Arc<Slot>]) {
+        let mut taken = Vec::with_capacity(slots.len());
+        for slot in slots {
             let mut state = slot.lock();
             if !state.dirty || state.in_flight || state.detached {
-                return;
+                continue;
             }
             state.in_flight = true;
-            (Arc::clone(&state.data), state.version)
-        };
-        if let Err(e) = self.persist(slot, &data) {
-            ::log::error!("write-back of block {} failed: {e}", slot.block);
+            taken.push((slot, Arc::clone(&state.data), state.version));
         }
-        self.cache.finish_writeback(slot, version);
+        if taken.is_empty() {
+            return;
+        }
+        let blocks: Vec<(&Arc<Slot>, &[u8])> = taken
+            .iter()
+            .map(|(slot, data, _)| (*slot, &data[..]))
+            .collect();
+        if let Err(e) = self.persist(&blocks) {
+            ::log::error!(
+                "write-back of {} block(s) from {} failed: {e}",
+                blocks.len(),
+                blocks[0].0.block
+            );
+        }
+        for (slot, _, version) in &taken {
+            self.cache.finish_writeback(slot, *version);
+        }
     }
 
-    fn persist(&self, slot: &Arc<Slot>, data: &[u8]) -> Result<()> {
+    /// Encodes `blocks` (no lock held), then appends them as one batch of
+    /// records and points the map at them, under the log lock.
+    fn persist(&self, blocks: &[(&Arc<Slot>, &[u8])]) -> Result<()> {
         self.check_failed()?;
-        let encoded = (!codec::is_zero(data)).then(|| codec::encode(data, self.codec));
-        let block = slot.block;
+        let sealed = self.store.sealer().is_some();
+        let encoded: Vec<_> = blocks
+            .iter()
+            .map(|(slot, data)| {
+                if codec::is_zero(data) {
+                    Encoded::Zero(zero_payload(slot.block))
+                } else {
+                    let (stored, payload) = codec::encode(data, self.codec);
+                    // Checksummed here, in parallel, not under the log lock
+                    // (a sealed payload is checksummed after sealing there).
+                    let crc = sealed.not().then(|| crc32c::crc32c(&payload));
+                    Encoded::Data(stored, payload, crc)
+                }
+            })
+            .collect();
         let mut log = self.log.lock();
-        if !self.cache.is_current(slot) {
-            return Ok(()); // discarded meanwhile: the discard record supersedes it
+        let mut records = Vec::with_capacity(blocks.len());
+        let mut kept = Vec::with_capacity(blocks.len());
+        for ((slot, data), enc) in blocks.iter().zip(&encoded) {
+            if !self.cache.is_current(slot) {
+                continue; // discarded meanwhile: the discard record supersedes it
+            }
+            let (kind, codec, raw_len, payload, payload_crc) = match enc {
+                Encoded::Zero(p) => (RecordKind::Zero, 0, 0, &p[..], None),
+                Encoded::Data(stored, p, crc) => {
+                    (RecordKind::Data, *stored, data.len() as u32, &p[..], *crc)
+                }
+            };
+            records.push(NewRecord {
+                kind,
+                key: slot.block,
+                codec,
+                raw_len,
+                payload,
+                payload_crc,
+            });
+            kept.push(slot.block);
+        }
+        if records.is_empty() {
+            return Ok(());
         }
         let store = self.store.as_ref();
-        let entry = match &encoded {
-            None => {
-                let mut payload = block.to_le_bytes().to_vec();
-                payload.extend_from_slice(&1u64.to_le_bytes());
-                log.append(store, RecordKind::Zero, block, 0, 0, &payload)
-                    .map_err(|e| self.fail(e))?;
-                self.hole_entry(block)
+        let written = log.append_all(store, &records).map_err(|e| self.fail(e))?;
+        let birth =
+            u32::try_from(log.gen).map_err(|_| self.fail(Error::invalid("generation overflow")))?;
+        {
+            let mut map = self.map.write();
+            for ((block, record), w) in kept.iter().zip(&records).zip(&written) {
+                let entry = match record.kind {
+                    RecordKind::Data => MapEntry {
+                        kind: EntryKind::Data,
+                        off: w.off,
+                        len: w.len,
+                        birth,
+                    },
+                    _ => self.hole_entry(*block),
+                };
+                map.set(*block, entry);
             }
-            Some((stored, payload)) => {
-                let raw_len = data.len() as u32;
-                let w = log
-                    .append(store, RecordKind::Data, block, *stored, raw_len, payload)
-                    .map_err(|e| self.fail(e))?;
-                let birth = u32::try_from(log.gen)
-                    .map_err(|_| self.fail(Error::invalid("generation overflow")))?;
-                MapEntry {
-                    kind: EntryKind::Data,
-                    off: w.off,
-                    len: w.len,
-                    birth,
-                }
-            }
-        };
-        self.map.write().set(block, entry);
+        }
         if log.since_checkpoint >= CHECKPOINT_BYTES {
             let _ = self.kick.try_send(());
         }
@@ -138,4 +200,21 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// A block ready to append.
+enum Encoded<'a> {
+    /// All zeros: a ZERO record of one block with this payload.
+    Zero([u8; 16]),
+    /// A DATA record: codec id, stored bytes and their crc32c (None when
+    /// the image is encrypted: the sealed bytes are checksummed).
+    Data(u8, std::borrow::Cow<'a, [u8]>, Option<u32>),
+}
+
+/// The payload of a ZERO record for one block.
+fn zero_payload(block: u64) -> [u8; 16] {
+    let mut p = [0u8; 16];
+    p[..8].copy_from_slice(&block.to_le_bytes());
+    p[8..].copy_from_slice(&1u64.to_le_bytes());
+    p
 }

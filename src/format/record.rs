@@ -113,7 +113,15 @@ impl RecordHeader {
     /// record is this header, the payload, then [`RecordHeader::padding`] zeros.
     pub fn encode_header(&mut self, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
         debug_assert_eq!(payload.len(), self.payload_len as usize);
-        let crc = crc32c::crc32c_append(crc32c::crc32c(self.to_raw(0).as_bytes()), payload);
+        self.encode_header_for(crc32c::crc32c(payload))
+    }
+
+    /// [`RecordHeader::encode_header`] given only the crc32c of the payload
+    /// (`payload_len` bytes): the record crc is combined from it, so the
+    /// payload can be checksummed before its place in the log is known.
+    pub fn encode_header_for(&mut self, payload_crc: u32) -> [u8; RECORD_HEADER_LEN] {
+        let head = crc32c::crc32c(self.to_raw(0).as_bytes());
+        let crc = crc32c::crc32c_combine(head, payload_crc, self.payload_len as usize);
         self.crc = crc;
         let mut out = [0u8; RECORD_HEADER_LEN];
         out.copy_from_slice(self.to_raw(crc).as_bytes());
@@ -228,6 +236,18 @@ impl RecordHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_from_a_payload_crc_is_the_header_from_the_payload() {
+        for len in [0usize, 1, 15, 4096, 70_001] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let mut a = header(&payload, 4096);
+            let mut b = a;
+            let from_crc = b.encode_header_for(crc32c::crc32c(&payload));
+            assert_eq!(a.encode_header(&payload), from_crc, "len {len}");
+            assert_eq!(a.crc, b.crc);
+        }
+    }
 
     fn header(payload: &[u8], at: u64) -> RecordHeader {
         RecordHeader {
