@@ -34,6 +34,9 @@ impl Store for SealedStore {
     fn write_vectored_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
         self.inner.write_vectored_at(bufs, off)
     }
+    fn write_direct_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.inner.write_direct_at(buf, off)
+    }
     fn sync(&self) -> io::Result<()> {
         self.inner.sync()
     }

@@ -1,20 +1,28 @@
 //! The log: appending records at the tail and reading them back verified.
 //!
 //! The appender assigns each record its offset and log sequence number (lsn)
-//! and writes it with one positional write. Its state lives behind the engine's
-//! log mutex, which is also held while the map is updated for the record, so
-//! the map always reflects a prefix of the log (what checkpoints rely on).
+//! and writes a batch of records with one positional write. Its state lives
+//! behind the engine's log mutex, which is also held while the map is updated
+//! for the record, so the map always reflects a prefix of the log (what
+//! checkpoints rely on).
+//!
+//! Appends go past the host page cache ([`Store::write_direct_at`]), so each
+//! append is whole [`LOG_UNIT`]s written from an aligned staging buffer: its
+//! records back to back from a unit boundary, then zeros up to the next one,
+//! where the next append starts. Written bytes are never written again (a
+//! torn rewrite could destroy records already synced); recovery steps over
+//! the zeros to the next unit (`docs/format.md`, "The log").
 
 use crate::crypto::{Sealer, RECORD_AAD_LEN, SEAL_OVERHEAD};
 use crate::error::{Error, Result};
 use crate::format::{
-    align_up, RecordHeader, RecordKind, MAX_PAYLOAD, RECORD_ALIGN, RECORD_HEADER_LEN,
+    align_up, RecordHeader, RecordKind, LOG_UNIT, MAX_PAYLOAD, RECORD_ALIGN, RECORD_HEADER_LEN,
 };
-use crate::io::Store;
+use crate::io::{AlignedBuf, Store, DIRECT_ALIGN};
 use std::borrow::Cow;
 
 /// The tail of the log and the numbers the next record gets.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct LogTail {
     /// Where the next record goes.
     pub off: u64,
@@ -29,7 +37,14 @@ pub(crate) struct LogTail {
     /// The log up to here has been handed to host writeback (see
     /// [`LogTail::take_writeback`]).
     hinted: u64,
+    /// Records are assembled here for one aligned write.
+    staging: AlignedBuf,
 }
+
+const _: () = assert!(DIRECT_ALIGN as u64 == LOG_UNIT);
+
+/// The staging buffer is shrunk back to this after a larger append.
+const STAGING_KEEP: usize = 2 << 20;
 
 /// Appended bytes are handed to host writeback in windows of this size.
 const WRITEBACK_WINDOW: u64 = 8 << 20;
@@ -61,6 +76,7 @@ impl LogTail {
             gen,
             since_checkpoint: 0,
             hinted: off,
+            staging: AlignedBuf::default(),
         }
     }
 
@@ -101,16 +117,15 @@ impl LogTail {
         Ok(written[0])
     }
 
-    /// Appends `records` back to back with one vectored write (header,
-    /// payload and padding of each; payloads are not copied unless sealed).
-    /// The caller holds the log lock. On error nothing is counted as
-    /// appended: the tail stays where it was.
+    /// Appends `records` back to back from the next unit boundary with one
+    /// aligned write, zeros after them up to the following boundary. The
+    /// caller holds the log lock. On error nothing is counted as appended:
+    /// the tail stays where it was.
     pub fn append_all(
         &mut self,
         store: &dyn Store,
         records: &[NewRecord<'_>],
     ) -> Result<Vec<Written>> {
-        const PAD: [u8; RECORD_ALIGN as usize] = [0u8; RECORD_ALIGN as usize];
         let sealer = store.sealer();
         let overhead = if sealer.is_some() {
             SEAL_OVERHEAD as usize
@@ -120,7 +135,8 @@ impl LogTail {
         let mut heads = Vec::with_capacity(records.len());
         let mut sealed = Vec::new();
         let mut written = Vec::with_capacity(records.len());
-        let (mut off, mut lsn) = (self.off, self.lsn);
+        let start = align_up(self.off, LOG_UNIT);
+        let (mut off, mut lsn) = (start, self.lsn);
         for r in records {
             let mut header = RecordHeader {
                 kind: r.kind,
@@ -158,18 +174,33 @@ impl LogTail {
             off += align_up(header.total_len(), RECORD_ALIGN);
             lsn += 1;
         }
+        // Stage the records (headers, payloads, padding), zeros to the unit.
+        let end = (off - start) as usize;
+        let buf = self.staging.bytes(end);
+        let mut at = 0;
         let mut sealed_iter = sealed.iter();
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(records.len() * 3);
         for (r, (head, pad)) in records.iter().zip(&heads) {
             let payload = match sealer {
                 Some(_) => sealed_iter.next().map_or(&[][..], |p| &p[..]),
                 None => r.payload,
             };
-            bufs.extend_from_slice(&[&head[..], payload, &PAD[..*pad]]);
+            for part in [&head[..], payload] {
+                buf[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            buf[at..at + pad].fill(0);
+            at += pad;
         }
+        debug_assert_eq!(at, end);
+        buf[end..].fill(0);
+        let len = buf.len() as u64;
         store
-            .write_vectored_at(&bufs, self.off)
-            .map_err(|e| Error::io(format!("write records at {}", self.off), e))?;
+            .write_direct_at(buf, start)
+            .map_err(|e| Error::io(format!("write records at {start}"), e))?;
+        if end > STAGING_KEEP {
+            self.staging.shrink(STAGING_KEEP);
+        }
+        let off = start + len;
         self.since_checkpoint += off - self.off;
         self.off = off;
         self.lsn = lsn;

@@ -9,9 +9,10 @@ use crate::codec;
 use crate::crypto::KeyMaterial;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
-    align_up, decode_index, decode_leaf, EntryKind, LeafPtr, MapEntry, RecPtr, RecordKind,
-    Superblock, LEAF_ENTRIES, LOG_START, MAX_BLOCK_SHIFT, MAX_COUNTER, MAX_VIRTUAL_SIZE,
-    MIN_BLOCK_SHIFT, RECORD_HEADER_LEN, SB_FLAG_DIRTY, SB_SLOTS, SB_SLOT_SIZE, ZSTD_LEVELS,
+    align_up, decode_index, decode_leaf, EntryKind, LeafPtr, MapEntry, RecPtr, RecordHeader,
+    RecordKind, Superblock, LEAF_ENTRIES, LOG_START, LOG_UNIT, MAX_BLOCK_SHIFT, MAX_COUNTER,
+    MAX_VIRTUAL_SIZE, MIN_BLOCK_SHIFT, RECORD_HEADER_LEN, SB_FLAG_DIRTY, SB_SLOTS, SB_SLOT_SIZE,
+    ZSTD_LEVELS,
 };
 use crate::io::{FileStore, Store};
 use crate::{Codec, CreateOptions};
@@ -145,7 +146,7 @@ pub(super) fn create_file(
             }
         })?;
     lock(&file, path)?;
-    let store = Arc::new(FileStore::new(file));
+    let store = Arc::new(FileStore::with_direct_writes(file));
     let made = format_store(store.as_ref(), create, key).and_then(|()| {
         let dir = path
             .parent()
@@ -182,8 +183,12 @@ pub(super) fn open_file(
     if !open.read_only {
         lock(&file, path)?;
     }
-    Image::open_keyed(Arc::new(FileStore::new(file)), open, Some(path), key)
-        .map_err(|e| e.context(path.display()))
+    let store = if open.read_only {
+        FileStore::new(file)
+    } else {
+        FileStore::with_direct_writes(file)
+    };
+    Image::open_keyed(Arc::new(store), open, Some(path), key).map_err(|e| e.context(path.display()))
 }
 
 /// Picks the valid superblock with the highest sequence number.
@@ -317,10 +322,18 @@ fn roll_forward(
     let (mut off, mut lsn, mut max_birth) = (sb.log_start_off, sb.log_start_lsn, sb.gen);
     let block_size = 1u32 << sb.block_shift;
     let max_payload = block_size + seal_overhead(store);
-    while let Some((h, payload)) = read_next(store, off, file_len)? {
-        if h.epoch != sb.log_epoch || h.lsn != lsn {
-            break;
+    loop {
+        // The next record follows the last one, or starts the next unit
+        // when the last one ended an append (format.md, "The log").
+        let follows = |h: &RecordHeader| h.epoch == sb.log_epoch && h.lsn == lsn;
+        let mut next = read_next(store, off, file_len)?.filter(|(h, _)| follows(h));
+        if next.is_none() && off % LOG_UNIT != 0 {
+            off = align_up(off, LOG_UNIT);
+            next = read_next(store, off, file_len)?.filter(|(h, _)| follows(h));
         }
+        let Some((h, payload)) = next else {
+            break;
+        };
         match h.kind {
             RecordKind::Data => {
                 if h.key >= nblocks || h.raw_len != block_size || h.payload_len > max_payload {

@@ -8,6 +8,7 @@
 //! passed every bound check, or an [`Error`](crate::Error) of kind `Corrupt`.
 
 mod config;
+mod crc;
 mod entry;
 mod record;
 mod snap;
@@ -17,7 +18,7 @@ pub use config::{BackingRef, MAX_BACKING_PATH};
 pub use entry::{
     decode_index, decode_leaf, encode_index, encode_leaf, EntryKind, LeafPtr, MapEntry,
 };
-pub use record::{align_up, RecordHeader, RecordKind, RECORD_ALIGN, RECORD_HEADER_LEN};
+pub use record::{align_up, RecordHeader, RecordKind, LOG_UNIT, RECORD_ALIGN, RECORD_HEADER_LEN};
 pub use snap::{check_snapshot_name, SnapEntry, SnapTable, MAX_SNAPSHOTS, MAX_SNAP_NAME};
 pub use superblock::{
     Codec, RecPtr, Superblock, INCOMPAT_ENCRYPTED, SB_CRC_OFF, SB_FLAG_DIRTY, SB_MAC_OFF,

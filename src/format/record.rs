@@ -11,6 +11,12 @@ pub const RECORD_HEADER_LEN: usize = 64;
 /// Records start at multiples of this.
 pub const RECORD_ALIGN: u64 = 16;
 
+/// Each append to the log starts at a multiple of this offset; the bytes
+/// after its last record up to the next multiple are zeros (a unit is never
+/// written twice). Recovery that finds no record after a record's end
+/// continues at the next multiple.
+pub const LOG_UNIT: u64 = 4096;
+
 /// Rounds `n` up to a multiple of `align` (a power of two).
 pub fn align_up(n: u64, align: u64) -> u64 {
     (n + align - 1) & !(align - 1)
@@ -121,7 +127,7 @@ impl RecordHeader {
     /// payload can be checksummed before its place in the log is known.
     pub fn encode_header_for(&mut self, payload_crc: u32) -> [u8; RECORD_HEADER_LEN] {
         let head = crc32c::crc32c(self.to_raw(0).as_bytes());
-        let crc = crc32c::crc32c_combine(head, payload_crc, self.payload_len as usize);
+        let crc = super::crc::crc32c_combine(head, payload_crc, self.payload_len as usize);
         self.crc = crc;
         let mut out = [0u8; RECORD_HEADER_LEN];
         out.copy_from_slice(self.to_raw(crc).as_bytes());

@@ -4,19 +4,36 @@ use super::Store;
 use crate::sys;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 /// A host file used as a store. Reads and writes are `pread`/`pwrite`; `sync` is
-/// `fdatasync`.
+/// `fdatasync`. A store opened for writing also holds a second descriptor of
+/// the same file with `O_DIRECT`, for [`Store::write_direct_at`] (log
+/// appends): those bytes skip the host page cache (no second copy of what the
+/// engine caches, no page-cache writeback stalls).
 #[derive(Debug)]
 pub struct FileStore {
     file: File,
+    direct: Option<File>,
 }
 
 impl FileStore {
-    /// Wraps an open file.
+    /// Wraps an open file (every write buffered).
     pub fn new(file: File) -> Self {
-        FileStore { file }
+        FileStore { file, direct: None }
+    }
+
+    /// Wraps a file open for writing, with `O_DIRECT` log writes where the
+    /// host file system supports them (not tmpfs: writes stay buffered there).
+    pub fn with_direct_writes(file: File) -> Self {
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(|e| ::log::debug!("no O_DIRECT writes on this file: {e}"))
+            .ok();
+        FileStore { file, direct }
     }
 
     /// The underlying file (for locking).
@@ -36,6 +53,20 @@ impl Store for FileStore {
 
     fn write_vectored_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
         sys::pwritev_all(&self.file, bufs, off)
+    }
+
+    fn write_direct_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        match &self.direct {
+            Some(direct) => match direct.write_all_at(buf, off) {
+                // A file system that opened O_DIRECT but refuses this
+                // alignment: the buffered write is just as correct.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.file.write_all_at(buf, off)
+                }
+                other => other,
+            },
+            None => self.file.write_all_at(buf, off),
+        }
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -64,6 +95,9 @@ impl Store for FileStore {
     }
 
     fn writeback_hint(&self, off: u64, len: u64, wait: bool) {
+        if self.direct.is_some() {
+            return; // the log never sat in the page cache
+        }
         sys::writeback_hint(&self.file, off, len, wait);
     }
 }

@@ -7,10 +7,12 @@
 //! writes volatile until `sync`, fails on demand and materialises what a power
 //! loss could leave behind). This layer knows nothing of the format.
 
+mod aligned;
 mod fault;
 mod file;
 mod mem;
 
+pub use aligned::{AlignedBuf, DIRECT_ALIGN};
 pub use fault::{CrashImage, FaultStore};
 pub use file::FileStore;
 pub use mem::MemStore;
@@ -30,6 +32,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// backend can). Not durable until [`Store::sync`] returns.
     fn write_vectored_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
         self.write_at(&bufs.concat(), off)
+    }
+    /// Writes `buf` at `off` past the host page cache where the backend can
+    /// (`O_DIRECT`); `off`, `buf.len()` and `buf`'s address are multiples of
+    /// [`DIRECT_ALIGN`]. Not durable until [`Store::sync`] returns.
+    fn write_direct_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.write_at(buf, off)
     }
     /// Makes every earlier completed write durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
