@@ -58,9 +58,10 @@ impl Inner {
             log.gen += 1;
             log.since_checkpoint = 0;
             let counts = (map.data_blocks, map.stored_bytes);
-            (
-                dirty, freed, log.off, log.lsn, log.epoch, gen, counts.0, counts.1,
-            )
+            // Records of write-back batches still in flight are not in the
+            // map yet: replay starts at the oldest of them.
+            let (off, lsn) = log.replay_start();
+            (dirty, freed, off, lsn, log.epoch, gen, counts.0, counts.1)
         };
         let store = self.store.as_ref();
         let mut written = Vec::with_capacity(dirty.len());

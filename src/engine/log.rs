@@ -37,8 +37,12 @@ pub(crate) struct LogTail {
     /// The log up to here has been handed to host writeback (see
     /// [`LogTail::take_writeback`]).
     hinted: u64,
-    /// Records are assembled here for one aligned write.
+    /// Records of appends under the lock are assembled here.
     staging: AlignedBuf,
+    /// The ticket the next room in flight gets.
+    next_ticket: u64,
+    /// Start offset and first lsn of each room in flight, oldest first.
+    in_flight: std::collections::VecDeque<(u64, u64)>,
 }
 
 const _: () = assert!(DIRECT_ALIGN as u64 == LOG_UNIT);
@@ -77,6 +81,8 @@ impl LogTail {
             since_checkpoint: 0,
             hinted: off,
             staging: AlignedBuf::default(),
+            next_ticket: 0,
+            in_flight: Default::default(),
         }
     }
 
@@ -118,94 +124,169 @@ impl LogTail {
     }
 
     /// Appends `records` back to back from the next unit boundary with one
-    /// aligned write, zeros after them up to the following boundary. The
-    /// caller holds the log lock. On error nothing is counted as appended:
-    /// the tail stays where it was.
+    /// aligned write, zeros after them up to the following boundary, all
+    /// under the log lock the caller holds. If the write fails the room stays
+    /// taken (the caller fails the image).
     pub fn append_all(
         &mut self,
         store: &dyn Store,
         records: &[NewRecord<'_>],
     ) -> Result<Vec<Written>> {
-        let sealer = store.sealer();
-        let overhead = if sealer.is_some() {
-            SEAL_OVERHEAD as usize
+        let room = self.layout(store, records)?;
+        room.write(store, records, &mut self.staging)
+    }
+
+    /// Takes room for `records` and registers it as in flight: the caller
+    /// writes it without the log lock ([`Room::write`]), then publishes it
+    /// with [`LogTail::published`] in ticket order.
+    pub fn reserve(&mut self, store: &dyn Store, records: &[NewRecord<'_>]) -> Result<Room> {
+        let mut room = self.layout(store, records)?;
+        room.ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.in_flight.push_back((room.start, room.lsn));
+        Ok(room)
+    }
+
+    /// The oldest room in flight has been written (or abandoned) and its
+    /// records are in the map.
+    pub fn published(&mut self) {
+        self.in_flight.pop_front();
+    }
+
+    /// Where replay must start for the map as it is now: the oldest room in
+    /// flight (its records are not in the map yet), else the tail.
+    pub fn replay_start(&self) -> (u64, u64) {
+        self.in_flight
+            .front()
+            .copied()
+            .unwrap_or((self.off, self.lsn))
+    }
+
+    /// Assigns `records` their offsets and lsns from the next unit boundary
+    /// and moves the tail past them (to the next boundary after).
+    fn layout(&mut self, store: &dyn Store, records: &[NewRecord<'_>]) -> Result<Room> {
+        let overhead = if store.sealer().is_some() {
+            SEAL_OVERHEAD
         } else {
             0
         };
-        let mut heads = Vec::with_capacity(records.len());
-        let mut sealed = Vec::new();
-        let mut written = Vec::with_capacity(records.len());
         let start = align_up(self.off, LOG_UNIT);
-        let (mut off, mut lsn) = (start, self.lsn);
+        let mut off = start;
+        let mut offs = Vec::with_capacity(records.len());
         for r in records {
+            let payload_len = u32::try_from(r.payload.len())
+                .ok()
+                .and_then(|n| n.checked_add(overhead))
+                .ok_or_else(|| Error::invalid("record too large"))?;
+            offs.push((off, payload_len));
+            off += align_up(
+                RECORD_HEADER_LEN as u64 + u64::from(payload_len),
+                RECORD_ALIGN,
+            );
+        }
+        let room = Room {
+            ticket: 0,
+            start,
+            used: off - start,
+            lsn: self.lsn,
+            epoch: self.epoch,
+            gen: self.gen,
+            offs,
+        };
+        let end = align_up(off, LOG_UNIT);
+        self.since_checkpoint += end - self.off;
+        self.off = end;
+        self.lsn += records.len() as u64;
+        Ok(room)
+    }
+}
+
+/// Room taken in the log for a batch of records: offsets, lsns, epoch and
+/// birth are fixed; the bytes are not written yet.
+#[derive(Debug)]
+pub(crate) struct Room {
+    /// Publication order of a room in flight.
+    pub ticket: u64,
+    start: u64,
+    used: u64,
+    lsn: u64,
+    epoch: u64,
+    /// Birth generation of the records.
+    pub gen: u64,
+    /// Offset and stored payload length of each record.
+    offs: Vec<(u64, u32)>,
+}
+
+impl Room {
+    /// Seals (encrypted images), checksums and stages the records in
+    /// `staging`, then writes them with one aligned write. `records` are the
+    /// ones the room was taken for.
+    pub fn write(
+        &self,
+        store: &dyn Store,
+        records: &[NewRecord<'_>],
+        staging: &mut AlignedBuf,
+    ) -> Result<Vec<Written>> {
+        let sealer = store.sealer();
+        let used = self.used as usize;
+        let buf = staging.bytes(used);
+        let mut written = Vec::with_capacity(records.len());
+        for (i, (r, &(off, payload_len))) in records.iter().zip(&self.offs).enumerate() {
             let mut header = RecordHeader {
                 kind: r.kind,
                 codec: r.codec,
-                payload_len: u32::try_from(r.payload.len() + overhead)
-                    .map_err(|_| Error::invalid("record too large"))?,
+                payload_len,
                 raw_len: r.raw_len,
-                lsn,
+                lsn: self.lsn + i as u64,
                 epoch: self.epoch,
                 self_off: off,
                 key: r.key,
                 birth: self.gen,
                 crc: 0,
             };
+            let at = (off - self.start) as usize;
+            let body = at + RECORD_HEADER_LEN;
+            let end = body + payload_len as usize;
             // Encrypted images: key and birth travel inside the sealed
             // payload, the header holds zeros (crate::crypto).
             let head = match sealer {
                 Some(s) => {
                     header.key = 0;
                     header.birth = 0;
-                    let payload = s.seal(&header.sealed_aad(), r.key, self.gen, r.payload)?;
-                    let head = header.encode_header(&payload);
-                    sealed.push(payload);
-                    head
+                    let sealed = s.seal(&header.sealed_aad(), r.key, self.gen, r.payload)?;
+                    buf[body..end].copy_from_slice(&sealed);
+                    header.encode_header(&sealed)
                 }
-                None => header
-                    .encode_header_for(r.payload_crc.unwrap_or_else(|| crc32c::crc32c(r.payload))),
+                None => {
+                    buf[body..end].copy_from_slice(r.payload);
+                    let crc = r.payload_crc.unwrap_or_else(|| crc32c::crc32c(r.payload));
+                    header.encode_header_for(crc)
+                }
             };
-            heads.push((head, header.padding()));
+            buf[at..body].copy_from_slice(&head);
+            let next = written_end(i, &self.offs, self.used, self.start);
+            buf[end..next].fill(0);
             written.push(Written {
                 off,
                 len: header.total_len() as u32,
                 crc: header.crc,
             });
-            off += align_up(header.total_len(), RECORD_ALIGN);
-            lsn += 1;
         }
-        // Stage the records (headers, payloads, padding), zeros to the unit.
-        let end = (off - start) as usize;
-        let buf = self.staging.bytes(end);
-        let mut at = 0;
-        let mut sealed_iter = sealed.iter();
-        for (r, (head, pad)) in records.iter().zip(&heads) {
-            let payload = match sealer {
-                Some(_) => sealed_iter.next().map_or(&[][..], |p| &p[..]),
-                None => r.payload,
-            };
-            for part in [&head[..], payload] {
-                buf[at..at + part.len()].copy_from_slice(part);
-                at += part.len();
-            }
-            buf[at..at + pad].fill(0);
-            at += pad;
-        }
-        debug_assert_eq!(at, end);
-        buf[end..].fill(0);
-        let len = buf.len() as u64;
+        buf[used..].fill(0);
         store
-            .write_direct_at(buf, start)
-            .map_err(|e| Error::io(format!("write records at {start}"), e))?;
-        if end > STAGING_KEEP {
-            self.staging.shrink(STAGING_KEEP);
+            .write_direct_at(buf, self.start)
+            .map_err(|e| Error::io(format!("write records at {}", self.start), e))?;
+        if used > STAGING_KEEP {
+            staging.shrink(STAGING_KEEP);
         }
-        let off = start + len;
-        self.since_checkpoint += off - self.off;
-        self.off = off;
-        self.lsn = lsn;
         Ok(written)
     }
+}
+
+/// Offset in the staged bytes where record `i`'s padding ends.
+fn written_end(i: usize, offs: &[(u64, u32)], used: u64, start: u64) -> usize {
+    let end = offs.get(i + 1).map_or(start + used, |&(next, _)| next);
+    (end - start) as usize
 }
 
 /// A record to append: everything but its place in the log.

@@ -109,6 +109,9 @@ pub(crate) struct Inner {
     /// Whether the image was clean when opened.
     opened_clean: bool,
     log: Mutex<LogTail>,
+    /// Write-back rooms published so far (see `writeback::Turn`).
+    publish_turn: Mutex<u64>,
+    publish_cv: parking_lot::Condvar,
     map: RwLock<BlockMap>,
     cache: BlockCache,
     checkpoint_lock: Mutex<()>,

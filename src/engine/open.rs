@@ -450,6 +450,8 @@ pub(super) fn load(
         nblocks,
         opened_clean: sb.flags & SB_FLAG_DIRTY == 0,
         log: Mutex::new(LogTail::new(tail, lsn, epoch, max_birth + 1)),
+        publish_turn: Mutex::new(0),
+        publish_cv: parking_lot::Condvar::new(),
         map: RwLock::new(map),
         cache: BlockCache::new(open.cache_bytes, 1 << sb.block_shift),
         checkpoint_lock: Mutex::new(()),

@@ -7,12 +7,15 @@
 //! log since the last one passes [`CHECKPOINT_BYTES`](super::CHECKPOINT_BYTES)
 //! or [`CHECKPOINT_INTERVAL`](super::CHECKPOINT_INTERVAL) passes with changes.
 
-use super::log::NewRecord;
+use super::log::{LogTail, NewRecord};
 use super::{Inner, CHECKPOINT_BYTES, CHECKPOINT_INTERVAL};
 use crate::cache::Slot;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::format::{EntryKind, MapEntry, RecordKind};
+use crate::io::AlignedBuf;
+use parking_lot::MutexGuard;
+use std::cell::RefCell;
 use std::ops::Not;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -161,35 +164,56 @@ impl Inner {
                 payload,
                 payload_crc,
             });
-            kept.push(slot.block);
+            kept.push(*slot);
         }
         if records.is_empty() {
             return Ok(());
         }
         let store = self.store.as_ref();
-        let written = log.append_all(store, &records).map_err(|e| self.fail(e))?;
-        let birth =
-            u32::try_from(log.gen).map_err(|_| self.fail(Error::invalid("generation overflow")))?;
-        {
-            let mut map = self.map.write();
-            for ((block, record), w) in kept.iter().zip(&records).zip(&written) {
-                let entry = match record.kind {
-                    RecordKind::Data => MapEntry {
-                        kind: EntryKind::Data,
-                        off: w.off,
-                        len: w.len,
-                        birth,
-                    },
-                    _ => self.hole_entry(*block),
-                };
-                map.set(*block, entry);
+        let room = log.reserve(store, &records).map_err(|e| self.fail(e))?;
+        let mut turn = Turn {
+            inner: self,
+            ticket: room.ticket,
+            done: false,
+        };
+        drop(log);
+        // Written without the log lock: workers write their batches in parallel.
+        let written = STAGING.with(|s| room.write(store, &records, &mut s.borrow_mut()));
+        let (mut published, mut log) = turn.wait();
+        turn.done = true;
+        let birth = u32::try_from(room.gen);
+        let result = match (written, birth) {
+            (Ok(written), Ok(birth)) => {
+                let mut map = self.map.write();
+                for ((slot, record), w) in kept.iter().zip(&records).zip(&written) {
+                    if !self.cache.is_current(slot) {
+                        continue; // discarded while being written
+                    }
+                    let entry = match record.kind {
+                        RecordKind::Data => MapEntry {
+                            kind: EntryKind::Data,
+                            off: w.off,
+                            len: w.len,
+                            birth,
+                        },
+                        _ => self.hole_entry(slot.block),
+                    };
+                    map.set(slot.block, entry);
+                }
+                Ok(())
             }
-        }
+            (Err(e), _) => Err(self.fail(e)),
+            (_, Err(_)) => Err(self.fail(Error::invalid("generation overflow"))),
+        };
+        log.published();
         if log.since_checkpoint >= CHECKPOINT_BYTES {
             let _ = self.kick.try_send(());
         }
         let hint = log.take_writeback();
         drop(log);
+        *published += 1;
+        drop(published);
+        self.publish_cv.notify_all();
         if let Some(hint) = hint {
             // Outside the log lock: waiting for the older window paces this
             // worker to the disk instead of letting the host page cache fill.
@@ -198,7 +222,53 @@ impl Inner {
                 self.store.writeback_hint(off, len, true);
             }
         }
-        Ok(())
+        result
+    }
+}
+
+thread_local! {
+    /// Each write-back worker stages its batches in its own aligned buffer.
+    static STAGING: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
+}
+
+/// A write-back batch's turn to publish its records into the map. Rooms are
+/// published in the order they were taken, so the map (and a flush that
+/// waited for some blocks) never covers a record while an earlier one is
+/// still unwritten: replay after a crash stops at the first unwritten room.
+/// Dropped without being published (a panic), it publishes nothing and
+/// fails the image, so later batches are not left waiting.
+struct Turn<'a> {
+    inner: &'a Inner,
+    ticket: u64,
+    /// Set once the turn came: the owner publishes.
+    done: bool,
+}
+
+impl<'a> Turn<'a> {
+    /// Waits until every earlier room is published; returns the turn
+    /// counter and the log, both locked.
+    fn wait(&self) -> (MutexGuard<'a, u64>, MutexGuard<'a, LogTail>) {
+        let mut published = self.inner.publish_turn.lock();
+        while *published != self.ticket {
+            self.inner.publish_cv.wait(&mut published);
+        }
+        (published, self.inner.log.lock())
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (mut published, mut log) = self.wait();
+        self.inner
+            .fail(Error::invalid("a write-back worker stopped mid-batch"));
+        log.published();
+        drop(log);
+        *published += 1;
+        drop(published);
+        self.inner.publish_cv.notify_all();
     }
 }
 

@@ -45,6 +45,8 @@ struct State {
 #[derive(Debug, Default)]
 pub struct FaultStore {
     state: Mutex<State>,
+    /// Upper bound of a pseudo-random delay before each write (µs).
+    jitter_us: std::sync::atomic::AtomicU64,
 }
 
 /// What a crash left: the durable bytes and the operations still in flight.
@@ -92,6 +94,25 @@ impl FaultStore {
         };
         FaultStore {
             state: Mutex::new(state),
+            jitter_us: Default::default(),
+        }
+    }
+
+    /// Delays each write by up to `max_us` microseconds (pseudo-random),
+    /// before it takes effect: concurrent writers then land out of order.
+    pub fn set_jitter(&self, max_us: u64) {
+        self.jitter_us
+            .store(max_us, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn jitter(&self, seed: u64) {
+        let max = self.jitter_us.load(std::sync::atomic::Ordering::Relaxed);
+        if max > 0 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let mut x = XorShift::new(seed ^ u64::from(now));
+            std::thread::sleep(std::time::Duration::from_micros(x.next_u64() % max));
         }
     }
 
@@ -176,6 +197,7 @@ impl Store for FaultStore {
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.jitter(off ^ buf.len() as u64 ^ u64::from(buf.first().copied().unwrap_or(0)));
         self.mutate(PendingOp::Write {
             off,
             data: buf.to_vec(),
