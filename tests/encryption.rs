@@ -140,13 +140,19 @@ fn image_with_known_record() -> (Arc<MemStore>, KeyMaterial, u64, u64) {
         img.write_at(&noise(b, BS), b * BS as u64).unwrap();
     }
     img.flush().unwrap();
-    let start = store.len().unwrap();
+    let before = store.to_bytes();
     img.write_at(&noise(3, BS), 3 * BS as u64).unwrap();
     img.flush().unwrap();
-    let end = store.len().unwrap();
+    let after = store.to_bytes();
     img.close().unwrap();
-    // One sealed raw DATA record, alone in its append: padded to the log unit.
-    assert_eq!(end - start, (64 + BS as u64 + 56).div_ceil(4096) * 4096);
+    // The one sealed raw DATA record this flush appended: where the bytes
+    // first changed (an append starts a log unit; the log's preallocated
+    // zeros do not count as a change).
+    let start = (0..after.len())
+        .find(|&i| before.get(i).copied().unwrap_or(0) != after[i])
+        .unwrap() as u64;
+    assert_eq!(start % 4096, 0);
+    assert_eq!(&after[start as usize..start as usize + 4], b"VREC");
     (store, k, start, start + 64 + BS as u64 + 56)
 }
 

@@ -46,6 +46,12 @@ impl Store for SealedStore {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.inner.set_len(len)
     }
+    fn preallocate(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.preallocate(off, len)
+    }
+    fn preallocate_window(&self) -> u64 {
+        self.inner.preallocate_window()
+    }
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
         self.inner.punch_hole(off, len)
     }

@@ -43,6 +43,11 @@ pub(crate) struct LogTail {
     next_ticket: u64,
     /// Start offset and first lsn of each room in flight, oldest first.
     in_flight: std::collections::VecDeque<(u64, u64)>,
+    /// The store is preallocated up to here: appends below it are not
+    /// extending writes (which ext4 runs one at a time).
+    allocated: u64,
+    /// Where this run started.
+    run_start: u64,
 }
 
 const _: () = assert!(DIRECT_ALIGN as u64 == LOG_UNIT);
@@ -71,8 +76,9 @@ pub(crate) struct Written {
 }
 
 impl LogTail {
-    /// A log run whose next record goes at `off` with `lsn`.
-    pub fn new(off: u64, lsn: u64, epoch: u64, gen: u64) -> Self {
+    /// A log run whose next record goes at `off` with `lsn`, in a store of
+    /// `file_len` bytes.
+    pub fn new(off: u64, lsn: u64, epoch: u64, gen: u64, file_len: u64) -> Self {
         LogTail {
             off,
             lsn,
@@ -83,6 +89,8 @@ impl LogTail {
             staging: AlignedBuf::default(),
             next_ticket: 0,
             in_flight: Default::default(),
+            allocated: file_len,
+            run_start: off,
         }
     }
 
@@ -153,6 +161,14 @@ impl LogTail {
         self.in_flight.pop_front();
     }
 
+    /// Forgets the preallocation past the tail (the caller punches it):
+    /// returns the tail and how far the store was preallocated.
+    pub fn release_preallocated(&mut self) -> (u64, u64) {
+        let allocated = self.allocated;
+        self.allocated = self.off;
+        (self.off, allocated)
+    }
+
     /// Where replay must start for the map as it is now: the oldest room in
     /// flight (its records are not in the map yet), else the tail.
     pub fn replay_start(&self) -> (u64, u64) {
@@ -194,10 +210,39 @@ impl LogTail {
             offs,
         };
         let end = align_up(off, LOG_UNIT);
+        if end > self.allocated {
+            self.preallocate(store, end)?;
+        }
         self.since_checkpoint += end - self.off;
         self.off = end;
         self.lsn += records.len() as u64;
         Ok(room)
+    }
+}
+
+impl LogTail {
+    /// Preallocates the store a window past `end` (or, short of space for
+    /// that, just to `end`). The window grows with the run, from 1 MiB to
+    /// the store's: an idle image holds little preallocated space.
+    fn preallocate(&mut self, store: &dyn Store, end: u64) -> Result<()> {
+        let grown = (end - self.run_start.min(end)) / 4;
+        let window = store
+            .preallocate_window()
+            .min(grown.max(1 << 20))
+            .max(LOG_UNIT);
+        let from = self.allocated.max(self.off);
+        let ahead = align_up(end + window, LOG_UNIT);
+        let to = match store.preallocate(from, ahead - from) {
+            Ok(()) => ahead,
+            Err(_) => {
+                store
+                    .preallocate(from, end - from)
+                    .map_err(|e| Error::io(format!("allocate the log up to {end}"), e))?;
+                end
+            }
+        };
+        self.allocated = to;
+        Ok(())
     }
 }
 

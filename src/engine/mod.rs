@@ -335,18 +335,25 @@ impl Image {
             return Ok(());
         }
         self.closed = true;
-        let result = if self.inner.read_only {
+        let flushed = if self.inner.read_only {
             Ok(())
         } else {
-            self.inner
-                .flush()
-                .and_then(|()| self.inner.checkpoint(true))
+            self.inner.flush()
         };
+        // The background threads stop before the final checkpoint: a
+        // background checkpoint queued behind it would mark the image dirty.
         for _ in &self.threads {
             let _ = self.inner.stop_tx.send(());
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        if self.inner.read_only {
+            return flushed;
+        }
+        let result = flushed.and_then(|()| self.inner.checkpoint(true));
+        if result.is_ok() {
+            self.inner.trim_preallocated();
         }
         result
     }

@@ -430,10 +430,14 @@ pub(super) fn load(
             sb.seq
         )));
     }
+    // A new run starts past the end of the file: past every byte of the old
+    // run (torn appends, and the last checkpoint's records, which may lie
+    // beyond a batch that was in flight at a crash) and past its
+    // preallocated zeros (a clean close trims those).
     let tail = if open.read_only {
         end
     } else {
-        align_up(file_len.max(end), 4096)
+        align_up(file_len.max(end), LOG_UNIT)
     };
     let epoch = if open.read_only {
         sb.log_epoch
@@ -449,7 +453,7 @@ pub(super) fn load(
         codec: sb.codec,
         nblocks,
         opened_clean: sb.flags & SB_FLAG_DIRTY == 0,
-        log: Mutex::new(LogTail::new(tail, lsn, epoch, max_birth + 1)),
+        log: Mutex::new(LogTail::new(tail, lsn, epoch, max_birth + 1, file_len)),
         publish_turn: Mutex::new(0),
         publish_cv: parking_lot::Condvar::new(),
         map: RwLock::new(map),

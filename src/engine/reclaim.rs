@@ -51,6 +51,17 @@ fn span(off: u64, len: u32) -> Span {
 }
 
 impl Inner {
+    /// After a clean close: gives back the log's preallocated space past its
+    /// tail (the next run would start past it). Failure only costs space.
+    pub(super) fn trim_preallocated(&self) {
+        let tail = self.log.lock().off;
+        if self.file_len().is_ok_and(|len| len > tail) {
+            if let Err(e) = self.store.set_len(tail) {
+                ::log::warn!("trimming the preallocated log failed: {e}");
+            }
+        }
+    }
+
     /// Leaf and index records referenced by some snapshot. Only the INDEX
     /// records are read (not the leaves), and the set is kept until the
     /// snapshot table changes: checkpoints must not cost O(snapshots).
@@ -192,6 +203,10 @@ impl Inner {
             if cursor >= sb.log_start_off {
                 break;
             }
+        }
+        let (tail, allocated) = self.log.lock().release_preallocated();
+        if allocated > tail {
+            self.punch_interior((tail, allocated));
         }
         let after = self.store.allocated().unwrap_or(0);
         Ok(CompactReport {

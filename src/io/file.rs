@@ -81,6 +81,14 @@ impl Store for FileStore {
         self.file.set_len(len)
     }
 
+    fn preallocate(&self, off: u64, len: u64) -> io::Result<()> {
+        sys::allocate(&self.file, off, len)
+    }
+
+    fn preallocate_window(&self) -> u64 {
+        32 << 20
+    }
+
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
         sys::punch_hole(&self.file, off, len)
     }

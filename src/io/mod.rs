@@ -45,6 +45,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn len(&self) -> io::Result<u64>;
     /// Truncates or extends to `len` (extension reads as zeros).
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Allocates `[off, off+len)` where the backend can, growing the store
+    /// to cover it; bytes not written before read as zeros. Not durable
+    /// until [`Store::sync`] returns.
+    fn preallocate(&self, off: u64, len: u64) -> io::Result<()> {
+        if self.len()? < off + len {
+            self.set_len(off + len)?;
+        }
+        Ok(())
+    }
+    /// How far ahead the log preallocates on this store (bytes).
+    fn preallocate_window(&self) -> u64 {
+        16 << 10
+    }
     /// Deallocates `[off, off+len)`; it reads back as zeros. The length is kept.
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()>;
     /// Bytes of host storage the store occupies, where the backend knows.
