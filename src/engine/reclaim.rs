@@ -24,7 +24,7 @@ use super::map::{BlockMap, Dead};
 use super::open::{load_map, read_index};
 use super::{Image, Inner};
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{align_up, RecPtr, LOG_START, RECORD_ALIGN};
+use crate::format::{align_up, RecPtr, LOG_START, LOG_UNIT, RECORD_ALIGN};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -113,7 +113,7 @@ impl Inner {
         let mut run: Option<Span> = None;
         for s in spans {
             run = match run {
-                Some((a, b)) if s.0 <= b => Some((a, b.max(s.1))),
+                Some((a, b)) if s.0 <= b || self.only_padding(b, s.0) => Some((a, b.max(s.1))),
                 Some(done) => {
                     self.punch_interior(done);
                     Some(s)
@@ -124,6 +124,20 @@ impl Inner {
         if let Some(done) = run {
             self.punch_interior(done);
         }
+    }
+
+    /// True if `[from, to)` holds no record, only the zeros that end an
+    /// append (format.md §4, log units): `to` is at most the next unit
+    /// boundary and no record starts at `from` (records of one append lie
+    /// back to back, so none starts later in the unit either). Dead runs are
+    /// then punched across it: one punch per run instead of one per append
+    /// (each punch waits for every O_DIRECT write in flight).
+    fn only_padding(&self, from: u64, to: u64) -> bool {
+        if from % LOG_UNIT == 0 || to > align_up(from, LOG_UNIT) {
+            return false;
+        }
+        let mut magic = [0u8; 4];
+        self.store.read_at(&mut magic, from).is_ok() && magic == [0; 4]
     }
 
     /// Punches the whole pages inside `[start, end)`.
