@@ -8,10 +8,14 @@
 //! leaves and flips the superblock; `open` rolls the log forward from the last
 //! checkpoint (see `docs/format.md`, "Commit and recovery").
 //!
-//! Lock order: checkpoint lock → log lock → cache shard → slot; the map lock is
-//! taken inside the log lock by writers, alone by readers. No lock is held
-//! across compression; the log lock is held across the record `pwrite` (into
-//! the host page cache) so that log order equals map order.
+//! Lock order: checkpoint lock → (publish turn →) log lock → cache shard →
+//! slot; the map lock is taken inside the log lock by writers, alone by
+//! readers. No lock is held across compression or the write-back's O_DIRECT
+//! writes: a worker takes room in the log under the log lock, writes it
+//! without, and publishes it into the map in the order rooms were taken
+//! (`writeback.rs`), so the map always reflects a prefix of the log. Appends
+//! of metadata (checkpoint leaves, snapshot tables, discards) write under the
+//! log lock.
 
 mod backing;
 mod batch;

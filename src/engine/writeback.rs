@@ -1,9 +1,11 @@
 //! Write-back workers and the background checkpointer.
 //!
-//! Workers take dirty slots from the cache's queue, copy the block out (under
-//! the slot lock, briefly), detect zeros and compress (no lock held), then
-//! append the record and update the map under the log lock, and tell the cache
-//! which version is now persisted. The checkpointer runs a checkpoint when the
+//! Workers take up to [`WRITEBACK_BATCH`] dirty slots from the cache's queue,
+//! share each block's bytes (under the slot lock, briefly), detect zeros,
+//! compress and checksum (no lock held), take room for the records under the
+//! log lock, write it without (O_DIRECT, in parallel with the other workers),
+//! publish it into the map in the order rooms were taken ([`Turn`]), and tell
+//! the cache which versions are now persisted. The checkpointer runs a checkpoint when the
 //! log since the last one passes [`CHECKPOINT_BYTES`](super::CHECKPOINT_BYTES)
 //! or [`CHECKPOINT_INTERVAL`](super::CHECKPOINT_INTERVAL) passes with changes.
 
