@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check CI runs: installs what the tests need when missing, then
-# cargo fmt --check, cargo clippy -D warnings, and the whole test suite.
+# cargo fmt --check, cargo clippy -D warnings, the whole test suite, and a
+# smoke run of every benchmark (benches/smoke.sh; e2e.sh installs fio and
+# bonnie++ when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +21,5 @@ fi
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test --release -- --test-threads=4
+# The benchmarks must keep running (figures not judged here): a smoke run.
+benches/smoke.sh

@@ -1414,15 +1414,13 @@ fn damaged_log_record_hides_later_flushed_writes() {
 }
 
 #[test]
-#[ignore = "known limitation (docs/testing.md): reclaim trusts the map's claim to a record"]
 fn a_lying_entry_does_not_get_another_blocks_record_reclaimed() {
     // Found by the fuzzer. Block 2's entry (a lie) names block 3's record;
     // a ZERO record in the roll-forward region then unmaps block 2, so the
-    // recovery checkpoint of a read-write open counts that record as dead
-    // and punches it, although block 3 still uses it: block 3, readable in a
-    // read-only open, reads as damaged after a read-write one. Wanted:
-    // reclaim punches only records that belong to the block they died for
-    // (e.g. check the record header's key and birth first).
+    // recovery checkpoint of a read-write open counts that record as dead.
+    // Block 3 still uses it: reclaim must punch only records that belong to
+    // the block they died for (it checks the header's key and birth of
+    // entries loaded from the image), or block 3 would read as damaged.
     let mut c = Craft::new();
     let mut e = vec![MapEntry::default(); 1024];
     // Block 3's record starts on a host page, so it holds whole pages that

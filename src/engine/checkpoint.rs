@@ -96,6 +96,7 @@ impl Inner {
                         off: old.off,
                         len: old.len,
                         birth: None,
+                        block: 0,
                     });
                 }
             }
@@ -164,6 +165,7 @@ impl Inner {
                     off: p.off,
                     len: p.len,
                     birth: None,
+                    block: 0,
                 }),
         );
         if editing {

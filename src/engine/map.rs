@@ -37,7 +37,10 @@ pub(crate) struct BlockMap {
 pub(crate) struct Dead {
     pub off: u64,
     pub len: u32,
+    /// A DATA record's birth (None: a LEAF, INDEX or SNAP_TABLE record).
     pub birth: Option<u32>,
+    /// The block a DATA record held when it died.
+    pub block: u64,
 }
 
 fn split(block: u64) -> (u64, usize) {
@@ -72,6 +75,7 @@ impl BlockMap {
                 off: old.off,
                 len: old.len,
                 birth: Some(old.birth),
+                block,
             });
         }
         if entry.kind == EntryKind::Data {
@@ -152,6 +156,7 @@ impl BlockMap {
                     off: old.off,
                     len: old.len,
                     birth: None,
+                    block: 0,
                 });
             }
         }

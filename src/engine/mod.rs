@@ -112,6 +112,9 @@ pub(crate) struct Inner {
     sb: Mutex<Superblock>,
     /// Whether the image was clean when opened.
     opened_clean: bool,
+    /// The first birth generation of this session: map entries born before
+    /// it were loaded from the image.
+    first_gen: u64,
     log: Mutex<LogTail>,
     /// Write-back rooms published so far (see `writeback::Turn`).
     publish_turn: Mutex<u64>,

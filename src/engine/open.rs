@@ -453,6 +453,7 @@ pub(super) fn load(
         codec: sb.codec,
         nblocks,
         opened_clean: sb.flags & SB_FLAG_DIRTY == 0,
+        first_gen: max_birth + 1,
         log: Mutex::new(LogTail::new(tail, lsn, epoch, max_birth + 1, file_len)),
         publish_turn: Mutex::new(0),
         publish_cv: parking_lot::Condvar::new(),

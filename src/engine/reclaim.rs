@@ -24,7 +24,10 @@ use super::map::{BlockMap, Dead};
 use super::open::{load_map, read_index};
 use super::{Image, Inner};
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{align_up, RecPtr, LOG_START, LOG_UNIT, RECORD_ALIGN};
+use crate::format::{
+    align_up, RecPtr, RecordHeader, RecordKind, LOG_START, LOG_UNIT, RECORD_ALIGN,
+    RECORD_HEADER_LEN,
+};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -104,7 +107,9 @@ impl Inner {
         dead.retain(|d| {
             span(d.off, d.len).1 <= start
                 && match d.birth {
-                    Some(birth) => newest.is_none_or(|g| u64::from(birth) > g),
+                    Some(birth) => {
+                        newest.is_none_or(|g| u64::from(birth) > g) && self.holds_its_block(d)
+                    }
                     None => !meta.contains(&d.off),
                 }
         });
@@ -126,6 +131,30 @@ impl Inner {
         }
     }
 
+    /// True unless `d`, a dead DATA entry loaded from the image (born before
+    /// this session), names a record that is not the block's: a damaged or
+    /// hostile map can name one record for two blocks, and punching it for
+    /// one would destroy the other. Entries this session made name the
+    /// records it wrote for them. Encrypted images keep key and birth inside
+    /// the sealed payload, and their maps cannot be forged without the key:
+    /// they are not checked.
+    fn holds_its_block(&self, d: &Dead) -> bool {
+        if d.birth.is_some_and(|b| u64::from(b) >= self.first_gen) || self.store.sealer().is_some()
+        {
+            return true;
+        }
+        let mut head = [0u8; RECORD_HEADER_LEN];
+        if self.store.read_at(&mut head, d.off).is_err() {
+            return false;
+        }
+        RecordHeader::decode(&head, d.off).is_ok_and(|h| {
+            h.kind == RecordKind::Data
+                && h.key == d.block
+                && Some(h.birth) == d.birth.map(u64::from)
+                && h.total_len() == u64::from(d.len)
+        })
+    }
+
     /// True if `[from, to)` holds no record, only the zeros that end an
     /// append (format.md §4, log units): `to` is at most the next unit
     /// boundary and no record starts at `from` (records of one append lie
@@ -133,7 +162,7 @@ impl Inner {
     /// then punched across it: one punch per run instead of one per append
     /// (each punch waits for every O_DIRECT write in flight).
     fn only_padding(&self, from: u64, to: u64) -> bool {
-        if from % LOG_UNIT == 0 || to > align_up(from, LOG_UNIT) {
+        if from.is_multiple_of(LOG_UNIT) || to > align_up(from, LOG_UNIT) {
             return false;
         }
         let mut magic = [0u8; 4];
