@@ -117,6 +117,8 @@ pub struct Control {
     mountpoint: PathBuf,
     last_error: Mutex<Option<String>>,
     failed: AtomicBool,
+    /// Bytes of the mount's `cache=` budget kept as request buffers.
+    buffer_bytes: u64,
 }
 
 impl Control {
@@ -128,7 +130,15 @@ impl Control {
             mountpoint,
             last_error: Mutex::new(None),
             failed: false.into(),
+            buffer_bytes: 0,
         }
+    }
+
+    /// Counts `bytes` of request buffers in the reported `cache-size` (the
+    /// mount's whole `cache=` budget).
+    pub fn with_request_buffers(mut self, bytes: u64) -> Control {
+        self.buffer_bytes = bytes;
+        self
     }
 
     /// The image this control file acts on.
@@ -202,7 +212,10 @@ impl Control {
             ("file-bytes", st.file_bytes.to_string()),
             ("file-allocated-bytes", st.file_allocated_bytes.to_string()),
             ("dead-bytes", st.dead_bytes.to_string()),
-            ("cache-size", st.cache_bytes.to_string()),
+            (
+                "cache-size",
+                (st.cache_bytes + self.buffer_bytes).to_string(),
+            ),
             ("cache-used", st.cache_used_bytes.to_string()),
             ("cache-hits", st.cache_hits.to_string()),
             ("cache-misses", st.cache_misses.to_string()),

@@ -18,7 +18,7 @@ use super::mountinfo;
 use super::options::{MountOptions, DEFAULT_THREADS};
 use crate::control::Control;
 use crate::fuse::session::{self, MountParams};
-use crate::fuse::{FsConfig, VbdFs};
+use crate::fuse::{BufPool, FsConfig, VbdFs};
 use crate::{sys, Error, ErrorKind, Image, OpenOptions, Result};
 
 /// Signals that unmount.
@@ -68,6 +68,14 @@ impl Ready {
     }
 }
 
+/// The mount's memory budget for data (`cache=`): the FUSE request buffers
+/// kept for reuse and the engine's block cache share it.
+fn cache_budget(job: &Job) -> u64 {
+    job.options
+        .cache_bytes
+        .unwrap_or(OpenOptions::default().cache_bytes)
+}
+
 /// Opens the image read-write (or read-only with `ro`), waiting a little if a
 /// previous daemon is still closing it.
 fn open_image(job: &Job) -> Result<Image> {
@@ -75,9 +83,7 @@ fn open_image(job: &Job) -> Result<Image> {
         read_only: job.options.read_only,
         ..OpenOptions::default()
     };
-    if let Some(cache) = job.options.cache_bytes {
-        opts.cache_bytes = cache;
-    }
+    opts.cache_bytes = BufPool::budget(cache_budget(job)).1;
     let start = Instant::now();
     if opts.read_only {
         wait_unlocked(job, start)?;
@@ -129,17 +135,17 @@ pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
     sys::block_signals(&SIGNALS).map_err(|e| Error::io("blocking signals", e))?;
     let image = Arc::new(open_image(job)?);
     let (uid, gid) = sys::effective_ids();
+    let (request_buffers, _) = BufPool::budget(cache_budget(job));
     let config = FsConfig {
         uid: job.options.uid.unwrap_or(uid),
         gid: job.options.gid.unwrap_or(gid),
         disk_mode: job.options.mode.unwrap_or(0o600),
         workers: job.options.threads.unwrap_or(DEFAULT_THREADS),
+        request_buffers,
     };
-    let control = Arc::new(Control::new(
-        image.clone(),
-        job.image.clone(),
-        job.mountpoint.clone(),
-    ));
+    let control = Control::new(image.clone(), job.image.clone(), job.mountpoint.clone())
+        .with_request_buffers((request_buffers as u64) << 20);
+    let control = Arc::new(control);
     let fs = VbdFs::new(control, &config).map_err(|e| Error::io("starting I/O threads", e))?;
     let fs_name = mountinfo::fs_name(&job.image);
     let params = MountParams {

@@ -32,6 +32,7 @@ use parking_lot::Mutex;
 use crate::control::Control;
 use crate::{Error, Image};
 pub use inodes::{CONTROL, DISK, ROOT, SNAPSHOTS};
+pub use pool::BufPool;
 pub use snapfiles::SNAP_INO_BASE;
 
 /// Largest request the kernel is asked to send (`max_write`; reads follow `max_pages`).
@@ -50,6 +51,8 @@ pub struct FsConfig {
     pub disk_mode: u32,
     /// I/O worker threads.
     pub workers: usize,
+    /// Request buffers kept for reuse ([`pool::BufPool::budget`]).
+    pub request_buffers: usize,
 }
 
 /// The mounted file system of one image.
@@ -83,7 +86,7 @@ impl VbdFs {
             image,
             control,
             pool: pool::Pool::new(config.workers, "vbdfs-io")?,
-            bufs: Arc::default(),
+            bufs: Arc::new(pool::BufPool::with_keep(config.request_buffers)),
             inodes,
             status: Mutex::new(HashMap::new()),
             snap_handles: Arc::default(),

@@ -80,19 +80,44 @@ impl Drop for Pool {
 }
 
 /// Request buffers kept for reuse by one mount, so the data path does not
-/// allocate (and zero) a fresh buffer per request. At most [`BufPool::KEEP`]
-/// buffers are kept, one per default I/O worker: under load every in-flight
-/// request finds a buffer (fewer made the allocator map and zero fresh pages
-/// for each 1 MiB request: 14 % of the daemon's CPU); the pool only grows to
-/// the queue depth the mount has actually seen, at most 32 MiB.
-#[derive(Debug, Default)]
+/// allocate (and zero) a fresh buffer per request. At most `keep` buffers are
+/// kept (up to [`BufPool::KEEP`], one per default I/O worker): under load
+/// every in-flight request finds a buffer (fewer made the allocator map and
+/// zero fresh pages for each 1 MiB request: 14 % of the daemon's CPU); the
+/// pool only grows to the queue depth the mount has actually seen. The mount
+/// counts the kept buffers in its `cache=` budget ([`BufPool::budget`]).
+#[derive(Debug)]
 pub struct BufPool {
     free: Mutex<Vec<Vec<u8>>>,
+    keep: usize,
+}
+
+impl Default for BufPool {
+    fn default() -> Self {
+        BufPool::with_keep(Self::KEEP)
+    }
 }
 
 impl BufPool {
-    /// Buffers kept at most.
+    /// Buffers kept at most by default.
     pub const KEEP: usize = 32;
+
+    /// A pool that keeps at most `keep` buffers.
+    pub fn with_keep(keep: usize) -> Self {
+        BufPool {
+            free: Mutex::new(Vec::new()),
+            keep,
+        }
+    }
+
+    /// How to split a mount's memory budget of `cache_bytes`: (buffers to
+    /// keep, bytes left for the engine's block cache). The pool takes an
+    /// eighth of the budget in 1 MiB buffers, at least 4 and at most
+    /// [`BufPool::KEEP`].
+    pub fn budget(cache_bytes: u64) -> (usize, u64) {
+        let keep = ((cache_bytes >> 20) / 8).clamp(4, Self::KEEP as u64);
+        (keep as usize, cache_bytes.saturating_sub(keep << 20))
+    }
 
     /// A buffer of at least `len` bytes (contents unspecified; use `[..len]`).
     pub fn get(&self, len: usize) -> Vec<u8> {
@@ -106,7 +131,7 @@ impl BufPool {
     /// Returns a buffer for reuse.
     pub fn put(&self, buf: Vec<u8>) {
         let mut free = self.free.lock();
-        if free.len() < Self::KEEP {
+        if free.len() < self.keep {
             free.push(buf);
         }
     }
@@ -144,5 +169,13 @@ mod tests {
             bufs.put(vec![0; 4]);
         }
         assert_eq!(bufs.free.lock().len(), BufPool::KEEP);
+    }
+
+    #[test]
+    fn the_budget_is_split_between_buffers_and_cache() {
+        assert_eq!(BufPool::budget(256 << 20), (32, 224 << 20));
+        assert_eq!(BufPool::budget(64 << 20), (8, 56 << 20));
+        assert_eq!(BufPool::budget(8 << 20), (4, 4 << 20));
+        assert_eq!(BufPool::budget(1 << 20), (4, 0));
     }
 }
