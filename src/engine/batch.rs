@@ -9,7 +9,7 @@
 use super::Inner;
 use crate::cache::Slot;
 use crate::codec;
-use crate::format::{align_up, EntryKind, MapEntry, LOG_UNIT, RECORD_ALIGN};
+use crate::format::{EntryKind, MapEntry};
 use std::sync::Arc;
 
 /// Largest single read issued for a run of records.
@@ -47,13 +47,7 @@ impl Inner {
             let mut end = start + 1;
             while end < missing.len() {
                 let (prev, next) = (&missing[end - 1].1, &missing[end].1);
-                // Back to back, or the next append's first record after the
-                // zeros that end the previous one (format.md §4, log units).
-                let prev_end = align_up(prev.off + u64::from(prev.len), RECORD_ALIGN);
-                let contiguous = next.kind == EntryKind::Data
-                    && next.off >= prev_end
-                    && next.off <= align_up(prev_end, LOG_UNIT);
-                if !contiguous
+                if !super::log::follows(prev, next)
                     || next.off + u64::from(next.len) - missing[start].1.off > MAX_RUN_BYTES
                 {
                     break;

@@ -2,21 +2,24 @@
 //!
 //! The appender assigns each record its offset and log sequence number (lsn)
 //! and writes a batch of records with one positional write. Its state lives
-//! behind the engine's log mutex, which is also held while the map is updated
-//! for the record, so the map always reflects a prefix of the log (what
-//! checkpoints rely on).
+//! behind the engine's log mutex. Metadata appends write under it; write-back
+//! batches take *room* under it ([`LogTail::reserve`]), write it without, and
+//! are published into the map in the order taken, so the map always reflects
+//! a prefix of the log plus nothing past a room in flight (what checkpoints
+//! rely on: [`LogTail::replay_start`]).
 //!
 //! Appends go past the host page cache ([`Store::write_direct_at`]), so each
 //! append is whole [`LOG_UNIT`]s written from an aligned staging buffer: its
 //! records back to back from a unit boundary, then zeros up to the next one,
 //! where the next append starts. Written bytes are never written again (a
 //! torn rewrite could destroy records already synced); recovery steps over
-//! the zeros to the next unit (`docs/format.md`, "The log").
+//! the zeros to the next unit (`docs/format.md` §4, log units).
 
 use crate::crypto::{Sealer, RECORD_AAD_LEN, SEAL_OVERHEAD};
 use crate::error::{Error, Result};
 use crate::format::{
-    align_up, RecordHeader, RecordKind, LOG_UNIT, MAX_PAYLOAD, RECORD_ALIGN, RECORD_HEADER_LEN,
+    align_up, EntryKind, MapEntry, RecordHeader, RecordKind, LOG_UNIT, MAX_PAYLOAD, RECORD_ALIGN,
+    RECORD_HEADER_LEN,
 };
 use crate::io::{AlignedBuf, Store, DIRECT_ALIGN};
 use std::borrow::Cow;
@@ -97,6 +100,7 @@ impl LogTail {
     /// Once a window of appended bytes is complete, the ranges to hand to the
     /// host: the host page cache then never holds more than about two windows
     /// of an image's dirty log, and no second copy of what the engine caches.
+    /// Only stores without O_DIRECT writes (tmpfs) act on the hints.
     pub fn take_writeback(&mut self) -> Option<WritebackHint> {
         if self.off < self.hinted + WRITEBACK_WINDOW {
             return None;
@@ -477,6 +481,14 @@ pub(crate) fn read_next(
         payload = unseal(s, &mut header, &head, &payload)?;
     }
     Ok(Some((header, payload)))
+}
+
+/// True if `next`'s record can be read in one read with `prev`'s: it starts
+/// right after it, or (first of the next append) after the zeros that end
+/// `prev`'s append (format.md §4, log units).
+pub(crate) fn follows(prev: &MapEntry, next: &MapEntry) -> bool {
+    let end = align_up(prev.off + u64::from(prev.len), RECORD_ALIGN);
+    next.kind == EntryKind::Data && next.off >= end && next.off <= align_up(end, LOG_UNIT)
 }
 
 /// The offset after a record.

@@ -13,9 +13,7 @@ use super::snapshot::SnapshotInfo;
 use super::snaptable::Pin;
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::format::{
-    align_up, EntryKind, MapEntry, RecordHeader, RecordKind, SnapEntry, RECORD_ALIGN,
-};
+use crate::format::{EntryKind, MapEntry, RecordHeader, RecordKind, SnapEntry};
 use crate::io::Store;
 use lru::LruCache;
 use parking_lot::Mutex;
@@ -93,9 +91,8 @@ impl SnapshotReader {
             let mut end = start + 1;
             while let Some((_, next)) = missing.get(end) {
                 let prev = missing[end - 1].1;
-                // Back to back (so after the run's start), and not too long.
-                let contiguous = next.off == align_up(prev.off + u64::from(prev.len), RECORD_ALIGN);
-                if !contiguous
+                // Following (so after the run's start), and not too long.
+                if !super::log::follows(&prev, next)
                     || next.off + u64::from(next.len) - missing[start].1.off > MAX_RUN_BYTES
                 {
                     break;

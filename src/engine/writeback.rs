@@ -126,8 +126,9 @@ impl Inner {
         }
     }
 
-    /// Encodes `blocks` (no lock held), then appends them as one batch of
-    /// records and points the map at them, under the log lock.
+    /// Encodes `blocks` (no lock held), takes room for their records under
+    /// the log lock, writes it without, and publishes it into the map in
+    /// turn ([`Turn`]).
     fn persist(&self, blocks: &[(&Arc<Slot>, &[u8])]) -> Result<()> {
         self.check_failed()?;
         let sealed = self.store.sealer().is_some();
