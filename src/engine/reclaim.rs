@@ -57,9 +57,9 @@ impl Inner {
     /// After a clean close: gives back the log's preallocated space past its
     /// tail (the next run would start past it). Failure only costs space.
     pub(super) fn trim_preallocated(&self) {
-        let tail = self.log.lock().off;
-        if self.file_len().is_ok_and(|len| len > tail) {
-            if let Err(e) = self.store.set_len(tail) {
+        let log = self.log.lock();
+        if self.file_len().is_ok_and(|len| len > log.off) {
+            if let Err(e) = self.store.set_len(log.off) {
                 ::log::warn!("trimming the preallocated log failed: {e}");
             }
         }
@@ -247,9 +247,14 @@ impl Inner {
                 break;
             }
         }
-        let (tail, allocated) = self.log.lock().release_preallocated();
-        if allocated > tail {
-            self.punch_interior((tail, allocated));
+        {
+            // Under the log lock: no room can be taken in the range while it
+            // is punched (every room in flight lies below the tail).
+            let mut log = self.log.lock();
+            let (tail, allocated) = log.release_preallocated();
+            if allocated > tail {
+                self.punch_interior((tail, allocated));
+            }
         }
         let after = self.store.allocated().unwrap_or(0);
         Ok(CompactReport {
