@@ -89,12 +89,22 @@ pub struct OpenOptions {
     pub workers: usize,
 }
 
+/// Default write-back threads per core. A worker compresses (CPU) and then
+/// waits for its O_DIRECT log write (disk): with more workers than cores the
+/// log keeps several writes in flight. Measured on 2 cores (1 MiB writes
+/// through FUSE, QD16): 2 → 8 workers, +37 % uncompressed, +20 % zstd, +25 %
+/// for 4 KiB random writes; 12 gained nothing more.
+const WRITEBACK_PER_CORE: usize = 4;
+
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             read_only: false,
             cache_bytes: 256 << 20,
-            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            workers: WRITEBACK_PER_CORE
+                * std::thread::available_parallelism()
+                    .map_or(2, |n| n.get())
+                    .min(8),
         }
     }
 }

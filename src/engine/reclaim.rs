@@ -32,6 +32,13 @@ use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::Arc;
 
+/// Most bytes one `fallocate(PUNCH_HOLE)` frees. ext4 holds the inode lock
+/// and drains every O_DIRECT write for the whole call, ~0.4 ms per MiB freed
+/// here: a checkpoint's 256 MiB run in one call stalled the log's writers
+/// for ~120 ms (sustained 1 MiB writes), in 16 MiB pieces for at most ~8 ms
+/// each.
+const PUNCH_PIECE: u64 = 16 << 20;
+
 /// Host page size used for punching.
 const PAGE: u64 = 4096;
 
@@ -171,11 +178,13 @@ impl Inner {
 
     /// Punches the whole pages inside `[start, end)`.
     fn punch_interior(&self, (start, end): Span) {
-        let (a, b) = (align_up(start, PAGE), end & !(PAGE - 1));
-        if a < b {
-            if let Err(e) = self.store.punch_hole(a, b - a) {
-                ::log::warn!("punching {a}+{} failed (space not reclaimed): {e}", b - a);
+        let (mut a, b) = (align_up(start, PAGE), end & !(PAGE - 1));
+        while a < b {
+            let n = (b - a).min(PUNCH_PIECE);
+            if let Err(e) = self.store.punch_hole(a, n) {
+                ::log::warn!("punching {a}+{n} failed (space not reclaimed): {e}");
             }
+            a += n;
         }
     }
 
