@@ -245,3 +245,36 @@ fn memstore_images_reopen() {
     assert!(got == pattern(100_000, 3));
     let _ = store.len();
 }
+
+#[test]
+fn reads_disk_tells_which_requests_need_a_disk_read() {
+    let (_d, path, img) = create(8 << 20, 65536, Codec::Zstd(1));
+    let bs = 65536u64;
+    // Nothing stored yet: every request is served from memory.
+    assert!(!img.reads_disk(100, 4096, false));
+    assert!(!img.reads_disk(100, 4096, true));
+    img.write_at(&pattern(2 * bs as usize, 3), 0).unwrap();
+    img.close().unwrap();
+    let img = Image::open(&path, &opts()).unwrap();
+    // Stored and not cached: a read, or a partial write, reads the disk;
+    // a write covering whole blocks does not.
+    assert!(img.reads_disk(100, 4096, false));
+    assert!(img.reads_disk(100, 4096, true));
+    assert!(!img.reads_disk(0, 2 * bs, true));
+    assert!(
+        img.reads_disk(bs - 1, bs + 1, true),
+        "the last byte of block 0"
+    );
+    assert!(
+        !img.reads_disk(2 * bs, bs + 7, true),
+        "unstored blocks need no read"
+    );
+    // Once loaded, block 0 is served from memory; block 1 still is not.
+    let mut buf = vec![0u8; 10];
+    img.read_at(&mut buf, 5).unwrap();
+    assert!(!img.reads_disk(0, bs, false));
+    assert!(!img.reads_disk(100, 4096, true));
+    assert!(img.reads_disk(bs - 1, 2, false));
+    // Outside the disk: no read (the request fails without I/O).
+    assert!(!img.reads_disk(8 << 20, 1, false));
+}

@@ -93,6 +93,12 @@ impl BlockCache {
         slot
     }
 
+    /// True if `block` is cached and loaded (no hit counted, no LRU update).
+    pub fn is_loaded(&self, block: u64) -> bool {
+        let slot = self.shard(block).lock().peek(&block).cloned();
+        slot.is_some_and(|slot| slot.lock().load == Load::Ready)
+    }
+
     /// True if `block` is cached (no hit counted, no LRU update).
     pub fn peek(&self, block: u64) -> bool {
         self.shard(block).lock().contains(&block)

@@ -326,6 +326,15 @@ impl Image {
         self.inner.write_at(buf, off)
     }
 
+    /// True if reading (or, with `writing`, writing) `len` bytes at `off`
+    /// would wait for a disk read; false if the request is served from
+    /// memory (a write may still wait for write-back when too much is dirty).
+    /// The answer can be stale by the time the request runs (a block may be
+    /// evicted meanwhile): it only chooses where to run a request.
+    pub fn reads_disk(&self, off: u64, len: u64, writing: bool) -> bool {
+        self.inner.reads_disk(off, len, writing)
+    }
+
     /// Discards `[off, off+len)`: it reads as zeros and whole blocks are freed.
     pub fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.inner.discard(off, len)

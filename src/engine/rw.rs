@@ -119,6 +119,26 @@ impl Inner {
         }
     }
 
+    /// True if serving `len` bytes at `off` (a write if `writing`) would
+    /// read the disk: some block it touches is neither cached and loaded, nor
+    /// without stored content, nor (writing) covered whole. False for a range
+    /// outside the disk too: the request fails without I/O.
+    pub(super) fn reads_disk(&self, off: u64, len: u64, writing: bool) -> bool {
+        if self.check_range(off, len).is_err() || len == 0 {
+            return false;
+        }
+        let bs = self.block_size();
+        let (first, last) = (off >> self.block_shift, (off + len - 1) >> self.block_shift);
+        (first..=last).any(|block| {
+            let start = (block << self.block_shift).max(off);
+            let end = ((block + 1) << self.block_shift).min(off + len);
+            let whole = writing && end - start == bs;
+            !(whole
+                || self.cache.is_loaded(block)
+                || !self.has_content(self.map.read().get(block).kind))
+        })
+    }
+
     pub(super) fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
         if buf.len() as u64 > self.block_size() {

@@ -3,9 +3,10 @@
 //!
 //! It knows nothing of the image format. Requests on `disk` are checked and
 //! clamped here (reads at or past the end return short/empty, writes past the
-//! end fail with `ENOSPC`, the size cannot change), then handed to the worker
-//! [`pool::Pool`], which calls the engine and replies. Engine errors become
-//! errno values only through [`crate::Error::errno`].
+//! end fail with `ENOSPC`, the size cannot change), then served on the FUSE
+//! thread if the engine can do it from memory ([`Image::reads_disk`]), else
+//! handed to the worker [`pool::Pool`], which calls the engine and replies.
+//! Engine errors become errno values only through [`crate::Error::errno`].
 //!
 //! Kernel settings (see `research/fuse-ceiling.md` section 7): `FUSE_ASYNC_DIO`,
 //! 1 MiB `max_write`, `max_background` 128 (congestion threshold 3/4), no

@@ -1,6 +1,8 @@
 //! The `fuser::Filesystem` implementation: one handler per FUSE request.
-//! Metadata requests are answered inline; data requests on `disk` and command
-//! writes on `control` are queued to the worker pool, which replies. Requests
+//! Metadata requests are answered inline. Data requests on `disk` that the
+//! engine serves from memory (cached blocks; writes that need no read of old
+//! data) run inline too; the others, and command writes on `control`, are
+//! queued to the worker pool, which replies. Requests
 //! on `snapshots/` and the files in it go to `snapfiles.rs`.
 
 use std::ffi::OsStr;
@@ -121,9 +123,10 @@ impl Filesystem for VbdFs {
                 let Some(len) = self.clamp(offset, u64::from(size)) else {
                     return reply.data(&[]);
                 };
+                let in_memory = !self.image.reads_disk(offset, len, false);
                 let (image, control, bufs) =
                     (self.image.clone(), self.control.clone(), self.bufs.clone());
-                self.pool.submit(Box::new(move || {
+                let job = move || {
                     let len = len as usize;
                     let mut buf = bufs.get(len);
                     match image.read_at(&mut buf[..len], offset) {
@@ -131,7 +134,12 @@ impl Filesystem for VbdFs {
                         Err(e) => reply.error(failed(&control, "read disk", &e)),
                     }
                     bufs.put(buf);
-                }));
+                };
+                if in_memory {
+                    job(); // cached: answered here, no hand-off to a worker
+                } else {
+                    self.pool.submit(Box::new(job));
+                }
             }
             CONTROL => {
                 let text = {
@@ -171,6 +179,14 @@ impl Filesystem for VbdFs {
                     return reply.error(Errno::ENOSPC);
                 };
                 let len = len as usize;
+                if !self.image.reads_disk(offset, len as u64, true) {
+                    // No read-modify-write from disk: written here, straight
+                    // from the request (no copy into a buffer, no hand-off).
+                    return match self.image.write_at(&data[..len], offset) {
+                        Ok(()) => reply.written(len as u32),
+                        Err(e) => reply.error(failed(&self.control, "write disk", &e)),
+                    };
+                }
                 let mut buf = self.bufs.get(len);
                 buf[..len].copy_from_slice(&data[..len]);
                 let (image, control, bufs) =

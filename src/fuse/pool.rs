@@ -1,8 +1,8 @@
-//! A bounded pool of I/O worker threads. FUSE handlers only decode a request
-//! and queue a job here; the job does the engine call (which may block on disk
-//! I/O, compression or a flush) and sends the reply itself (fuser `Reply*` are
-//! `Send`), so the few FUSE threads never wait on the disk and many requests
-//! are in flight at once.
+//! A bounded pool of I/O worker threads. FUSE handlers queue every request
+//! that would read the disk (or flush) as a job here; the job does the engine
+//! call and sends the reply itself (fuser `Reply*` are `Send`), so the few
+//! FUSE threads never wait on a disk read and many requests are in flight at
+//! once.
 //!
 //! The queue is bounded ([`QUEUE_PER_WORKER`] jobs per worker): when it is full
 //! the FUSE thread waits, which pushes back on the kernel instead of buffering
