@@ -278,3 +278,42 @@ fn reads_disk_tells_which_requests_need_a_disk_read() {
     // Outside the disk: no read (the request fails without I/O).
     assert!(!img.reads_disk(8 << 20, 1, false));
 }
+
+#[test]
+fn sequential_reads_load_the_blocks_ahead_and_random_reads_do_not() {
+    let (_d, path, img) = create(16 << 20, 65536, Codec::Zstd(1));
+    img.write_at(&pattern(16 << 20, 5), 0).unwrap();
+    img.close().unwrap();
+    let open = OpenOptions {
+        cache_bytes: 64 << 20,
+        ..opts()
+    };
+    let img = Image::open(&path, &open).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    // Random reads: nothing is loaded beyond them.
+    for off in [9u64 << 20, 3 << 20, 12 << 20] {
+        img.read_at(&mut buf, off).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(img.reads_disk((3 << 20) + (64 << 10), 64 << 10, false));
+    // A sequential reader: the blocks after its last read get loaded.
+    for i in 0..4u64 {
+        img.read_at(&mut buf, (1 << 20) + i * (64 << 10)).unwrap();
+        assert_eq!(
+            buf,
+            pattern(16 << 20, 5)[(1 << 20) + i as usize * 65536..][..65536]
+        );
+    }
+    let ahead = (1 << 20) + 4 * (64 << 10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while img.reads_disk(ahead, 256 << 10, false) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readahead never loaded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut rest = vec![0u8; 256 << 10];
+    img.read_at(&mut rest, ahead).unwrap();
+    assert_eq!(rest, pattern(16 << 20, 5)[ahead as usize..][..256 << 10]);
+}

@@ -25,6 +25,7 @@ mod inspect;
 mod log;
 mod map;
 mod open;
+mod readahead;
 mod reader;
 mod reclaim;
 mod rw;
@@ -144,6 +145,7 @@ pub(crate) struct Inner {
     snaps: Arc<snaptable::Snapshots>,
     /// The base snapshot of a clone (None for a plain image).
     backing: Option<backing::Backing>,
+    readahead: readahead::Readahead,
 }
 
 /// An open image. `Send + Sync`: share it behind an `Arc`.
@@ -282,6 +284,9 @@ impl Image {
                 .checkpoint(false)
                 .map_err(|e| e.context("recovery checkpoint"))?;
             image.threads = writeback::spawn(&image.inner, open.workers.max(1))?;
+        }
+        for _ in 0..readahead::THREADS {
+            image.threads.push(readahead::spawn(&image.inner)?);
         }
         Ok(image)
     }

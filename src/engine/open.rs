@@ -469,6 +469,7 @@ pub(super) fn load(
         stop_rx,
         snaps: Arc::new(snaps),
         backing,
+        readahead: super::readahead::Readahead::new(open.cache_bytes),
         sb: Mutex::new(sb),
         store,
     })

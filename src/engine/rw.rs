@@ -141,6 +141,7 @@ impl Inner {
 
     pub(super) fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
+        self.read_ahead(off, buf.len() as u64);
         if buf.len() as u64 > self.block_size() {
             self.load_many(off, buf.len() as u64);
         }
