@@ -43,6 +43,10 @@
 #   BONNIE=0     skip bonnie++; BONNIE_S,BONNIE_R,BONNIE_N (1024,512,16 / 128,64,2)
 #   BONNIE_HOSTFS=1  also bonnie++ directly on the host fs  (1 / 0)
 #   BONNIE_TIMEOUT   per bonnie++ run (s)                  (240 / 90)
+#   BONNIE_MEMCG=0   do not confine bonnie++ to a memory cgroup of BONNIE_R MiB
+#                (default on when a memory cgroup can be made: its page cache
+#                is then bounded, so the 2x-RAM file's block read reaches the
+#                target instead of the host page cache)
 #   SCRATCH      scratch dir on the fs under test, created fresh, removed at end
 #                (default: <repo>/target/e2e-scratch)
 #   KEEP_SCRATCH=1   do not remove the scratch dir
@@ -81,7 +85,7 @@ fi
 : "${JOBS=seqwrite seqread randread randwrite}"   # JOBS="" runs no fio sweep
 : "${NUMJOBS:=2}"
 : "${VSIZE:=4G}"
-: "${BONNIE:=1}"
+: "${BONNIE:=1}" "${BONNIE_MEMCG:=1}"
 : "${SUSTAIN:=1}"
 : "${SUSTAIN_TARGETS:=raw loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd}"
 : "${SCRATCH:=$REPO_DIR/target/e2e-scratch}"
@@ -614,6 +618,21 @@ measure_space() {
   fact "$t" space total alloc_bytes "$tb" B
 }
 
+# memcg_make MIB: makes a memory cgroup limited to MIB MiB (cgroup v2 if its
+# memory controller is on, else v1) and prints its directory; prints nothing
+# if none can be made. A process moved into it keeps the page cache it fills
+# within the limit. Remove it with rmdir once its processes are gone.
+memcg_make() {
+  local cg
+  if grep -qw memory /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+    cg=/sys/fs/cgroup/vbdfs-e2e-$$
+    mkdir -p "$cg" 2>/dev/null && echo $(($1 << 20)) > "$cg/memory.max" 2>/dev/null && echo "$cg"
+  elif [ -d /sys/fs/cgroup/memory ]; then
+    cg=/sys/fs/cgroup/memory/vbdfs-e2e-$$
+    mkdir -p "$cg" 2>/dev/null && echo $(($1 << 20)) > "$cg/memory.limit_in_bytes" 2>/dev/null && echo "$cg"
+  fi
+}
+
 # bonnie_on LABEL FILE [T]: ext4 on a loop device over FILE, then bonnie++
 bonnie_on() {
   local label=$1 file=$2 t=${3:-} dev mnt rc c0 c1 w0 w1 pids=""
@@ -635,14 +654,19 @@ bonnie_on() {
   fi
   # shellcheck disable=SC2086
   c0=$(ticks_of $pids); w0=$(now)
+  local cg="" enter=()
+  [ "$BONNIE_MEMCG" = 1 ] && cg=$(memcg_make "$BONNIE_R")
+  # shellcheck disable=SC2016
+  [ -n "$cg" ] && enter=(sh -c 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"' _ "$cg")
   run_child "$RES/$label.bonnie.csv" "$RES/$label.bonnie.txt" \
-    timeout -k 10 "$BONNIE_TIMEOUT" bonnie++ -d "$mnt" -u root -r "$BONNIE_R" -s "$BONNIE_S" -n "$BONNIE_N" \
+    "${enter[@]}" timeout -k 10 "$BONNIE_TIMEOUT" bonnie++ -d "$mnt" -u root -r "$BONNIE_R" -s "$BONNIE_S" -n "$BONNIE_N" \
     -m "$label" -q
   rc=$?
+  [ -n "$cg" ] && rmdir "$cg" 2>/dev/null
   # shellcheck disable=SC2086
   w1=$(now); c1=$(ticks_of $pids)
   if [ $rc = 0 ]; then
-    fact "$label" bonnie bonnie status ok "" "${dev:+loop $dev over $file}"
+    fact "$label" bonnie bonnie status ok "" "${dev:+loop $dev over $file}${cg:+, page cache limited to ${BONNIE_R} MiB (memory cgroup)}"
   else
     fact "$label" bonnie bonnie status failed "" "bonnie++ rc=$rc$([ $rc = 124 ] && echo " (timeout ${BONNIE_TIMEOUT}s)")"
   fi

@@ -533,9 +533,15 @@ def main():
     if bonnie_status:
         L.append("## bonnie++: ext4 on a loop device over each flat file")
         L.append("")
-        L.append(f"`bonnie++ -u root {run.get('params', '').split('bonnie++ ')[-1]}` (2x RAM is impractical here; "
-                 "file size is far below RAM, so the SeqIn/seeks/stat phases are served from the page cache and often "
-                 "finish too fast to measure (`+++++`); the SeqOut phases end with fsync and do reach the target). "
+        confined = any("memory cgroup" in note for _, note, _, _ in bonnie_status.values())
+        cache_note = ("each bonnie++ ran in a memory cgroup of `-r` MiB, so its page cache cannot hold the 2x file "
+                      "and block read reaches the target; the `raw` row's loop device still reads the raw file "
+                      "through the host page cache, outside the cgroup, so its reads are cache-fast"
+                      if confined else
+                      "2x RAM is impractical here; file size is far below RAM, so the SeqIn/seeks/stat phases are "
+                      "served from the page cache and often finish too fast to measure (`+++++`)")
+        L.append(f"`bonnie++ -u root {run.get('params', '').split('bonnie++ ')[-1]}` ({cache_note}; "
+                 "the SeqOut phases end with fsync and do reach the target). "
                  "Ratios are to the `raw` row = ext4 on a loop device over the raw file (the same stack as the "
                  "`loop` target). `hostfs` = bonnie++ directly on the host ext4, no loop (reference only). "
                  "bonnie++ 2.x per-chr tests are one syscall per byte (CPU bound).")
