@@ -97,6 +97,7 @@ impl Inner {
                         len: old.len,
                         birth: None,
                         block: 0,
+                        ends_append: false,
                     });
                 }
             }
@@ -166,6 +167,7 @@ impl Inner {
                     len: p.len,
                     birth: None,
                     block: 0,
+                    ends_append: false,
                 }),
         );
         if editing {
@@ -173,7 +175,12 @@ impl Inner {
             // judged by the next plain checkpoint, whose snapshot set is cached.
             self.map.write().freed.extend(dead);
         } else {
+            let (t, n) = (std::time::Instant::now(), dead.len());
             self.punch_dead(dead, start_off);
+            ::log::debug!(
+                "checkpoint {gen}: {n} dead records reclaimed in {:?}",
+                t.elapsed()
+            );
         }
         Ok(())
     }

@@ -12,6 +12,10 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone)]
 pub(crate) struct Leaf {
     pub entries: Box<[MapEntry]>,
+    /// One bit per entry: its record is the last of an append, so the zeros
+    /// up to the next log unit belong to it (known only for records written
+    /// in this session; reclaim then needs no read to merge across them).
+    ends_append: Box<[u64]>,
     pub dirty: bool,
 }
 
@@ -41,6 +45,9 @@ pub(crate) struct Dead {
     pub birth: Option<u32>,
     /// The block a DATA record held when it died.
     pub block: u64,
+    /// The record was the last of its append (written this session): the
+    /// zeros after it, up to the next log unit, are dead with it.
+    pub ends_append: bool,
 }
 
 fn split(block: u64) -> (u64, usize) {
@@ -58,15 +65,29 @@ impl BlockMap {
 
     /// Sets the entry for `block`; returns the previous one.
     pub fn set(&mut self, block: u64, entry: MapEntry) -> MapEntry {
+        self.set_record(block, entry, false)
+    }
+
+    /// [`BlockMap::set`], noting whether the entry's record is the last of
+    /// the append that wrote it.
+    pub fn set_record(&mut self, block: u64, entry: MapEntry, ends_append: bool) -> MapEntry {
         let (leaf, i) = split(block);
         if entry.kind == EntryKind::Unmapped && !self.leaves.contains_key(&leaf) {
             return MapEntry::default();
         }
         let leaf = self.leaves.entry(leaf).or_insert_with(|| Leaf {
             entries: vec![MapEntry::default(); LEAF_ENTRIES as usize].into_boxed_slice(),
+            ends_append: vec![0; LEAF_ENTRIES.div_ceil(64) as usize].into_boxed_slice(),
             dirty: true,
         });
         let old = std::mem::replace(&mut leaf.entries[i], entry);
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        let old_ended_append = leaf.ends_append[word] & bit != 0;
+        if ends_append && entry.kind == EntryKind::Data {
+            leaf.ends_append[word] |= bit;
+        } else {
+            leaf.ends_append[word] &= !bit;
+        }
         leaf.dirty = true;
         if old.kind == EntryKind::Data {
             self.data_blocks -= 1;
@@ -76,6 +97,7 @@ impl BlockMap {
                 len: old.len,
                 birth: Some(old.birth),
                 block,
+                ends_append: old_ended_append,
             });
         }
         if entry.kind == EntryKind::Data {
@@ -157,6 +179,7 @@ impl BlockMap {
                     len: old.len,
                     birth: None,
                     block: 0,
+                    ends_append: false,
                 });
             }
         }
@@ -191,6 +214,21 @@ mod tests {
         m.set_range(0, 10_000, MapEntry::default());
         assert_eq!((m.data_blocks, m.stored_bytes), (0, 0));
         assert!(m.next_mapped(0).is_none());
+    }
+
+    #[test]
+    fn a_dead_record_remembers_whether_it_ended_its_append() {
+        let mut m = BlockMap::default();
+        m.set_record(9, data(65536, 100), true);
+        m.set_record(10, data(65636, 100), false);
+        m.set(9, data(90000, 10));
+        m.set_record(10, data(90010, 10), true);
+        m.set(10, MapEntry::default());
+        let ends: Vec<(u64, bool)> = m.freed.iter().map(|d| (d.off, d.ends_append)).collect();
+        assert_eq!(ends, [(65536, true), (65636, false), (90010, true)]);
+        // The mark goes with the entry: block 9's new record did not end one.
+        m.set(9, MapEntry::default());
+        assert!(!m.freed[3].ends_append);
     }
 
     #[test]

@@ -60,6 +60,23 @@ fn span(off: u64, len: u32) -> Span {
     (off, align_up(off + u64::from(len), RECORD_ALIGN))
 }
 
+/// The bytes a dead record frees: its span, and the zeros that end its
+/// append when it was the append's last record.
+fn dead_span(d: &Dead) -> Span {
+    let end = d.off + u64::from(d.len);
+    (
+        d.off,
+        align_up(
+            end,
+            if d.ends_append {
+                LOG_UNIT
+            } else {
+                RECORD_ALIGN
+            },
+        ),
+    )
+}
+
 impl Inner {
     /// After a clean close: gives back the log's preallocated space past its
     /// tail (the next run would start past it). Failure only costs space.
@@ -112,7 +129,7 @@ impl Inner {
             }
         };
         dead.retain(|d| {
-            span(d.off, d.len).1 <= start
+            dead_span(d).1 <= start
                 && match d.birth {
                     Some(birth) => {
                         newest.is_none_or(|g| u64::from(birth) > g) && self.holds_its_block(d)
@@ -120,7 +137,7 @@ impl Inner {
                     None => !meta.contains(&d.off),
                 }
         });
-        let mut spans: Vec<Span> = dead.iter().map(|d| span(d.off, d.len)).collect();
+        let mut spans: Vec<Span> = dead.iter().map(dead_span).collect();
         spans.sort_unstable();
         let mut run: Option<Span> = None;
         for s in spans {
@@ -278,5 +295,23 @@ impl Image {
     /// Returns the host space of every dead record (see the module docs).
     pub fn compact(&self) -> Result<CompactReport> {
         self.inner.compact()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_record_of_an_append_frees_the_zeros_after_it() {
+        let d = |ends_append| Dead {
+            off: 8192 + 100,
+            len: 1000,
+            birth: Some(1),
+            block: 3,
+            ends_append,
+        };
+        assert_eq!(dead_span(&d(false)), (8292, align_up(9292, RECORD_ALIGN)));
+        assert_eq!(dead_span(&d(true)), (8292, 3 * LOG_UNIT));
     }
 }

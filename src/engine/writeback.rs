@@ -188,7 +188,9 @@ impl Inner {
         let result = match (written, birth) {
             (Ok(written), Ok(birth)) => {
                 let mut map = self.map.write();
-                for ((slot, record), w) in kept.iter().zip(&records).zip(&written) {
+                let last = records.len() - 1;
+                for (i, ((slot, record), w)) in kept.iter().zip(&records).zip(&written).enumerate()
+                {
                     if !self.cache.is_current(slot) {
                         continue; // discarded while being written
                     }
@@ -201,7 +203,7 @@ impl Inner {
                         },
                         _ => self.hole_entry(slot.block),
                     };
-                    map.set(slot.block, entry);
+                    map.set_record(slot.block, entry, i == last);
                 }
                 Ok(())
             }
