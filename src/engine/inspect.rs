@@ -37,7 +37,8 @@ pub struct ImageStats {
     pub clean: bool,
     /// Opened read-only.
     pub read_only: bool,
-    /// Buffer cache budget.
+    /// Buffer cache budget: the block cache plus what the engine's threads
+    /// hold outside it (write-back staging, readahead).
     pub cache_bytes: u64,
     /// Buffer cache bytes in use.
     pub cache_used_bytes: u64,
@@ -110,7 +111,7 @@ impl Inner {
             generation: sb.gen,
             clean: self.opened_clean,
             read_only: self.read_only,
-            cache_bytes: cache.capacity,
+            cache_bytes: self.cache_budget,
             cache_used_bytes: cache.used,
             cache_hits: cache.hits,
             cache_misses: cache.misses,

@@ -90,6 +90,21 @@ pub struct OpenOptions {
     pub workers: usize,
 }
 
+/// The part of a cache budget of `open` that the engine's threads hold
+/// outside the block cache: each write-back worker's staging buffer (a batch
+/// of blocks) and compression context (~1 MiB), and the readahead threads'
+/// pieces in flight. At most half the budget.
+fn threads_reserve(open: &OpenOptions, block_size: u64) -> u64 {
+    let workers = if open.read_only {
+        0
+    } else {
+        open.workers as u64
+    };
+    let writeback = workers * (writeback::WRITEBACK_BATCH as u64 * block_size + (1 << 20));
+    let readahead = readahead::THREADS as u64 * readahead::PIECE;
+    (writeback + readahead).min(open.cache_bytes / 2)
+}
+
 /// Default write-back threads per core. A worker compresses (CPU) and then
 /// waits for its O_DIRECT log write (disk): with more workers than cores the
 /// log keeps several writes in flight. Measured on 2 cores (1 MiB writes
@@ -146,6 +161,8 @@ pub(crate) struct Inner {
     /// The base snapshot of a clone (None for a plain image).
     backing: Option<backing::Backing>,
     readahead: readahead::Readahead,
+    /// The cache budget asked for (block cache + [`threads_reserve`]).
+    cache_budget: u64,
 }
 
 /// An open image. `Send + Sync`: share it behind an `Arc`.
@@ -426,5 +443,31 @@ impl Drop for Image {
         if let Err(e) = self.shutdown() {
             ::log::error!("closing image: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_threads_reserve_comes_out_of_the_cache_budget() {
+        let open = OpenOptions {
+            cache_bytes: 256 << 20,
+            workers: 8,
+            read_only: false,
+        };
+        // 8 workers x (8 blocks + 1 MiB) + 2 readahead pieces.
+        assert_eq!(threads_reserve(&open, 65536), 8 * (3 << 19) + (1 << 20));
+        let ro = OpenOptions {
+            read_only: true,
+            ..open.clone()
+        };
+        assert_eq!(threads_reserve(&ro, 65536), 1 << 20);
+        let tiny = OpenOptions {
+            cache_bytes: 1 << 20,
+            ..open
+        };
+        assert_eq!(threads_reserve(&tiny, 65536), 1 << 19, "at most half");
     }
 }

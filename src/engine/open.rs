@@ -458,7 +458,11 @@ pub(super) fn load(
         publish_turn: Mutex::new(0),
         publish_cv: parking_lot::Condvar::new(),
         map: RwLock::new(map),
-        cache: BlockCache::new(open.cache_bytes, 1 << sb.block_shift),
+        cache: BlockCache::new(
+            open.cache_bytes - super::threads_reserve(open, 1 << sb.block_shift),
+            1 << sb.block_shift,
+        ),
+        cache_budget: open.cache_bytes,
         checkpoint_lock: Mutex::new(()),
         sync_lock: Mutex::new(()),
         failed: Mutex::new(None),

@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Most blocks one worker appends with one write.
-const WRITEBACK_BATCH: usize = 8;
+pub(super) const WRITEBACK_BATCH: usize = 8;
 
 /// Starts `workers` write-back threads and the checkpointer.
 pub(super) fn spawn(inner: &Arc<Inner>, workers: usize) -> Result<Vec<JoinHandle<()>>> {
