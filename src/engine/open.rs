@@ -444,6 +444,7 @@ pub(super) fn load(
     } else {
         random_u64()
     };
+    let block_cache = open.cache_bytes - super::threads_reserve(open, 1 << sb.block_shift);
     let (kick, kick_rx) = crossbeam_channel::bounded(1);
     let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
     Ok(Inner {
@@ -458,10 +459,7 @@ pub(super) fn load(
         publish_turn: Mutex::new(0),
         publish_cv: parking_lot::Condvar::new(),
         map: RwLock::new(map),
-        cache: BlockCache::new(
-            open.cache_bytes - super::threads_reserve(open, 1 << sb.block_shift),
-            1 << sb.block_shift,
-        ),
+        cache: BlockCache::new(block_cache, 1 << sb.block_shift),
         cache_budget: open.cache_bytes,
         checkpoint_lock: Mutex::new(()),
         sync_lock: Mutex::new(()),
@@ -473,7 +471,7 @@ pub(super) fn load(
         stop_rx,
         snaps: Arc::new(snaps),
         backing,
-        readahead: super::readahead::Readahead::new(open.cache_bytes),
+        readahead: super::readahead::Readahead::new(block_cache),
         sb: Mutex::new(sb),
         store,
     })

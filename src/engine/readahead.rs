@@ -1,6 +1,6 @@
 //! Sequential readahead. A read that starts where an earlier one ended (one
 //! of a few tracked streams) gets the blocks ahead of it loaded into the
-//! cache by a background thread, in a window that doubles with every
+//! cache by background threads, in a window that doubles with every
 //! sequential read. A reader with one request in flight at a time — `dd`, a
 //! guest booting, ext4 on a loop device — then finds its next blocks cached
 //! instead of waiting for each record read in turn. Random reads never match
@@ -19,7 +19,7 @@ const STREAMS: usize = 4;
 const MIN_WINDOW: u64 = 256 << 10;
 /// Largest window (further capped at a sixteenth of the cache).
 const MAX_WINDOW: u64 = 2 << 20;
-/// Load requests queued for the thread; more are dropped (the reader then
+/// Load requests queued for the threads; more are dropped (the reader then
 /// loads those blocks itself).
 const QUEUE: usize = 8;
 /// Most bytes one thread loads at a time.
@@ -55,7 +55,7 @@ pub(super) struct Readahead {
 }
 
 impl Readahead {
-    /// Readahead for a cache of `cache_bytes` (off if it is under 4 MiB).
+    /// Readahead for a block cache of `cache_bytes` (off if it is under 4 MiB).
     pub(super) fn new(cache_bytes: u64) -> Self {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
         let max_window = (cache_bytes / 16).min(MAX_WINDOW);
@@ -124,7 +124,7 @@ impl Inner {
     }
 }
 
-/// Starts the readahead thread.
+/// Starts one readahead thread.
 pub(super) fn spawn(inner: &Arc<Inner>) -> Result<JoinHandle<()>> {
     let inner = inner.clone();
     std::thread::Builder::new()
