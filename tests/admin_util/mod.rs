@@ -56,6 +56,24 @@ pub fn run(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", p.to_string_lossy()))
 }
 
+/// `umount DIR`, which must succeed. "target is busy" is retried for a
+/// while: other tests of this process spawn commands in parallel, and a child
+/// holds a copy of every open descriptor (a just-closed `disk` too) between
+/// its fork and its exec.
+pub fn umount_when_free(dir: &Path) {
+    for _ in 0..30 {
+        let out = run("umount", &[path_str(dir)]);
+        if out.status.success() {
+            return;
+        }
+        if !text(&out.stderr).contains("busy") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ok("umount", &[path_str(dir)]);
+}
+
 /// Runs a command that must succeed; returns stdout.
 pub fn ok(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
     let p = program.as_ref().to_owned();
@@ -248,7 +266,7 @@ impl MountGuard {
     /// the clean state after the kernel let go of the mount).
     pub fn umount(mut self) {
         let pid = self.pid.or_else(|| daemon_pid(&self.dir));
-        ok("umount", &[path_str(&self.dir)]);
+        umount_when_free(&self.dir);
         if let Some(pid) = pid {
             assert!(
                 wait_gone(pid, 60),
