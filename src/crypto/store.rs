@@ -28,6 +28,14 @@ impl Store for SealedStore {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.inner.read_at(buf, off)
     }
+    fn read_head_and_body(
+        &self,
+        head: &mut [u8],
+        body_len: usize,
+        off: u64,
+    ) -> io::Result<Vec<u8>> {
+        self.inner.read_head_and_body(head, body_len, off)
+    }
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.inner.write_at(buf, off)
     }

@@ -47,9 +47,8 @@ pub(super) fn decode_data(
 ) -> Result<Vec<u8>> {
     let (h, payload) = super::log::read_record(store, entry.off, entry.len)?;
     check_header(&h, block, entry, block_size)?;
-    let mut data = vec![0u8; block_size as usize];
-    codec::decode(h.codec, &payload, &mut data).map_err(|e| e.context(format!("block {block}")))?;
-    Ok(data)
+    codec::decode_owned(h.codec, payload, block_size as usize)
+        .map_err(|e| e.context(format!("block {block}")))
 }
 
 /// Checks that a verified record is the DATA record `entry` names for `block`.

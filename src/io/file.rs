@@ -47,6 +47,17 @@ impl Store for FileStore {
         self.file.read_exact_at(buf, off)
     }
 
+    fn read_head_and_body(
+        &self,
+        head: &mut [u8],
+        body_len: usize,
+        off: u64,
+    ) -> io::Result<Vec<u8>> {
+        let mut body = Vec::new();
+        sys::preadv_head_and_body(&self.file, head, &mut body, body_len, off)?;
+        Ok(body)
+    }
+
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.file.write_all_at(buf, off)
     }
@@ -107,5 +118,38 @@ impl Store for FileStore {
             return; // the log never sat in the page cache
         }
         sys::writeback_hint(&self.file, off, len, wait);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_with(bytes: &[u8]) -> (tempfile::NamedTempFile, FileStore) {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.as_file().write_all_at(bytes, 0).unwrap();
+        let store = FileStore::new(tmp.reopen().unwrap());
+        (tmp, store)
+    }
+
+    #[test]
+    fn read_head_and_body_splits_one_read() {
+        let bytes: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (_tmp, store) = store_with(&bytes);
+        let mut head = [0u8; 40];
+        let body = store.read_head_and_body(&mut head, 65_536, 1000).unwrap();
+        assert_eq!(head[..], bytes[1000..1040]);
+        assert_eq!(body.len(), 65_536);
+        assert_eq!(body[..], bytes[1040..1040 + 65_536]);
+    }
+
+    #[test]
+    fn read_head_and_body_past_the_end_is_unexpected_eof() {
+        let (_tmp, store) = store_with(&[1u8; 4096]);
+        let mut head = [0u8; 40];
+        let err = store.read_head_and_body(&mut head, 8192, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let err = store.read_head_and_body(&mut head, 0, 4090).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

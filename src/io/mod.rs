@@ -25,6 +25,20 @@ use std::io;
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Fills `buf` from `off`. Reading past the end is `UnexpectedEof`.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// Reads `head.len() + body_len` bytes at `off`: the first into `head`,
+    /// the rest into a new vector (one `preadv` into an unfilled buffer where
+    /// the backend can).
+    fn read_head_and_body(
+        &self,
+        head: &mut [u8],
+        body_len: usize,
+        off: u64,
+    ) -> io::Result<Vec<u8>> {
+        let mut body = vec![0; body_len];
+        self.read_at(head, off)?;
+        self.read_at(&mut body, off + head.len() as u64)?;
+        Ok(body)
+    }
     /// Writes all of `buf` at `off`, growing the store if needed. Not durable
     /// until [`Store::sync`] returns.
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
