@@ -27,7 +27,7 @@
 //! | `read-only` | `yes` or `no` |
 //! | `size`, `block-size` | virtual size and block size in bytes |
 //! | `codec`, `uuid` | block compression (`zstd:1`, `none`) and image identity |
-//! | `allocated-bytes`, `stored-bytes`, `file-bytes`, `file-allocated-bytes`, `dead-bytes` | data held, its compressed size, the image file length, the host space it occupies, the part of it not used by live records or the map |
+//! | `allocated-bytes`, `stored-bytes`, `file-bytes`, `file-allocated-bytes`, `dead-bytes`, `reclaim-pending-bytes` | data held, its compressed size, the image file length, the host space it occupies, the part of it not used by live records or the map, and of that the dead records waiting to be punched |
 //! | `cache-size`, `cache-used`, `cache-hits`, `cache-misses` | the engine's buffer cache |
 //! | `dirty-bytes` | written but not yet durable |
 //! | `generation` | checkpoint generation |
@@ -197,7 +197,7 @@ impl Control {
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         let failed = self.has_failed() || st.failed.is_some();
         let last = self.last_error.lock().clone().or_else(|| st.failed.clone());
-        let lines: [(&str, String); 22] = [
+        let lines: [(&str, String); 23] = [
             ("state", if failed { "failed" } else { "mounted" }.into()),
             ("image", self.image_path.display().to_string()),
             ("mountpoint", self.mountpoint.display().to_string()),
@@ -212,6 +212,10 @@ impl Control {
             ("file-bytes", st.file_bytes.to_string()),
             ("file-allocated-bytes", st.file_allocated_bytes.to_string()),
             ("dead-bytes", st.dead_bytes.to_string()),
+            (
+                "reclaim-pending-bytes",
+                st.reclaim_pending_bytes.to_string(),
+            ),
             (
                 "cache-size",
                 (st.cache_bytes + self.buffer_bytes).to_string(),

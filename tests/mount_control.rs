@@ -52,6 +52,7 @@ fn status_and_commands() {
             "file-bytes",
             "file-allocated-bytes",
             "dead-bytes",
+            "reclaim-pending-bytes",
             "cache-size",
             "cache-used",
             "cache-hits",

@@ -31,6 +31,9 @@ pub struct ImageStats {
     /// Host space beyond live records and the map: dead records not yet
     /// reclaimed, snapshots' records, superblocks and partly used pages.
     pub dead_bytes: u64,
+    /// Dead bytes known and waiting to be punched (part of `dead_bytes`;
+    /// see `docs/admin.md`, host space).
+    pub reclaim_pending_bytes: u64,
     /// Checkpoint generation.
     pub generation: u64,
     /// True if the image was closed cleanly before this open.
@@ -108,6 +111,7 @@ impl Inner {
             file_allocated_bytes: file_allocated,
             metadata_bytes: metadata,
             dead_bytes: file_allocated.saturating_sub(stored + metadata),
+            reclaim_pending_bytes: self.dead_space.bytes(),
             generation: sb.gen,
             clean: self.opened_clean,
             read_only: self.read_only,

@@ -21,6 +21,7 @@ mod backing;
 mod batch;
 mod checkpoint;
 mod clone;
+mod deadspace;
 mod inspect;
 mod log;
 mod map;
@@ -163,6 +164,8 @@ pub(crate) struct Inner {
     readahead: readahead::Readahead,
     /// The cache budget asked for (block cache + [`threads_reserve`]).
     cache_budget: u64,
+    /// Dead ranges found by checkpoints, not punched yet.
+    dead_space: deadspace::DeadSpace,
 }
 
 /// An open image. `Send + Sync`: share it behind an `Arc`.
@@ -401,6 +404,7 @@ impl Image {
         }
         let result = flushed.and_then(|()| self.inner.checkpoint(true));
         if result.is_ok() {
+            self.inner.punch_held();
             self.inner.trim_preallocated();
         }
         result
@@ -429,12 +433,15 @@ impl Image {
         self.inner.next_hole(off)
     }
 
-    /// Runs a checkpoint now (bounds the log replayed by the next open).
+    /// Runs a checkpoint now (bounds the log replayed by the next open) and
+    /// gives back the host space of every record dead by then.
     pub fn checkpoint(&self) -> Result<()> {
         if self.inner.read_only {
             return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
         }
-        self.inner.checkpoint(false)
+        self.inner.checkpoint(false)?;
+        self.inner.punch_held();
+        Ok(())
     }
 }
 

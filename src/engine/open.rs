@@ -472,6 +472,7 @@ pub(super) fn load(
         snaps: Arc::new(snaps),
         backing,
         readahead: super::readahead::Readahead::new(block_cache),
+        dead_space: Default::default(),
         sb: Mutex::new(sb),
         store,
     })

@@ -38,6 +38,12 @@ pub(super) fn spawn(inner: &Arc<Inner>, workers: usize) -> Result<Vec<JoinHandle
             .map_err(|e| Error::io("start write-back thread", e))?;
         threads.push(t);
     }
+    let reclaim = inner.clone();
+    let t = std::thread::Builder::new()
+        .name("vbd-reclaim".into())
+        .spawn(move || reclaim.reclaimer())
+        .map_err(|e| Error::io("start reclaim thread", e))?;
+    threads.push(t);
     let inner = inner.clone();
     let t = std::thread::Builder::new()
         .name("vbd-checkpoint".into())
@@ -131,6 +137,7 @@ impl Inner {
     /// turn ([`Turn`]).
     fn persist(&self, blocks: &[(&Arc<Slot>, &[u8])]) -> Result<()> {
         self.check_failed()?;
+        self.punch_over_hard_limit();
         let sealed = self.store.sealer().is_some();
         let encoded: Vec<_> = blocks
             .iter()
