@@ -8,6 +8,8 @@
 #   qsd-qcow2   qemu-storage-daemon FUSE export of a qcow2 (the peer)
 #   vbdfs-none  vbdfs image, --compress none, mounted with `vbdfs mount`
 #   vbdfs-zstd  vbdfs image, --compress zstd (default level)
+#   vbdfs-zstd-16k  the same with --block-size 16K (the block size trade-off:
+#               4 KiB random I/O is a read-modify-write of one block)
 #   (optional)  qsd-zstd-cow: qcow2 overlay over a zstd-compressed qcow2 base
 #
 # Phases: fio (libaio, direct=1, 50 % compressible buffers, time based, NUMJOBS
@@ -81,7 +83,7 @@ else
   : "${BONNIE_S:=1024}" "${BONNIE_R:=512}" "${BONNIE_N:=16}" "${BONNIE_HOSTFS:=1}" "${BONNIE_TIMEOUT:=240}"
   : "${OUT_PREFIX:=$PWD/results-e2e}"
 fi
-: "${TARGETS:=raw loop loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd}"
+: "${TARGETS:=raw loop loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd vbdfs-zstd-16k}"
 : "${JOBS=seqwrite seqread randread randwrite}"   # JOBS="" runs no fio sweep
 : "${NUMJOBS:=2}"
 : "${VSIZE:=4G}"
@@ -412,12 +414,12 @@ vbdfs_stop() { # pid mountdir: vbdfs umount (flush + clean), then wait for the d
   fi
   stop_daemon "$pid" vbdfs "$mnt" umount 120
 }
-setup_vbdfs_common() { # name compress
-  local name=$1 comp=$2 d img mnt pid opts
+setup_vbdfs_common() { # name compress [extra create args]
+  local name=$1 comp=$2 extra=${3:-} d img mnt pid opts
   command -v "$VBDFS" >/dev/null 2>&1 || { T_SKIP[$name]="'$VBDFS' not found (cargo build --release, or set VBDFS=path)"; return 1; }
   d=$SCRATCH/$name; img=$d/image.vbd; mnt=$d/mnt; mkdir -p "$mnt"
   # shellcheck disable=SC2086
-  "$VBDFS" create "$img" --size "$VSIZE" --compress "$comp" $VBDFS_CREATE_ARGS > "$d/create.log" 2>&1 ||
+  "$VBDFS" create "$img" --size "$VSIZE" --compress "$comp" $extra $VBDFS_CREATE_ARGS > "$d/create.log" 2>&1 ||
     { T_SKIP[$name]="vbdfs create failed: $(tail -c 300 "$d/create.log" | tr '\n' ' ')"; return 1; }
   opts="cache=$VBDFS_CACHE${VBDFS_MOUNT_OPTS:+,$VBDFS_MOUNT_OPTS}"
   on_cleanup "$name" "is_mounted '$mnt' && { timeout 300 '$VBDFS' umount '$mnt' || umount '$mnt' || umount -l '$mnt'; }"
@@ -429,13 +431,14 @@ setup_vbdfs_common() { # name compress
   on_cleanup "$name" "vbdfs_stop $pid '$mnt'"
   T_PIDS[$name]=$pid
   T_PATH[$name]=$mnt/disk
-  T_DESC[$name]="vbdfs image (--compress $comp), \`vbdfs mount -o $opts\` (daemon pid $pid)"
+  T_DESC[$name]="vbdfs image (--compress $comp${extra:+ $extra}), \`vbdfs mount -o $opts\` (daemon pid $pid)"
   T_SPACE[$name]="image=$img"
   T_BONNIE[$name]=$mnt/disk
   T_CACHE_MB[$name]=$(numfmt --from=iec "$VBDFS_CACHE" | awk '{print int($1/1048576)}')
 }
 setup_vbdfs-none() { setup_vbdfs_common vbdfs-none none; }
 setup_vbdfs-zstd() { setup_vbdfs_common vbdfs-zstd zstd; }
+setup_vbdfs-zstd-16k() { setup_vbdfs_common vbdfs-zstd-16k zstd "--block-size 16K"; }
 
 # ================================================================== phases
 # settle TARGET PHASE: flush the target's write-back so it does not bleed into

@@ -367,19 +367,20 @@ def main():
 
     names = {"seqread": ("seq read", "mbps"), "seqwrite": ("seq write", "mbps"),
              "randread": ("4k rand read", "iops"), "randwrite": ("4k rand write", "iops")}
-    if "vbdfs-zstd" in active:
+    zstd_targets = [t for t in ("vbdfs-zstd", "vbdfs-zstd-16k") if t in active]
+    for t in zstd_targets:
         for job, goal in (("seqread", 0.9), ("seqwrite", 0.7), ("randread", 0.6), ("randwrite", 0.6)):
             label, key = names[job]
-            r = r_raw("vbdfs-zstd", job, key)
-            chk("vbdfs-zstd", f"{label} vs raw", r, f">= {goal}x", r is not None and r >= goal)
-            r = r_peer("vbdfs-zstd", job, key)
-            chk("vbdfs-zstd", f"{label} vs {PEER}", r, ">= 2x", r is not None and r >= 2.0)
+            r = r_raw(t, job, key)
+            chk(t, f"{label} vs raw", r, f">= {goal}x", r is not None and r >= goal)
+            r = r_peer(t, job, key)
+            chk(t, f"{label} vs {PEER}", r, ">= 2x", r is not None and r >= 2.0)
     if "vbdfs-none" in active:
         for job in ("seqread", "seqwrite"):
             label, key = names[job]
             r = r_raw("vbdfs-none", job, key)
             chk("vbdfs-none", f"{label} vs raw", r, ">= 0.9x", r is not None and r >= 0.9)
-    for t in ("vbdfs-zstd", "vbdfs-none"):
+    for t in ("vbdfs-zstd", "vbdfs-zstd-16k", "vbdfs-none"):
         if t not in active:
             continue
         r = ratio(fv(t, "randwrite", "p99_us"), fv(BASE, "randwrite", "p99_us"))
@@ -395,7 +396,7 @@ def main():
                 m["rss_peak_mib"] <= lim)
 
     if PEER in bonnie:
-        for t in ("vbdfs-zstd", "vbdfs-none"):
+        for t in ("vbdfs-zstd", "vbdfs-zstd-16k", "vbdfs-none"):
             if t not in bonnie:
                 continue
             for key, label in (("put_block", "bonnie++ block write"), ("rewrite", "bonnie++ rewrite"),
