@@ -55,8 +55,12 @@ pub(super) const QUIET: Duration = Duration::from_secs(2);
 /// Host page: the unit of punching.
 pub(super) const PAGE: u64 = 4096;
 /// Crumbs kept at most (beyond, a crumb's page stays allocated until
-/// `compact`): ~16 MiB of memory.
+/// `compact`): ~10 MiB of memory.
 const MAX_CRUMBS: usize = 1 << 18;
+/// Runs held at most before the longest are punched regardless of age: the
+/// memory bound (~10 MiB) where records are small (4 KiB blocks compress to
+/// ~2 KiB records: a gigabyte of them would be half a million runs).
+const MAX_RUNS: usize = 1 << 17;
 
 /// Disjoint, non-touching dead runs, findable by position and by length.
 #[derive(Debug, Default)]
@@ -96,6 +100,14 @@ impl Runs {
         self.by_start.insert(start, end);
         self.by_len.insert((end - start, start));
         self.bytes += end - start;
+    }
+
+    /// True if a run overlaps or touches `[start, end)`.
+    fn touches(&self, (start, end): Span) -> bool {
+        self.by_start
+            .range(..=end)
+            .next_back()
+            .is_some_and(|(_, &e)| e >= start)
     }
 
     fn longest(&self) -> Option<Span> {
@@ -174,8 +186,10 @@ impl DeadSpace {
     pub fn next_due(&self) -> Option<Span> {
         let mut s = self.state.lock();
         let (start, end) = s.runs.longest()?;
-        let due =
-            end - start >= BIG_RUN || s.runs.bytes > SOFT_LIMIT || s.last_added.elapsed() >= QUIET;
+        let due = end - start >= BIG_RUN
+            || s.runs.bytes > SOFT_LIMIT
+            || s.runs.by_start.len() > MAX_RUNS
+            || s.last_added.elapsed() >= QUIET;
         if due {
             s.runs.remove(start)
         } else {
@@ -205,7 +219,13 @@ impl DeadSpace {
         };
         let mut s = self.state.lock();
         for (a, b) in edges {
-            if a < b && s.crumbs.len() < MAX_CRUMBS {
+            if a >= b {
+                continue;
+            }
+            if s.runs.touches((a, b)) {
+                // A neighbour died while this run was being punched.
+                s.runs.add((a, b));
+            } else if s.crumbs.len() < MAX_CRUMBS {
                 s.crumbs.insert(a, b);
             }
         }
@@ -268,6 +288,13 @@ mod tests {
         // The crumb before the first record's start waits for its neighbour.
         dead.add([(0, 1000)]);
         assert_eq!(dead.take_longest_over(0), Some((0, 4096)));
+        // A neighbour that died while its run was being punched takes the
+        // crumb at once.
+        dead.add([(50000, 60000)]);
+        let run = dead.take_longest_over(0).unwrap();
+        dead.add([(60000, 70000)]);
+        dead.punched(run);
+        assert_eq!(dead.take_longest_over(0), Some((57344, 70000)));
     }
 
     #[test]
@@ -280,6 +307,17 @@ mod tests {
         dead.state.lock().last_added = Instant::now() - QUIET;
         assert_eq!(dead.next_due(), Some((0, 4096)), "quiet: punched");
         assert_eq!(dead.bytes(), 0);
+    }
+
+    #[test]
+    fn too_many_runs_are_due_however_short() {
+        let dead = DeadSpace::default();
+        let n = MAX_RUNS as u64 + 2;
+        dead.add((0..n).map(|i| (i * 8192, i * 8192 + 100)));
+        assert!(dead.next_due().is_some());
+        assert!(dead.next_due().is_some());
+        assert_eq!(dead.next_due(), None, "back at the bound");
+        assert_eq!(dead.bytes(), 100 * MAX_RUNS as u64);
     }
 
     #[test]
