@@ -169,8 +169,12 @@ impl Inner {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
-            // Beyond the soft limit, in paused batches (fastest); then what
-            // else is due.
+            // Long runs on their own (each 16 MiB piece holds appends up
+            // only while it is punched), then short runs beyond the soft
+            // limit in batches (fastest), then whatever else is due.
+            while let Some(run) = self.dead_space.next_due_long() {
+                self.punch_run(run);
+            }
             while self.punch_batch_over(SOFT_LIMIT) && self.stop_rx.is_empty() {
                 // The appends' turn: a pause as long as the batch's at the
                 // soft limit, none at the hard limit.
@@ -213,7 +217,7 @@ impl Inner {
         let t = std::time::Instant::now();
         let mut n = 0;
         while n < PUNCH_BATCH && t.elapsed() < PAUSE {
-            match self.dead_space.take_longest_over(limit) {
+            match self.dead_space.take_short_over(limit) {
                 Some(run) => self.punch_run(run),
                 None => break,
             }
