@@ -273,6 +273,24 @@ pub fn writeback_hint(file: &impl AsRawFd, off: u64, len: u64, wait: bool) {
     }
 }
 
+/// The bytes a `preadv`/`pwritev` returning `n` transferred: `None` to retry
+/// after EINTR, `Err(none)` when nothing was transferred (end of file, or a
+/// write that made no progress).
+fn transferred(n: isize, none: io::ErrorKind) -> io::Result<Option<usize>> {
+    match n {
+        0 => Err(io::Error::from(none)),
+        n if n > 0 => Ok(Some(n as usize)),
+        _ => {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(err)
+            }
+        }
+    }
+}
+
 /// Writes the concatenation of `bufs` at `off` with `pwritev`, retrying short
 /// writes and EINTR until everything is written.
 pub fn pwritev_all(file: &impl AsRawFd, bufs: &[&[u8]], off: u64) -> io::Result<()> {
@@ -293,17 +311,9 @@ pub fn pwritev_all(file: &impl AsRawFd, bufs: &[&[u8]], off: u64) -> io::Result<
         // (`parts` outlives the syscall); pwritev only reads from them. The fd
         // is valid while `file` is borrowed.
         let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), count, at) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            return Err(io::Error::from(io::ErrorKind::WriteZero));
-        }
-        let mut n = n as usize;
+        let Some(mut n) = transferred(n, io::ErrorKind::WriteZero)? else {
+            continue;
+        };
         off += n as u64;
         while let Some(first) = parts.first_mut() {
             if n >= first.len() {
@@ -353,17 +363,9 @@ pub fn preadv_head_and_body(
         // (`MaybeUninit<u8>`, which preadv may write freely). The fd is valid
         // while `file` is borrowed.
         let n = unsafe { libc::preadv(file.as_raw_fd(), iov.as_ptr(), 2, at) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
-        }
-        let n = n as usize;
+        let Some(n) = transferred(n, io::ErrorKind::UnexpectedEof)? else {
+            continue;
+        };
         let to_head = n.min(head.len() - head_done);
         head_done += to_head;
         let to_body = n - to_head;

@@ -48,6 +48,27 @@ fn image(dir: &Path, size: u64) -> (std::path::PathBuf, Image) {
     (path, img)
 }
 
+/// An uncompressed image of `size` whose first `blocks` 64 KiB blocks hold data.
+fn uncompressed_image(dir: &Path, size: u64, blocks: u64) -> (std::path::PathBuf, Image) {
+    let path = dir.join("u.vbd");
+    let c = CreateOptions {
+        size,
+        codec: Codec::None,
+        ..CreateOptions::default()
+    };
+    let img = Image::create(&path, &c, &opts()).unwrap();
+    img.write_at(&data((blocks * 65536) as usize, 0), 0)
+        .unwrap();
+    (path, img)
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
 #[test]
 fn overwrites_do_not_grow_the_file_without_bound() {
     let dir = tempfile::tempdir().unwrap();
@@ -88,22 +109,12 @@ fn random_overwrites_leave_no_partly_dead_pages_behind() {
     // is punched but for the pages it shares with its live neighbours; those
     // must go once the neighbours die too (each punched in a later pass).
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("r.vbd");
-    let c = CreateOptions {
-        size: 256 * MIB,
-        codec: Codec::None,
-        ..CreateOptions::default()
-    };
-    let img = Image::create(&path, &c, &opts()).unwrap();
     let blocks = 512u64; // 32 MiB of data
-    img.write_at(&data((blocks * 65536) as usize, 0), 0)
-        .unwrap();
+    let (path, img) = uncompressed_image(dir.path(), 256 * MIB, blocks);
     let mut x = 0x2545_F491_4F6C_DD1Du64;
     for round in 0..24 {
         for _ in 0..200 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = xorshift(&mut x);
             let off = (x % blocks) * 65536 + (x >> 32) % 16 * 4096;
             img.write_at(&data(4096, round + 1), off).unwrap();
         }
@@ -132,21 +143,11 @@ fn dead_space_held_by_the_background_reclaim_is_punched_once_writes_stop() {
     // log) finds the dead records, the reclaim thread holds the short runs
     // while writes go on and punches them once no new dead space arrives.
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("q.vbd");
-    let c = CreateOptions {
-        size: 64 * MIB,
-        codec: Codec::None,
-        ..CreateOptions::default()
-    };
-    let img = Image::create(&path, &c, &opts()).unwrap();
     let blocks = 256u64; // 16 MiB of data
-    img.write_at(&data((blocks * 65536) as usize, 0), 0)
-        .unwrap();
+    let (path, img) = uncompressed_image(dir.path(), 64 * MIB, blocks);
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     for i in 0..6000u64 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = xorshift(&mut x);
         img.write_at(&data(4096, i % 7 + 1), (x % blocks) * 65536)
             .unwrap();
         if i % 500 == 499 {
