@@ -122,6 +122,9 @@ impl Runs {
 #[derive(Debug)]
 pub(super) struct DeadSpace {
     state: Mutex<State>,
+    /// Held by whoever has taken runs out of the set and not finished
+    /// punching them: "punch everything held" waits for those too.
+    pub punching: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -161,6 +164,7 @@ impl Default for DeadSpace {
                 crumbs: BTreeMap::new(),
                 last_added: Instant::now(),
             }),
+            punching: Mutex::new(()),
         }
     }
 }

@@ -51,7 +51,7 @@ pub struct CompactReport {
     pub file_allocated_after: u64,
 }
 
-use super::deadspace::{Span, HARD_LIMIT, PAGE, SOFT_LIMIT};
+use super::deadspace::{DeadSpace, Span, HARD_LIMIT, PAGE, SOFT_LIMIT};
 
 /// Runs punched in one go while the log's appends wait
 /// ([`Inner::punch_batch_over`]).
@@ -172,9 +172,7 @@ impl Inner {
             // Long runs on their own (each 16 MiB piece holds appends up
             // only while it is punched), then short runs beyond the soft
             // limit in batches (fastest), then whatever else is due.
-            while let Some(run) = self.dead_space.next_due_long() {
-                self.punch_run(run);
-            }
+            while self.punch_one(DeadSpace::next_due_long) {}
             while self.punch_batch_over(SOFT_LIMIT) && self.stop_rx.is_empty() {
                 // The appends' turn: a pause as long as the batch's at the
                 // soft limit, none at the hard limit.
@@ -182,17 +180,27 @@ impl Inner {
                 let room = 1.0 - over as f64 / (HARD_LIMIT - SOFT_LIMIT) as f64;
                 std::thread::sleep(PAUSE.mul_f64(room.clamp(0.0, 1.0)));
             }
-            while let Some(run) = self.dead_space.next_due() {
-                self.punch_run(run);
-                if !self.stop_rx.is_empty() {
-                    break; // the stop is received at the top of the loop
-                }
-            }
+            // A stop is received at the top of the loop.
+            while self.stop_rx.is_empty() && self.punch_one(DeadSpace::next_due) {}
         }
     }
 
-    /// Punches all the held dead space now.
+    /// Takes one run with `take` and punches it; false if none was due.
+    fn punch_one(&self, take: fn(&DeadSpace) -> Option<Span>) -> bool {
+        let _punching = self.dead_space.punching.lock();
+        match take(&self.dead_space) {
+            Some(run) => {
+                self.punch_run(run);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Punches all the held dead space now, and waits for runs the reclaim
+    /// thread has taken to be punched.
     pub(super) fn punch_held(&self) {
+        let _punching = self.dead_space.punching.lock();
         while let Some(run) = self.dead_space.take_longest_over(0) {
             self.punch_run(run);
         }
@@ -207,23 +215,29 @@ impl Inner {
         }
     }
 
-    /// Punches the longest runs while more than `limit` dead bytes are held,
-    /// with the log's appends held off for up to [`PAUSE`] (at most
+    /// Punches the longest short runs while more than `limit` dead bytes are
+    /// held, with the log's appends held off for up to [`PAUSE`] (at most
     /// [`PUNCH_BATCH`] runs): the first punch waits for the O_DIRECT writes
     /// in flight, the others find none (~0.1 ms each instead of 1–2 ms).
-    /// False if nothing was punched.
+    /// False if nothing was due (appends were not held off).
     fn punch_batch_over(&self, limit: u64) -> bool {
+        let _punching = self.dead_space.punching.lock();
+        let Some(first) = self.dead_space.take_short_over(limit) else {
+            return false;
+        };
         let _appends = self.log.lock();
         let t = std::time::Instant::now();
-        let mut n = 0;
-        while n < PUNCH_BATCH && t.elapsed() < PAUSE {
+        self.punch_run(first);
+        for _ in 1..PUNCH_BATCH {
+            if t.elapsed() >= PAUSE {
+                break;
+            }
             match self.dead_space.take_short_over(limit) {
                 Some(run) => self.punch_run(run),
                 None => break,
             }
-            n += 1;
         }
-        n > 0
+        true
     }
 
     /// Punches a held dead run's whole pages and keeps its edges.
