@@ -50,6 +50,10 @@ fn create_then_info_and_check() {
     assert!(text.contains("state: clean"), "{text}");
     assert!(text.contains("mounted at: no"), "{text}");
 
+    let fast = tmp.path().join("fast.vbd");
+    create(&fast, "100M", &["--compress", "zstd:-3"]);
+    assert_eq!(info_json(&fast)["codec"], "zstd:-3");
+
     let out = run(&["check", p(&img)]);
     assert!(
         out.status.success(),
@@ -82,6 +86,14 @@ fn create_refuses_bad_arguments() {
         "--block-size",
     );
     assert_error(&["create", i, "--size", "1G", "--compress", "lz4"], "lz4");
+    assert_error(
+        &["create", i, "--size", "1G", "--compress", "zstd:-8"],
+        "level -8",
+    );
+    assert_error(
+        &["create", i, "--size", "1G", "--compress", "zstd:0"],
+        "level 0",
+    );
     assert_error(
         &[
             "create",

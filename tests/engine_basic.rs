@@ -165,6 +165,22 @@ fn bad_create_options_name_the_value() {
             },
             "level 99",
         ),
+        (
+            CreateOptions {
+                size: 1 << 20,
+                codec: Codec::Zstd(0),
+                ..Default::default()
+            },
+            "level 0",
+        ),
+        (
+            CreateOptions {
+                size: 1 << 20,
+                codec: Codec::Zstd(-8),
+                ..Default::default()
+            },
+            "level -8",
+        ),
     ];
     for (c, needle) in cases {
         let err = Image::create(&dir.path().join("x.vbd"), &c, &opts()).unwrap_err();
@@ -184,6 +200,32 @@ fn bad_create_options_name_the_value() {
     )
     .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Exists);
+}
+
+#[test]
+fn fast_zstd_levels_compress_and_survive_reopen() {
+    // Half zeros, half pattern: compressible at any level.
+    let mut data = pattern(65536 * 4, 3);
+    for chunk in data.chunks_mut(8192) {
+        chunk[..4096].fill(0);
+    }
+    for level in [-1, -7] {
+        let (_d, path, img) = create(1 << 20, 65536, Codec::Zstd(level));
+        img.write_at(&data, 0).unwrap();
+        img.close().unwrap();
+        let img = Image::open(&path, &opts()).unwrap();
+        assert_eq!(img.codec(), Codec::Zstd(level));
+        let stats = img.stats();
+        assert!(
+            stats.stored_bytes < data.len() as u64 * 3 / 4,
+            "level {level}: {} stored for {}",
+            stats.stored_bytes,
+            data.len()
+        );
+        let mut got = vec![0u8; data.len()];
+        img.read_at(&mut got, 0).unwrap();
+        assert!(got == data, "level {level}");
+    }
 }
 
 #[test]

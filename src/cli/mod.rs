@@ -52,7 +52,7 @@ pub enum Command {
     Import(ImportArgs),
     /// Convert an image into a raw file (or qcow2 when DEST ends in .qcow2).
     Export(ExportArgs),
-    /// Reclaim space held by overwritten blocks and deleted snapshots (not available yet).
+    /// Reclaim space held by overwritten blocks and deleted snapshots (offline; mounted: MOUNTPOINT/control).
     Compact(CompactArgs),
     /// Change the key of an encrypted image (rewrites only its keyslots, not the data).
     Rekey(RekeyArgs),
@@ -70,7 +70,7 @@ pub struct CreateArgs {
     /// the base's).
     #[arg(long, value_name = "SIZE")]
     pub block_size: Option<String>,
-    /// Compression: none, zstd or zstd:LEVEL (default: zstd at a fast level).
+    /// Compression: none, zstd (level 1, the default) or zstd:LEVEL (1..19, or -7..-1: faster, larger).
     #[arg(long, value_name = "CODEC")]
     pub compress: Option<String>,
     /// Make a copy-on-write clone of BASE at snapshot SNAP (without @SNAP, a

@@ -7,6 +7,7 @@
 //! mount(8)/fstab options that are accepted and ignored. Anything else is an
 //! error that names the option.
 
+use crate::format::{zstd_level_ok, ZSTD_LEVELS_TEXT};
 use crate::{Codec, Error, Result};
 
 /// mount(8)/fstab pass-through options that vbdfs accepts and ignores: they
@@ -74,7 +75,7 @@ pub fn format_size(bytes: u64) -> String {
     }
 }
 
-/// Parses `none`, `zstd` (level 1) or `zstd:LEVEL` (1..=19, or negative fast levels).
+/// Parses `none`, `zstd` (level 1) or `zstd:LEVEL` (see [`zstd_level_ok`]).
 pub fn parse_codec(text: &str) -> Result<Codec> {
     let bad = || {
         Error::invalid(format!(
@@ -86,9 +87,9 @@ pub fn parse_codec(text: &str) -> Result<Codec> {
         None if text == "zstd" => Ok(Codec::Zstd(1)),
         Some(("zstd", level)) => {
             let level: i32 = level.parse().map_err(|_| bad())?;
-            if !(-7..=19).contains(&level) || level == 0 {
+            if !zstd_level_ok(level) {
                 return Err(Error::invalid(format!(
-                    "invalid zstd level {level}: expected 1..19 (or -7..-1 for faster)"
+                    "invalid zstd level {level}: expected {ZSTD_LEVELS_TEXT}"
                 )));
             }
             Ok(Codec::Zstd(level))

@@ -9,10 +9,10 @@ use crate::codec;
 use crate::crypto::KeyMaterial;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
-    align_up, decode_index, decode_leaf, EntryKind, LeafPtr, MapEntry, RecPtr, RecordHeader,
-    RecordKind, Superblock, LEAF_ENTRIES, LOG_START, LOG_UNIT, MAX_BLOCK_SHIFT, MAX_COUNTER,
-    MAX_VIRTUAL_SIZE, MIN_BLOCK_SHIFT, RECORD_HEADER_LEN, SB_FLAG_DIRTY, SB_SLOTS, SB_SLOT_SIZE,
-    ZSTD_LEVELS,
+    align_up, decode_index, decode_leaf, zstd_level_ok, EntryKind, LeafPtr, MapEntry, RecPtr,
+    RecordHeader, RecordKind, Superblock, LEAF_ENTRIES, LOG_START, LOG_UNIT, MAX_BLOCK_SHIFT,
+    MAX_COUNTER, MAX_VIRTUAL_SIZE, MIN_BLOCK_SHIFT, RECORD_HEADER_LEN, SB_FLAG_DIRTY, SB_SLOTS,
+    SB_SLOT_SIZE, ZSTD_LEVELS_TEXT,
 };
 use crate::io::{FileStore, Store};
 use crate::{Codec, CreateOptions};
@@ -52,9 +52,9 @@ pub(super) fn validate(create: &CreateOptions) -> Result<u8> {
         )));
     }
     if let Codec::Zstd(level) = create.codec {
-        if !ZSTD_LEVELS.contains(&level) {
+        if !zstd_level_ok(level) {
             return Err(Error::invalid(format!(
-                "zstd level {level} is not in 1..=19"
+                "invalid zstd level {level}: expected {ZSTD_LEVELS_TEXT}"
             )));
         }
     }

@@ -52,5 +52,11 @@ pub const MAX_PAYLOAD: u32 = 512 << 20;
 /// unreachable by real images, far enough from `u64::MAX` that counting on
 /// from them cannot overflow.
 pub const MAX_COUNTER: u64 = 1 << 62;
-/// zstd levels accepted (the zstd library's range).
-pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=19;
+/// zstd levels accepted: 1..=19 (the library's normal range; 1 is the
+/// default) and the fast levels -7..=-1 (faster, larger output).
+pub fn zstd_level_ok(level: i32) -> bool {
+    (1..=19).contains(&level) || (-7..=-1).contains(&level)
+}
+
+/// The accepted zstd levels, as error messages name them.
+pub const ZSTD_LEVELS_TEXT: &str = "1..19 (or -7..-1 for faster)";

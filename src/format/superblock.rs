@@ -1,8 +1,8 @@
 //! The superblock: 512 bytes in each of two 4 KiB slots at offsets 0 and 4096.
 
 use super::{
-    LOG_START, MAX_BLOCK_SHIFT, MAX_COUNTER, MAX_FILE_OFFSET, MAX_VIRTUAL_SIZE, MIN_BLOCK_SHIFT,
-    ZSTD_LEVELS,
+    zstd_level_ok, LOG_START, MAX_BLOCK_SHIFT, MAX_COUNTER, MAX_FILE_OFFSET, MAX_VIRTUAL_SIZE,
+    MIN_BLOCK_SHIFT,
 };
 use crate::error::{Error, Result};
 use zerocopy::little_endian::{I32, U16, U32, U64};
@@ -257,7 +257,7 @@ impl Superblock {
         }
         let codec = match (raw.codec, raw.codec_level.get()) {
             (0, _) => Codec::None,
-            (1, level) if ZSTD_LEVELS.contains(&level) => Codec::Zstd(level),
+            (1, level) if zstd_level_ok(level) => Codec::Zstd(level),
             (c, l) => return Err(Error::corrupt(format!("unknown codec {c} level {l}"))),
         };
         let encrypted = raw.incompat.get() & INCOMPAT_ENCRYPTED != 0;
