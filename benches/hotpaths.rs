@@ -129,6 +129,7 @@ fn main() {
             key: i,
             birth: 3,
             crc: 0,
+            synced: 1,
         };
         black_box(h.encode_header_for(black_box(crc)));
     });

@@ -104,10 +104,9 @@ pub struct Seed {
     pub content: Vec<u8>,
     pub block_size: u64,
     /// Closed cleanly: nothing to roll forward, so byte damage anywhere must
-    /// show as an error. (In an unclean image, damage to a record in the
-    /// roll-forward region ends the log there and later records are ignored:
-    /// a known limitation, see docs/testing.md and
-    /// tests/corrupt.rs `damaged_log_record_hides_later_flushed_writes`.)
+    /// show as an error. (In an unclean image, damage to the last records
+    /// synced before the crash looks like a torn tail and ends the log there:
+    /// a known limitation, see docs/testing.md and format.md §5.)
     pub clean: bool,
     /// Encrypted: records are authenticated, so even lies with re-sealed
     /// checksums must never read as wrong data.
@@ -583,6 +582,7 @@ fn mutate_sealed(rng: &mut Rng, b: &mut Vec<u8>, steps: &mut Vec<String>) {
                 key: 0,
                 birth: u64::from(sb.gen as u32),
                 crc: 0,
+                synced: 0,
             };
             for (&leaf, entries) in &leaves {
                 let raw = encode_leaf(entries);
@@ -659,6 +659,7 @@ fn mutate_sealed(rng: &mut Rng, b: &mut Vec<u8>, steps: &mut Vec<String>) {
                     sb.gen + 1
                 },
                 crc: 0,
+                synced: 0,
             };
             append_record(b, h, &payload);
             steps.push(format!("roll-forward {kind:?} key {key:#x}"));

@@ -544,6 +544,7 @@ impl Craft {
             key,
             birth,
             crc: 0,
+            synced: 0,
         };
         self.bytes.extend_from_slice(&h.encode(payload));
         (off, h.total_len() as u32, h.crc)
@@ -1363,17 +1364,9 @@ fn counters_near_their_limits_open_read_only_only() {
     assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
 }
 
-#[test]
-#[ignore = "known limitation (docs/testing.md): roll-forward stops at a damaged record"]
-fn damaged_log_record_hides_later_flushed_writes() {
-    // Found by the fuzzer. After a crash (or when the newest superblock is
-    // damaged, which sends the open to the older one), the records since the
-    // last checkpoint are replayed until the first invalid one. Damage to one
-    // flushed record therefore silently drops every later flushed record:
-    // those blocks read their older values, with no error anywhere. Wanted:
-    // the damaged block reads as Corrupt and the later blocks keep their
-    // flushed values (needs a durable marker of how far the log was synced,
-    // e.g. in the record header's reserved field).
+/// An unclean image (kill -9 after two flushes) whose log, since the last
+/// checkpoint, holds block 1's record and then block 0's, each flushed.
+fn two_flushed_records() -> (Vec<u8>, Found, Vec<u8>) {
     let store = Arc::new(MemStore::new());
     let create = CreateOptions {
         size: SMALL,
@@ -1381,36 +1374,82 @@ fn damaged_log_record_hides_later_flushed_writes() {
         codec: Codec::None,
     };
     let img = Image::create_on(store.clone(), &create, &opts(false)).unwrap();
-    let a = random_bytes(4096, 1);
-    img.write_at(&a, 0).unwrap();
+    img.write_at(&random_bytes(4096, 1), 0).unwrap();
     img.close().unwrap();
     let img = Image::open_on(store.clone(), &opts(false)).unwrap();
-    let b = random_bytes(4096, 2);
-    img.write_at(&b, 4096).unwrap();
+    img.write_at(&random_bytes(4096, 2), 4096).unwrap();
     img.flush().unwrap();
     let c = random_bytes(4096, 3);
     img.write_at(&c, 0).unwrap();
     img.flush().unwrap();
     // kill -9: the host holds everything written so far.
-    let mut bytes = store.to_bytes();
+    let bytes = store.to_bytes();
     drop(img);
     let rec = records(&bytes)
         .into_iter()
         .rev()
         .find(|r| r.header.kind == RecordKind::Data && r.header.key == 1)
         .unwrap();
-    bytes[(rec.off + 100) as usize] ^= 0x10;
-    let img = Image::open_on(Arc::new(MemStore::from_bytes(bytes)), &opts(true)).unwrap();
+    (bytes, rec, c)
+}
+
+#[test]
+fn damaged_synced_log_record_reads_as_an_error_and_later_writes_survive() {
+    // Found by the fuzzer: roll-forward stopped at the first record that did
+    // not read back, so damage to one flushed record silently dropped every
+    // later flushed record (their blocks read older values). Records now say
+    // how far the log was synced; block 0's record proves block 1's was.
+    let (mut bytes, rec, c) = two_flushed_records();
+    bytes[(rec.off + 100) as usize] ^= 0x10; // in the payload
     let mut buf = vec![0u8; 4096];
-    assert!(
-        img.read_at(&mut buf, 4096).is_err(),
-        "block 1's record is damaged: it must read as an error"
-    );
-    img.read_at(&mut buf, 0).unwrap();
-    assert!(
-        buf == c,
-        "block 0 was flushed after block 1: it must read its last value"
-    );
+    for read_only in [true, false] {
+        let store = Arc::new(MemStore::from_bytes(bytes.clone()));
+        let img = Image::open_on(store.clone(), &opts(read_only)).unwrap();
+        let err = img.read_at(&mut buf, 4096).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::Corrupt,
+            "block 1 must read as an error"
+        );
+        img.read_at(&mut buf, 0).unwrap();
+        assert!(
+            buf == c,
+            "block 0 was flushed after block 1: its last value"
+        );
+        if read_only {
+            continue;
+        }
+        // The recovery checkpoint kept both facts.
+        img.close().unwrap();
+        let img = Image::open_on(store, &opts(false)).unwrap();
+        assert!(img.read_at(&mut buf, 4096).is_err());
+        img.read_at(&mut buf, 0).unwrap();
+        assert!(buf == c);
+        let report = img.check().unwrap();
+        assert_eq!(report.bad.len(), 1, "{report:?}");
+        assert_eq!(report.bad[0].block, 1, "{report:?}");
+    }
+}
+
+#[test]
+fn damaged_synced_log_record_that_says_nothing_fails_the_open() {
+    // A synced record whose header is damaged cannot say which block it
+    // held: replaying the records after it could leave that block at an
+    // older value, so the open fails (never wrong data).
+    let (mut bytes, rec, _) = two_flushed_records();
+    bytes[rec.off as usize] ^= 0x01; // the magic
+    for read_only in [true, false] {
+        let err = Image::open_on(
+            Arc::new(MemStore::from_bytes(bytes.clone())),
+            &opts(read_only),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        let text = err.to_string();
+        assert!(text.contains("the log is damaged"), "{text}");
+        assert!(text.contains(&rec.off.to_string()), "{text}");
+    }
 }
 
 #[test]

@@ -197,9 +197,7 @@ impl Inner {
     ) -> Result<()> {
         let store = self.store.as_ref();
         let t = std::time::Instant::now();
-        store
-            .sync()
-            .map_err(|e| self.fail(Error::io("sync checkpoint", e)))?;
+        self.sync_log("sync checkpoint")?;
         let records_synced = t.elapsed();
         let mut sb = self.sb.lock();
         let mut next = sb.clone();

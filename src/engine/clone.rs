@@ -118,6 +118,7 @@ fn format_clone(
         key: 0,
         birth: 1,
         crc: 0,
+        synced: 0,
     };
     if let Some(s) = &sealer {
         header.birth = 0;

@@ -51,6 +51,12 @@ pub(crate) struct LogTail {
     allocated: u64,
     /// Where this run started.
     run_start: u64,
+    /// The first lsn of this run.
+    run_lsn: u64,
+    /// Records of this run below this lsn are durable (a sync completed
+    /// after they were written): new records say so in their header
+    /// (`RecordHeader::synced`).
+    synced_to: u64,
 }
 
 const _: () = assert!(DIRECT_ALIGN as u64 == LOG_UNIT);
@@ -94,6 +100,8 @@ impl LogTail {
             in_flight: Default::default(),
             allocated: file_len,
             run_start: off,
+            run_lsn: lsn,
+            synced_to: lsn,
         }
     }
 
@@ -165,6 +173,12 @@ impl LogTail {
         self.in_flight.pop_front();
     }
 
+    /// Every record below `lsn` is durable: a sync that started after they
+    /// were written (`replay_start` before it) has completed.
+    pub fn mark_synced(&mut self, lsn: u64) {
+        self.synced_to = self.synced_to.max(lsn);
+    }
+
     /// Forgets the preallocation past the tail (the caller punches it):
     /// returns the tail and how far the store was preallocated.
     pub fn release_preallocated(&mut self) -> (u64, u64) {
@@ -211,6 +225,7 @@ impl LogTail {
             lsn: self.lsn,
             epoch: self.epoch,
             gen: self.gen,
+            durable: (self.synced_to > self.run_lsn).then(|| self.synced_to - 1),
             offs,
         };
         let end = align_up(off, LOG_UNIT);
@@ -262,6 +277,8 @@ pub(crate) struct Room {
     epoch: u64,
     /// Birth generation of the records.
     pub gen: u64,
+    /// The lsn through which the run was durable when the room was taken.
+    durable: Option<u64>,
     /// Offset and stored payload length of each record.
     offs: Vec<(u64, u32)>,
 }
@@ -281,17 +298,19 @@ impl Room {
         let buf = staging.bytes(used);
         let mut written = Vec::with_capacity(records.len());
         for (i, (r, &(off, payload_len))) in records.iter().zip(&self.offs).enumerate() {
+            let lsn = self.lsn + i as u64;
             let mut header = RecordHeader {
                 kind: r.kind,
                 codec: r.codec,
                 payload_len,
                 raw_len: r.raw_len,
-                lsn: self.lsn + i as u64,
+                lsn,
                 epoch: self.epoch,
                 self_off: off,
                 key: r.key,
                 birth: self.gen,
                 crc: 0,
+                synced: RecordHeader::synced_for(lsn, self.durable),
             };
             let at = (off - self.start) as usize;
             let body = at + RECORD_HEADER_LEN;

@@ -24,6 +24,7 @@ mod clone;
 mod deadspace;
 mod inspect;
 mod log;
+mod logend;
 mod map;
 mod open;
 mod readahead;

@@ -1,6 +1,7 @@
 //! Creating images and opening them: superblock choice, map load, roll-forward.
 
 use super::log::{next_off, read_next, read_record, LogTail};
+use super::logend;
 use super::map::BlockMap;
 use super::reader::SnapshotReader;
 use super::{Image, Inner, OpenOptions};
@@ -326,31 +327,41 @@ fn roll_forward(
         // The next record follows the last one, or starts the next unit
         // when the last one ended an append (format.md, "The log").
         let follows = |h: &RecordHeader| h.epoch == sb.log_epoch && h.lsn == lsn;
+        let here = off;
         let mut next = read_next(store, off, file_len)?.filter(|(h, _)| follows(h));
         if next.is_none() && off % LOG_UNIT != 0 {
             off = align_up(off, LOG_UNIT);
             next = read_next(store, off, file_len)?.filter(|(h, _)| follows(h));
         }
         let Some((h, payload)) = next else {
-            break;
+            match logend::synced_but_damaged(store, sb.log_epoch, here, lsn, file_len)? {
+                None => break, // the end of the log (a torn tail after a crash)
+                Some(damaged) => {
+                    let h = damaged.header;
+                    if h.kind == RecordKind::Data {
+                        check_data_record(&h, nblocks, block_size, max_payload)?;
+                        // The block reads as an error, not as an older value.
+                        map.set(h.key, data_entry(&h)?);
+                    }
+                    ::log::warn!(
+                        "the log record at {} ({:?}, key {}) is damaged although the record at \
+                         {} says it was synced; stepping over it",
+                        h.self_off,
+                        h.kind,
+                        h.key,
+                        damaged.witness
+                    );
+                    max_birth = max_birth.max(h.birth);
+                    off = next_off(&h);
+                    lsn += 1;
+                    continue;
+                }
+            }
         };
         match h.kind {
             RecordKind::Data => {
-                if h.key >= nblocks || h.raw_len != block_size || h.payload_len > max_payload {
-                    return Err(Error::corrupt(format!(
-                        "data record at {off} is out of bounds"
-                    )));
-                }
-                let birth = u32::try_from(h.birth).map_err(|_| Error::corrupt("birth overflow"))?;
-                map.set(
-                    h.key,
-                    MapEntry {
-                        kind: EntryKind::Data,
-                        off,
-                        len: h.total_len() as u32,
-                        birth,
-                    },
-                );
+                check_data_record(&h, nblocks, block_size, max_payload)?;
+                map.set(h.key, data_entry(&h)?);
             }
             RecordKind::Zero => {
                 let (first, count) = zero_payload(&payload)?;
@@ -368,6 +379,33 @@ fn roll_forward(
         lsn += 1;
     }
     Ok((off, lsn, max_birth))
+}
+
+/// A DATA record met in roll-forward must name a block of the disk and hold
+/// one block.
+fn check_data_record(
+    h: &RecordHeader,
+    nblocks: u64,
+    block_size: u32,
+    max_payload: u32,
+) -> Result<()> {
+    if h.key >= nblocks || h.raw_len != block_size || h.payload_len > max_payload {
+        return Err(Error::corrupt(format!(
+            "data record at {} is out of bounds",
+            h.self_off
+        )));
+    }
+    Ok(())
+}
+
+/// The map entry of a DATA record.
+fn data_entry(h: &RecordHeader) -> Result<MapEntry> {
+    Ok(MapEntry {
+        kind: EntryKind::Data,
+        off: h.self_off,
+        len: h.total_len() as u32,
+        birth: u32::try_from(h.birth).map_err(|_| Error::corrupt("birth overflow"))?,
+    })
 }
 
 /// Bytes sealing adds to a record of the image in `store`.

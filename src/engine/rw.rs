@@ -266,9 +266,26 @@ impl Inner {
         }
         self.check_failed()?;
         let _sync = self.sync_lock.lock();
+        self.sync_log("sync image")?;
+        self.check_failed()
+    }
+
+    /// Syncs the image file; the records written before the sync started
+    /// are then durable, which later records say in their header (recovery
+    /// tells damage to them from a torn tail by it: format.md §5).
+    pub(super) fn sync_log(&self, what: &str) -> Result<()> {
+        // A failed append latches the failure under the log lock before its
+        // room leaves `replay_start`: checked under it, every record below is
+        // written.
+        let written_below = {
+            let log = self.log.lock();
+            self.check_failed()?;
+            log.replay_start().1
+        };
         self.store
             .sync()
-            .map_err(|e| self.fail(Error::io("sync image", e)))?;
-        self.check_failed()
+            .map_err(|e| self.fail(Error::io(what, e)))?;
+        self.log.lock().mark_synced(written_below);
+        Ok(())
     }
 }

@@ -68,7 +68,7 @@ struct RawHeader {
     key: U64,
     birth: U64,
     crc32c: U32,
-    reserved: U32,
+    synced: U32,
 }
 
 const _: () = assert!(std::mem::size_of::<RawHeader>() == RECORD_HEADER_LEN);
@@ -96,6 +96,11 @@ pub struct RecordHeader {
     pub birth: u64,
     /// crc32c of header (with this field zero) and payload.
     pub crc: u32,
+    /// How far the log of this epoch was durable when the record was
+    /// written: 0 claims nothing; `v` > 0 says every record of the epoch with
+    /// lsn ≤ `lsn - v` had been made durable by a completed sync. Recovery
+    /// uses it to tell a torn tail from damage to synced records.
+    pub synced: u32,
 }
 
 impl RecordHeader {
@@ -142,6 +147,21 @@ impl RecordHeader {
         out
     }
 
+    /// The lsn through which this record says its epoch's log was durable
+    /// (see [`RecordHeader::synced`]).
+    pub fn synced_through(&self) -> Option<u64> {
+        (self.synced > 0).then(|| self.lsn - u64::from(self.synced))
+    }
+
+    /// The [`RecordHeader::synced`] value of a record `lsn` written when the
+    /// log was durable through `durable` (None: nothing of the epoch yet).
+    pub fn synced_for(lsn: u64, durable: Option<u64>) -> u32 {
+        durable
+            .filter(|&d| d < lsn)
+            .and_then(|d| u32::try_from(lsn - d).ok())
+            .unwrap_or(0)
+    }
+
     /// Zero bytes after the payload up to the next aligned offset.
     pub fn padding(&self) -> usize {
         (align_up(self.total_len(), RECORD_ALIGN) - self.total_len()) as usize
@@ -161,7 +181,7 @@ impl RecordHeader {
             key: self.key.into(),
             birth: self.birth.into(),
             crc32c: crc.into(),
-            reserved: 0.into(),
+            synced: self.synced.into(),
         }
     }
 
@@ -191,6 +211,7 @@ impl RecordHeader {
             || raw.raw_len.get() > MAX_PAYLOAD
             || raw.codec > 1
             || raw.birth.get() > u64::from(u32::MAX)
+            || u64::from(raw.synced.get()) > raw.lsn.get()
         {
             return Err(Error::corrupt(format!(
                 "record at {at} has impossible lengths"
@@ -215,6 +236,7 @@ impl RecordHeader {
             key: raw.key.get(),
             birth: raw.birth.get(),
             crc: raw.crc32c.get(),
+            synced: raw.synced.get(),
         })
     }
 
@@ -267,6 +289,7 @@ mod tests {
             key: 42,
             birth: 3,
             crc: 0,
+            synced: 2,
         }
     }
 
@@ -298,6 +321,40 @@ mod tests {
     }
 
     #[test]
+    fn synced_says_how_far_the_log_was_durable() {
+        assert_eq!(RecordHeader::synced_for(10, None), 0, "nothing durable yet");
+        assert_eq!(RecordHeader::synced_for(10, Some(9)), 1);
+        assert_eq!(RecordHeader::synced_for(10, Some(3)), 7);
+        assert_eq!(RecordHeader::synced_for(10, Some(10)), 0, "never itself");
+        assert_eq!(
+            RecordHeader::synced_for(1 << 40, Some(1)),
+            0,
+            "too far: no claim"
+        );
+        let mut h = header(b"x", 65536);
+        h.lsn = 10;
+        h.synced = RecordHeader::synced_for(10, Some(3));
+        assert_eq!(h.synced_through(), Some(3));
+        h.synced = 0;
+        assert_eq!(h.synced_through(), None);
+    }
+
+    #[test]
+    fn a_claim_beyond_the_first_record_is_refused() {
+        let payload = b"x";
+        let mut h = header(payload, 65536);
+        h.synced = h.lsn as u32 + 1;
+        let bytes = h.encode(payload);
+        assert!(RecordHeader::decode(&bytes, 65536).is_err());
+        h.synced = h.lsn as u32;
+        let bytes = h.encode(payload);
+        assert_eq!(
+            RecordHeader::decode(&bytes, 65536).unwrap().synced,
+            h.synced
+        );
+    }
+
+    #[test]
     fn every_bit_flip_is_caught() {
         let payload = b"some payload bytes";
         let bytes = header(payload, 65536).encode(payload);
@@ -307,7 +364,7 @@ mod tests {
             b[i / 8] ^= 1 << (i % 8);
             let ok = RecordHeader::decode(&b, 65536)
                 .and_then(|h| h.verify(&b, &b[64..64 + payload.len()]));
-            // The reserved field is covered by the crc too.
+            // The synced field is covered by the crc too.
             assert!(ok.is_err(), "flip of bit {i} not detected");
         }
     }

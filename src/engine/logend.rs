@@ -1,0 +1,119 @@
+//! Where roll-forward stops: the torn tail of a crash, or damage to records
+//! that had been synced (format.md §5, "Damage in the roll-forward region").
+//!
+//! Roll-forward applies the log until the first record that does not read
+//! back. After a crash that is the first write that never became durable,
+//! and stopping there is right. But if that record *was* synced and then
+//! damaged (bit rot, a lost host write), stopping would silently drop every
+//! later synced write. Records carry how far their epoch's log was durable
+//! when they were written (`RecordHeader::synced`), so a later record can
+//! prove the stop point was synced: then the damaged record is stepped over
+//! when its header still says what it held (its block then reads as an
+//! error), and the open fails otherwise.
+
+use super::log::read_next;
+use crate::error::{Error, Result};
+use crate::format::{align_up, RecordHeader, RecordKind, LOG_UNIT, RECORD_HEADER_LEN};
+use crate::io::Store;
+
+/// The log is read this much at a time while looking for later records.
+const SCAN_CHUNK: usize = 1 << 20;
+
+/// A record that is damaged although a later record says it was synced.
+#[derive(Debug)]
+pub(super) struct Damaged {
+    /// Its header, which passes every check but the crc.
+    pub header: RecordHeader,
+    /// The later record that proves it was synced.
+    pub witness: u64,
+}
+
+/// Roll-forward of `epoch` found no valid record `lsn` at `off` (nor at the
+/// next log unit). `Ok(None)`: no later record says it was synced, so this
+/// is the end of the log. `Ok(Some)`: it was synced and its header is intact
+/// enough to step over (a DATA record of an unencrypted image, or a record
+/// roll-forward skips anyway). An error: it was synced and cannot be
+/// stepped over, so the records after it cannot be replayed safely.
+pub(super) fn synced_but_damaged(
+    store: &dyn Store,
+    epoch: u64,
+    off: u64,
+    lsn: u64,
+    file_len: u64,
+) -> Result<Option<Damaged>> {
+    let Some(witness) = later_claim(store, epoch, off, lsn, file_len)? else {
+        return Ok(None);
+    };
+    let header = [off, align_up(off, LOG_UNIT)]
+        .into_iter()
+        .find_map(|at| plausible_header(store, epoch, at, lsn, file_len));
+    let steppable = |h: &RecordHeader| match h.kind {
+        RecordKind::Data => store.sealer().is_none(),
+        RecordKind::Zero => false,
+        RecordKind::Leaf | RecordKind::Index | RecordKind::SnapTable | RecordKind::Config => true,
+    };
+    let place = match align_up(off, LOG_UNIT) {
+        next if next != off => format!("{off} or {next}"),
+        _ => off.to_string(),
+    };
+    match header {
+        Some(header) if steppable(&header) => Ok(Some(Damaged { header, witness })),
+        _ => Err(Error::corrupt(format!(
+            "the log is damaged: record {lsn} (at offset {place}) was synced (the record \
+             at {witness} says so) but does not read back, and what it held is unknown; \
+             the writes after it cannot be replayed safely"
+        ))),
+    }
+}
+
+/// The offset of a valid record of `epoch` after `off` whose header says the
+/// log was durable through `lsn` or later. Later appends start at log-unit
+/// boundaries, and a record that can say so was taken after the sync that
+/// covered `lsn`, so in a later append: only boundaries are looked at.
+fn later_claim(
+    store: &dyn Store,
+    epoch: u64,
+    off: u64,
+    lsn: u64,
+    file_len: u64,
+) -> Result<Option<u64>> {
+    let epoch_bytes = epoch.to_le_bytes();
+    let mut buf = vec![0u8; SCAN_CHUNK];
+    let mut pos = align_up(off, LOG_UNIT);
+    while pos + RECORD_HEADER_LEN as u64 <= file_len {
+        let n = (file_len - pos).min(SCAN_CHUNK as u64) as usize;
+        if store.read_at(&mut buf[..n], pos).is_err() {
+            return Ok(None);
+        }
+        for at in (0..n.saturating_sub(RECORD_HEADER_LEN - 1)).step_by(LOG_UNIT as usize) {
+            let head = &buf[at..at + RECORD_HEADER_LEN];
+            if &head[..4] != b"VREC" || head[24..32] != epoch_bytes {
+                continue;
+            }
+            let rec_off = pos + at as u64;
+            if let Some((h, _)) = read_next(store, rec_off, file_len)? {
+                if h.epoch == epoch && h.lsn > lsn && h.synced_through() >= Some(lsn) {
+                    return Ok(Some(rec_off));
+                }
+            }
+        }
+        pos += n as u64;
+    }
+    Ok(None)
+}
+
+/// The header at `at` if it decodes and names record `lsn` of `epoch`
+/// within the file: only its crc (so its payload, or a field the other
+/// checks do not cover) is wrong.
+fn plausible_header(
+    store: &dyn Store,
+    epoch: u64,
+    at: u64,
+    lsn: u64,
+    file_len: u64,
+) -> Option<RecordHeader> {
+    let mut head = [0u8; RECORD_HEADER_LEN];
+    store.read_at(&mut head, at).ok()?;
+    let h = RecordHeader::decode(&head, at).ok()?;
+    (h.epoch == epoch && h.lsn == lsn && at + h.total_len() <= file_len).then_some(h)
+}
