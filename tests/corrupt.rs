@@ -1405,6 +1405,11 @@ fn damaged_synced_log_record_reads_as_an_error_and_later_writes_survive() {
     for read_only in [true, false] {
         let store = Arc::new(MemStore::from_bytes(bytes.clone()));
         let img = Image::open_on(store.clone(), &opts(read_only)).unwrap();
+        let notes = img.recovery_notes();
+        assert!(
+            notes.len() == 1 && notes[0].contains(&format!("record at {}", rec.off)),
+            "{notes:?}"
+        );
         let err = img.read_at(&mut buf, 4096).unwrap_err();
         assert_eq!(
             err.kind(),
@@ -1432,24 +1437,81 @@ fn damaged_synced_log_record_reads_as_an_error_and_later_writes_survive() {
 }
 
 #[test]
-fn damaged_synced_log_record_that_says_nothing_fails_the_open() {
+fn damaged_synced_log_record_that_says_nothing_fails_the_open_unless_salvaged() {
     // A synced record whose header is damaged cannot say which block it
     // held: replaying the records after it could leave that block at an
-    // older value, so the open fails (never wrong data).
-    let (mut bytes, rec, _) = two_flushed_records();
+    // older value, so the open fails (never wrong data) — unless the admin
+    // asks for salvage (`vbdfs check --repair`), which replays every record
+    // that can be read and drops the damaged one.
+    let (mut bytes, rec, c) = two_flushed_records();
     bytes[rec.off as usize] ^= 0x01; // the magic
     for read_only in [true, false] {
-        let err = Image::open_on(
-            Arc::new(MemStore::from_bytes(bytes.clone())),
-            &opts(read_only),
-        )
-        .err()
-        .unwrap();
+        let store = Arc::new(MemStore::from_bytes(bytes.clone()));
+        let err = Image::open_on(store, &opts(read_only)).err().unwrap();
         assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
         let text = err.to_string();
         assert!(text.contains("the log is damaged"), "{text}");
         assert!(text.contains(&rec.off.to_string()), "{text}");
+        assert!(text.contains("check --repair"), "{text}");
     }
+    let store = Arc::new(MemStore::from_bytes(bytes));
+    let salvage = OpenOptions {
+        salvage_log: true,
+        ..opts(false)
+    };
+    let img = Image::open_on(store.clone(), &salvage).unwrap();
+    let mut buf = vec![0u8; 4096];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf == c, "block 0's later record is replayed");
+    img.read_at(&mut buf, 4096).unwrap();
+    assert!(
+        buf == [0; 4096],
+        "block 1's record is lost: its older value"
+    );
+    img.close().unwrap();
+    // Salvaged and checkpointed: an ordinary open from now on.
+    let img = Image::open_on(store, &opts(false)).unwrap();
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf == c);
+    assert!(img.check().unwrap().is_ok());
+}
+
+#[test]
+fn check_repair_salvages_a_log_that_refuses_the_open() {
+    let (mut bytes, rec, _) = two_flushed_records();
+    bytes[rec.off as usize] ^= 0x01;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vbd");
+    std::fs::write(&path, &bytes).unwrap();
+    let vbdfs = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vbdfs"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let p = path.to_str().unwrap();
+    let out = vbdfs(&["check", p]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("the log is damaged"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one error line: {err}");
+    let out = vbdfs(&["check", "--repair", p]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("log: salvage") && text.contains("dropped log records"),
+        "the repair says what it dropped: {text}"
+    );
+    let out = vbdfs(&["check", p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -19,6 +19,8 @@ fn open(path: &Path, read_only: bool) -> Result<(PathBuf, Image)> {
     let opts = OpenOptions {
         read_only,
         cache_bytes: INSPECT_CACHE,
+        // `check --repair`: replay past log damage that would refuse the open.
+        salvage_log: !read_only,
         ..OpenOptions::default()
     };
     let image = super::keys::open(&canon, &opts)
@@ -211,6 +213,9 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
             canon.display(),
             dir.display()
         );
+    }
+    for note in image.recovery_notes() {
+        println!("log: {note}");
     }
     let report = image.check().map_err(|e| with_path(e, &args.image))?;
     println!("blocks checked: {}", report.blocks_checked);

@@ -142,7 +142,9 @@ pub struct UmountArgs {
 pub struct CheckArgs {
     /// The image.
     pub image: PathBuf,
-    /// Open read-write first, which runs crash recovery and leaves the image clean.
+    /// Open read-write first, which runs crash recovery and leaves the image
+    /// clean; replays past a damaged log record that would refuse the open
+    /// (dropping it: its block may read an older value).
     #[arg(long)]
     pub repair: bool,
     /// Key file of an encrypted image.

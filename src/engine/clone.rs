@@ -338,6 +338,7 @@ impl Image {
             read_only: false,
             cache_bytes: 8 << 20,
             workers: 1,
+            salvage_log: false,
         };
         let img = Image::open_with_key(&base, &base_opts, key)?;
         let name = match snapshot {

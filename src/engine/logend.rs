@@ -13,7 +13,9 @@
 
 use super::log::read_next;
 use crate::error::{Error, Result};
-use crate::format::{align_up, RecordHeader, RecordKind, LOG_UNIT, RECORD_HEADER_LEN};
+use crate::format::{
+    align_up, RecordHeader, RecordKind, LOG_UNIT, RECORD_ALIGN, RECORD_HEADER_LEN,
+};
 use crate::io::Store;
 
 /// The log is read this much at a time while looking for later records.
@@ -61,9 +63,65 @@ pub(super) fn synced_but_damaged(
         _ => Err(Error::corrupt(format!(
             "the log is damaged: record {lsn} (at offset {place}) was synced (the record \
              at {witness} says so) but does not read back, and what it held is unknown; \
-             the writes after it cannot be replayed safely"
+             the writes after it cannot be replayed safely (`vbdfs check --repair` \
+             replays what can be read: the blocks of unreadable records may then read \
+             older values)"
         ))),
     }
+}
+
+/// Salvage (`OpenOptions::salvage_log`): the first valid record of `epoch`
+/// after `off` with an lsn above `lsn`, as (offset, lsn). Records of an
+/// append lie back to back at [`RECORD_ALIGN`] offsets, so every aligned
+/// offset is looked at.
+pub(super) fn next_readable(
+    store: &dyn Store,
+    epoch: u64,
+    off: u64,
+    lsn: u64,
+    file_len: u64,
+) -> Option<(u64, u64)> {
+    scan(
+        store,
+        epoch,
+        off,
+        RECORD_ALIGN,
+        file_len,
+        |at| match read_next(store, at, file_len) {
+            Ok(Some((h, _))) if h.epoch == epoch && h.lsn > lsn => Some((at, h.lsn)),
+            _ => None,
+        },
+    )
+}
+
+/// Calls `found` at each offset from `off` (rounded up to `step`) to the end
+/// of the file whose bytes start like a record header of `epoch`, until it
+/// returns something.
+fn scan<T>(
+    store: &dyn Store,
+    epoch: u64,
+    off: u64,
+    step: u64,
+    file_len: u64,
+    mut found: impl FnMut(u64) -> Option<T>,
+) -> Option<T> {
+    let epoch_bytes = epoch.to_le_bytes();
+    let mut buf = vec![0u8; SCAN_CHUNK];
+    let mut pos = align_up(off, step);
+    while pos + RECORD_HEADER_LEN as u64 <= file_len {
+        let n = (file_len - pos).min(SCAN_CHUNK as u64) as usize;
+        store.read_at(&mut buf[..n], pos).ok()?;
+        for at in (0..n.saturating_sub(RECORD_HEADER_LEN - 1)).step_by(step as usize) {
+            let head = &buf[at..at + RECORD_HEADER_LEN];
+            if &head[..4] == b"VREC" && head[24..32] == epoch_bytes {
+                if let Some(t) = found(pos + at as u64) {
+                    return Some(t);
+                }
+            }
+        }
+        pos += n as u64;
+    }
+    None
 }
 
 /// The offset of a valid record of `epoch` after `off` whose header says the
@@ -77,29 +135,23 @@ fn later_claim(
     lsn: u64,
     file_len: u64,
 ) -> Result<Option<u64>> {
-    let epoch_bytes = epoch.to_le_bytes();
-    let mut buf = vec![0u8; SCAN_CHUNK];
-    let mut pos = align_up(off, LOG_UNIT);
-    while pos + RECORD_HEADER_LEN as u64 <= file_len {
-        let n = (file_len - pos).min(SCAN_CHUNK as u64) as usize;
-        if store.read_at(&mut buf[..n], pos).is_err() {
-            return Ok(None);
+    let mut failure = None;
+    let found = scan(store, epoch, off, LOG_UNIT, file_len, |at| match read_next(
+        store, at, file_len,
+    ) {
+        Ok(Some((h, _))) => {
+            (h.epoch == epoch && h.lsn > lsn && h.synced_through() >= Some(lsn)).then_some(at)
         }
-        for at in (0..n.saturating_sub(RECORD_HEADER_LEN - 1)).step_by(LOG_UNIT as usize) {
-            let head = &buf[at..at + RECORD_HEADER_LEN];
-            if &head[..4] != b"VREC" || head[24..32] != epoch_bytes {
-                continue;
-            }
-            let rec_off = pos + at as u64;
-            if let Some((h, _)) = read_next(store, rec_off, file_len)? {
-                if h.epoch == epoch && h.lsn > lsn && h.synced_through() >= Some(lsn) {
-                    return Ok(Some(rec_off));
-                }
-            }
+        Ok(None) => None,
+        Err(e) => {
+            failure = Some(e);
+            Some(at)
         }
-        pos += n as u64;
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(found),
     }
-    Ok(None)
 }
 
 /// The header at `at` if it decodes and names record `lsn` of `epoch`

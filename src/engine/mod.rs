@@ -90,6 +90,11 @@ pub struct OpenOptions {
     pub cache_bytes: u64,
     /// Write-back (compression) worker threads.
     pub workers: usize,
+    /// Replay the log past damage that cannot be stepped over safely (a
+    /// synced record that no longer says what it held: format.md §5),
+    /// dropping the unreadable records; their blocks may then read older
+    /// values. Off: such an open fails. For `vbdfs check --repair`.
+    pub salvage_log: bool,
 }
 
 /// The part of a cache budget of `open` that the engine's threads hold
@@ -123,6 +128,7 @@ impl Default for OpenOptions {
                 * std::thread::available_parallelism()
                     .map_or(2, |n| n.get())
                     .min(8),
+            salvage_log: false,
         }
     }
 }
@@ -130,6 +136,8 @@ impl Default for OpenOptions {
 /// Shared state of an open image.
 #[derive(Debug)]
 pub(crate) struct Inner {
+    /// What the open's roll-forward stepped over or dropped (log damage).
+    recovery_notes: Vec<String>,
     store: Arc<dyn Store>,
     read_only: bool,
     virtual_size: u64,
@@ -327,6 +335,13 @@ impl Image {
         self.inner.block_size()
     }
 
+    /// What opening this image found wrong in its log and stepped over (a
+    /// damaged synced record: its block reads as an error) or, salvaging,
+    /// dropped. Empty for a healthy image.
+    pub fn recovery_notes(&self) -> &[String] {
+        &self.inner.recovery_notes
+    }
+
     /// Block compression.
     pub fn codec(&self) -> Codec {
         self.inner.codec
@@ -464,6 +479,7 @@ mod tests {
             cache_bytes: 256 << 20,
             workers: 8,
             read_only: false,
+            salvage_log: false,
         };
         // 8 workers x (8 blocks + 1 MiB) + 2 readahead pieces.
         assert_eq!(threads_reserve(&open, 65536), 8 * (3 << 19) + (1 << 20));

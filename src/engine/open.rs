@@ -317,9 +317,11 @@ fn roll_forward(
     sb: &Superblock,
     map: &mut BlockMap,
     file_len: u64,
-    nblocks: u64,
     backing: Option<&SnapshotReader>,
+    salvage: bool,
+    notes: &mut Vec<String>,
 ) -> Result<(u64, u64, u64)> {
+    let nblocks = sb.virtual_size.div_ceil(sb.block_size());
     let (mut off, mut lsn, mut max_birth) = (sb.log_start_off, sb.log_start_lsn, sb.gen);
     let block_size = 1u32 << sb.block_shift;
     let max_payload = block_size + seal_overhead(store);
@@ -334,7 +336,26 @@ fn roll_forward(
             next = read_next(store, off, file_len)?.filter(|(h, _)| follows(h));
         }
         let Some((h, payload)) = next else {
-            match logend::synced_but_damaged(store, sb.log_epoch, here, lsn, file_len)? {
+            let damaged = match logend::synced_but_damaged(store, sb.log_epoch, here, lsn, file_len)
+            {
+                Err(e) if salvage && e.kind() == ErrorKind::Corrupt => {
+                    let Some((at, next)) =
+                        logend::next_readable(store, sb.log_epoch, here, lsn, file_len)
+                    else {
+                        break;
+                    };
+                    notes.push(format!(
+                        "salvage: {e}; dropped log records {lsn}..{} and replayed from the \
+                         record at {at}",
+                        next - 1
+                    ));
+                    ::log::warn!("{}", notes[notes.len() - 1]);
+                    (off, lsn) = (at, next);
+                    continue;
+                }
+                other => other?,
+            };
+            match damaged {
                 None => break, // the end of the log (a torn tail after a crash)
                 Some(damaged) => {
                     let h = damaged.header;
@@ -343,14 +364,12 @@ fn roll_forward(
                         // The block reads as an error, not as an older value.
                         map.set(h.key, data_entry(&h)?);
                     }
-                    ::log::warn!(
+                    notes.push(format!(
                         "the log record at {} ({:?}, key {}) is damaged although the record at \
-                         {} says it was synced; stepping over it",
-                        h.self_off,
-                        h.kind,
-                        h.key,
-                        damaged.witness
-                    );
+                         {} says it was synced; stepped over it",
+                        h.self_off, h.kind, h.key, damaged.witness
+                    ));
+                    ::log::warn!("{}", notes[notes.len() - 1]);
                     max_birth = max_birth.max(h.birth);
                     off = next_off(&h);
                     lsn += 1;
@@ -452,8 +471,16 @@ pub(super) fn load(
     let backing = super::backing::open_backing(store.as_ref(), &sb, file_len, origin)?;
     let base = backing.as_ref().map(|b| b.reader.as_ref());
     let mut map = load_map(store.as_ref(), sb.index, sb.block_shift, file_len, nblocks)?;
-    let (end, lsn, max_birth) =
-        roll_forward(store.as_ref(), &sb, &mut map, file_len, nblocks, base)?;
+    let mut recovery_notes = Vec::new();
+    let (end, lsn, max_birth) = roll_forward(
+        store.as_ref(),
+        &sb,
+        &mut map,
+        file_len,
+        base,
+        open.salvage_log,
+        &mut recovery_notes,
+    )?;
     // A read-write session counts seq, lsn and generations on from here, and
     // what it writes must still pass Superblock::decode. Real images stay far
     // below half the range; only a hostile one gets there: read it read-only.
@@ -486,6 +513,7 @@ pub(super) fn load(
     let (kick, kick_rx) = crossbeam_channel::bounded(1);
     let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
     Ok(Inner {
+        recovery_notes,
         read_only: open.read_only,
         virtual_size: sb.virtual_size,
         block_shift: sb.block_shift,
