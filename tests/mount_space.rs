@@ -152,3 +152,51 @@ fn ext4_fstrim_and_compact_shrink_the_image_back() {
     let out = common::run(&["check", p(&img)]);
     assert!(out.status.success(), "{out:?}");
 }
+
+#[test]
+fn deleting_a_snapshot_returns_its_space_online_and_offline() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("d.vbd");
+    create(&img, "1G", &["--compress", "none"]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), Some("cache=32M"));
+    write_data(&m.disk(), 0, 64, 1);
+    std::fs::write(m.control(), "snapshot one").unwrap();
+    write_data(&m.disk(), 0, 64, 100);
+    std::fs::write(m.control(), "snapshot two").unwrap();
+    write_data(&m.disk(), 0, 64, 200);
+    std::fs::write(m.control(), "flush").unwrap();
+    let held = host_space(&img);
+    assert!(held > 190 * MIB, "three versions held: {held}");
+    // Online: the reclaim thread returns what only "one" held, no compact.
+    std::fs::write(m.control(), "delete-snapshot one").unwrap();
+    assert!(
+        common::wait_for(std::time::Duration::from_secs(20), || {
+            host_space(&img) < held - 60 * MIB
+        }),
+        "deleting a snapshot online freed {} of 64 MiB",
+        held - host_space(&img)
+    );
+    let f = std::fs::File::open(m.disk()).unwrap();
+    let mut got = vec![0u8; MIB as usize];
+    for i in 0..64 {
+        f.read_exact_at(&mut got, i * MIB).unwrap();
+        assert!(got == pattern(MIB as usize, 200 + i), "head MiB {i}");
+    }
+    drop(f);
+    m.umount();
+    // Offline: `vbdfs snapshot delete` returns it before it exits.
+    let before = host_space(&img);
+    let out = common::run(&["snapshot", "delete", p(&img), "two"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let after = host_space(&img);
+    assert!(
+        after + 60 * MIB < before,
+        "offline delete freed {} of 64 MiB",
+        before - after
+    );
+    let out = common::run(&["check", p(&img)]);
+    assert!(out.status.success(), "{}", common::stdout(&out));
+}

@@ -233,3 +233,72 @@ fn snapshot_data_survives_reclaim_and_compact_frees_it_after_delete() {
     assert!(got == data(len, 5), "data lost after compact and reopen");
     assert!(img.check().unwrap().is_ok());
 }
+
+#[test]
+fn deleting_a_snapshot_returns_what_only_it_held_without_compact() {
+    // Three snapshots over overlapping overwrites of a 32 MiB region, then
+    // deleted middle, newest, oldest: after each delete and a checkpoint
+    // (no compaction) the host space falls by what only that snapshot held,
+    // and everything still held reads back.
+    let dir = tempfile::tempdir().unwrap();
+    let (path, img) = uncompressed_image(dir.path(), 256 * MIB, 0);
+    let len = 32 * MIB as usize;
+    let half = len / 2;
+    let mut content = data(len, 1);
+    img.write_at(&content, 0).unwrap();
+    img.snapshot_create("a").unwrap();
+    let at_a = content.clone();
+    content[..half].copy_from_slice(&data(half, 2));
+    img.write_at(&content[..half], 0).unwrap();
+    img.snapshot_create("b").unwrap();
+    let at_b = content.clone();
+    content = data(len, 3);
+    img.write_at(&content, 0).unwrap();
+    img.snapshot_create("c").unwrap();
+    let at_c = content.clone();
+    content[half..].copy_from_slice(&data(half, 4));
+    img.write_at(&content[half..], half as u64).unwrap();
+    img.flush().unwrap();
+    img.checkpoint().unwrap();
+    let mut expect: Vec<(&str, Vec<u8>)> = vec![("a", at_a), ("b", at_b), ("c", at_c)];
+    for name in ["b", "c", "a"] {
+        let only = img
+            .snapshot_usage()
+            .unwrap()
+            .into_iter()
+            .find(|u| u.info.name == name)
+            .unwrap()
+            .exclusive_bytes;
+        assert!(only >= 15 * MIB, "{name} holds {only} on its own");
+        let before = allocated(&path);
+        img.snapshot_delete(name).unwrap();
+        img.checkpoint().unwrap();
+        let after = allocated(&path);
+        assert!(
+            before.saturating_sub(after) + MIB >= only,
+            "deleting {name} freed {} of the {only} bytes only it held",
+            before.saturating_sub(after)
+        );
+        expect.retain(|(n, _)| *n != name);
+        let mut got = vec![0u8; len];
+        for (n, want) in &expect {
+            img.open_snapshot(n).unwrap().read_at(&mut got, 0).unwrap();
+            assert!(got == *want, "snapshot {n} damaged by deleting {name}");
+        }
+        img.read_at(&mut got, 0).unwrap();
+        assert!(got == content, "head damaged by deleting {name}");
+        assert!(img.check().unwrap().is_ok());
+    }
+    img.close().unwrap();
+    let live = 32 * MIB + (len as u64 / 64);
+    assert!(
+        allocated(&path) < live + 8 * MIB,
+        "{} allocated for 32 MiB of live data",
+        allocated(&path)
+    );
+    let img = Image::open(&path, &opts()).unwrap();
+    let mut got = vec![0u8; len];
+    img.read_at(&mut got, 0).unwrap();
+    assert!(got == content);
+    assert!(img.check().unwrap().is_ok());
+}

@@ -22,6 +22,7 @@ mod batch;
 mod checkpoint;
 mod clone;
 mod deadspace;
+mod dropsnap;
 mod inspect;
 mod log;
 mod logend;
@@ -158,6 +159,10 @@ pub(crate) struct Inner {
     map: RwLock<BlockMap>,
     cache: BlockCache,
     checkpoint_lock: Mutex<()>,
+    /// Deleted snapshots whose records only they held are still to be
+    /// reclaimed ([`dropsnap`]).
+    deleted_snapshots: Mutex<Vec<dropsnap::DeletedSnapshot>>,
+    judging_deleted: Mutex<()>,
     sync_lock: Mutex<()>,
     failed: Mutex<Option<String>>,
     failed_flag: AtomicBool,
@@ -420,6 +425,7 @@ impl Image {
         }
         let result = flushed.and_then(|()| self.inner.checkpoint(true));
         if result.is_ok() {
+            self.inner.reclaim_deleted_snapshots();
             self.inner.punch_held();
             self.inner.trim_preallocated();
         }
@@ -456,6 +462,7 @@ impl Image {
             return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
         }
         self.inner.checkpoint(false)?;
+        self.inner.reclaim_deleted_snapshots();
         self.inner.punch_held();
         Ok(())
     }

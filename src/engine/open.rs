@@ -528,6 +528,8 @@ pub(super) fn load(
         cache: BlockCache::new(block_cache, 1 << sb.block_shift),
         cache_budget: open.cache_bytes,
         checkpoint_lock: Mutex::new(()),
+        deleted_snapshots: Mutex::new(Vec::new()),
+        judging_deleted: Mutex::new(()),
         sync_lock: Mutex::new(()),
         failed: Mutex::new(None),
         failed_flag: AtomicBool::new(false),

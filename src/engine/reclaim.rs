@@ -15,7 +15,9 @@
 //!   compact`): after a checkpoint, every record referenced by the committed
 //!   head map, by any snapshot or by the superblock, and everything after the
 //!   committed log start, is live; every whole page between live records is
-//!   punched. This also frees what deleted snapshots held.
+//!   punched. This also frees what the others missed.
+//! - **After a snapshot is deleted** ([`super::dropsnap`]): the records only
+//!   it held, judged leaf by leaf in the background.
 //!
 //! Liveness is always judged against the **durable** state (the committed
 //! maps), never the in-memory map: a record that the in-memory map has
@@ -149,6 +151,12 @@ impl Inner {
                     None => !meta.contains(&d.off),
                 }
         });
+        self.hold_dead(dead);
+    }
+
+    /// Adds the ranges of `dead` records to the held dead space, merged into
+    /// runs (across the zeros that end an append).
+    pub(super) fn hold_dead(&self, dead: Vec<Dead>) {
         let mut spans: Vec<Span> = dead.iter().map(dead_span).collect();
         spans.sort_unstable();
         let mut runs: Vec<Span> = Vec::new();
@@ -169,6 +177,7 @@ impl Inner {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
+            self.reclaim_deleted_snapshots();
             // Long runs on their own (each 16 MiB piece holds appends up
             // only while it is punched), then short runs beyond the soft
             // limit in batches (fastest), then whatever else is due.
@@ -253,7 +262,7 @@ impl Inner {
     /// records it wrote for them. Encrypted images keep key and birth inside
     /// the sealed payload, and their maps cannot be forged without the key:
     /// they are not checked.
-    fn holds_its_block(&self, d: &Dead) -> bool {
+    pub(super) fn holds_its_block(&self, d: &Dead) -> bool {
         if d.birth.is_some_and(|b| u64::from(b) >= self.first_gen) || self.store.sealer().is_some()
         {
             return true;

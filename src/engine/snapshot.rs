@@ -22,6 +22,7 @@
 //! is never held across I/O.
 
 use super::checkpoint::Committed;
+use super::dropsnap::DeletedSnapshot;
 use super::open::now_ns;
 use super::reader::SnapshotReader;
 use super::snaptable::{not_found, plain_info, SnapState};
@@ -226,6 +227,7 @@ impl Image {
     fn delete(&self, name: &str, force: bool) -> Result<()> {
         check_snapshot_name(name)?;
         self.inner.check_snap_writable()?;
+        let mut gone = None;
         self.inner.commit(
             false,
             Some(&mut |st: &mut SnapState, _: &Committed| {
@@ -248,12 +250,20 @@ impl Image {
                     ));
                 }
                 let id = e.id;
+                gone = Some(DeletedSnapshot {
+                    index: e.index,
+                    gen: e.gen,
+                });
                 st.deleting = Some(id);
                 let mut table = st.table.clone();
                 table.entries.retain(|e| e.id != id);
                 Ok(table)
             }),
-        )
+        )?;
+        if let Some(gone) = gone {
+            self.inner.snapshot_deleted(gone);
+        }
+        Ok(())
     }
 
     /// Records one more clone based on snapshot `name` (see [`Image::create_clone`]).

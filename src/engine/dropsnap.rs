@@ -1,0 +1,171 @@
+//! Returning the host space of the records only a deleted snapshot held.
+//!
+//! A record that dies while a snapshot holds it is not reclaimed
+//! ([`Inner::punch_dead`] keeps every DATA record born before the newest
+//! snapshot). When the snapshot is deleted those records are garbage; a
+//! compaction would find them by loading every map at once. Instead, the
+//! `vbd-reclaim` thread walks the deleted snapshot's map one leaf at a time
+//! (bounded memory, no lock held for longer than two leaf reads) and hands
+//! the records only it held to the held dead space.
+//!
+//! Which records: an entry `e` of the deleted snapshot S is held by nothing
+//! else when `e.birth` is after the newest older snapshot (so no older
+//! snapshot has it) and the next newer snapshot, or the committed head if
+//! there is none, does not map that block to `e` (records are never
+//! referenced again once a map stops referencing them, so no later map has
+//! it either). Both are judged under the checkpoint lock, against the
+//! durable state, leaf by leaf.
+
+use super::map::Dead;
+use super::open::{read_index, read_leaf};
+use super::Inner;
+use crate::format::{EntryKind, LeafPtr, MapEntry, RecPtr, LEAF_ENTRIES};
+use crate::Result;
+
+/// A deleted snapshot whose records are still to be judged.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DeletedSnapshot {
+    /// Its INDEX record.
+    pub index: RecPtr,
+    /// The checkpoint generation that made it.
+    pub gen: u64,
+}
+
+/// The map the deleted snapshot's leaves are compared with.
+struct Successor {
+    index: RecPtr,
+    leaves: Vec<LeafPtr>,
+}
+
+impl Inner {
+    /// Queues `gone` for the reclaim thread (or the next checkpoint asked
+    /// for, or the close).
+    pub(super) fn snapshot_deleted(&self, gone: DeletedSnapshot) {
+        if !self.read_only {
+            self.deleted_snapshots.lock().push(gone);
+        }
+    }
+
+    /// Judges every queued deleted snapshot; its records only it held join
+    /// the held dead space.
+    pub(super) fn reclaim_deleted_snapshots(&self) {
+        // Held while judging: a caller that wants everything reclaimed (an
+        // explicit checkpoint, the close) waits for a job the reclaim thread
+        // has taken.
+        let _judging = self.judging_deleted.lock();
+        loop {
+            let Some(gone) = self.deleted_snapshots.lock().pop() else {
+                return;
+            };
+            match self.reclaim_deleted(gone) {
+                Ok(bytes) => ::log::debug!(
+                    "deleted snapshot (generation {}): {bytes} bytes only it held",
+                    gone.gen
+                ),
+                // Nothing is punched for what could not be read: `compact`
+                // still finds it.
+                Err(e) => ::log::warn!("space of a deleted snapshot not reclaimed: {e}"),
+            }
+        }
+    }
+
+    fn reclaim_deleted(&self, gone: DeletedSnapshot) -> Result<u64> {
+        let file_len = self.file_len()?;
+        let store = self.store.as_ref();
+        let leaves = read_index(store, gone.index, file_len, self.nblocks)?;
+        let mut successor: Option<Successor> = None;
+        let mut total = 0;
+        for ptr in &leaves {
+            let dead = {
+                let _one = self.checkpoint_lock.lock();
+                let snaps = self.snapshot_entries();
+                if snaps.iter().any(|s| s.index == gone.index) {
+                    return Ok(total); // not deleted after all (a stale entry)
+                }
+                let older = snaps.iter().map(|s| s.gen).filter(|&g| g < gone.gen).max();
+                let next = snaps
+                    .iter()
+                    .filter(|s| s.gen > gone.gen)
+                    .min_by_key(|s| s.gen)
+                    .map_or_else(|| self.sb.lock().index, |s| s.index);
+                if successor.as_ref().is_none_or(|s| s.index != next) {
+                    successor = Some(Successor {
+                        index: next,
+                        leaves: read_index(store, next, file_len, self.nblocks)?,
+                    });
+                }
+                let Some(theirs) = successor.as_ref() else {
+                    continue;
+                };
+                let mine = match read_leaf(store, ptr, self.block_shift, file_len, self.nblocks) {
+                    Ok(entries) => entries,
+                    Err(_) => continue, // reclaimed meanwhile (compact): nothing to judge
+                };
+                let theirs = match theirs.leaves.iter().find(|p| p.leaf == ptr.leaf) {
+                    Some(p) => read_leaf(store, p, self.block_shift, file_len, self.nblocks)?,
+                    None => Vec::new(),
+                };
+                only_here(ptr.leaf, &mine, &theirs, older.unwrap_or(0))
+            };
+            let mut dead = dead;
+            dead.retain(|d| self.holds_its_block(d));
+            total += dead.iter().map(|d| u64::from(d.len)).sum::<u64>();
+            self.hold_dead(dead);
+        }
+        Ok(total)
+    }
+}
+
+/// The DATA entries of leaf `leaf` of the deleted snapshot (`mine`) held by
+/// nothing else: born after generation `older` and not in its successor's
+/// leaf (`theirs`, empty when the successor maps nothing there).
+fn only_here(leaf: u64, mine: &[MapEntry], theirs: &[MapEntry], older: u64) -> Vec<Dead> {
+    mine.iter()
+        .enumerate()
+        .filter(|&(i, e)| {
+            e.kind == EntryKind::Data
+                && u64::from(e.birth) > older
+                && theirs
+                    .get(i)
+                    .is_none_or(|t| t.kind != EntryKind::Data || t.off != e.off)
+        })
+        .map(|(i, e)| Dead {
+            off: e.off,
+            len: e.len,
+            birth: Some(e.birth),
+            block: leaf * LEAF_ENTRIES + i as u64,
+            ends_append: false,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(off: u64, birth: u32) -> MapEntry {
+        MapEntry {
+            kind: EntryKind::Data,
+            off,
+            len: 1000,
+            birth,
+        }
+    }
+
+    #[test]
+    fn only_records_no_other_map_can_hold_are_dead() {
+        let mine = [
+            data(65536, 3), // born before the older snapshot (gen 4): shared with it
+            data(70000, 5), // the successor maps the block elsewhere: only here
+            data(80000, 6), // the successor has the same record: shared
+            MapEntry::default(),
+            data(90000, 7), // beyond the successor's leaf: only here
+        ];
+        let theirs = [data(65536, 3), data(99000, 9), data(80000, 6), data(1, 1)];
+        let dead = only_here(2, &mine, &theirs, 4);
+        let offs: Vec<(u64, u64)> = dead.iter().map(|d| (d.off, d.block)).collect();
+        assert_eq!(offs, [(70000, 2049), (90000, 2052)]);
+        assert!(only_here(2, &mine, &mine, 0).is_empty());
+        assert_eq!(only_here(2, &mine, &[], 0).len(), 4);
+    }
+}
