@@ -97,7 +97,7 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         ("stored", bytes(stats.stored_bytes)),
         ("file size", bytes(stats.file_bytes)),
         ("host space", bytes(stats.file_allocated_bytes)),
-        ("dead space", bytes(stats.dead_bytes)),
+        ("dead space", dead_text(&image, bytes(stats.dead_bytes))),
         ("state", state),
         ("generation", stats.generation.to_string()),
         ("uuid", stats.uuid.clone()),
@@ -180,6 +180,15 @@ fn backing_text(image: &Image) -> String {
 }
 
 /// `N: name (created ..., clones H), ...`, or `none`.
+/// Dead space; with snapshots, it includes what only they hold.
+fn dead_text(image: &Image, dead: String) -> String {
+    if image.snapshot_list().is_empty() {
+        dead
+    } else {
+        format!("{dead}, including the snapshots' own data")
+    }
+}
+
 fn snapshots_text(image: &Image) -> String {
     let snaps = image.snapshot_list();
     if snaps.is_empty() {
