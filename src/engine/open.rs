@@ -360,9 +360,16 @@ fn roll_forward(
                 Some(damaged) => {
                     let h = damaged.header;
                     if h.kind == RecordKind::Data {
-                        check_data_record(&h, nblocks, block_size, max_payload)?;
-                        // The block reads as an error, not as an older value.
-                        map.set(h.key, data_entry(&h)?);
+                        match check_data_record(&h, nblocks, block_size, max_payload) {
+                            // The block reads as an error, not as an older value.
+                            Ok(()) => {
+                                map.set(h.key, data_entry(&h)?);
+                            }
+                            // Its header lies about the block: what it held is
+                            // unknown; salvage drops it.
+                            Err(e) if !salvage => return Err(e),
+                            Err(_) => {}
+                        }
                     }
                     notes.push(format!(
                         "the log record at {} ({:?}, key {}) is damaged although the record at \
