@@ -32,6 +32,7 @@
 //! | `dirty-bytes` | written but not yet durable |
 //! | `generation` | checkpoint generation |
 //! | `snapshots` | the snapshot names, oldest first, separated by spaces; `none` without any |
+//! | `log-damage` | damaged log records the open stepped over (their blocks read as errors; `check` names them), `none` normally |
 //! | `last-error` | the last failed command or I/O error, `none` if nothing failed |
 
 use std::path::PathBuf;
@@ -197,7 +198,8 @@ impl Control {
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         let failed = self.has_failed() || st.failed.is_some();
         let last = self.last_error.lock().clone().or_else(|| st.failed.clone());
-        let lines: [(&str, String); 23] = [
+        let damage = self.image.recovery_notes().join("; ");
+        let lines: [(&str, String); 24] = [
             ("state", if failed { "failed" } else { "mounted" }.into()),
             ("image", self.image_path.display().to_string()),
             ("mountpoint", self.mountpoint.display().to_string()),
@@ -226,6 +228,14 @@ impl Control {
             ("dirty-bytes", st.dirty_bytes.to_string()),
             ("generation", st.generation.to_string()),
             ("snapshots", snapshot_names(&self.image)),
+            (
+                "log-damage",
+                if damage.is_empty() {
+                    "none".into()
+                } else {
+                    damage.replace('\n', " ")
+                },
+            ),
             (
                 "last-error",
                 last.unwrap_or_else(|| "none".into()).replace('\n', " "),

@@ -60,11 +60,13 @@ fn status_and_commands() {
             "dirty-bytes",
             "generation",
             "snapshots",
+            "log-damage",
             "last-error"
         ],
         "{status}"
     );
     assert_eq!(m.status_value("state").as_deref(), Some("mounted"));
+    assert_eq!(m.status_value("log-damage").as_deref(), Some("none"));
     assert_eq!(
         m.status_value("image"),
         Some(img.canonicalize().expect("canon").display().to_string())
