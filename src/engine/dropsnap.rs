@@ -21,6 +21,7 @@ use super::open::{read_index, read_leaf};
 use super::Inner;
 use crate::format::{EntryKind, LeafPtr, MapEntry, RecPtr, LEAF_ENTRIES};
 use crate::Result;
+use std::time::{Duration, Instant};
 
 /// A deleted snapshot whose records are still to be judged.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +30,13 @@ pub(super) struct DeletedSnapshot {
     pub index: RecPtr,
     /// The checkpoint generation that made it.
     pub gen: u64,
+    /// Leaves below this one have been judged.
+    pub next_leaf: u64,
 }
+
+/// The reclaim thread judges deleted snapshots for about this long per
+/// tick, so that punching the held dead space is not held up for long.
+const SLICE: Duration = Duration::from_millis(100);
 
 /// The map the deleted snapshot's leaves are compared with.
 struct Successor {
@@ -46,9 +53,18 @@ impl Inner {
         }
     }
 
-    /// Judges every queued deleted snapshot; its records only it held join
+    /// Judges every queued deleted snapshot; the records only it held join
     /// the held dead space.
     pub(super) fn reclaim_deleted_snapshots(&self) {
+        self.judge_deleted(None);
+    }
+
+    /// The reclaim thread's share: about [`SLICE`] of judging.
+    pub(super) fn reclaim_deleted_snapshots_slice(&self) {
+        self.judge_deleted(Some(Instant::now() + SLICE));
+    }
+
+    fn judge_deleted(&self, until: Option<Instant>) {
         // Held while judging: a caller that wants everything reclaimed (an
         // explicit checkpoint, the close) waits for a job the reclaim thread
         // has taken.
@@ -57,11 +73,12 @@ impl Inner {
             let Some(gone) = self.deleted_snapshots.lock().pop() else {
                 return;
             };
-            match self.reclaim_deleted(gone) {
-                Ok(bytes) => ::log::debug!(
-                    "deleted snapshot (generation {}): {bytes} bytes only it held",
-                    gone.gen
-                ),
+            match self.reclaim_deleted(gone, until) {
+                Ok(Some(rest)) => {
+                    self.deleted_snapshots.lock().push(rest);
+                    return;
+                }
+                Ok(None) => {}
                 // Nothing is punched for what could not be read: `compact`
                 // still finds it.
                 Err(e) => ::log::warn!("space of a deleted snapshot not reclaimed: {e}"),
@@ -69,18 +86,34 @@ impl Inner {
         }
     }
 
-    fn reclaim_deleted(&self, gone: DeletedSnapshot) -> Result<u64> {
+    /// Judges `gone`'s leaves from `gone.next_leaf` on; returns what is left
+    /// when `until` passes first.
+    fn reclaim_deleted(
+        &self,
+        gone: DeletedSnapshot,
+        until: Option<Instant>,
+    ) -> Result<Option<DeletedSnapshot>> {
         let file_len = self.file_len()?;
         let store = self.store.as_ref();
         let leaves = read_index(store, gone.index, file_len, self.nblocks)?;
         let mut successor: Option<Successor> = None;
-        let mut total = 0;
-        for ptr in &leaves {
+        for (i, ptr) in leaves
+            .iter()
+            .filter(|p| p.leaf >= gone.next_leaf)
+            .enumerate()
+        {
+            // At least one leaf per call: a job always moves on.
+            if i > 0 && until.is_some_and(|t| Instant::now() >= t) {
+                return Ok(Some(DeletedSnapshot {
+                    next_leaf: ptr.leaf,
+                    ..gone
+                }));
+            }
             let dead = {
                 let _one = self.checkpoint_lock.lock();
                 let snaps = self.snapshot_entries();
                 if snaps.iter().any(|s| s.index == gone.index) {
-                    return Ok(total); // not deleted after all (a stale entry)
+                    return Ok(None); // not deleted after all (a stale entry)
                 }
                 let older = snaps.iter().map(|s| s.gen).filter(|&g| g < gone.gen).max();
                 let next = snaps
@@ -101,18 +134,24 @@ impl Inner {
                     Ok(entries) => entries,
                     Err(_) => continue, // reclaimed meanwhile (compact): nothing to judge
                 };
-                let theirs = match theirs.leaves.iter().find(|p| p.leaf == ptr.leaf) {
-                    Some(p) => read_leaf(store, p, self.block_shift, file_len, self.nblocks)?,
-                    None => Vec::new(),
+                // An index lists its leaves in increasing order.
+                let theirs = match theirs.leaves.binary_search_by_key(&ptr.leaf, |p| p.leaf) {
+                    Ok(i) => read_leaf(
+                        store,
+                        &theirs.leaves[i],
+                        self.block_shift,
+                        file_len,
+                        self.nblocks,
+                    )?,
+                    Err(_) => Vec::new(),
                 };
                 only_here(ptr.leaf, &mine, &theirs, older.unwrap_or(0))
             };
             let mut dead = dead;
             dead.retain(|d| self.holds_its_block(d));
-            total += dead.iter().map(|d| u64::from(d.len)).sum::<u64>();
             self.hold_dead(dead);
         }
-        Ok(total)
+        Ok(None)
     }
 }
 
@@ -142,6 +181,45 @@ fn only_here(leaf: u64, mine: &[MapEntry], theirs: &[MapEntry], older: u64) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::MemStore;
+    use crate::{Codec, CreateOptions, Image, OpenOptions};
+    use std::sync::Arc;
+
+    #[test]
+    fn a_sliced_walk_judges_one_leaf_at_least_and_resumes_where_it_stopped() {
+        // 4 KiB blocks: a leaf maps 4 MiB; 12 MiB written spans leaves 0..3.
+        let create = CreateOptions {
+            size: 64 << 20,
+            block_size: 4096,
+            codec: Codec::None,
+        };
+        let img =
+            Image::create_on(Arc::new(MemStore::new()), &create, &OpenOptions::default()).unwrap();
+        img.write_at(&vec![1u8; 12 << 20], 0).unwrap();
+        img.snapshot_create("s").unwrap();
+        img.write_at(&vec![2u8; 12 << 20], 0).unwrap();
+        img.checkpoint().unwrap();
+        let entry = img.inner.snapshot_entries().pop().unwrap();
+        img.snapshot_delete("s").unwrap();
+        let job = DeletedSnapshot {
+            index: entry.index,
+            gen: entry.gen,
+            next_leaf: 0,
+        };
+        // A deadline already past still judges one leaf.
+        let past = Some(Instant::now());
+        let rest = img.inner.reclaim_deleted(job, past).unwrap().unwrap();
+        assert_eq!(rest.next_leaf, 1);
+        let rest = img.inner.reclaim_deleted(rest, past).unwrap().unwrap();
+        assert_eq!(rest.next_leaf, 2);
+        assert!(img.inner.reclaim_deleted(rest, past).unwrap().is_none());
+        assert!(img.inner.reclaim_deleted(job, None).unwrap().is_none());
+        img.checkpoint().unwrap();
+        let mut got = vec![0u8; 12 << 20];
+        img.read_at(&mut got, 0).unwrap();
+        assert!(got.iter().all(|&b| b == 2));
+        img.close().unwrap();
+    }
 
     fn data(off: u64, birth: u32) -> MapEntry {
         MapEntry {

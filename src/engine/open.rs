@@ -377,7 +377,8 @@ fn roll_forward(
                         h.self_off, h.kind, h.key, damaged.witness
                     ));
                     ::log::warn!("{}", notes[notes.len() - 1]);
-                    max_birth = max_birth.max(h.birth);
+                    // Its birth is not verified: it does not count towards
+                    // the generations this session continues from.
                     off = next_off(&h);
                     lsn += 1;
                     continue;

@@ -177,7 +177,7 @@ impl Inner {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
-            self.reclaim_deleted_snapshots();
+            self.reclaim_deleted_snapshots_slice();
             // Long runs on their own (each 16 MiB piece holds appends up
             // only while it is punched), then short runs beyond the soft
             // limit in batches (fastest), then whatever else is due.

@@ -253,6 +253,7 @@ impl Image {
                 gone = Some(DeletedSnapshot {
                     index: e.index,
                     gen: e.gen,
+                    next_leaf: 0,
                 });
                 st.deleting = Some(id);
                 let mut table = st.table.clone();
