@@ -58,12 +58,16 @@ pub(super) const QUIET: Duration = Duration::from_secs(2);
 /// Host page: the unit of punching.
 pub(super) const PAGE: u64 = 4096;
 /// Crumbs kept at most (beyond, a crumb's page stays allocated until
-/// `compact`): ~10 MiB of memory.
+/// `compact`): ~9 MiB of memory.
 const MAX_CRUMBS: usize = 1 << 18;
 /// Runs held at most before the longest are punched regardless of age: the
-/// memory bound (~10 MiB) where records are small (4 KiB blocks compress to
+/// memory bound (~9 MiB) where records are small (4 KiB blocks compress to
 /// ~2 KiB records: a gigabyte of them would be half a million runs).
 const MAX_RUNS: usize = 1 << 17;
+/// Memory the held set can take at its bounds (measured: ~72 bytes per run
+/// in the two B-trees, ~36 per crumb: 9 + 9 MiB), reserved out of the
+/// `cache=` budget ([`super::threads_reserve`]).
+pub(super) const BOOKKEEPING_BYTES: u64 = 20 << 20;
 
 /// Disjoint, non-touching dead runs, findable by position and by length.
 #[derive(Debug, Default)]

@@ -98,19 +98,20 @@ pub struct OpenOptions {
     pub salvage_log: bool,
 }
 
-/// The part of a cache budget of `open` that the engine's threads hold
-/// outside the block cache: each write-back worker's staging buffer (a batch
-/// of blocks) and compression context (~1 MiB), and the readahead threads'
-/// pieces in flight. At most half the budget.
+/// The part of a cache budget of `open` that the engine holds outside the
+/// block cache: each write-back worker's staging buffer (a batch of blocks)
+/// and compression context (~1 MiB), the readahead threads' pieces in
+/// flight, and the reclaim's record of held dead space at its bound. At most
+/// half the budget.
 fn threads_reserve(open: &OpenOptions, block_size: u64) -> u64 {
-    let workers = if open.read_only {
-        0
+    let (workers, reclaim) = if open.read_only {
+        (0, 0)
     } else {
-        open.workers as u64
+        (open.workers as u64, deadspace::BOOKKEEPING_BYTES)
     };
     let writeback = workers * (writeback::WRITEBACK_BATCH as u64 * block_size + (1 << 20));
     let readahead = readahead::THREADS as u64 * readahead::PIECE;
-    (writeback + readahead).min(open.cache_bytes / 2)
+    (writeback + readahead + reclaim).min(open.cache_bytes / 2)
 }
 
 /// Default write-back threads per core. A worker compresses (CPU) and then
@@ -488,8 +489,11 @@ mod tests {
             read_only: false,
             salvage_log: false,
         };
-        // 8 workers x (8 blocks + 1 MiB) + 2 readahead pieces.
-        assert_eq!(threads_reserve(&open, 65536), 8 * (3 << 19) + (1 << 20));
+        // 8 workers x (8 blocks + 1 MiB) + 2 readahead pieces + reclaim.
+        assert_eq!(
+            threads_reserve(&open, 65536),
+            8 * (3 << 19) + (1 << 20) + deadspace::BOOKKEEPING_BYTES
+        );
         let ro = OpenOptions {
             read_only: true,
             ..open.clone()
