@@ -198,35 +198,30 @@ impl DeadSpace {
     /// nothing is due (short runs beyond [`SOFT_LIMIT`] are for
     /// [`DeadSpace::take_short_over`]).
     pub fn next_due(&self) -> Option<Span> {
-        let mut s = self.state.lock();
-        let (start, end) = s.runs.longest()?;
-        let due = end - start >= BIG_RUN
-            || s.runs.by_start.len() > MAX_RUNS
-            || s.last_added.elapsed() >= QUIET;
-        if due {
-            s.runs.remove(start)
-        } else {
-            None
-        }
+        self.take_longest_if(|s, (start, end)| {
+            end - start >= BIG_RUN
+                || s.runs.by_start.len() > MAX_RUNS
+                || s.last_added.elapsed() >= QUIET
+        })
     }
 
     /// The longest run, taken out of the set, while more than `limit` bytes
     /// are held.
     pub fn take_longest_over(&self, limit: u64) -> Option<Span> {
-        let mut s = self.state.lock();
-        if s.runs.bytes <= limit {
-            return None;
-        }
-        let (start, _) = s.runs.longest()?;
-        s.runs.remove(start)
+        self.take_longest_if(|s, _| s.runs.bytes > limit)
     }
 
     /// The longest run if it is [`BIG_RUN`] or more, taken out of the set.
     pub fn next_due_long(&self) -> Option<Span> {
+        self.take_longest_if(|_, (start, end)| end - start >= BIG_RUN)
+    }
+
+    /// The longest run, taken out of the set if `due` says so.
+    fn take_longest_if(&self, due: impl FnOnce(&State, Span) -> bool) -> Option<Span> {
         let mut s = self.state.lock();
-        let (start, end) = s.runs.longest()?;
-        if end - start >= BIG_RUN {
-            s.runs.remove(start)
+        let run = s.runs.longest()?;
+        if due(&s, run) {
+            s.runs.remove(run.0)
         } else {
             None
         }
