@@ -111,7 +111,10 @@ fn scan<T>(
     while pos + RECORD_HEADER_LEN as u64 <= file_len {
         let n = (file_len - pos).min(SCAN_CHUNK as u64) as usize;
         store.read_at(&mut buf[..n], pos).ok()?;
-        for at in (0..n.saturating_sub(RECORD_HEADER_LEN - 1)).step_by(step as usize) {
+        // Offsets whose whole header lies in this chunk; the next chunk
+        // starts at the first one that does not.
+        let starts = n - (RECORD_HEADER_LEN - 1);
+        for at in (0..starts).step_by(step as usize) {
             let head = &buf[at..at + RECORD_HEADER_LEN];
             if &head[..4] == b"VREC" && head[24..32] == epoch_bytes {
                 if let Some(t) = found(pos + at as u64) {
@@ -119,7 +122,7 @@ fn scan<T>(
                 }
             }
         }
-        pos += n as u64;
+        pos += align_up(starts as u64, step);
     }
     None
 }
@@ -168,4 +171,51 @@ fn plausible_header(
     store.read_at(&mut head, at).ok()?;
     let h = RecordHeader::decode(&head, at).ok()?;
     (h.epoch == epoch && h.lsn == lsn && at + h.total_len() <= file_len).then_some(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::MemStore;
+
+    /// A file with header-like bytes of `epoch` at each of `offs`.
+    fn store_with(len: usize, epoch: u64, offs: &[usize]) -> MemStore {
+        let mut bytes = vec![0u8; len];
+        for &o in offs {
+            bytes[o..o + 4].copy_from_slice(b"VREC");
+            bytes[o + 24..o + 32].copy_from_slice(&epoch.to_le_bytes());
+        }
+        MemStore::from_bytes(bytes)
+    }
+
+    fn all(store: &MemStore, epoch: u64, step: u64, len: usize) -> Vec<u64> {
+        let mut seen = Vec::new();
+        let none: Option<()> = scan(store, epoch, 0, step, len as u64, |at| {
+            seen.push(at);
+            None
+        });
+        assert!(none.is_none());
+        seen
+    }
+
+    #[test]
+    fn the_scan_sees_headers_across_chunk_boundaries() {
+        let len = 2 * SCAN_CHUNK + 4096;
+        let offs = [
+            16,
+            SCAN_CHUNK - 48,
+            SCAN_CHUNK - 16,
+            SCAN_CHUNK,
+            2 * SCAN_CHUNK + 4032,
+        ];
+        let store = store_with(len, 7, &offs);
+        let want: Vec<u64> = offs.iter().map(|&o| o as u64).collect();
+        assert_eq!(all(&store, 7, RECORD_ALIGN, len), want);
+        assert!(
+            all(&store, 8, RECORD_ALIGN, len).is_empty(),
+            "another epoch"
+        );
+        // Log-unit steps see only the unit boundaries.
+        assert_eq!(all(&store, 7, LOG_UNIT, len), [SCAN_CHUNK as u64]);
+    }
 }
