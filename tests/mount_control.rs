@@ -149,3 +149,68 @@ fn a_damaged_block_reads_as_eio_and_is_reported() {
     assert!(last.contains("read disk"), "{last}");
     m.umount();
 }
+
+#[test]
+fn a_damaged_synced_log_record_reads_as_eio_and_later_writes_survive_through_the_mount() {
+    use std::os::unix::fs::FileExt;
+    use vbdfs::{Codec, CreateOptions, Image, OpenOptions};
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("live.vbd");
+    let create = CreateOptions {
+        size: 1 << 20,
+        block_size: 4096,
+        codec: Codec::None,
+    };
+    let opts = OpenOptions {
+        cache_bytes: 4 << 20,
+        ..OpenOptions::default()
+    };
+    let img = Image::create(&path, &create, &opts).expect("create");
+    img.write_at(&common::pattern(4096, 1), 0).expect("write");
+    img.close().expect("close");
+    // A session that flushes block 1, then block 0, and is killed: the
+    // file as the host holds it then.
+    let img = Image::open(&path, &opts).expect("open");
+    let b = common::pattern(4096, 2);
+    img.write_at(&b, 4096).expect("write");
+    img.flush().expect("flush");
+    let c = common::pattern(4096, 3);
+    img.write_at(&c, 0).expect("write");
+    img.flush().expect("flush");
+    let mut bytes = std::fs::read(&path).expect("read image");
+    drop(img);
+    let at = bytes
+        .windows(4096)
+        .position(|w| w == b.as_slice())
+        .expect("block 1's record");
+    bytes[at + 2000] ^= 0x40; // bit rot in a synced record
+    let crashed = tmp.path().join("crashed.vbd");
+    std::fs::write(&crashed, &bytes).expect("write image");
+
+    let m = Mount::new(&crashed, &tmp.path().join("mnt"), None);
+    let damage = m.status_value("log-damage").expect("log-damage");
+    assert!(damage.contains("is damaged"), "{damage}");
+    let disk = std::fs::File::open(m.disk()).expect("open disk");
+    let mut got = vec![0u8; 4096];
+    let err = disk
+        .read_exact_at(&mut got, 4096)
+        .expect_err("damaged block read");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    disk.read_exact_at(&mut got, 0).expect("block 0");
+    assert!(
+        got == c,
+        "block 0 keeps the write flushed after the damaged one"
+    );
+    drop(disk);
+    m.umount();
+    let out = common::run(&["check", p(&crashed)]);
+    assert!(!out.status.success());
+    assert!(
+        common::stdout(&out).contains("bad block 1 "),
+        "{}",
+        common::stdout(&out)
+    );
+}
