@@ -10,6 +10,8 @@
 #   vbdfs-zstd  vbdfs image, --compress zstd (default level)
 #   vbdfs-zstd-16k  the same with --block-size 16K (the block size trade-off:
 #               4 KiB random I/O is a read-modify-write of one block)
+#   vbdfs-zstd-adapt  vbdfs-zstd mounted with -o adapt (faster zstd levels while
+#               write-back is behind; docs/admin.md)
 #   (optional)  qsd-zstd-cow: qcow2 overlay over a zstd-compressed qcow2 base
 #
 # Phases: fio (libaio, direct=1, 50 % compressible buffers, time based, NUMJOBS
@@ -38,7 +40,7 @@
 #   JOBS         fio jobs (seqwrite seqread randread randwrite)
 #   ROUNDS       repeat the job-major sweep; report medians (3 / 1)
 #   SUSTAIN=0    skip the sustained write; SUSTAIN_RUNTIME (60 / 20 s),
-#   SUSTAIN_TARGETS (raw loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd),
+#   SUSTAIN_TARGETS (raw loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd vbdfs-zstd-adapt),
 #   SUSTAIN_MIN_FREE_GB (8): stop a sustained write when the fs gets this full
 #   (a vbdfs image grows with every write until it is compacted: a full run
 #   can need 60+ GiB free)
@@ -83,13 +85,13 @@ else
   : "${BONNIE_S:=1024}" "${BONNIE_R:=512}" "${BONNIE_N:=16}" "${BONNIE_HOSTFS:=1}" "${BONNIE_TIMEOUT:=240}"
   : "${OUT_PREFIX:=$PWD/results-e2e}"
 fi
-: "${TARGETS:=raw loop loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd vbdfs-zstd-16k}"
+: "${TARGETS:=raw loop loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd vbdfs-zstd-16k vbdfs-zstd-adapt}"
 : "${JOBS=seqwrite seqread randread randwrite}"   # JOBS="" runs no fio sweep
 : "${NUMJOBS:=2}"
 : "${VSIZE:=4G}"
 : "${BONNIE:=1}" "${BONNIE_MEMCG:=1}"
 : "${SUSTAIN:=1}"
-: "${SUSTAIN_TARGETS:=raw loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd}"
+: "${SUSTAIN_TARGETS:=raw loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd vbdfs-zstd-adapt}"
 : "${SCRATCH:=$REPO_DIR/target/e2e-scratch}"
 : "${KEEP_SCRATCH:=0}"
 : "${AUTO_INSTALL:=1}"
@@ -414,14 +416,14 @@ vbdfs_stop() { # pid mountdir: vbdfs umount (flush + clean), then wait for the d
   fi
   stop_daemon "$pid" vbdfs "$mnt" umount 120
 }
-setup_vbdfs_common() { # name compress [extra create args]
-  local name=$1 comp=$2 extra=${3:-} d img mnt pid opts
+setup_vbdfs_common() { # name compress [extra create args] [extra mount options]
+  local name=$1 comp=$2 extra=${3:-} more=${4:-} d img mnt pid opts
   command -v "$VBDFS" >/dev/null 2>&1 || { T_SKIP[$name]="'$VBDFS' not found (cargo build --release, or set VBDFS=path)"; return 1; }
   d=$SCRATCH/$name; img=$d/image.vbd; mnt=$d/mnt; mkdir -p "$mnt"
   # shellcheck disable=SC2086
   "$VBDFS" create "$img" --size "$VSIZE" --compress "$comp" $extra $VBDFS_CREATE_ARGS > "$d/create.log" 2>&1 ||
     { T_SKIP[$name]="vbdfs create failed: $(tail -c 300 "$d/create.log" | tr '\n' ' ')"; return 1; }
-  opts="cache=$VBDFS_CACHE${VBDFS_MOUNT_OPTS:+,$VBDFS_MOUNT_OPTS}"
+  opts="cache=$VBDFS_CACHE${VBDFS_MOUNT_OPTS:+,$VBDFS_MOUNT_OPTS}${more:+,$more}"
   on_cleanup "$name" "is_mounted '$mnt' && { timeout 300 '$VBDFS' umount '$mnt' || umount '$mnt' || umount -l '$mnt'; }"
   if ! timeout 60 "$VBDFS" mount "$img" "$mnt" -o "$opts" > "$d/mount.log" 2>&1; then
     T_SKIP[$name]="vbdfs mount failed: $(tail -c 300 "$d/mount.log" | tr '\n' ' ')"; return 1
@@ -439,6 +441,7 @@ setup_vbdfs_common() { # name compress [extra create args]
 setup_vbdfs-none() { setup_vbdfs_common vbdfs-none none; }
 setup_vbdfs-zstd() { setup_vbdfs_common vbdfs-zstd zstd; }
 setup_vbdfs-zstd-16k() { setup_vbdfs_common vbdfs-zstd-16k zstd "--block-size 16K"; }
+setup_vbdfs-zstd-adapt() { setup_vbdfs_common vbdfs-zstd-adapt zstd "" adapt; }
 
 # ================================================================== phases
 # settle TARGET PHASE: flush the target's write-back so it does not bleed into

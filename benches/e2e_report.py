@@ -367,7 +367,7 @@ def main():
 
     names = {"seqread": ("seq read", "mbps"), "seqwrite": ("seq write", "mbps"),
              "randread": ("4k rand read", "iops"), "randwrite": ("4k rand write", "iops")}
-    zstd_targets = [t for t in ("vbdfs-zstd", "vbdfs-zstd-16k") if t in active]
+    zstd_targets = [t for t in ("vbdfs-zstd", "vbdfs-zstd-16k", "vbdfs-zstd-adapt") if t in active]
     for t in zstd_targets:
         for job, goal in (("seqread", 0.9), ("seqwrite", 0.7), ("randread", 0.6), ("randwrite", 0.6)):
             label, key = names[job]
@@ -380,7 +380,7 @@ def main():
             label, key = names[job]
             r = r_raw("vbdfs-none", job, key)
             chk("vbdfs-none", f"{label} vs raw", r, ">= 0.9x", r is not None and r >= 0.9)
-    for t in ("vbdfs-zstd", "vbdfs-zstd-16k", "vbdfs-none"):
+    for t in ("vbdfs-zstd", "vbdfs-zstd-16k", "vbdfs-zstd-adapt", "vbdfs-none"):
         if t not in active:
             continue
         r = ratio(fv(t, "randwrite", "p99_us"), fv(BASE, "randwrite", "p99_us"))
@@ -396,7 +396,7 @@ def main():
                 m["rss_peak_mib"] <= lim)
 
     if PEER in bonnie:
-        for t in ("vbdfs-zstd", "vbdfs-zstd-16k", "vbdfs-none"):
+        for t in ("vbdfs-zstd", "vbdfs-zstd-16k", "vbdfs-zstd-adapt", "vbdfs-none"):
             if t not in bonnie:
                 continue
             for key, label in (("put_block", "bonnie++ block write"), ("rewrite", "bonnie++ rewrite"),

@@ -15,8 +15,9 @@ pub const STORED_RAW: u8 = 0;
 pub const STORED_ZSTD: u8 = 1;
 
 thread_local! {
-    /// One zstd compression context per thread and level, reused: creating a
-    /// context costs more than compressing a 4 KiB block.
+    /// One zstd compression context per thread, reused (its level switched
+    /// when needed): creating a context costs more than compressing a 4 KiB
+    /// block.
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     /// One zstd decompression context per thread, reused.
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
@@ -25,8 +26,13 @@ thread_local! {
 fn compress(block: &[u8], level: i32, limit: usize) -> Option<Vec<u8>> {
     COMPRESSOR.with(|cell| {
         let mut cell = cell.borrow_mut();
-        if cell.as_ref().is_none_or(|(l, _)| *l != level) {
-            *cell = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        match cell.as_mut() {
+            Some((l, ctx)) if *l != level => {
+                ctx.set_compression_level(level).ok()?;
+                *l = level;
+            }
+            Some(_) => {}
+            None => *cell = Some((level, zstd::bulk::Compressor::new(level).ok()?)),
         }
         let (_, ctx) = cell.as_mut()?;
         let mut out = Vec::with_capacity(limit);
@@ -145,6 +151,36 @@ mod tests {
         let mut out = vec![0; block.len()];
         decode(id, &payload, &mut out).unwrap();
         assert_eq!(out, block);
+    }
+
+    #[test]
+    fn one_thread_switches_levels_and_each_payload_decodes() {
+        // Text-like: the levels compress it to different sizes.
+        let words = [
+            "disk ", "image ", "the ", "record ", "of ", "zstd\n", "cache ",
+        ];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut block = Vec::with_capacity(65536 + 8);
+        while block.len() < 65536 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            block.extend_from_slice(words[(x % 7) as usize].as_bytes());
+        }
+        block.truncate(65536);
+        let mut sizes = Vec::new();
+        for level in [1, -5, 1, 9, -5] {
+            let (id, payload) = encode(&block, Codec::Zstd(level));
+            assert_eq!(id, STORED_ZSTD);
+            let mut out = vec![0u8; block.len()];
+            decode(id, &payload, &mut out).unwrap();
+            assert!(out == block, "level {level}");
+            sizes.push(payload.len());
+        }
+        // The context really changed level each time (and back).
+        assert_eq!(sizes[0], sizes[2]);
+        assert_eq!(sizes[1], sizes[4]);
+        assert!(sizes[1] > sizes[0] && sizes[3] < sizes[0], "{sizes:?}");
     }
 
     #[test]

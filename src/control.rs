@@ -26,7 +26,9 @@
 //! | `image`, `mountpoint`, `pid` | the image file, the mount point, the daemon's pid |
 //! | `read-only` | `yes` or `no` |
 //! | `size`, `block-size` | virtual size and block size in bytes |
-//! | `codec`, `uuid` | block compression (`zstd:1`, `none`) and image identity |
+//! | `codec` | block compression (`zstd:1`, `none`) |
+//! | `codec-adapt` | `off`, or with the mount option `adapt`, the fastest level write-back may use and how many blocks it compressed faster than `codec` since the mount: `to zstd:-3 (1234 blocks at faster levels)` |
+//! | `uuid` | image identity |
 //! | `allocated-bytes`, `stored-bytes`, `file-bytes`, `file-allocated-bytes`, `dead-bytes`, `reclaim-pending-bytes` | data held, its compressed size, the image file length, the host space it occupies, the part of it not used by live records or the map, and of that the dead records waiting to be punched |
 //! | `cache-size`, `cache-used`, `cache-hits`, `cache-misses` | the engine's buffer cache |
 //! | `dirty-bytes` | written but not yet durable |
@@ -199,7 +201,14 @@ impl Control {
         let failed = self.has_failed() || st.failed.is_some();
         let last = self.last_error.lock().clone().or_else(|| st.failed.clone());
         let damage = self.image.recovery_notes().join("; ");
-        let lines: [(&str, String); 24] = [
+        let adapt = match st.adapt_floor {
+            Some(floor) => format!(
+                "to zstd:{floor} ({} blocks at faster levels)",
+                st.faster_blocks
+            ),
+            None => "off".into(),
+        };
+        let lines: [(&str, String); 25] = [
             ("state", if failed { "failed" } else { "mounted" }.into()),
             ("image", self.image_path.display().to_string()),
             ("mountpoint", self.mountpoint.display().to_string()),
@@ -208,6 +217,7 @@ impl Control {
             ("size", st.virtual_size.to_string()),
             ("block-size", st.block_size.to_string()),
             ("codec", st.codec),
+            ("codec-adapt", adapt),
             ("uuid", st.uuid),
             ("allocated-bytes", st.allocated_bytes.to_string()),
             ("stored-bytes", st.stored_bytes.to_string()),

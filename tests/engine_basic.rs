@@ -228,6 +228,112 @@ fn fast_zstd_levels_compress_and_survive_reopen() {
     }
 }
 
+/// Text-like data (words from a small vocabulary): what zstd's levels
+/// compress differently.
+fn words(len: usize, seed: u64) -> Vec<u8> {
+    const VOCAB: [&str; 12] = [
+        "disk ",
+        "image ",
+        "block ",
+        "record ",
+        "the ",
+        "of ",
+        "snapshot ",
+        "write ",
+        "cache ",
+        "log\n",
+        "zstd ",
+        "fsync ",
+    ];
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(VOCAB[(x % 12) as usize].as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn adaptive_compression_uses_faster_levels_when_write_back_falls_behind() {
+    // A 2 MiB block cache (16 dirty blocks at most) and 32 MiB written as
+    // fast as possible: writers wait on write-back, so with `adapt_floor`
+    // blocks are compressed at faster levels (stored larger), and every
+    // block still reads back, also after a reopen without it.
+    let data = words(32 << 20, 7);
+    let mut stored = Vec::new();
+    for floor in [None, Some(-5)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.vbd");
+        let create = CreateOptions {
+            size: 64 << 20,
+            block_size: 65536,
+            codec: Codec::Zstd(1),
+        };
+        let open = OpenOptions {
+            adapt_floor: floor,
+            ..opts()
+        };
+        let img = Image::create(&path, &create, &open).unwrap();
+        for (i, chunk) in data.chunks(1 << 20).enumerate() {
+            img.write_at(chunk, (i as u64) << 20).unwrap();
+        }
+        img.flush().unwrap();
+        let stats = img.stats();
+        assert_eq!(stats.adapt_floor, floor);
+        match floor {
+            None => assert_eq!(stats.faster_blocks, 0),
+            Some(_) => assert!(
+                stats.faster_blocks > 64,
+                "{} of 512 blocks compressed faster",
+                stats.faster_blocks
+            ),
+        }
+        stored.push(stats.stored_bytes);
+        img.close().unwrap();
+        let img = Image::open(&path, &opts()).unwrap();
+        assert_eq!(img.stats().faster_blocks, 0);
+        let mut got = vec![0u8; data.len()];
+        img.read_at(&mut got, 0).unwrap();
+        assert!(got == data, "floor {floor:?}: data differs after reopen");
+        assert!(img.check().unwrap().is_ok());
+    }
+    assert!(
+        stored[1] > stored[0],
+        "faster levels stored {} bytes, level 1 {}",
+        stored[1],
+        stored[0]
+    );
+}
+
+#[test]
+fn adaptive_compression_is_refused_where_it_cannot_be_faster() {
+    for (codec, floor, needle) in [
+        (Codec::None, -3, "needs a compressed image"),
+        (Codec::Zstd(-3), -2, "not faster than the image's zstd:-3"),
+        (Codec::Zstd(1), 0, "expected a zstd level"),
+    ] {
+        let (_d, path, img) = create(1 << 20, 65536, codec);
+        img.close().unwrap();
+        let open = OpenOptions {
+            adapt_floor: Some(floor),
+            ..opts()
+        };
+        let err = Image::open(&path, &open).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+        assert!(err.to_string().contains(needle), "{err}");
+        // Read-only opens write nothing: the option does not apply.
+        let ro = OpenOptions {
+            read_only: true,
+            ..open
+        };
+        Image::open(&path, &ro).unwrap().close().unwrap();
+    }
+}
+
 #[test]
 fn sixteen_tib_image_works_sparse() {
     let (_d, path, img) = create(16 << 40, 65536, Codec::Zstd(1));

@@ -46,6 +46,7 @@ fn status_and_commands() {
             "size",
             "block-size",
             "codec",
+            "codec-adapt",
             "uuid",
             "allocated-bytes",
             "stored-bytes",
@@ -74,6 +75,7 @@ fn status_and_commands() {
     assert_eq!(m.status_value("size").as_deref(), Some("33554432"));
     assert_eq!(m.status_value("block-size").as_deref(), Some("4096"));
     assert_eq!(m.status_value("codec").as_deref(), Some("none"));
+    assert_eq!(m.status_value("codec-adapt").as_deref(), Some("off"));
     assert_eq!(m.status_value("cache-size").as_deref(), Some("8388608"));
     assert_eq!(m.status_value("read-only").as_deref(), Some("no"));
     assert_eq!(m.status_value("last-error").as_deref(), Some("none"));
@@ -213,4 +215,66 @@ fn a_damaged_synced_log_record_reads_as_eio_and_later_writes_survive_through_the
         "{}",
         common::stdout(&out)
     );
+}
+
+#[test]
+fn adapt_compresses_faster_under_a_write_backlog_and_is_refused_for_uncompressed_images() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("z.vbd");
+    create(&img, "256M", &[]);
+    // An 8 MiB cache fills at once: write-back is behind for most of 64 MiB.
+    let m = Mount::new(&img, &tmp.path().join("mnt"), Some("cache=8M,adapt=-4"));
+    let data: Vec<Vec<u8>> = (0..64).map(|i| common::pattern(1 << 20, 500 + i)).collect();
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.disk())
+        .expect("open disk");
+    for (i, d) in data.iter().enumerate() {
+        disk.write_all_at(d, (i as u64) << 20).expect("write");
+    }
+    disk.sync_all().expect("fsync");
+    let adapt = m.status_value("codec-adapt").unwrap_or_default();
+    let faster: u64 = adapt
+        .strip_prefix("to zstd:-4 (")
+        .and_then(|r| r.split_once(' '))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("codec-adapt: {adapt}"));
+    assert!(faster > 0, "codec-adapt: {adapt}");
+    assert_eq!(m.status_value("codec").as_deref(), Some("zstd:1"));
+    drop(disk);
+    m.umount();
+    let out = common::run(&["check", p(&img)]);
+    assert!(out.status.success(), "{}", common::stdout(&out));
+    let m = Mount::new(&img, &tmp.path().join("mnt"), None);
+    assert_eq!(m.status_value("codec-adapt").as_deref(), Some("off"));
+    let disk = std::fs::File::open(m.disk()).expect("open disk");
+    let mut got = vec![0u8; 1 << 20];
+    for (i, d) in data.iter().enumerate() {
+        disk.read_exact_at(&mut got, (i as u64) << 20)
+            .expect("read");
+        assert!(got == *d, "MiB {i} differs after remount");
+    }
+    drop(disk);
+    m.umount();
+
+    // Refused with one line where it cannot be faster.
+    let plain = tmp.path().join("n.vbd");
+    create(&plain, "16M", &["--compress", "none"]);
+    for (image, opt, needle) in [
+        (&plain, "adapt", "needs a compressed image"),
+        (&img, "adapt=2", "not faster than the image's zstd:1"),
+    ] {
+        let err = Mount::try_new(image, &tmp.path().join("mnt2"), Some(opt))
+            .expect_err("mount with a useless adapt");
+        assert!(
+            err.contains(needle) && err.trim().lines().count() == 1,
+            "{err}"
+        );
+        assert!(!common::is_mounted(&tmp.path().join("mnt2")));
+    }
 }

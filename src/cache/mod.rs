@@ -200,6 +200,11 @@ impl BlockCache {
         }
     }
 
+    /// Dirty blocks now, and the limit beyond which writers wait.
+    pub fn backlog(&self) -> (usize, usize) {
+        (self.dirty.load(Ordering::Relaxed), self.dirty_limit)
+    }
+
     /// Blocks the caller while dirty data is over the limit (write throttling).
     pub fn throttle(&self) {
         if self.dirty.load(Ordering::Relaxed) <= self.dirty_limit {

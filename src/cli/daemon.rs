@@ -81,6 +81,7 @@ fn cache_budget(job: &Job) -> u64 {
 fn open_image(job: &Job) -> Result<Image> {
     let mut opts = OpenOptions {
         read_only: job.options.read_only,
+        adapt_floor: job.options.adapt_floor,
         ..OpenOptions::default()
     };
     opts.cache_bytes = BufPool::budget(cache_budget(job)).1;

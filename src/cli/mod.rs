@@ -111,7 +111,8 @@ pub struct MountArgs {
     /// An existing directory to mount on.
     pub mountpoint: PathBuf,
     /// Options, comma-separated: cache=SIZE, ro, rw, allow_other, threads=N, uid=N,
-    /// gid=N, mode=OCTAL (mount(8)/fstab options such as nofail or _netdev are ignored).
+    /// gid=N, mode=OCTAL, adapt[=LEVEL] (mount(8)/fstab options such as nofail or
+    /// _netdev are ignored).
     ///
     /// cache=SIZE: engine buffer cache (default 256M; K, M, G, T suffixes).
     /// ro / rw: read-only or read-write (default rw).
@@ -119,6 +120,8 @@ pub struct MountArgs {
     /// threads=N: I/O worker threads (default 32).
     /// uid=N, gid=N: numeric owner of disk and control (default: the mounting user).
     /// mode=OCTAL: permission bits of disk (default 0600; control is always 0600).
+    /// adapt[=LEVEL]: while write-back falls behind, compress at faster zstd
+    ///   levels, down to LEVEL (default -3), instead of slowing writes (zstd images).
     ///
     /// Accepted and ignored (they belong to mount(8), fstab or systemd): defaults,
     /// nofail, noauto, auto, _netdev, nodev, nosuid, noexec, dev, suid, exec, user,

@@ -22,6 +22,8 @@ pub const IGNORED: &[&str] = &[
 pub const DEFAULT_THREADS: usize = 32;
 /// Largest accepted `threads=` value.
 pub const MAX_THREADS: usize = 1024;
+/// The fastest zstd level plain `adapt` lets write-back fall back to.
+pub const DEFAULT_ADAPT_FLOOR: i32 = -3;
 /// Smallest accepted `cache=` value.
 pub const MIN_CACHE: u64 = 1 << 20;
 
@@ -118,6 +120,9 @@ pub struct MountOptions {
     pub mode: Option<u32>,
     /// `key-file=PATH`: key file of an encrypted image (`crate::cli::keys`).
     pub key_file: Option<std::path::PathBuf>,
+    /// `adapt` or `adapt=LEVEL`: while write-back falls behind, compress at
+    /// zstd levels down to LEVEL (default [`DEFAULT_ADAPT_FLOOR`]).
+    pub adapt_floor: Option<i32>,
 }
 
 impl MountOptions {
@@ -217,6 +222,23 @@ impl MountOptions {
                     })?;
                 self.mode = Some(mode);
             }
+            "adapt" => {
+                let floor = match value {
+                    None => DEFAULT_ADAPT_FLOOR,
+                    Some(v) => v
+                        .strip_prefix("zstd:")
+                        .unwrap_or(v)
+                        .parse()
+                        .ok()
+                        .filter(|&l| zstd_level_ok(l))
+                        .ok_or_else(|| {
+                            Error::invalid(format!(
+                                "mount option 'adapt={v}': expected a zstd level {ZSTD_LEVELS_TEXT}"
+                            ))
+                        })?,
+                };
+                self.adapt_floor = Some(floor);
+            }
             "key-file" | "keyfile" => {
                 let v = need(value)?;
                 self.key_file = Some(std::path::PathBuf::from(v));
@@ -294,6 +316,11 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(o.mode, Some(0o644));
         assert!(!o.read_only);
+        let floor = |s: &str| MountOptions::parse(&[s]).ok().and_then(|o| o.adapt_floor);
+        assert_eq!(floor("adapt"), Some(DEFAULT_ADAPT_FLOOR));
+        assert_eq!(floor("adapt=-5"), Some(-5));
+        assert_eq!(floor("adapt=zstd:-1"), Some(-1));
+        assert_eq!(floor("cache=8M"), None);
         let pass = "defaults,nofail,noauto,auto,_netdev,x-systemd.automount,nodev,nosuid,\
                     noexec,dev,suid,exec,user,users,nouser,,";
         assert_eq!(
@@ -318,6 +345,10 @@ mod tests {
             ("ro=1", "ro"),
             ("nofail=yes", "nofail"),
             ("key-file", "key-file"),
+            ("adapt=0", "adapt=0"),
+            ("adapt=-8", "adapt"),
+            ("adapt=fast", "adapt"),
+            ("adapt=", "adapt"),
         ] {
             let err = MountOptions::parse(&[bad])
                 .err()

@@ -339,6 +339,7 @@ impl Image {
             cache_bytes: 8 << 20,
             workers: 1,
             salvage_log: false,
+            adapt_floor: None,
         };
         let img = Image::open_with_key(&base, &base_opts, key)?;
         let name = match snapshot {

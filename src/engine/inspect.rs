@@ -14,6 +14,11 @@ pub struct ImageStats {
     pub block_size: u64,
     /// Block compression ("zstd:1", "none").
     pub codec: String,
+    /// With adaptive compression: the fastest level write-back may use.
+    pub adapt_floor: Option<i32>,
+    /// Blocks compressed at a faster level than the image's since the open
+    /// (adaptive compression).
+    pub faster_blocks: u64,
     /// Image identity.
     pub uuid: String,
     /// Bytes of the virtual disk that hold data (mapped blocks x block size).
@@ -104,6 +109,8 @@ impl Inner {
             virtual_size: self.virtual_size,
             block_size: self.block_size(),
             codec: self.codec.to_string(),
+            adapt_floor: self.adapt.as_ref().map(|a| a.range().1),
+            faster_blocks: self.adapt.as_ref().map_or(0, |a| a.faster_blocks()),
             uuid: sb.image_uuid.iter().map(|b| format!("{b:02x}")).collect(),
             allocated_bytes: allocated,
             stored_bytes: stored,

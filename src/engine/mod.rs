@@ -17,6 +17,7 @@
 //! of metadata (checkpoint leaves, snapshot tables, discards) write under the
 //! log lock.
 
+mod adapt;
 mod backing;
 mod batch;
 mod checkpoint;
@@ -96,6 +97,11 @@ pub struct OpenOptions {
     /// dropping the unreadable records; their blocks may then read older
     /// values. Off: such an open fails. For `vbdfs check --repair`.
     pub salvage_log: bool,
+    /// Adaptive compression: while write-back falls behind, compress at
+    /// zstd levels down to this one instead of holding writers up
+    /// ([`adapt`]). `None`: always the image's level. Must be faster than
+    /// the image's level; refused for an uncompressed image.
+    pub adapt_floor: Option<i32>,
 }
 
 /// The part of a cache budget of `open` that the engine holds outside the
@@ -131,6 +137,7 @@ impl Default for OpenOptions {
                     .map_or(2, |n| n.get())
                     .min(8),
             salvage_log: false,
+            adapt_floor: None,
         }
     }
 }
@@ -145,6 +152,9 @@ pub(crate) struct Inner {
     virtual_size: u64,
     block_shift: u8,
     codec: Codec,
+    /// Faster levels while write-back falls behind (read-write opens with
+    /// [`OpenOptions::adapt_floor`]).
+    adapt: Option<adapt::Adapt>,
     nblocks: u64,
     /// The superblock last written (or read).
     sb: Mutex<Superblock>,
@@ -488,6 +498,7 @@ mod tests {
             workers: 8,
             read_only: false,
             salvage_log: false,
+            adapt_floor: None,
         };
         // 8 workers x (8 blocks + 1 MiB) + 2 readahead pieces + reclaim.
         assert_eq!(

@@ -517,6 +517,10 @@ pub(super) fn load(
     } else {
         random_u64()
     };
+    let adapt = match open.adapt_floor {
+        Some(floor) if !open.read_only => Some(super::adapt::Adapt::new(sb.codec, floor)?),
+        _ => None,
+    };
     let block_cache = open.cache_bytes - super::threads_reserve(open, 1 << sb.block_shift);
     let (kick, kick_rx) = crossbeam_channel::bounded(1);
     let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
@@ -526,6 +530,7 @@ pub(super) fn load(
         virtual_size: sb.virtual_size,
         block_shift: sb.block_shift,
         codec: sb.codec,
+        adapt,
         nblocks,
         opened_clean: sb.flags & SB_FLAG_DIRTY == 0,
         first_gen: max_birth + 1,

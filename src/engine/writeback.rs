@@ -14,7 +14,7 @@ use super::{Inner, CHECKPOINT_BYTES, CHECKPOINT_INTERVAL};
 use crate::cache::Slot;
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::format::{EntryKind, MapEntry, RecordKind};
+use crate::format::{Codec, EntryKind, MapEntry, RecordKind};
 use crate::io::AlignedBuf;
 use parking_lot::MutexGuard;
 use std::cell::RefCell;
@@ -132,6 +132,18 @@ impl Inner {
         }
     }
 
+    /// The codec for the next batch: the image's, or a faster level while
+    /// write-back is behind ([`super::adapt`]).
+    fn write_codec(&self) -> Codec {
+        match &self.adapt {
+            Some(adapt) => {
+                let (dirty, limit) = self.cache.backlog();
+                Codec::Zstd(adapt.level(dirty, limit))
+            }
+            None => self.codec,
+        }
+    }
+
     /// Encodes `blocks` (no lock held), takes room for their records under
     /// the log lock, writes it without, and publishes it into the map in
     /// turn ([`Turn`]).
@@ -139,13 +151,14 @@ impl Inner {
         self.check_failed()?;
         self.punch_over_hard_limit();
         let sealed = self.store.sealer().is_some();
+        let codec = self.write_codec();
         let encoded: Vec<_> = blocks
             .iter()
             .map(|(slot, data)| {
                 if codec::is_zero(data) {
                     Encoded::Zero(zero_payload(slot.block))
                 } else {
-                    let (stored, payload) = codec::encode(data, self.codec);
+                    let (stored, payload) = codec::encode(data, codec);
                     // Checksummed here, in parallel, not under the log lock
                     // (a sealed payload is checksummed after sealing there).
                     let crc = sealed.not().then(|| crc32c::crc32c(&payload));
@@ -153,6 +166,10 @@ impl Inner {
                 }
             })
             .collect();
+        if let (Some(adapt), Codec::Zstd(level)) = (&self.adapt, codec) {
+            let compressed = encoded.iter().filter(|e| matches!(e, Encoded::Data(..)));
+            adapt.record(level, compressed.count() as u64);
+        }
         let mut log = self.log.lock();
         let mut records = Vec::with_capacity(blocks.len());
         let mut kept = Vec::with_capacity(blocks.len());
