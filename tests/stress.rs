@@ -314,6 +314,12 @@ enum Where {
 }
 
 fn run(bs: u64, codec: Codec, cache: u64, backend: Backend) {
+    // Compressed images write back with adaptive compression: levels switch
+    // under the workers' feet while every guarantee below must still hold.
+    let opts = |cache| OpenOptions {
+        adapt_floor: matches!(codec, Codec::Zstd(_)).then_some(-5),
+        ..opts(cache)
+    };
     let lay = Layout::new(bs, 48);
     let create = CreateOptions {
         size: lay.size,
