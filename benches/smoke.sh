@@ -14,13 +14,13 @@ trap 'rm -rf "$out"' EXIT
 (
   cd "$out"
   QUICK=1 ROUNDS=1 RUNTIME=1 RAMP=0 REGION_MB=32 VSIZE=256M \
-    TARGETS="raw loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd" \
+    TARGETS="raw loop-dio qsd-qcow2 vbdfs-none vbdfs-zstd vbdfs-zstd-adapt" \
     SUSTAIN_RUNTIME=3 SUSTAIN_TARGETS="raw vbdfs-zstd" SUSTAIN_MIN_FREE_GB=2 \
     BONNIE_S=64 BONNIE_R=32 BONNIE_N=1 BONNIE_HOSTFS=0 BONNIE_TIMEOUT=120 \
     SCRATCH="$out/scratch" OUT_PREFIX="$out/smoke" \
     bash "$OLDPWD/benches/e2e.sh" > "$out/e2e.log" 2>&1
 ) || { tail -40 "$out/e2e.log"; echo "smoke: e2e.sh failed"; exit 1; }
-for t in raw vbdfs-none vbdfs-zstd; do
+for t in raw vbdfs-none vbdfs-zstd vbdfs-zstd-adapt; do
   for job in seqwrite seqread randread randwrite; do
     grep -q "^fio,$t,$job,mbps,[0-9]" "$out/smoke.csv" ||
       { tail -40 "$out/e2e.log"; echo "smoke: no $job figure for $t"; exit 1; }
