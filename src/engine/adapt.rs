@@ -74,9 +74,9 @@ impl Adapt {
         }
     }
 
-    /// The slowest and fastest level.
-    pub fn range(&self) -> (i32, i32) {
-        (self.ladder[0], self.ladder[self.ladder.len() - 1])
+    /// The fastest level it may use.
+    pub fn floor(&self) -> i32 {
+        self.ladder[self.ladder.len() - 1]
     }
 
     /// Blocks compressed at a faster level than the image's since the open.
@@ -93,7 +93,7 @@ mod tests {
     fn the_level_falls_with_the_backlog_and_skips_zero() {
         let a = Adapt::new(Codec::Zstd(1), -3).unwrap();
         assert_eq!(a.ladder, [1, -1, -2, -3]);
-        assert_eq!(a.range(), (1, -3));
+        assert_eq!(a.floor(), -3);
         let levels: Vec<i32> = [0, 25, 26, 41, 42, 58, 59, 75, 100, 400]
             .iter()
             .map(|&d| a.level(d, 100))

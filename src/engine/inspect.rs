@@ -109,7 +109,7 @@ impl Inner {
             virtual_size: self.virtual_size,
             block_size: self.block_size(),
             codec: self.codec.to_string(),
-            adapt_floor: self.adapt.as_ref().map(|a| a.range().1),
+            adapt_floor: self.adapt.as_ref().map(|a| a.floor()),
             faster_blocks: self.adapt.as_ref().map_or(0, |a| a.faster_blocks()),
             uuid: sb.image_uuid.iter().map(|b| format!("{b:02x}")).collect(),
             allocated_bytes: allocated,
