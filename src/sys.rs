@@ -47,7 +47,7 @@ pub fn allocate(file: &impl AsRawFd, off: u64, len: u64) -> io::Result<()> {
 /// Tells the kernel that the cached pages of `file` in `[off, off+len)` are not
 /// needed again (`POSIX_FADV_DONTNEED`), so the host page cache does not hold a
 /// second copy of data the engine caches itself. Advisory: errors are ignored.
-pub fn drop_page_cache(file: &impl AsRawFd, off: u64, len: u64) {
+fn drop_page_cache(file: &impl AsRawFd, off: u64, len: u64) {
     let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
         return;
     };

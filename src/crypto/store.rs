@@ -66,9 +66,6 @@ impl Store for SealedStore {
     fn allocated(&self) -> Option<u64> {
         self.inner.allocated()
     }
-    fn forget(&self, off: u64, len: u64) {
-        self.inner.forget(off, len)
-    }
     fn writeback_hint(&self, off: u64, len: u64, wait: bool) {
         self.inner.writeback_hint(off, len, wait)
     }

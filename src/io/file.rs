@@ -109,10 +109,6 @@ impl Store for FileStore {
         self.file.metadata().ok().map(|m| m.blocks() * 512)
     }
 
-    fn forget(&self, off: u64, len: u64) {
-        sys::drop_page_cache(&self.file, off, len);
-    }
-
     fn writeback_hint(&self, off: u64, len: u64, wait: bool) {
         if self.direct.is_some() {
             return; // the log never sat in the page cache

@@ -78,8 +78,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn allocated(&self) -> Option<u64> {
         None
     }
-    /// Hint that `[off, off+len)` will not be read soon (drop host caches).
-    fn forget(&self, _off: u64, _len: u64) {}
     /// Hint that `[off, off+len)` was appended: start writing it to disk now;
     /// with `wait`, wait for that and drop it from host caches. Advisory only:
     /// it never replaces `sync`.
