@@ -36,6 +36,14 @@ impl Store for SealedStore {
     ) -> io::Result<Vec<u8>> {
         self.inner.read_head_and_body(head, body_len, off)
     }
+    fn read_direct(
+        &self,
+        buf: &mut crate::io::AlignedBuf,
+        off: u64,
+        len: usize,
+    ) -> io::Result<std::ops::Range<usize>> {
+        self.inner.read_direct(buf, off, len)
+    }
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.inner.write_at(buf, off)
     }

@@ -107,8 +107,8 @@ pub struct OpenOptions {
 /// The part of a cache budget of `open` that the engine holds outside the
 /// block cache: each write-back worker's staging buffer (a batch of blocks)
 /// and compression context (~1 MiB), the readahead threads' pieces in
-/// flight, and the reclaim's record of held dead space at its bound. At most
-/// half the budget.
+/// flight, the buffers kept for reading runs of records, and the reclaim's
+/// record of held dead space at its bound. At most half the budget.
 fn threads_reserve(open: &OpenOptions, block_size: u64) -> u64 {
     let (workers, reclaim) = if open.read_only {
         (0, 0)
@@ -117,7 +117,7 @@ fn threads_reserve(open: &OpenOptions, block_size: u64) -> u64 {
     };
     let writeback = workers * (writeback::WRITEBACK_BATCH as u64 * block_size + (1 << 20));
     let readahead = readahead::THREADS as u64 * readahead::PIECE;
-    (writeback + readahead + reclaim).min(open.cache_bytes / 2)
+    (writeback + readahead + batch::RUN_BUFS_BYTES + reclaim).min(open.cache_bytes / 2)
 }
 
 /// Default write-back threads per core. A worker compresses (CPU) and then
@@ -187,6 +187,8 @@ pub(crate) struct Inner {
     /// The base snapshot of a clone (None for a plain image).
     backing: Option<backing::Backing>,
     readahead: readahead::Readahead,
+    /// Buffers for reading runs of records ([`batch`]).
+    run_bufs: batch::RunBufs,
     /// The cache budget asked for (block cache + [`threads_reserve`]).
     cache_budget: u64,
     /// Dead ranges found by checkpoints, not punched yet.
@@ -500,16 +502,18 @@ mod tests {
             salvage_log: false,
             adapt_floor: None,
         };
-        // 8 workers x (8 blocks + 1 MiB) + 2 readahead pieces + reclaim.
+        // 8 workers x (8 blocks + 1 MiB) + 2 readahead pieces + 4 run
+        // buffers + reclaim.
+        let run_bufs = 4 * ((1 << 20) + (8 << 10));
         assert_eq!(
             threads_reserve(&open, 65536),
-            8 * (3 << 19) + (1 << 20) + deadspace::BOOKKEEPING_BYTES
+            8 * (3 << 19) + (1 << 20) + run_bufs + deadspace::BOOKKEEPING_BYTES
         );
         let ro = OpenOptions {
             read_only: true,
             ..open.clone()
         };
-        assert_eq!(threads_reserve(&ro, 65536), 1 << 20);
+        assert_eq!(threads_reserve(&ro, 65536), (1 << 20) + run_bufs);
         let tiny = OpenOptions {
             cache_bytes: 1 << 20,
             ..open

@@ -554,6 +554,7 @@ pub(super) fn load(
         backing,
         readahead: super::readahead::Readahead::new(block_cache),
         dead_space: Default::default(),
+        run_bufs: Default::default(),
         sb: Mutex::new(sb),
         store,
     })

@@ -108,13 +108,15 @@ impl SnapshotReader {
             return;
         };
         let base = head.off;
-        let mut buf = vec![0u8; (tail.off + u64::from(tail.len) - base) as usize];
-        if self.store.read_at(&mut buf, base).is_err() {
+        let total = (tail.off + u64::from(tail.len) - base) as usize;
+        let mut buf = crate::io::AlignedBuf::default();
+        let Ok(range) = self.store.read_direct(&mut buf, base, total) else {
             return;
-        }
+        };
+        let run_bytes = &buf.as_slice()[range];
         for &(block, entry) in run {
             let at = (entry.off - base) as usize;
-            let Some(bytes) = buf.get(at..at + entry.len as usize) else {
+            let Some(bytes) = run_bytes.get(at..at + entry.len as usize) else {
                 return;
             };
             let decoded = super::log::check_len(entry.off, entry.len)

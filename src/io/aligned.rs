@@ -36,6 +36,11 @@ impl AlignedBuf {
         self.pages[..pages].as_mut_bytes()
     }
 
+    /// Everything the buffer holds (a multiple of [`DIRECT_ALIGN`]).
+    pub fn as_slice(&self) -> &[u8] {
+        self.pages.as_bytes()
+    }
+
     /// Frees everything past the first `keep` bytes (rounded up).
     pub fn shrink(&mut self, keep: usize) {
         self.pages.truncate(keep.div_ceil(DIRECT_ALIGN));

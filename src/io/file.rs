@@ -1,45 +1,109 @@
 //! [`FileStore`]: a [`Store`] over a real host file.
 
-use super::Store;
+use super::{AlignedBuf, Store, DIRECT_ALIGN};
 use crate::sys;
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 /// A host file used as a store. Reads and writes are `pread`/`pwrite`; `sync` is
-/// `fdatasync`. A store opened for writing also holds a second descriptor of
-/// the same file with `O_DIRECT`, for [`Store::write_direct_at`] (log
-/// appends): those bytes skip the host page cache (no second copy of what the
-/// engine caches, no page-cache writeback stalls).
+/// `fdatasync`. The store also holds a second descriptor of the same file
+/// with `O_DIRECT` where the host file system allows it. Records are read
+/// through it ([`Store::read_head_and_body`], [`Store::read_direct`]) and, on
+/// a store opened for writing, the log is appended through it
+/// ([`Store::write_direct_at`]): image data never sits in the host page
+/// cache, so the engine's own cache (`cache=`) is the only copy in memory and
+/// there are no page-cache writeback stalls.
 #[derive(Debug)]
 pub struct FileStore {
     file: File,
     direct: Option<File>,
+    /// `direct` is open for writing too.
+    direct_writes: bool,
+}
+
+/// A thread's bounce buffer for direct reads of single records is kept for
+/// its next read up to this size (a record of a 64 KiB block with its
+/// alignment slack); larger ones are freed after the read. The daemon's ~35
+/// reading threads keep at most ~4.5 MiB.
+const BOUNCE_KEEP: usize = 128 << 10;
+
+thread_local! {
+    /// This thread's aligned buffer for [`Store::read_head_and_body`].
+    static BOUNCE: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
 }
 
 impl FileStore {
-    /// Wraps an open file (every write buffered).
+    /// Wraps an open file: writes buffered, records read past the host page
+    /// cache where the host file system allows.
     pub fn new(file: File) -> Self {
-        FileStore { file, direct: None }
+        let direct = reopen_direct(&file, false);
+        FileStore {
+            file,
+            direct,
+            direct_writes: false,
+        }
     }
 
-    /// Wraps a file open for writing, with `O_DIRECT` log writes where the
-    /// host file system supports them (not tmpfs: writes stay buffered there).
+    /// Wraps a file open for writing, with `O_DIRECT` log writes and record
+    /// reads where the host file system supports them.
     pub fn with_direct_writes(file: File) -> Self {
-        let direct = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .map_err(|e| ::log::debug!("no O_DIRECT writes on this file: {e}"))
-            .ok();
-        FileStore { file, direct }
+        let direct = reopen_direct(&file, true);
+        FileStore {
+            file,
+            direct_writes: direct.is_some(),
+            direct,
+        }
     }
 
     /// The underlying file (for locking).
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// [`Store::read_direct`] through the `O_DIRECT` descriptor: `None` if
+    /// there is none or the file system refused the request (the caller
+    /// reads buffered instead).
+    fn try_read_direct(
+        &self,
+        buf: &mut AlignedBuf,
+        off: u64,
+        len: usize,
+    ) -> Option<io::Result<Range<usize>>> {
+        let direct = self.direct.as_ref()?;
+        let lead = (off % DIRECT_ALIGN as u64) as usize;
+        let start = off - lead as u64;
+        let span = buf.bytes(lead + len);
+        let mut done = 0;
+        while done < lead + len {
+            // Only the end of the file makes a direct read short; the next
+            // read, unaligned, is then refused (EINVAL) and the buffered
+            // read reports the end of file.
+            match direct.read_at(&mut span[done..], start + done as u64) {
+                Ok(0) => return Some(Err(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(lead..lead + len))
+    }
+}
+
+/// A second descriptor of `file` with `O_DIRECT` (read-write if `write`),
+/// or `None` where the host file system refuses it.
+fn reopen_direct(file: &File, write: bool) -> Option<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(|e| ::log::debug!("no O_DIRECT access to this file: {e}"))
+        .ok()
 }
 
 impl Store for FileStore {
@@ -53,9 +117,36 @@ impl Store for FileStore {
         body_len: usize,
         off: u64,
     ) -> io::Result<Vec<u8>> {
+        let len = head.len() + body_len;
+        let direct = BOUNCE.with(|bounce| {
+            let mut bounce = bounce.borrow_mut();
+            let read = self.try_read_direct(&mut bounce, off, len).map(|read| {
+                let bytes = &bounce.as_slice()[read?];
+                let (h, body) = bytes.split_at(head.len());
+                head.copy_from_slice(h);
+                Ok(body.to_vec())
+            });
+            if bounce.as_slice().len() > BOUNCE_KEEP {
+                bounce.shrink(BOUNCE_KEEP);
+            }
+            read
+        });
+        if let Some(read) = direct {
+            return read;
+        }
         let mut body = Vec::new();
         sys::preadv_head_and_body(&self.file, head, &mut body, body_len, off)?;
         Ok(body)
+    }
+
+    fn read_direct(&self, buf: &mut AlignedBuf, off: u64, len: usize) -> io::Result<Range<usize>> {
+        match self.try_read_direct(buf, off, len) {
+            Some(read) => read,
+            None => {
+                self.file.read_exact_at(&mut buf.bytes(len)[..len], off)?;
+                Ok(0..len)
+            }
+        }
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
@@ -67,7 +158,7 @@ impl Store for FileStore {
     }
 
     fn write_direct_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        match &self.direct {
+        match self.direct.as_ref().filter(|_| self.direct_writes) {
             Some(direct) => match direct.write_all_at(buf, off) {
                 // A file system that opened O_DIRECT but refuses this
                 // alignment: the buffered write is just as correct.
@@ -110,7 +201,7 @@ impl Store for FileStore {
     }
 
     fn writeback_hint(&self, off: u64, len: u64, wait: bool) {
-        if self.direct.is_some() {
+        if self.direct_writes {
             return; // the log never sat in the page cache
         }
         sys::writeback_hint(&self.file, off, len, wait);

@@ -26,8 +26,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Fills `buf` from `off`. Reading past the end is `UnexpectedEof`.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
     /// Reads `head.len() + body_len` bytes at `off`: the first into `head`,
-    /// the rest into a new vector (one `preadv` into an unfilled buffer where
-    /// the backend can).
+    /// the rest into a new vector (one read, past the host page cache, where
+    /// the backend can: a record, which the engine caches itself).
     fn read_head_and_body(
         &self,
         head: &mut [u8],
@@ -38,6 +38,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         self.read_at(head, off)?;
         self.read_at(&mut body, off + head.len() as u64)?;
         Ok(body)
+    }
+    /// Reads `len` bytes at `off` into `buf` and says where in
+    /// [`AlignedBuf::as_slice`] they are: past the host page cache where the
+    /// backend can (`O_DIRECT`; the span read then widens to
+    /// [`DIRECT_ALIGN`] boundaries). For runs of records, which the engine
+    /// caches itself. Any offset and length; reading past the end is
+    /// `UnexpectedEof`.
+    fn read_direct(
+        &self,
+        buf: &mut AlignedBuf,
+        off: u64,
+        len: usize,
+    ) -> io::Result<std::ops::Range<usize>> {
+        self.read_at(&mut buf.bytes(len)[..len], off)?;
+        Ok(0..len)
     }
     /// Writes all of `buf` at `off`, growing the store if needed. Not durable
     /// until [`Store::sync`] returns.
