@@ -603,7 +603,7 @@ run_sustain() {
 }
 
 measure_space() {
-  local t=$1 item label path a b ta=0 tb=0 pid dir fd
+  local t=$1 item label path a b c ta=0 tb=0 tc=0 pid dir fd
   for item in ${T_SPACE[$t]:-}; do
     label=${item%%=*}; path=${item#*=}
     if [[ $path == @fd:* ]]; then      # unlinked temp file held by a daemon: @fd:PID:DIR
@@ -618,10 +618,15 @@ measure_space() {
     [[ $b =~ ^[0-9]+$ ]] || b=0
     fact "$t" space "$label" apparent_bytes "${a:-0}" B
     fact "$t" space "$label" alloc_bytes "${b:-0}" B
-    ta=$((ta + ${a:-0})); tb=$((tb + ${b:-0}))
+    # What of the file the host page cache holds: reads served from it did
+    # not reach the disk (fio's direct=1 does not cover a daemon's own reads).
+    c=$(fincore -b -n -o RES "$path" 2>/dev/null | head -1)
+    [[ $c =~ ^[0-9]+$ ]] || c=0
+    ta=$((ta + ${a:-0})); tb=$((tb + ${b:-0})); tc=$((tc + c))
   done
   fact "$t" space total apparent_bytes "$ta" B
   fact "$t" space total alloc_bytes "$tb" B
+  fact "$t" space total pagecache_bytes "$tc" B
 }
 
 # memcg_make MIB: makes a memory cgroup limited to MIB MiB (cgroup v2 if its
