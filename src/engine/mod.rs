@@ -502,9 +502,9 @@ mod tests {
             salvage_log: false,
             adapt_floor: None,
         };
-        // 8 workers x (8 blocks + 1 MiB) + 2 readahead pieces + 4 run
+        // 8 workers x (8 blocks + 1 MiB) + 2 readahead pieces + 16 run
         // buffers + reclaim.
-        let run_bufs = 4 * ((1 << 20) + (8 << 10));
+        let run_bufs = 16 * ((1 << 20) + (8 << 10));
         assert_eq!(
             threads_reserve(&open, 65536),
             8 * (3 << 19) + (1 << 20) + run_bufs + deadspace::BOOKKEEPING_BYTES

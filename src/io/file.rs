@@ -231,6 +231,28 @@ mod tests {
     }
 
     #[test]
+    fn read_direct_returns_the_bytes_asked_for_at_any_offset() {
+        let bytes: Vec<u8> = (0..20_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let (_tmp, store) = store_with(&bytes);
+        assert!(store.direct.is_some(), "the test file takes O_DIRECT");
+        let mut buf = AlignedBuf::default();
+        for (off, len) in [
+            (0, 4096),
+            (1000, 7000),
+            (4095, 1),
+            (8192, 11_808),
+            (19_999, 1),
+        ] {
+            let got = store.read_direct(&mut buf, off as u64, len).unwrap();
+            assert_eq!(buf.as_slice()[got], bytes[off..off + len], "{off}+{len}");
+        }
+        let err = store.read_direct(&mut buf, 16_000, 4001).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let err = store.read_direct(&mut buf, 20_480, 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
     fn read_head_and_body_past_the_end_is_unexpected_eof() {
         let (_tmp, store) = store_with(&[1u8; 4096]);
         let mut head = [0u8; 40];
