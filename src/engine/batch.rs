@@ -40,25 +40,31 @@ pub(super) struct RunBufs {
 
 impl Default for RunBufs {
     fn default() -> Self {
-        let (tx, rx) = crossbeam_channel::bounded(RUN_BUFS);
-        for _ in 0..RUN_BUFS {
-            let _ = tx.send(AlignedBuf::default());
-        }
-        RunBufs { tx, rx }
+        RunBufs::new(RUN_BUFS)
     }
 }
 
 impl RunBufs {
+    /// A set of `count` buffers (at least one).
+    pub(super) fn new(count: usize) -> Self {
+        let count = count.max(1);
+        let (tx, rx) = crossbeam_channel::bounded(count);
+        for _ in 0..count {
+            let _ = tx.send(AlignedBuf::default());
+        }
+        RunBufs { tx, rx }
+    }
+
     /// Waits for a free buffer; it returns to the set when dropped.
-    fn take(&self) -> RunBuf<'_> {
+    pub(super) fn take(&self) -> RunBuf<'_> {
         let buf = self.rx.recv().unwrap_or_default();
         RunBuf { buf, bufs: self }
     }
 }
 
 /// A run buffer in use.
-struct RunBuf<'a> {
-    buf: AlignedBuf,
+pub(super) struct RunBuf<'a> {
+    pub(super) buf: AlignedBuf,
     bufs: &'a RunBufs,
 }
 

@@ -8,6 +8,7 @@
 //! own backing image (a snapshot of a clone), ZERO entries read as zeros. A
 //! small LRU of decoded blocks serves reads smaller than a block.
 
+use super::batch::RunBufs;
 use super::map::BlockMap;
 use super::snapshot::SnapshotInfo;
 use super::snaptable::Pin;
@@ -35,8 +36,14 @@ pub struct SnapshotReader {
     info: SnapshotInfo,
     backing: Option<Arc<SnapshotReader>>,
     cache: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    /// Buffers for reading runs of records (reused: fresh ones per read
+    /// fragment the heap, see [`super::batch`]).
+    run_bufs: RunBufs,
     _pin: Option<Pin>,
 }
+
+/// Run buffers of a snapshot reader (up to 1 MiB each once used).
+const READER_RUN_BUFS: usize = 4;
 
 /// Reads and verifies the DATA record of `block` that `entry` names.
 pub(super) fn decode_data(
@@ -109,8 +116,9 @@ impl SnapshotReader {
         };
         let base = head.off;
         let total = (tail.off + u64::from(tail.len) - base) as usize;
-        let mut buf = crate::io::AlignedBuf::default();
-        let Ok(range) = self.store.read_direct(&mut buf, base, total) else {
+        let mut run_buf = self.run_bufs.take();
+        let buf = &mut run_buf.buf;
+        let Ok(range) = self.store.read_direct(buf, base, total) else {
             return;
         };
         let run_bytes = &buf.as_slice()[range];
@@ -158,6 +166,7 @@ impl SnapshotReader {
             cache: Mutex::new(LruCache::new(
                 NonZeroUsize::new(blocks).unwrap_or(NonZeroUsize::MIN),
             )),
+            run_bufs: RunBufs::new(READER_RUN_BUFS),
             _pin: pin,
         })
     }
