@@ -1,4 +1,5 @@
-//! Engine scenarios on real files: round trips, reopen, zeros, discard, bounds.
+//! Engine scenarios on real files: round trips, reopen, zeros, discard, bounds,
+//! and reads that leave no copy of the image in the host page cache.
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use std::sync::Arc;
