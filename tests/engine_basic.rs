@@ -1,5 +1,4 @@
-//! Engine scenarios on real files: round trips, reopen, zeros, discard, bounds,
-//! and reads that leave no copy of the image in the host page cache.
+//! Engine scenarios on real files: round trips, reopen, zeros, discard, bounds.
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use std::sync::Arc;
@@ -465,57 +464,4 @@ fn sequential_reads_load_the_blocks_ahead_and_random_reads_do_not() {
     let mut rest = vec![0u8; 256 << 10];
     img.read_at(&mut rest, ahead).unwrap();
     assert_eq!(rest, pattern(16 << 20, 5)[ahead as usize..][..256 << 10]);
-}
-
-/// Bytes of `path` the host page cache holds (`fincore`), or None without it.
-fn in_page_cache(path: &std::path::Path) -> Option<u64> {
-    let out = std::process::Command::new("fincore")
-        .args(["-b", "-n", "-o", "RES"])
-        .arg(path)
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
-
-#[test]
-fn reads_leave_no_copy_in_the_host_page_cache() {
-    for codec in [Codec::None, Codec::Zstd(1)] {
-        let (_d, path, img) = create(64 << 20, 65536, codec);
-        let data = pattern(32 << 20, 7);
-        img.write_at(&data, 0).unwrap();
-        img.close().unwrap();
-        // Nothing of the file in the page cache to begin with.
-        let dd = std::process::Command::new("dd")
-            .arg(format!("if={}", path.display()))
-            .args(["iflag=nocache", "count=0", "status=none"])
-            .status()
-            .unwrap();
-        assert!(dd.success());
-        let Some(before) = in_page_cache(&path) else {
-            eprintln!("fincore is not installed: skipped");
-            return;
-        };
-        let img = Image::open(&path, &opts()).unwrap();
-        // Runs of records (1 MiB reads) and single records (4 KiB reads of
-        // blocks not cached: the cache holds 4 MiB of 32).
-        let mut got = vec![0u8; 32 << 20];
-        for (i, chunk) in got.chunks_mut(1 << 20).enumerate() {
-            img.read_at(chunk, (i << 20) as u64).unwrap();
-        }
-        assert!(got == data, "{codec:?}: data read back differs");
-        let mut small = vec![0u8; 4096];
-        for block in (0..512u64).step_by(7) {
-            let off = block * 65536 + 8192;
-            img.read_at(&mut small, off).unwrap();
-            assert_eq!(small[..], data[off as usize..off as usize + 4096]);
-        }
-        let after = in_page_cache(&path).unwrap();
-        img.close().unwrap();
-        // Only what the open reads (superblocks, the log's end) goes
-        // through the page cache: ~90 KiB here, 32 MiB if records did.
-        assert!(
-            after.saturating_sub(before) <= 1 << 20,
-            "{codec:?}: reading 32 MiB left {after} bytes of the image in the page cache ({before} before)"
-        );
-    }
 }
