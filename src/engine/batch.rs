@@ -19,9 +19,10 @@ use std::sync::Arc;
 const MAX_RUN_BYTES: u64 = 4 << 20;
 /// Aligned buffers for reading runs: at most this many exist, reused (a run
 /// read waits for one). Allocating one per read left the daemon's memory
-/// fragmented: VmHWM 320–371 MiB at `cache=256M` after 8 s of 1 MiB
-/// sequential reads, 257–266 MiB with 32 reused buffers (their memory
-/// reserved out of the cache). 16 MiB in flight keep the disk busy.
+/// fragmented: VmHWM 307–371 MiB at `cache=256M` after 8 s of 1 MiB
+/// sequential reads of a compressed image, 263–265 MiB with these 16
+/// (their memory reserved out of the cache), at the same read speed: 16 MiB
+/// in flight keep the disk busy.
 const RUN_BUFS: usize = 16;
 /// Largest run buffer kept (a 1 MiB request's run with alignment slack);
 /// one grown for a longer run is cut back when returned.
