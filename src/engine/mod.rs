@@ -106,9 +106,10 @@ pub struct OpenOptions {
 
 /// The part of a cache budget of `open` that the engine holds outside the
 /// block cache: each write-back worker's staging buffer (a batch of blocks)
-/// and compression context (~1 MiB), the readahead threads' pieces in
-/// flight, the buffers kept for reading runs of records, and the reclaim's
-/// record of held dead space at its bound. At most half the budget.
+/// and compression context (~1 MiB), the buffers for reading runs of
+/// records (readahead's pieces and large reads are read into them), and the
+/// reclaim's record of held dead space at its bound. At most half the
+/// budget.
 fn threads_reserve(open: &OpenOptions, block_size: u64) -> u64 {
     let (workers, reclaim) = if open.read_only {
         (0, 0)
@@ -116,8 +117,7 @@ fn threads_reserve(open: &OpenOptions, block_size: u64) -> u64 {
         (open.workers as u64, deadspace::BOOKKEEPING_BYTES)
     };
     let writeback = workers * (writeback::WRITEBACK_BATCH as u64 * block_size + (1 << 20));
-    let readahead = readahead::THREADS as u64 * readahead::PIECE;
-    (writeback + readahead + batch::RUN_BUFS_BYTES + reclaim).min(open.cache_bytes / 2)
+    (writeback + batch::RUN_BUFS_BYTES + reclaim).min(open.cache_bytes / 2)
 }
 
 /// Default write-back threads per core. A worker compresses (CPU) and then
@@ -502,18 +502,17 @@ mod tests {
             salvage_log: false,
             adapt_floor: None,
         };
-        // 8 workers x (8 blocks + 1 MiB) + 2 readahead pieces + 16 run
-        // buffers + reclaim.
+        // 8 workers x (8 blocks + 1 MiB) + 16 run buffers + reclaim.
         let run_bufs = 16 * ((1 << 20) + (8 << 10));
         assert_eq!(
             threads_reserve(&open, 65536),
-            8 * (3 << 19) + (1 << 20) + run_bufs + deadspace::BOOKKEEPING_BYTES
+            8 * (3 << 19) + run_bufs + deadspace::BOOKKEEPING_BYTES
         );
         let ro = OpenOptions {
             read_only: true,
             ..open.clone()
         };
-        assert_eq!(threads_reserve(&ro, 65536), (1 << 20) + run_bufs);
+        assert_eq!(threads_reserve(&ro, 65536), run_bufs);
         let tiny = OpenOptions {
             cache_bytes: 1 << 20,
             ..open

@@ -23,7 +23,7 @@ const MAX_WINDOW: u64 = 2 << 20;
 /// loads those blocks itself).
 const QUEUE: usize = 8;
 /// Most bytes one thread loads at a time.
-pub(super) const PIECE: u64 = 512 << 10;
+const PIECE: u64 = 512 << 10;
 /// Readahead threads.
 pub(super) const THREADS: usize = 2;
 
