@@ -4,14 +4,6 @@
 
 use vbdfs::{Codec, CreateOptions, Image, OpenOptions};
 
-fn opts() -> OpenOptions {
-    OpenOptions {
-        cache_bytes: 4 << 20,
-        workers: 2,
-        ..OpenOptions::default()
-    }
-}
-
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
@@ -38,7 +30,12 @@ fn reads_leave_no_copy_in_the_host_page_cache() {
             block_size: 65536,
             codec,
         };
-        let img = Image::create(&path, &create, &opts()).unwrap();
+        // A cache of 4 MiB: most of the 32 MiB read back misses it.
+        let opts = OpenOptions {
+            cache_bytes: 4 << 20,
+            ..OpenOptions::default()
+        };
+        let img = Image::create(&path, &create, &opts).unwrap();
         let data = pattern(32 << 20, 7);
         img.write_at(&data, 0).unwrap();
         img.close().unwrap();
@@ -53,7 +50,7 @@ fn reads_leave_no_copy_in_the_host_page_cache() {
             eprintln!("fincore is not installed: skipped");
             return;
         };
-        let img = Image::open(&path, &opts()).unwrap();
+        let img = Image::open(&path, &opts).unwrap();
         // Runs of records (1 MiB reads) and single records (4 KiB reads of
         // blocks not cached: the cache holds 4 MiB of 32).
         let mut got = vec![0u8; 32 << 20];
