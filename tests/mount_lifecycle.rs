@@ -1,6 +1,7 @@
 //! Mount lifecycle through a real kernel FUSE mount: readiness, refusals of a
 //! second mount and of offline changes (naming the mount point), and clean
-//! shutdown by `vbdfs umount`, plain `umount`, SIGTERM and `-f` + SIGINT.
+//! shutdown by `vbdfs umount`, plain `umount`, SIGTERM and `-f` + SIGINT, and
+//! the warning about an image on ext4 mounted with `discard`.
 
 mod common;
 
@@ -9,7 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    create, fuse_available, is_clean, is_mounted, p, pattern, run, stderr, wait_for, Mount,
+    create, fuse_available, is_clean, is_mounted, p, pattern, run, sh, stderr, wait_for, FsMount,
+    Loop, Mount,
 };
 
 fn write_pattern(m: &Mount, seed: u64) -> Vec<u8> {
@@ -290,4 +292,51 @@ fn killed_daemon_leaves_a_dead_mount_that_umount_clears() {
     Mount::new(&img, &dir, None).umount();
     assert!(is_clean(&img));
     assert_eq!(read_back(&img, &dir, data.len()), data);
+}
+
+/// An image on ext4 mounted with `discard` gets one warning line from
+/// `vbdfs mount` (every hole it punches is discarded while its writes wait);
+/// on the same file system mounted `nodiscard`, the mount says nothing.
+#[test]
+fn mount_warns_when_the_image_is_on_ext4_with_online_discard() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let backing = tmp.path().join("host.img");
+    std::fs::File::create(&backing)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("backing file");
+    let lo = Loop::new(&backing, false);
+    sh("mkfs.ext4", &["-q", "-F", &lo.dev]);
+    let host_dir = tmp.path().join("host");
+    let dir = tmp.path().join("mnt");
+    for (options, warns) in [("discard", true), ("nodiscard", false)] {
+        let host = FsMount::with_options(&lo.dev, &host_dir, options);
+        let img = host.dir.join("a.vbd");
+        if !img.exists() {
+            create(&img, "8M", &[]);
+        }
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let out = run(&["mount", p(&img), p(&dir)]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let mut m = Mount {
+            dir: dir.clone(),
+            image: img.clone(),
+            pid: None,
+        };
+        m.pid = m.status_value("pid").and_then(|v| v.parse().ok());
+        let err = stderr(&out);
+        if warns {
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(
+                err.contains("warning") && err.contains("`discard`") && err.contains(p(&host_dir)),
+                "{err}"
+            );
+        } else {
+            assert_eq!(err, "", "mounted {options}");
+        }
+        m.umount();
+        host.umount();
+    }
 }

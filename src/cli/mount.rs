@@ -51,6 +51,15 @@ pub fn run(args: &MountArgs) -> Result<()> {
             ),
         ));
     }
+    if let Some(fs) = mountinfo::synchronous_discard(&image) {
+        eprintln!(
+            "vbdfs: warning: {} is ext4 mounted with `discard`: each hole punched to give \
+             overwritten data's space back is discarded while {}'s writes wait; for faster \
+             writes mount it `nodiscard` and run fstrim instead (docs/admin.md)",
+            fs.display(),
+            image.display()
+        );
+    }
     let job = Job {
         image,
         mountpoint,

@@ -279,8 +279,13 @@ pub struct FsMount {
 impl FsMount {
     /// `mount DEV DIR`.
     pub fn new(dev: &str, dir: &Path) -> FsMount {
+        Self::with_options(dev, dir, "defaults")
+    }
+
+    /// `mount -o OPTIONS DEV DIR`.
+    pub fn with_options(dev: &str, dir: &Path, options: &str) -> FsMount {
         std::fs::create_dir_all(dir).expect("mkdir");
-        sh("mount", &[dev, p(dir)]);
+        sh("mount", &["-o", options, dev, p(dir)]);
         FsMount {
             dir: dir.to_path_buf(),
         }
