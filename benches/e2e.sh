@@ -716,7 +716,7 @@ main() {
   meta _run params "VSIZE=$VSIZE REGION_MB=$REGION_MB RUNTIME=${RUNTIME}s RAMP=${RAMP}s ROUNDS=$ROUNDS NUMJOBS=$NUMJOBS; write region [0,${REGION_MB}M), read/randwrite region [${REGION_MB}M,$((2 * REGION_MB))M); sustained write ${SUSTAIN_RUNTIME}s over [0,$((2 * REGION_MB))M); vbdfs cache=$VBDFS_CACHE; bonnie++ -s $BONNIE_S -r $BONNIE_R -n $BONNIE_N"
   meta _run versions "$(fio --version); $(qemu-img --version | head -1 | awk '{print "qemu " $3}'); bonnie++ $(bonnie++ 2>&1 | awk '/^Version/{print $2}'); vbdfs $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo '?') ($VBDFS)"
   meta _run command "$E2E_COMMAND"
-  meta _run machine "$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo); $(nproc) vCPU; $(awk '/MemTotal/{printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo); scratch on $(findmnt -no SOURCE,FSTYPE -T "$(dirname "$SCRATCH")" | tr -s ' ')"
+  meta _run machine "$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo); $(nproc) vCPU; $(awk '/MemTotal/{printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo); scratch on $(findmnt -no SOURCE,FSTYPE,OPTIONS -T "$(dirname "$SCRATCH")" | tr -s ' ')"
   meta _run busy_before "$(host_busy_pct)"
   meta _run ncores "$(nproc)"
 
