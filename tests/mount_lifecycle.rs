@@ -294,9 +294,10 @@ fn killed_daemon_leaves_a_dead_mount_that_umount_clears() {
     assert_eq!(read_back(&img, &dir, data.len()), data);
 }
 
-/// An image on ext4 mounted with `discard` gets one warning line from
-/// `vbdfs mount` (every hole it punches is discarded while its writes wait);
-/// on the same file system mounted `nodiscard`, the mount says nothing.
+/// An image on ext4 mounted with `discard` gets one warning line from a
+/// successful `vbdfs mount` (every hole it punches is discarded while its
+/// writes wait); mounted `ro`, or on the same file system mounted
+/// `nodiscard`, the mount says nothing.
 #[test]
 fn mount_warns_when_the_image_is_on_ext4_with_online_discard() {
     if !fuse_available() {
@@ -311,14 +312,18 @@ fn mount_warns_when_the_image_is_on_ext4_with_online_discard() {
     sh("mkfs.ext4", &["-q", "-F", &lo.dev]);
     let host_dir = tmp.path().join("host");
     let dir = tmp.path().join("mnt");
-    for (options, warns) in [("discard", true), ("nodiscard", false)] {
+    for (options, mount_opts, warns) in [
+        ("discard", "cache=16M", true),
+        ("discard", "ro", false),
+        ("nodiscard", "cache=16M", false),
+    ] {
         let host = FsMount::with_options(&lo.dev, &host_dir, options);
         let img = host.dir.join("a.vbd");
         if !img.exists() {
             create(&img, "8M", &[]);
         }
         std::fs::create_dir_all(&dir).expect("mkdir");
-        let out = run(&["mount", p(&img), p(&dir)]);
+        let out = run(&["mount", p(&img), p(&dir), "-o", mount_opts]);
         assert!(out.status.success(), "{}", stderr(&out));
         let mut m = Mount {
             dir: dir.clone(),
@@ -328,13 +333,25 @@ fn mount_warns_when_the_image_is_on_ext4_with_online_discard() {
         m.pid = m.status_value("pid").and_then(|v| v.parse().ok());
         let err = stderr(&out);
         if warns {
+            // A mount that fails says only why.
+            let bogus = host.dir.join("bogus.vbd");
+            std::fs::write(&bogus, b"vbd").expect("write");
+            let dir2 = tmp.path().join("mnt2");
+            std::fs::create_dir_all(&dir2).expect("mkdir");
+            let out = run(&["mount", p(&bogus), p(&dir2)]);
+            assert!(!out.status.success());
+            let failed = stderr(&out);
+            assert!(
+                failed.lines().count() == 1 && failed.contains("too short"),
+                "{failed}"
+            );
             assert_eq!(err.lines().count(), 1, "{err}");
             assert!(
                 err.contains("warning") && err.contains("`discard`") && err.contains(p(&host_dir)),
                 "{err}"
             );
         } else {
-            assert_eq!(err, "", "mounted {options}");
+            assert_eq!(err, "", "{options}, -o {mount_opts}");
         }
         m.umount();
         host.umount();

@@ -168,6 +168,9 @@ pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
         job.mountpoint.display()
     );
     ready.ok();
+    if let Some(warning) = discard_warning(job) {
+        log::warn!("{warning}");
+    }
 
     let served = session.run();
     log::info!(
@@ -188,6 +191,22 @@ pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
     }
     served.map_err(|e| Error::io("FUSE session", e))?;
     closed
+}
+
+/// What to tell the admin when a writable mount's image lies on ext4 mounted
+/// with `discard` ([`mountinfo::synchronous_discard`]), None otherwise.
+pub fn discard_warning(job: &Job) -> Option<String> {
+    if job.options.read_only {
+        return None;
+    }
+    let fs = mountinfo::synchronous_discard(&job.image)?;
+    Some(format!(
+        "{} is ext4 mounted with `discard`: each hole punched to give overwritten data's \
+         space back is discarded while {}'s writes wait; for faster writes mount it \
+         `nodiscard` and run fstrim instead (docs/admin.md)",
+        fs.display(),
+        job.image.display()
+    ))
 }
 
 /// Waits for SIGTERM/SIGINT/SIGHUP and unmounts each time one arrives.

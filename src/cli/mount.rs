@@ -51,15 +51,6 @@ pub fn run(args: &MountArgs) -> Result<()> {
             ),
         ));
     }
-    if let Some(fs) = mountinfo::synchronous_discard(&image) {
-        eprintln!(
-            "vbdfs: warning: {} is ext4 mounted with `discard`: each hole punched to give \
-             overwritten data's space back is discarded while {}'s writes wait; for faster \
-             writes mount it `nodiscard` and run fstrim instead (docs/admin.md)",
-            fs.display(),
-            image.display()
-        );
-    }
     let job = Job {
         image,
         mountpoint,
@@ -120,6 +111,9 @@ fn daemonize(job: &Job) -> Result<()> {
             let mut msg = String::new();
             let _ = reader.read_to_string(&mut msg);
             if msg.starts_with("OK") {
+                if let Some(warning) = daemon::discard_warning(job) {
+                    eprintln!("vbdfs: warning: {warning}");
+                }
                 return Ok(());
             }
             match msg.strip_prefix("ERR ") {
