@@ -112,7 +112,7 @@ META=$RES/meta.tsv
 GOLDEN=$SCRATCH/golden/golden.raw
 T_START=$SECONDS
 
-declare -A T_PATH T_DIRECT T_PIDS T_DESC T_SKIP T_COW T_SPACE T_BONNIE T_SETTLE T_CACHE_MB
+declare -A T_PATH T_DIRECT T_PIDS T_DESC T_SKIP T_COW T_SPACE T_BONNIE T_SETTLE T_CACHE_MB T_CONTROL
 ACTIVE=()
 
 log() { printf '[%(%H:%M:%S)T +%4ds] %s\n' -1 "$((SECONDS - T_START))" "$*" >&2; }
@@ -435,6 +435,7 @@ setup_vbdfs_common() { # name compress [extra create args] [extra mount options]
   T_PATH[$name]=$mnt/disk
   T_DESC[$name]="vbdfs image (--compress $comp${extra:+ $extra}), \`vbdfs mount -o $opts\` (daemon pid $pid)"
   T_SPACE[$name]="image=$img"
+  T_CONTROL[$name]=$mnt/control
   T_BONNIE[$name]=$mnt/disk
   T_CACHE_MB[$name]=$(numfmt --from=iec "$VBDFS_CACHE" | awk '{print int($1/1048576)}')
 }
@@ -602,8 +603,24 @@ run_sustain() {
   return 0
 }
 
+# reclaim_settle TARGET: a vbdfs target holds dead space for a moment after
+# writes stop and then punches it (admin.md, host space). Records what the
+# image took right after the writes, then waits (at most 60 s) until the
+# control file shows none pending and records how long that took, so the
+# space measured next is what the image keeps.
+reclaim_settle() {
+  local t=$1 ctl=${T_CONTROL[$1]:-} t0 a b
+  [ -n "$ctl" ] || return 0
+  read -r a b < <(space_of "${T_SPACE[$t]#*=}")
+  [[ $b =~ ^[0-9]+$ ]] && fact "$t" space total alloc_bytes_unsettled "$b" B
+  t0=$(now)
+  wait_for 60 grep -qx 'reclaim-pending-bytes: 0' "$ctl" || log "  $t: dead space still pending after 60 s"
+  fact "$t" space total reclaim_wait_s "$(fdiff "$t0" "$(now)")" s
+}
+
 measure_space() {
   local t=$1 item label path a b c ta=0 tb=0 tc=0 pid dir fd
+  reclaim_settle "$t"
   for item in ${T_SPACE[$t]:-}; do
     label=${item%%=*}; path=${item#*=}
     if [[ $path == @fd:* ]]; then      # unlinked temp file held by a daemon: @fd:PID:DIR

@@ -242,10 +242,14 @@ def main():
     # ---------------------------------------------------------------- space
     space = {}
     pagecache = {}
+    unsettled = {}
+    reclaim_wait = {}
     for t in active:
         ta, _ = fget(t, "space", "total", "apparent_bytes")
         tb, _ = fget(t, "space", "total", "alloc_bytes")
         pagecache[t], _ = fget(t, "space", "total", "pagecache_bytes")
+        unsettled[t], _ = fget(t, "space", "total", "alloc_bytes_unsettled")
+        reclaim_wait[t], _ = fget(t, "space", "total", "reclaim_wait_s")
         parts = []
         for (ft, sec, test), ms in facts.items():
             if ft == t and sec == "space" and test != "total":
@@ -262,6 +266,8 @@ def main():
         emit("space", t, "total", "apparent_bytes", ta, "B", base_space[0])
         emit("space", t, "total", "alloc_bytes", tb, "B", base_space[1])
         emit("space", t, "total", "pagecache_bytes", pagecache[t], "B", None)
+        emit("space", t, "total", "alloc_bytes_unsettled", unsettled[t], "B", None)
+        emit("space", t, "total", "reclaim_wait_s", reclaim_wait[t], "s", None)
 
     # ---------------------------------------------------------------- bonnie
     bonnie = OrderedDict()
@@ -526,13 +532,20 @@ def main():
 
     L.append("## Host space after the fio write phases")
     L.append("")
-    L.append("| target | du (allocated) | du --apparent-size | in the host page cache | breakdown |")
-    L.append("|---|---|---|---|---|")
+    L.append("| target | du (allocated) | du --apparent-size | in the host page cache | right after the writes | "
+             "dead space punched within | breakdown |")
+    L.append("|---|---|---|---|---|---|---|")
     for t in active:
         ta, tb, parts = space[t]
+        after = human_bytes(unsettled[t]) if unsettled.get(t) is not None else "–"
+        wait = f"{fmt(reclaim_wait[t])} s" if reclaim_wait.get(t) is not None else "–"
         L.append(f"| {t} | {human_bytes(tb)}{rfmt(ratio(tb, base_space[1]))} | "
                  f"{human_bytes(ta)}{rfmt(ratio(ta, base_space[0]))} | "
-                 f"{human_bytes(pagecache.get(t))} | {parts} |")
+                 f"{human_bytes(pagecache.get(t))} | {after} | {wait} | {parts} |")
+    L.append("")
+    L.append("vbdfs holds the space of overwritten records for a moment and then punches it: \"right after the "
+             "writes\" is what the image took when the last write phase ended; du is measured once the control "
+             "file showed no dead space pending (\"punched within\", at most 60 s).")
     L.append("")
     L.append("\"In the host page cache\": how much of the target's files the host page cache held after the fio "
              "phases (`fincore`). fio's `direct=1` keeps the guest side out of the page cache, not what a daemon "
