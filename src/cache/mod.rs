@@ -2,8 +2,9 @@
 //!
 //! Owns: which blocks are in memory, their dirty state, the memory budget
 //! (capacity in blocks), the dirty limit that throttles writers, the queue of
-//! blocks waiting for write-back, and hit/miss counters. It knows nothing of the
-//! format: the engine loads blocks into slots and persists them.
+//! blocks waiting for write-back (partly written blocks after a short delay,
+//! [`delay`]), and hit/miss counters. It knows nothing of the format: the
+//! engine loads blocks into slots and persists them.
 //!
 //! Thread model and lock order: the cache is split into shards (a mutex each,
 //! holding an LRU of `Arc<Slot>`); each slot has its own mutex and condvar.
@@ -11,9 +12,13 @@
 //! lock may be taken while a slot lock is NOT held (never the other way round).
 //! The engine's log lock comes before any shard lock. Slots are evicted only
 //! when ready, clean, not in flight and referenced by nobody but the cache.
+//! The write-behind list's lock is taken under a slot lock, never the other
+//! way round.
 
+mod delay;
 mod slot;
 
+pub use delay::WRITE_BEHIND;
 pub use slot::{Load, Slot, SlotState};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -52,6 +57,7 @@ pub struct BlockCache {
     drained: Condvar,
     queue_tx: Sender<Arc<Slot>>,
     queue_rx: Receiver<Arc<Slot>>,
+    delayed: delay::Delayed,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -74,6 +80,7 @@ impl BlockCache {
             drained: Condvar::new(),
             queue_tx,
             queue_rx,
+            delayed: delay::Delayed::default(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -180,8 +187,10 @@ impl BlockCache {
     }
 
     /// Records a modification of a ready slot whose state the caller holds:
-    /// bumps the version and queues the slot for write-back if it was clean.
-    pub fn mark_dirty(&self, slot: &Arc<Slot>, state: &mut SlotState) {
+    /// bumps the version and, if it was clean, queues the slot for
+    /// write-back: at once if the write `completed` the block (covered it
+    /// whole or reached its end), else after [`WRITE_BEHIND`].
+    pub fn mark_dirty(&self, slot: &Arc<Slot>, state: &mut SlotState, completed: bool) {
         state.version += 1;
         if state.detached {
             // A discard removed the slot while the caller was writing into it:
@@ -194,10 +203,57 @@ impl BlockCache {
         if !state.dirty {
             state.dirty = true;
             self.dirty.fetch_add(1, Ordering::Relaxed);
-            if !state.in_flight {
+            state.behind = !state.in_flight && !completed;
+            if state.in_flight {
+                // finish_writeback requeues it.
+            } else if completed {
                 let _ = self.queue_tx.send(slot.clone());
+            } else {
+                self.delayed.push(slot.clone());
             }
+        } else if completed && state.behind && !state.in_flight {
+            // Completed while waiting in write-behind: queued now (its entry
+            // there is skipped when it falls due).
+            state.behind = false;
+            let _ = self.queue_tx.send(slot.clone());
         }
+    }
+
+    /// Queues every block waiting in write-behind now (a flush, a snapshot
+    /// or a throttled writer is waiting for them).
+    fn expedite(&self) {
+        self.queue_behind(self.delayed.take_all());
+    }
+
+    /// Queues the `slots` taken from write-behind that still wait there (a
+    /// write that completed one queued it already).
+    fn queue_behind(&self, slots: Vec<Arc<Slot>>) {
+        for slot in slots {
+            let mut state = slot.lock();
+            if !std::mem::take(&mut state.behind) {
+                continue;
+            }
+            drop(state);
+            let _ = self.queue_tx.send(slot);
+        }
+    }
+
+    /// The write-behind thread: queues partly written blocks as they fall
+    /// due, until [`BlockCache::stop_write_behind`].
+    pub fn run_write_behind(&self) {
+        loop {
+            let due = self.delayed.wait_due();
+            if due.is_empty() {
+                return;
+            }
+            self.queue_behind(due);
+        }
+    }
+
+    /// Ends [`BlockCache::run_write_behind`]; blocks still waiting are queued.
+    pub fn stop_write_behind(&self) {
+        self.delayed.stop();
+        self.expedite();
     }
 
     /// Dirty blocks now, and the limit beyond which writers wait.
@@ -210,6 +266,7 @@ impl BlockCache {
         if self.dirty.load(Ordering::Relaxed) <= self.dirty_limit {
             return;
         }
+        self.expedite();
         let mut waiting = self.throttled.lock();
         *waiting += 1;
         while self.dirty.load(Ordering::Relaxed) > self.dirty_limit {
@@ -256,8 +313,10 @@ impl BlockCache {
         }
     }
 
-    /// Every dirty or in-flight slot with the version a flush must wait for.
+    /// Every dirty or in-flight slot with the version a flush must wait for;
+    /// the ones waiting in write-behind are queued at once.
     pub fn dirty_slots(&self) -> Vec<(Arc<Slot>, u64)> {
+        self.expedite();
         let mut out = Vec::new();
         for shard in &self.shards {
             let slots: Vec<Arc<Slot>> = shard.lock().iter().map(|(_, s)| s.clone()).collect();
@@ -355,12 +414,60 @@ mod tests {
         // ...and the writer then modifies it.
         let mut state = slot.wait_ready().unwrap();
         Arc::make_mut(&mut state.data)[0] = 1;
-        cache.mark_dirty(&slot, &mut state);
+        cache.mark_dirty(&slot, &mut state, true);
         assert!(!state.dirty);
         drop(state);
         assert_eq!(cache.stats().dirty, 0, "dirty count leaked");
         assert!(cache.queue().try_recv().is_err(), "detached slot queued");
         slot.wait_written(1); // must not block
+    }
+
+    fn dirty(cache: &BlockCache, block: u64, completed: bool) -> Arc<Slot> {
+        let (slot, _) = cache.get_or_insert(block);
+        if slot.lock().load != Load::Ready {
+            cache.finish_load(&slot, vec![0; 4096]);
+        }
+        let mut state = slot.lock();
+        Arc::make_mut(&mut state.data)[0] += 1;
+        cache.mark_dirty(&slot, &mut state, completed);
+        drop(state);
+        slot
+    }
+
+    #[test]
+    fn a_partly_written_block_waits_until_completed_or_flushed() {
+        let cache = BlockCache::new(64 * 4096, 4096);
+        let queued = |cache: &BlockCache| -> Vec<u64> {
+            cache.queue().try_iter().map(|s| s.block).collect()
+        };
+        dirty(&cache, 1, false);
+        dirty(&cache, 1, false);
+        assert!(queued(&cache).is_empty(), "queued before it was complete");
+        dirty(&cache, 1, true);
+        assert_eq!(queued(&cache), [1], "completed: queued at once");
+        dirty(&cache, 2, true);
+        assert_eq!(queued(&cache), [2], "a whole-block write is queued at once");
+        dirty(&cache, 3, false);
+        assert!(queued(&cache).is_empty());
+        let waited: Vec<u64> = cache.dirty_slots().iter().map(|(s, _)| s.block).collect();
+        assert!(waited.contains(&3), "{waited:?}");
+        assert_eq!(queued(&cache), [3], "a flush takes it from write-behind");
+    }
+
+    #[test]
+    fn the_write_behind_thread_queues_partly_written_blocks_after_the_delay() {
+        let cache = Arc::new(BlockCache::new(64 * 4096, 4096));
+        let thread = {
+            let cache = cache.clone();
+            std::thread::spawn(move || cache.run_write_behind())
+        };
+        dirty(&cache, 5, false);
+        let got = cache.queue().recv_timeout(WRITE_BEHIND * 20).unwrap();
+        assert_eq!(got.block, 5);
+        dirty(&cache, 6, false);
+        cache.stop_write_behind();
+        thread.join().unwrap();
+        assert_eq!(cache.queue().try_recv().unwrap().block, 6, "queued at stop");
     }
 
     #[test]
@@ -372,7 +479,7 @@ mod tests {
             cache.finish_load(&slot, vec![0; 4096]);
             let mut state = slot.lock();
             Arc::make_mut(&mut state.data)[0] = 1;
-            cache.mark_dirty(&slot, &mut state);
+            cache.mark_dirty(&slot, &mut state, true);
             drop(state);
             slots.push(slot);
         }

@@ -34,6 +34,9 @@ pub struct SlotState {
     pub in_flight: bool,
     /// Removed from the cache (discarded); write-back must not persist it.
     pub detached: bool,
+    /// Became dirty by a write into its middle and was put into write-behind
+    /// (the cache's `delay`): a write that completes it queues it at once.
+    pub behind: bool,
 }
 
 /// A cached block shared between the cache, readers, writers and workers.
@@ -57,6 +60,7 @@ impl Slot {
                 written: 0,
                 in_flight: false,
                 detached: false,
+                behind: false,
             }),
             changed: Condvar::new(),
         }

@@ -427,6 +427,7 @@ impl Image {
         };
         // The background threads stop before the final checkpoint: a
         // background checkpoint queued behind it would mark the image dirty.
+        self.inner.cache.stop_write_behind();
         for _ in &self.threads {
             let _ = self.inner.stop_tx.send(());
         }

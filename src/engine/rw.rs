@@ -173,6 +173,9 @@ impl Inner {
         let bs = self.block_size() as usize;
         self.pieces(off, buf.len(), |block, in_block, range| {
             let src = &buf[range];
+            // A write that fills the block or reaches its end is written back
+            // at once; one in its middle waits for the pieces that follow.
+            let completes = in_block + src.len() == bs;
             let (slot, created) = self.cache.get_or_insert(block);
             if created {
                 let data = if src.len() == bs {
@@ -192,7 +195,7 @@ impl Inner {
                 };
                 self.cache.finish_load(&slot, data);
                 let mut state = slot.lock();
-                self.cache.mark_dirty(&slot, &mut state);
+                self.cache.mark_dirty(&slot, &mut state, completes);
             } else {
                 let mut state = slot.wait_ready()?;
                 if src.len() == bs {
@@ -203,7 +206,7 @@ impl Inner {
                     Arc::make_mut(&mut state.data)[in_block..in_block + src.len()]
                         .copy_from_slice(src);
                 }
-                self.cache.mark_dirty(&slot, &mut state);
+                self.cache.mark_dirty(&slot, &mut state, completes);
             }
             Ok(())
         })?;

@@ -27,9 +27,11 @@ use std::time::Duration;
 /// Most blocks one worker appends with one write.
 pub(super) const WRITEBACK_BATCH: usize = 8;
 
-/// Starts `workers` write-back threads and the checkpointer.
+/// Starts `workers` write-back threads, the write-behind thread (queues
+/// partly written blocks, [`crate::cache::WRITE_BEHIND`]), the reclaim
+/// thread and the checkpointer.
 pub(super) fn spawn(inner: &Arc<Inner>, workers: usize) -> Result<Vec<JoinHandle<()>>> {
-    let mut threads = Vec::with_capacity(workers + 1);
+    let mut threads = Vec::with_capacity(workers + 3);
     for i in 0..workers {
         let inner = inner.clone();
         let t = std::thread::Builder::new()
@@ -38,6 +40,12 @@ pub(super) fn spawn(inner: &Arc<Inner>, workers: usize) -> Result<Vec<JoinHandle
             .map_err(|e| Error::io("start write-back thread", e))?;
         threads.push(t);
     }
+    let behind = inner.clone();
+    let t = std::thread::Builder::new()
+        .name("vbd-writebehind".into())
+        .spawn(move || behind.cache.run_write_behind())
+        .map_err(|e| Error::io("start write-behind thread", e))?;
+    threads.push(t);
     let reclaim = inner.clone();
     let t = std::thread::Builder::new()
         .name("vbd-reclaim".into())
