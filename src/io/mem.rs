@@ -3,11 +3,13 @@
 use super::Store;
 use parking_lot::RwLock;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// An in-memory store. Every write is immediately "durable".
 #[derive(Debug, Default)]
 pub struct MemStore {
     bytes: RwLock<Vec<u8>>,
+    written: AtomicU64,
 }
 
 impl MemStore {
@@ -20,7 +22,14 @@ impl MemStore {
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         MemStore {
             bytes: RwLock::new(bytes),
+            written: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes written to the store so far (every write counts, also of
+    /// bytes written before).
+    pub fn bytes_written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     /// A copy of the contents.
@@ -48,6 +57,7 @@ impl Store for MemStore {
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         let (start, end) = range(off, buf.len())?;
+        self.written.fetch_add(buf.len() as u64, Ordering::Relaxed);
         let mut bytes = self.bytes.write();
         if bytes.len() < end {
             bytes.resize(end, 0);
