@@ -4,11 +4,11 @@
 //! journal, a log file, `dd bs=4k`) would be written back after its first
 //! piece, again after the pieces that arrived while that was in flight, and
 //! so on: each write-back is a whole block's record. Measured before this
-//! existed: sequential 4 KiB writes made the daemon write 2.0–2.6x the bytes
-//! written to the disk. So a block that became dirty by a write that neither
-//! covers it whole nor ends at its end waits here for [`WRITE_BEHIND`] before
-//! it joins the write-back queue, and the pieces that follow in that time
-//! are written back with it. A flush, a snapshot, throttled writers and
+//! existed: sequential 4 KiB writes made the daemon write 1.9–7x their bytes
+//! to the disk (`benches/RESULTS.md`, session 8). So a block that became
+//! dirty by a write that neither covers it whole nor ends at its end waits
+//! here for [`WRITE_BEHIND`] before it joins the write-back queue, and the
+//! pieces that follow in that time are written back with it. A flush, a snapshot, throttled writers and
 //! shutdown take every waiting block at once ([`Delayed::take_all`]).
 
 use super::Slot;
@@ -35,9 +35,8 @@ struct DelayedState {
 }
 
 impl Delayed {
-    /// Adds a block that just became dirty. Never called with this lock
-    /// held elsewhere; the caller may hold the slot's lock (this takes no
-    /// slot lock).
+    /// Adds a block that just became dirty. Takes only this list's lock, so
+    /// the caller may hold the slot's.
     pub(super) fn push(&self, slot: Arc<Slot>) {
         let mut state = self.state.lock();
         state
