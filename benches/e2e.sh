@@ -556,7 +556,7 @@ low_space_watch() {
 # whole 2*REGION area with a per-I/O completion-latency log; the report derives
 # the longest time without any completion (= stall) and the worst latency.
 run_sustain() {
-  local t=$1 json sp wp rc c0 c1 f0 f1 w0 w1 p hwm=0 h fpid
+  local t=$1 json sp wp rc c0 c1 f0 f1 w0 w1 p hwm=0 h fpid ctl lat
   json=$RES/$t.sustain.json
   rm -f "$RES/$t.rss.tsv"
   sp=""
@@ -566,6 +566,8 @@ run_sustain() {
     sp=$!
     on_cleanup sustain "kill $sp 2>/dev/null; wait $sp 2>/dev/null"
   fi
+  ctl=${T_CONTROL[$t]:-}
+  [ -n "$ctl" ] && { echo reset-stats > "$ctl" || log "  $t: reset-stats failed"; }
   # shellcheck disable=SC2086
   c0=$(ticks_of ${T_PIDS[$t]:-}); child_cpu; f0=$CHILD_CPU; w0=$(now)
   # shellcheck disable=SC2046
@@ -584,6 +586,12 @@ run_sustain() {
   kill "$wp" 2>/dev/null; wait "$wp" 2>/dev/null
   # shellcheck disable=SC2086
   c1=$(ticks_of ${T_PIDS[$t]:-})
+  if [ -n "$ctl" ]; then # the daemon's own view of the same writes (control file)
+    lat=$(awk -F': ' '$1 == "write-latency-us" {print $2}' "$ctl" | tr ' ' '\n')
+    fact "$t" sustain sustain daemon_p99_us "$(awk -F= '$1 == "p99" {print $2}' <<< "$lat")" us
+    fact "$t" sustain sustain daemon_max_us "$(awk -F= '$1 == "max" {print $2}' <<< "$lat")" us
+    fact "$t" sustain sustain slow_requests "$(awk -F': ' '$1 == "slow-requests" {print $2}' "$ctl")"
+  fi
   settle "$t" "sustain#1"
   if [ -n "$sp" ]; then
     kill "$sp" 2>/dev/null; wait "$sp" 2>/dev/null

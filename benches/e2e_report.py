@@ -347,12 +347,14 @@ def main():
             m["n_io"] = len(times)
         m["stall_ms"] = (max(x for x in (m.get("gap_ms"), m.get("max_ms"), 0) if x is not None)
                          if m.get("mbps") else None)
+        if m.get("daemon_max_us") is not None:
+            m["daemon_max_ms"] = m["daemon_max_us"] / 1000.0
         if m.get("rss_peak_kib") is not None:
             m["rss_peak_mib"] = max(m.get("rss_peak_kib") or 0, m.get("rss_hwm_kib") or 0) / 1024.0
         sustain[t] = m
         for key, unit in (("mbps", "MB/s"), ("p99_ms", "ms"), ("max_ms", "ms"), ("gap_ms", "ms"),
                           ("stall_ms", "ms"), ("rss_peak_mib", "MiB"), ("core_s_per_gib", "core-s/GiB"),
-                          ("fsync_s", "s")):
+                          ("fsync_s", "s"), ("daemon_max_ms", "ms")):
             if m.get(key) is not None:
                 emit("sustain", t, "sustain", key, float(m[key]), unit,
                      sustain.get(BASE, {}).get(key) if t != BASE else m[key], m.get("note") or "")
@@ -516,16 +518,18 @@ def main():
         L.append("")
         L.append("`longest gap` = longest time in which no write completed (from fio's per-I/O completion log); "
                  "`stall` = the larger of that and the worst completion latency. `peak RSS` = max of the 0.2 s "
-                 "samples and the daemon's VmHWM. `fsync after` = time to make the whole run durable.")
+                 "samples and the daemon's VmHWM. `fsync after` = time to make the whole run durable. "
+                 "`daemon max` = the longest write as the vbdfs daemon measured it (control file "
+                 "`write-latency-us`, from reading the request to replying; after `reset-stats`).")
         L.append("")
-        L.append("| target | MB/s | p99 lat ms | max lat ms | longest gap ms | stall ms | core·s/GiB | daemon peak RSS MiB | cache MiB | fsync after s | note |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        L.append("| target | MB/s | p99 lat ms | max lat ms | longest gap ms | stall ms | daemon max ms | core·s/GiB | daemon peak RSS MiB | cache MiB | fsync after s | note |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         sb = sustain.get(BASE, {})
         for t, m in sustain.items():
             rss = m.get("rss_peak_mib")
             L.append(f"| {t} | {fmt(m.get('mbps'))}{rfmt(ratio(m.get('mbps'), sb.get('mbps')))} | "
                      f"{fmt(m.get('p99_ms'))} | {fmt(m.get('max_ms'))} | {fmt(m.get('gap_ms'))} | "
-                     f"{fmt(m.get('stall_ms'))} | {fmt(m.get('core_s_per_gib'))} | "
+                     f"{fmt(m.get('stall_ms'))} | {fmt(m.get('daemon_max_ms'))} | {fmt(m.get('core_s_per_gib'))} | "
                      f"{'–' if rss is None else fmt(rss)} | {fmt(m.get('cache_mib'), 0) if m.get('cache_mib') is not None else '–'} | "
                      f"{fmt(sus_fsync(t))} | {m.get('note') or ''} |")
         L.append("")

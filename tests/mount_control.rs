@@ -62,7 +62,17 @@ fn status_and_commands() {
             "generation",
             "snapshots",
             "log-damage",
-            "last-error"
+            "last-error",
+            "stats-seconds",
+            "read",
+            "read-latency-us",
+            "write",
+            "write-latency-us",
+            "flush",
+            "flush-latency-us",
+            "discard",
+            "discard-latency-us",
+            "slow-requests"
         ],
         "{status}"
     );
@@ -114,6 +124,99 @@ fn status_and_commands() {
     let (ok, err) = echo_to(&m.control(), "compact");
     assert!(ok, "compact failed: {err}");
     assert_eq!(m.status_value("state").as_deref(), Some("mounted"));
+    m.umount();
+}
+
+/// The `p50=… p90=… p99=… p99.9=… max=…` values of a latency line.
+fn latencies(line: &str) -> Vec<u64> {
+    line.split(' ')
+        .map(|kv| {
+            let (_, v) = kv.split_once('=').expect("key=value");
+            v.parse().expect("number")
+        })
+        .collect()
+}
+
+#[test]
+fn request_statistics_count_what_the_disk_served_and_reset() {
+    use std::os::unix::fs::FileExt;
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "8M", &["--block-size", "4K"]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), None);
+    let (ok, err) = echo_to(&m.control(), "reset-stats");
+    assert!(ok, "reset-stats failed: {err}");
+    assert_eq!(
+        m.status_value("write").as_deref(),
+        Some("requests=0 bytes=0 errors=0")
+    );
+    assert_eq!(m.status_value("write-latency-us").as_deref(), Some("none"));
+
+    // `disk` is opened with direct I/O: each call below is one request.
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.disk())
+        .expect("open disk");
+    disk.write_all_at(&common::pattern(12288, 5), 4096)
+        .expect("write");
+    disk.write_all_at(&[1u8; 4096], 64 << 10).expect("write");
+    let mut back = vec![0u8; 8192];
+    disk.read_exact_at(&mut back, 8192).expect("read");
+    disk.sync_all().expect("fsync");
+    common::sh(
+        "fallocate",
+        &["-p", "-o", "4096", "-l", "4096", p(&m.disk())],
+    );
+    let err = disk
+        .write_at(&[1u8; 512], 8 << 20)
+        .expect_err("write past the end");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+
+    assert_eq!(
+        m.status_value("write").as_deref(),
+        Some("requests=3 bytes=16384 errors=1")
+    );
+    assert_eq!(
+        m.status_value("read").as_deref(),
+        Some("requests=1 bytes=8192 errors=0")
+    );
+    // Our fsync, and util-linux `fallocate`'s after its punch.
+    assert_eq!(
+        m.status_value("flush").as_deref(),
+        Some("requests=2 errors=0")
+    );
+    assert_eq!(
+        m.status_value("discard").as_deref(),
+        Some("requests=1 bytes=4096 errors=0")
+    );
+    for op in ["read", "write", "flush", "discard"] {
+        let line = m
+            .status_value(&format!("{op}-latency-us"))
+            .expect("latency line");
+        let v = latencies(&line);
+        assert_eq!(v.len(), 5, "{op}: {line}");
+        assert!(v.windows(2).all(|w| w[0] <= w[1]), "{op}: {line}");
+        assert!(v[4] > 0 && v[4] < 10_000_000, "{op}: {line}");
+    }
+    assert_eq!(m.status_value("slow-requests").as_deref(), Some("0"));
+
+    let (ok, err) = echo_to(&m.control(), "reset-stats");
+    assert!(ok, "reset-stats failed: {err}");
+    assert_eq!(
+        m.status_value("read").as_deref(),
+        Some("requests=0 bytes=0 errors=0")
+    );
+    assert_eq!(m.status_value("flush-latency-us").as_deref(), Some("none"));
+    let seconds: f64 = m
+        .status_value("stats-seconds")
+        .and_then(|v| v.parse().ok())
+        .expect("stats-seconds");
+    assert!(seconds < 5.0, "{seconds}");
+    drop(disk);
     m.umount();
 }
 

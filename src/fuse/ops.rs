@@ -7,7 +7,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use fuser::{
     Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
@@ -18,6 +18,7 @@ use fuser::{
 use super::inodes::{Inodes, TTL};
 use super::snapfiles::is_snapshot;
 use super::{errno, failed, ino_name, VbdFs, CONTROL, DISK, SNAPSHOTS};
+use crate::control::{Control, Op};
 
 impl VbdFs {
     /// Clamps `[off, off+len)` to the disk; None if `off` is at or past the end.
@@ -25,6 +26,25 @@ impl VbdFs {
         let size = self.image.len();
         (off < size).then(|| len.min(size - off))
     }
+}
+
+/// Replies to a write on `disk` of `len` bytes at `offset` and counts it.
+fn reply_written(
+    control: &Control,
+    result: crate::Result<()>,
+    len: usize,
+    offset: u64,
+    started: Instant,
+    reply: ReplyWrite,
+) {
+    let ok = result.is_ok();
+    match result {
+        Ok(()) => reply.written(len as u32),
+        Err(e) => reply.error(failed(control, "write disk", &e)),
+    }
+    control
+        .stats()
+        .finish(Op::Write, started, len as u64, offset, ok);
 }
 
 impl Filesystem for VbdFs {
@@ -120,20 +140,26 @@ impl Filesystem for VbdFs {
     ) {
         match ino {
             DISK => {
+                let started = Instant::now();
                 let Some(len) = self.clamp(offset, u64::from(size)) else {
+                    self.control
+                        .stats()
+                        .finish(Op::Read, started, 0, offset, true);
                     return reply.data(&[]);
                 };
                 let in_memory = !self.image.reads_disk(offset, len, false);
                 let (image, control, bufs) =
                     (self.image.clone(), self.control.clone(), self.bufs.clone());
                 let job = move || {
-                    let len = len as usize;
-                    let mut buf = bufs.get(len);
-                    match image.read_at(&mut buf[..len], offset) {
-                        Ok(()) => reply.data(&buf[..len]),
-                        Err(e) => reply.error(failed(&control, "read disk", &e)),
+                    let mut buf = bufs.get(len as usize);
+                    let result = image.read_at(&mut buf[..len as usize], offset);
+                    match &result {
+                        Ok(()) => reply.data(&buf[..len as usize]),
+                        Err(e) => reply.error(failed(&control, "read disk", e)),
                     }
                     bufs.put(buf);
+                    let ok = result.is_ok();
+                    control.stats().finish(Op::Read, started, len, offset, ok);
                 };
                 if in_memory {
                     job(); // cached: answered here, no hand-off to a worker
@@ -172,31 +198,31 @@ impl Filesystem for VbdFs {
     ) {
         match ino {
             DISK => {
+                let started = Instant::now();
                 if self.image.is_read_only() {
                     return reply.error(Errno::EROFS);
                 }
                 let Some(len) = self.clamp(offset, data.len() as u64) else {
+                    let stats = self.control.stats();
+                    stats.finish(Op::Write, started, 0, offset, false);
                     return reply.error(Errno::ENOSPC);
                 };
                 let len = len as usize;
                 if !self.image.reads_disk(offset, len as u64, true) {
                     // No read-modify-write from disk: written here, straight
                     // from the request (no copy into a buffer, no hand-off).
-                    return match self.image.write_at(&data[..len], offset) {
-                        Ok(()) => reply.written(len as u32),
-                        Err(e) => reply.error(failed(&self.control, "write disk", &e)),
-                    };
+                    let result = self.image.write_at(&data[..len], offset);
+                    reply_written(&self.control, result, len, offset, started, reply);
+                    return;
                 }
                 let mut buf = self.bufs.get(len);
                 buf[..len].copy_from_slice(&data[..len]);
                 let (image, control, bufs) =
                     (self.image.clone(), self.control.clone(), self.bufs.clone());
                 self.pool.submit(Box::new(move || {
-                    match image.write_at(&buf[..len], offset) {
-                        Ok(()) => reply.written(len as u32),
-                        Err(e) => reply.error(failed(&control, "write disk", &e)),
-                    }
+                    let result = image.write_at(&buf[..len], offset);
                     bufs.put(buf);
+                    reply_written(&control, result, len, offset, started, reply);
                 }));
             }
             CONTROL => {
@@ -258,10 +284,16 @@ impl Filesystem for VbdFs {
         if ino != DISK {
             return reply.ok();
         }
+        let started = Instant::now();
         let (image, control) = (self.image.clone(), self.control.clone());
-        self.pool.submit(Box::new(move || match image.flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(failed(&control, "fsync disk", &e)),
+        self.pool.submit(Box::new(move || {
+            let result = image.flush();
+            match &result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(failed(&control, "fsync disk", e)),
+            }
+            let ok = result.is_ok();
+            control.stats().finish(Op::Flush, started, 0, 0, ok);
         }));
     }
 
@@ -299,6 +331,7 @@ impl Filesystem for VbdFs {
             libc::FALLOC_FL_ZERO_RANGE => true,
             _ => return reply.error(Errno::EOPNOTSUPP),
         };
+        let started = Instant::now();
         let (image, control) = (self.image.clone(), self.control.clone());
         self.pool.submit(Box::new(move || {
             let result = if zero {
@@ -306,10 +339,14 @@ impl Filesystem for VbdFs {
             } else {
                 image.discard(offset, len)
             };
-            match result {
+            match &result {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(failed(&control, "fallocate disk", &e)),
+                Err(e) => reply.error(failed(&control, "fallocate disk", e)),
             }
+            let ok = result.is_ok();
+            control
+                .stats()
+                .finish(Op::Discard, started, len, offset, ok);
         }));
     }
 

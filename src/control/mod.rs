@@ -10,6 +10,7 @@
 //! | `delete-snapshot NAME` | deletes it; `ENOENT` if there is none, `EBUSY` while `snapshots/NAME` is open or clones are based on it |
 //! | `hold-snapshot NAME`, `release-snapshot NAME` | one more / one less clone based on it (what `vbdfs clone` does on a mounted base); `ENOENT`, `EINVAL` when not held |
 //! | `compact` | return the host space of dead records (see `engine::reclaim`) |
+//! | `reset-stats` | start the request statistics (below) again from zero |
 //!
 //! Snapshot names: 1 to 64 of `A-Z a-z 0-9 . _ -`, starting with a letter,
 //! digit or `_` ([`crate::format::check_snapshot_name`]). An unknown or
@@ -36,6 +37,14 @@
 //! | `snapshots` | the snapshot names, oldest first, separated by spaces; `none` without any |
 //! | `log-damage` | damaged log records the open stepped over (their blocks read as errors; `check` names them), `none` normally |
 //! | `last-error` | the last failed command or I/O error, `none` if nothing failed |
+//! | `stats-seconds` | the time the request statistics below cover: since the mount or the last `reset-stats` |
+//! | `read`, `write`, `flush`, `discard` | requests on `disk` of each kind (`fsync`/`fdatasync` are flushes; `fallocate` PUNCH_HOLE and ZERO_RANGE discards): `requests=N bytes=N errors=N` (no bytes for flushes; bytes of failed requests are not counted) |
+//! | `read-latency-us`, `write-latency-us`, `flush-latency-us`, `discard-latency-us` | how long they took, in µs: `p50=… p90=… p99=… p99.9=… max=…` (percentiles exact to 12.5 %, rounded up), or `none` |
+//! | `slow-requests` | requests that took a second or longer (each also logged, at most one line per 10 s) |
+//!
+//! The statistics are in [`stats`].
+
+pub mod stats;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +53,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::{Error, ErrorKind, Image, Result};
+pub use stats::{Op, RequestStats};
 
 /// A parsed control command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +71,8 @@ pub enum Command {
     ReleaseSnapshot(String),
     /// Reclaim space.
     Compact,
+    /// Start the request statistics again from zero.
+    ResetStats,
 }
 
 /// Longest accepted command write.
@@ -96,13 +108,14 @@ pub fn parse(data: &[u8]) -> Result<Command> {
     match verb {
         "flush" => no_args(Command::Flush),
         "compact" => no_args(Command::Compact),
+        "reset-stats" => no_args(Command::ResetStats),
         "snapshot" => Ok(Command::Snapshot(one_name()?)),
         "delete-snapshot" => Ok(Command::DeleteSnapshot(one_name()?)),
         "hold-snapshot" => Ok(Command::HoldSnapshot(one_name()?)),
         "release-snapshot" => Ok(Command::ReleaseSnapshot(one_name()?)),
         _ => Err(Error::invalid(format!(
             "unknown command '{verb}' (expected flush, snapshot NAME, \
-             delete-snapshot NAME or compact)"
+             delete-snapshot NAME, compact or reset-stats)"
         ))),
     }
 }
@@ -122,6 +135,7 @@ pub struct Control {
     failed: AtomicBool,
     /// Bytes of the mount's `cache=` budget kept as request buffers.
     buffer_bytes: u64,
+    stats: RequestStats,
 }
 
 impl Control {
@@ -134,6 +148,7 @@ impl Control {
             last_error: Mutex::new(None),
             failed: false.into(),
             buffer_bytes: 0,
+            stats: RequestStats::default(),
         }
     }
 
@@ -147,6 +162,11 @@ impl Control {
     /// The image this control file acts on.
     pub fn image(&self) -> &Arc<Image> {
         &self.image
+    }
+
+    /// The request statistics of `disk`, kept by the FUSE front end.
+    pub fn stats(&self) -> &RequestStats {
+        &self.stats
     }
 
     /// Parses and runs one command write; a failure is also recorded as the last error.
@@ -167,6 +187,10 @@ impl Control {
             }),
             Command::HoldSnapshot(name) => self.image.snapshot_hold(name).map(|_| ()),
             Command::ReleaseSnapshot(name) => self.image.snapshot_release(name).map(|_| ()),
+            Command::ResetStats => {
+                self.stats.reset();
+                Ok(())
+            }
             Command::Compact => self.image.compact().map(|r| {
                 log::info!(
                     "{}: compacted: live {} bytes, host space {} -> {} bytes",
@@ -251,7 +275,13 @@ impl Control {
                 last.unwrap_or_else(|| "none".into()).replace('\n', " "),
             ),
         ];
-        lines.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+        let stats = self.stats.lines();
+        let stats = stats.iter().map(|(k, v)| (k.as_str(), v.clone()));
+        lines
+            .into_iter()
+            .chain(stats)
+            .map(|(k, v)| format!("{k}: {v}\n"))
+            .collect()
     }
 }
 
@@ -274,6 +304,7 @@ mod tests {
         assert_eq!(parse(b"flush\n").ok(), Some(Command::Flush));
         assert_eq!(parse(b"  flush  ").ok(), Some(Command::Flush));
         assert_eq!(parse(b"compact").ok(), Some(Command::Compact));
+        assert_eq!(parse(b"reset-stats\n").ok(), Some(Command::ResetStats));
         assert_eq!(
             parse(b"snapshot pre-upgrade\n").ok(),
             Some(Command::Snapshot("pre-upgrade".into()))
@@ -299,6 +330,7 @@ mod tests {
             b"\n",
             b"bogus",
             b"flush now",
+            b"reset-stats all",
             b"flush\nflush\n",
             b"snapshot",
             b"snapshot a b",
