@@ -8,8 +8,9 @@
 //! to the disk (`benches/RESULTS.md`, session 8). So a block that became
 //! dirty by a write that neither covers it whole nor ends at its end waits
 //! here for [`WRITE_BEHIND`] before it joins the write-back queue, and the
-//! pieces that follow in that time are written back with it. A flush, a snapshot, throttled writers and
-//! shutdown take every waiting block at once ([`Delayed::take_all`]).
+//! pieces that follow in that time are written back with it. A flush, a
+//! snapshot, throttled writers and shutdown take every waiting block at once
+//! ([`Delayed::take_all`]).
 
 use super::Slot;
 use parking_lot::{Condvar, Mutex};

@@ -28,13 +28,36 @@ impl VbdFs {
     }
 }
 
-/// Replies to a write on `disk` of `len` bytes at `offset` and counts it.
+/// A request on `disk` from the moment a FUSE thread has it, for the statistics.
+struct Timed {
+    op: Op,
+    started: Instant,
+    offset: u64,
+}
+
+impl Timed {
+    fn start(op: Op, offset: u64) -> Timed {
+        let started = Instant::now();
+        Timed {
+            op,
+            started,
+            offset,
+        }
+    }
+
+    /// Counts the request as replied to, having moved `bytes` if `ok`.
+    fn done(self, control: &Control, bytes: u64, ok: bool) {
+        let stats = control.stats();
+        stats.finish(self.op, self.started, bytes, self.offset, ok);
+    }
+}
+
+/// Replies to a write on `disk` of `len` bytes and counts it.
 fn reply_written(
     control: &Control,
     result: crate::Result<()>,
     len: usize,
-    offset: u64,
-    started: Instant,
+    timed: Timed,
     reply: ReplyWrite,
 ) {
     let ok = result.is_ok();
@@ -42,9 +65,25 @@ fn reply_written(
         Ok(()) => reply.written(len as u32),
         Err(e) => reply.error(failed(control, "write disk", &e)),
     }
-    control
-        .stats()
-        .finish(Op::Write, started, len as u64, offset, ok);
+    timed.done(control, len as u64, ok);
+}
+
+/// Replies to a flush or a discard of `bytes` on `disk` (`what` names it in
+/// errors) and counts it.
+fn reply_empty(
+    control: &Control,
+    what: &str,
+    result: crate::Result<()>,
+    bytes: u64,
+    timed: Timed,
+    reply: ReplyEmpty,
+) {
+    let ok = result.is_ok();
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(failed(control, what, &e)),
+    }
+    timed.done(control, bytes, ok);
 }
 
 impl Filesystem for VbdFs {
@@ -140,12 +179,10 @@ impl Filesystem for VbdFs {
     ) {
         match ino {
             DISK => {
-                let started = Instant::now();
+                let timed = Timed::start(Op::Read, offset);
                 let Some(len) = self.clamp(offset, u64::from(size)) else {
-                    self.control
-                        .stats()
-                        .finish(Op::Read, started, 0, offset, true);
-                    return reply.data(&[]);
+                    reply.data(&[]);
+                    return timed.done(&self.control, 0, true);
                 };
                 let in_memory = !self.image.reads_disk(offset, len, false);
                 let (image, control, bufs) =
@@ -158,8 +195,7 @@ impl Filesystem for VbdFs {
                         Err(e) => reply.error(failed(&control, "read disk", e)),
                     }
                     bufs.put(buf);
-                    let ok = result.is_ok();
-                    control.stats().finish(Op::Read, started, len, offset, ok);
+                    timed.done(&control, len, result.is_ok());
                 };
                 if in_memory {
                     job(); // cached: answered here, no hand-off to a worker
@@ -198,22 +234,20 @@ impl Filesystem for VbdFs {
     ) {
         match ino {
             DISK => {
-                let started = Instant::now();
+                let timed = Timed::start(Op::Write, offset);
                 if self.image.is_read_only() {
                     return reply.error(Errno::EROFS);
                 }
                 let Some(len) = self.clamp(offset, data.len() as u64) else {
-                    let stats = self.control.stats();
-                    stats.finish(Op::Write, started, 0, offset, false);
-                    return reply.error(Errno::ENOSPC);
+                    reply.error(Errno::ENOSPC);
+                    return timed.done(&self.control, 0, false);
                 };
                 let len = len as usize;
                 if !self.image.reads_disk(offset, len as u64, true) {
                     // No read-modify-write from disk: written here, straight
                     // from the request (no copy into a buffer, no hand-off).
                     let result = self.image.write_at(&data[..len], offset);
-                    reply_written(&self.control, result, len, offset, started, reply);
-                    return;
+                    return reply_written(&self.control, result, len, timed, reply);
                 }
                 let mut buf = self.bufs.get(len);
                 buf[..len].copy_from_slice(&data[..len]);
@@ -222,7 +256,7 @@ impl Filesystem for VbdFs {
                 self.pool.submit(Box::new(move || {
                     let result = image.write_at(&buf[..len], offset);
                     bufs.put(buf);
-                    reply_written(&control, result, len, offset, started, reply);
+                    reply_written(&control, result, len, timed, reply);
                 }));
             }
             CONTROL => {
@@ -284,16 +318,11 @@ impl Filesystem for VbdFs {
         if ino != DISK {
             return reply.ok();
         }
-        let started = Instant::now();
+        let timed = Timed::start(Op::Flush, 0);
         let (image, control) = (self.image.clone(), self.control.clone());
         self.pool.submit(Box::new(move || {
             let result = image.flush();
-            match &result {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(failed(&control, "fsync disk", e)),
-            }
-            let ok = result.is_ok();
-            control.stats().finish(Op::Flush, started, 0, 0, ok);
+            reply_empty(&control, "fsync disk", result, 0, timed, reply);
         }));
     }
 
@@ -331,7 +360,7 @@ impl Filesystem for VbdFs {
             libc::FALLOC_FL_ZERO_RANGE => true,
             _ => return reply.error(Errno::EOPNOTSUPP),
         };
-        let started = Instant::now();
+        let timed = Timed::start(Op::Discard, offset);
         let (image, control) = (self.image.clone(), self.control.clone());
         self.pool.submit(Box::new(move || {
             let result = if zero {
@@ -339,14 +368,7 @@ impl Filesystem for VbdFs {
             } else {
                 image.discard(offset, len)
             };
-            match &result {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(failed(&control, "fallocate disk", e)),
-            }
-            let ok = result.is_ok();
-            control
-                .stats()
-                .finish(Op::Discard, started, len, offset, ok);
+            reply_empty(&control, "fallocate disk", result, len, timed, reply);
         }));
     }
 
