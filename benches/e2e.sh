@@ -491,14 +491,27 @@ fio_job_args() {
   fi
 }
 
+# daemon_latency_facts TARGET PHASE ID CONTROL OP: the vbdfs daemon's own view
+# of the requests since the last reset-stats (control file: OP-latency-us,
+# slow-requests), as facts daemon_p99_us, daemon_max_us, slow_requests.
+daemon_latency_facts() {
+  local t=$1 phase=$2 id=$3 ctl=$4 op=$5 lat
+  lat=$(awk -F': ' -v k="$op-latency-us" '$1 == k {print $2}' "$ctl" | tr ' ' '\n')
+  fact "$t" "$phase" "$id" daemon_p99_us "$(awk -F= '$1 == "p99" {print $2}' <<< "$lat")" us
+  fact "$t" "$phase" "$id" daemon_max_us "$(awk -F= '$1 == "max" {print $2}' <<< "$lat")" us
+  fact "$t" "$phase" "$id" slow_requests "$(awk -F': ' '$1 == "slow-requests" {print $2}' "$ctl")"
+}
+
 # run_fio TARGET JOB ROUND   (facts go under test "JOB#ROUND")
 run_fio() {
-  local t=$1 job=$2 rnd=${3:-1} tb json c0 c1 w0 w1 h0 h1 f0 f1 rc id
+  local t=$1 job=$2 rnd=${3:-1} tb json c0 c1 w0 w1 h0 h1 f0 f1 rc id ctl
   fio_job_args "$job"
   tb=(--time_based --runtime="$RUNTIME" --ramp_time="$RAMP")
   [ "$job" = prefill ] && tb=()
   id="$job#$rnd"
   json=$RES/$t.$job.r$rnd.json
+  ctl=${T_CONTROL[$t]:-}
+  [ -n "$ctl" ] && { echo reset-stats > "$ctl" || log "  $t: reset-stats failed"; }
   # shellcheck disable=SC2086
   c0=$(ticks_of ${T_PIDS[$t]:-}); h0=$(cpu_jiffies); child_cpu; f0=$CHILD_CPU; w0=$(now)
   # shellcheck disable=SC2046
@@ -518,6 +531,7 @@ run_fio() {
   if [ -n "${T_PIDS[$t]:-}" ]; then
     fact "$t" fio "$id" daemon_cpu_s "$(awk -v d=$((c1 - c0)) -v h="$CLK_TCK" 'BEGIN{printf "%.2f", d/h}')" s
   fi
+  [ -n "$ctl" ] && daemon_latency_facts "$t" fio "$id" "$ctl" "${FIO_RW#rand}"
   [ $rc = 0 ] || log "  $t $job: fio rc=$rc ($(tail -c 200 "$RES/$t.$job.r$rnd.err" | tr '\n' ' '))"
   return $rc
 }
@@ -556,7 +570,7 @@ low_space_watch() {
 # whole 2*REGION area with a per-I/O completion-latency log; the report derives
 # the longest time without any completion (= stall) and the worst latency.
 run_sustain() {
-  local t=$1 json sp wp rc c0 c1 f0 f1 w0 w1 p hwm=0 h fpid ctl lat
+  local t=$1 json sp wp rc c0 c1 f0 f1 w0 w1 p hwm=0 h fpid ctl
   json=$RES/$t.sustain.json
   rm -f "$RES/$t.rss.tsv"
   sp=""
@@ -586,12 +600,7 @@ run_sustain() {
   kill "$wp" 2>/dev/null; wait "$wp" 2>/dev/null
   # shellcheck disable=SC2086
   c1=$(ticks_of ${T_PIDS[$t]:-})
-  if [ -n "$ctl" ]; then # the daemon's own view of the same writes (control file)
-    lat=$(awk -F': ' '$1 == "write-latency-us" {print $2}' "$ctl" | tr ' ' '\n')
-    fact "$t" sustain sustain daemon_p99_us "$(awk -F= '$1 == "p99" {print $2}' <<< "$lat")" us
-    fact "$t" sustain sustain daemon_max_us "$(awk -F= '$1 == "max" {print $2}' <<< "$lat")" us
-    fact "$t" sustain sustain slow_requests "$(awk -F': ' '$1 == "slow-requests" {print $2}' "$ctl")"
-  fi
+  [ -n "$ctl" ] && daemon_latency_facts "$t" sustain sustain "$ctl" write
   settle "$t" "sustain#1"
   if [ -n "$sp" ]; then
     kill "$sp" 2>/dev/null; wait "$sp" 2>/dev/null

@@ -156,7 +156,9 @@ def main():
         fsync, _ = fget(t, "fio", test, "fsync_s")
         hbusy, _ = fget(t, "fio", test, "host_busy_pct")
         hsteal, _ = fget(t, "fio", test, "host_steal_pct")
-        m = {"rc": rc, "note": rc_note, "drain_s": drain, "fsync_s": fsync, "steal_pct": hsteal}
+        dp99, _ = fget(t, "fio", test, "daemon_p99_us")
+        m = {"rc": rc, "note": rc_note, "drain_s": drain, "fsync_s": fsync, "steal_pct": hsteal,
+             "daemon_p99_us": dp99}
         if d and d.get("jobs"):
             j = d["jobs"][0]
             io = j.get(kind, {})
@@ -186,7 +188,7 @@ def main():
 
     fio = {}         # (t, job) -> median over rounds (+ "<key>_min"/"<key>_max", "n")
     fio_rounds = {}  # (t, job) -> [(round, metrics), ...]
-    AGG_KEYS = ["mbps", "iops", "p99_us", "max_us", "fio_usr", "fio_sys", "daemon_cpu_pct", "daemon_cpu_s",
+    AGG_KEYS = ["mbps", "iops", "p99_us", "daemon_p99_us", "max_us", "fio_usr", "fio_sys", "daemon_cpu_pct", "daemon_cpu_s",
                 "core_s_per_gib", "other_cpu_pct", "steal_pct", "fsync_s", "drain_s"]
     for t in active:
         for job, _, kind in JOBS + [("prefill", "prefill", "write")]:
@@ -210,7 +212,7 @@ def main():
 
     fio_metrics = [
         ("mbps", "MB/s", "MB/s"), ("iops", "IOPS", "IOPS"), ("p99_us", "p99 lat", "us"),
-        ("max_us", "max lat", "us"), ("fio_usr", "fio usr%", "%"), ("fio_sys", "fio sys%", "%"),
+        ("daemon_p99_us", "daemon p99", "us"), ("max_us", "max lat", "us"), ("fio_usr", "fio usr%", "%"), ("fio_sys", "fio sys%", "%"),
         ("daemon_cpu_pct", "daemon CPU%", "% of 1 core"), ("core_s_per_gib", "core·s/GiB", "core-s/GiB"),
         ("other_cpu_pct", "other CPU%", "% of 1 core"), ("steal_pct", "steal%", "% of 1 core"),
         ("fsync_s", "fsync s", "s"), ("drain_s", "drain s", "s"),
@@ -436,7 +438,9 @@ def main():
     L.append("- fio: ioengine=libaio, direct=1 where O_DIRECT opens (column O_DIRECT), time based with ramp, "
              "buffer_compress_percentage=50 + refill_buffers; job-major order with the target order rotated "
              "per job. `(×r)` = ratio to `raw`; for latency, CPU and drain, >1 means worse. With ROUNDS>1 "
-             "every figure is the median over rounds, `[min–max]` shows the spread of MB/s and IOPS.")
+             "every figure is the median over rounds, `[min–max]` shows the spread of MB/s and IOPS. "
+             "`daemon p99` = the vbdfs daemon's own p99 for the same requests (control file, reset before "
+             "each run, ramp included; from reading a request to replying, without the kernel's queue).")
     L.append("")
 
     L.append("## Targets")
@@ -496,6 +500,8 @@ def main():
                     cells.append("" if v is None else fmt(v, 2))
                 elif key in ("other_cpu_pct", "steal_pct"):
                     cells.append("" if v is None else fmt(v, 0))
+                elif key == "daemon_p99_us":
+                    cells.append("–" if v is None else fmt(v))
                 else:
                     spread = ""
                     if key in ("mbps", "iops") and (m.get("n") or 1) > 1:

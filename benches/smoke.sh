@@ -30,6 +30,8 @@ grep -q "^sustain,vbdfs-zstd," "$out/smoke.csv" ||
   { tail -40 "$out/e2e.log"; echo "smoke: no sustained-write figures for vbdfs-zstd"; exit 1; }
 grep -q "^sustain,vbdfs-zstd,sustain,daemon_max_ms,[0-9]" "$out/smoke.csv" ||
   { tail -40 "$out/e2e.log"; echo "smoke: no daemon-measured write latency (control file) for vbdfs-zstd"; exit 1; }
+grep -q "^fio,vbdfs-none,randread,daemon_p99_us,[0-9]" "$out/smoke.csv" ||
+  { tail -40 "$out/e2e.log"; echo "smoke: no daemon-measured read p99 (control file) for vbdfs-none"; exit 1; }
 grep -q "^space,vbdfs-none,total,reclaim_wait_s,[0-9]" "$out/smoke.csv" ||
   { tail -40 "$out/e2e.log"; echo "smoke: no figure for how long vbdfs-none's dead space took to punch"; exit 1; }
 echo "benchmark smoke run: ok ($(grep -c . "$out/smoke.csv") figures)"
