@@ -9,6 +9,7 @@
 //!   payload crc (the crc combination done under the log lock);
 //! - cache: inserting and filling a block into a full cache (eviction
 //!   included), a hit;
+//! - request statistics: timing and counting one request (control file);
 //! - map + cache through `Image` on an in-memory store: a 4 KiB read of an
 //!   unmapped block (cache miss, map lookup), a 4 KiB read of a cached block,
 //!   a 4 KiB write into a cached block (copy-on-write of the cached block when
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use vbdfs::cache::BlockCache;
 use vbdfs::codec;
+use vbdfs::control::{Op, RequestStats};
 use vbdfs::format::{RecordHeader, RecordKind};
 use vbdfs::io::MemStore;
 use vbdfs::{Codec, CreateOptions, Image, OpenOptions};
@@ -153,6 +155,19 @@ fn main() {
     b.run("cache hit", 1_000_000, 0, |i| {
         black_box(cache.lookup(i % 512));
     });
+
+    // Request statistics: what the FUSE front end adds to every request on
+    // `disk` (the clock read at the start and the counting after the reply).
+    let stats = RequestStats::default();
+    b.run(
+        "request statistics: time + count one request",
+        2_000_000,
+        0,
+        |i| {
+            let started = Instant::now();
+            stats.finish(Op::Read, black_box(started), 4096, i, true);
+        },
+    );
 
     // Map + cache through the engine, in memory.
     let create = CreateOptions {
