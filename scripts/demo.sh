@@ -50,6 +50,8 @@ Try next:
   dev=\$(losetup -f --show --direct-io=on $MNT/disk)   # a block device over it
   mkdir -p /mnt/demo && mount \$dev /mnt/demo && cat /mnt/demo/README
   echo flush > $MNT/control                            # make everything durable
+  echo "snapshot s\$(date +%s)" > $MNT/control; ls $MNT/snapshots  # an online snapshot
+  grep latency $MNT/control                            # what the requests took (µs)
   umount /mnt/demo && losetup -d \$dev
 
   Xen:   disk = ['file:$MNT/disk,xvda,w']   (or 'tap:aio:$MNT/disk,xvda,w')
