@@ -13,10 +13,17 @@ use crate::codec;
 use crate::format::{EntryKind, MapEntry};
 use crate::io::AlignedBuf;
 use crossbeam_channel::{Receiver, Sender};
+use std::ops::Range;
 use std::sync::Arc;
 
-/// Largest single read issued for a run of records.
-const MAX_RUN_BYTES: u64 = 4 << 20;
+/// Largest single read issued for a run of records: a 1 MiB request's
+/// blocks with room for the padding between appends (16 records of 64 KiB
+/// blocks span up to 1088 KiB when each is an append of its own). Runs no
+/// longer than this fit a run buffer as it is kept, so a buffer is never
+/// grown and cut back: that cost a reallocation, page faults and zeroing of
+/// up to 4 MiB per read (40 % of the daemon's CPU in 1 MiB sequential reads
+/// of an uncompressed image, `benches/RESULTS.md` session 9).
+pub(super) const MAX_RUN_BYTES: u64 = (1 << 20) + (128 << 10);
 /// Aligned buffers for reading runs: at most this many exist, reused (a run
 /// read waits for one). Allocating one per read left the daemon's memory
 /// fragmented: VmHWM 307–371 MiB at `cache=256M` after 8 s of 1 MiB
@@ -24,9 +31,11 @@ const MAX_RUN_BYTES: u64 = 4 << 20;
 /// (their memory reserved out of the cache), at the same read speed: 16 MiB
 /// in flight keep the disk busy.
 const RUN_BUFS: usize = 16;
-/// Largest run buffer kept (a 1 MiB request's run with alignment slack);
-/// one grown for a longer run is cut back when returned.
-const RUN_BUF_KEEP: usize = (1 << 20) + (8 << 10);
+/// Largest run buffer kept: the longest run plus a direct read's alignment
+/// slack (under 4 KiB before and after); one grown for a longer run (a
+/// single record larger than a run, which block sizes up to 1 MiB do not
+/// make) is cut back when returned.
+const RUN_BUF_KEEP: usize = MAX_RUN_BYTES as usize + (8 << 10);
 /// Memory the run buffers hold at most, beyond a longer run in flight
 /// ([`super::threads_reserve`]).
 pub(super) const RUN_BUFS_BYTES: u64 = (RUN_BUFS * RUN_BUF_KEEP) as u64;
@@ -79,6 +88,28 @@ impl Drop for RunBuf<'_> {
     }
 }
 
+/// Splits DATA entries (of blocks in order) into runs of records that lie
+/// back to back in the log ([`super::log::follows`]), each spanning at most
+/// [`MAX_RUN_BYTES`] unless it is a single record: the index ranges, in order.
+pub(super) fn runs(entries: &[MapEntry]) -> Vec<Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < entries.len() {
+        let mut end = start + 1;
+        while let Some(next) = entries.get(end) {
+            if !super::log::follows(&entries[end - 1], next)
+                || next.off + u64::from(next.len) - entries[start].off > MAX_RUN_BYTES
+            {
+                break;
+            }
+            end += 1;
+        }
+        runs.push(start..end);
+        start = end;
+    }
+    runs
+}
+
 impl Inner {
     /// Loads the missing DATA blocks of `[off, off+len)` into the cache.
     pub(super) fn load_many(&self, off: u64, len: u64) {
@@ -106,20 +137,9 @@ impl Inner {
                 }
             }
         }
-        let mut start = 0;
-        while start < missing.len() {
-            let mut end = start + 1;
-            while end < missing.len() {
-                let (prev, next) = (&missing[end - 1].1, &missing[end].1);
-                if !super::log::follows(prev, next)
-                    || next.off + u64::from(next.len) - missing[start].1.off > MAX_RUN_BYTES
-                {
-                    break;
-                }
-                end += 1;
-            }
-            self.load_run(&missing[start..end]);
-            start = end;
+        let entries: Vec<MapEntry> = missing.iter().map(|(_, e)| *e).collect();
+        for run in runs(&entries) {
+            self.load_run(&missing[run]);
         }
     }
 
@@ -167,6 +187,109 @@ impl Inner {
                     ::log::error!("read of block {} failed: {e}", slot.block);
                     self.cache.fail_load(slot, &e);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{EntryKind, LOG_START, LOG_UNIT};
+
+    fn data(off: u64, len: u32) -> MapEntry {
+        MapEntry {
+            kind: EntryKind::Data,
+            off,
+            len,
+            birth: 1,
+        }
+    }
+
+    /// What a direct read of the run needs: its span plus alignment slack.
+    fn buffer_needed(entries: &[MapEntry], run: &Range<usize>) -> usize {
+        let (first, last) = (entries[run.start], entries[run.end - 1]);
+        let span = last.off + u64::from(last.len) - first.off;
+        let lead = first.off % LOG_UNIT;
+        (lead + span).div_ceil(LOG_UNIT) as usize * LOG_UNIT as usize
+    }
+
+    /// Records of `len` bytes, each an append of its own (the most padding).
+    fn own_appends(n: u64, len: u32) -> Vec<MapEntry> {
+        let step = u64::from(len).div_ceil(LOG_UNIT) * LOG_UNIT;
+        (0..n).map(|i| data(LOG_START + i * step, len)).collect()
+    }
+
+    #[test]
+    fn a_1_mib_request_is_one_run_that_fits_a_kept_buffer() {
+        // 16 blocks of 64 KiB, uncompressed (header + payload), each record
+        // in an append of its own: one read, no growing of the buffer.
+        let entries = own_appends(16, 65536 + 64);
+        let one_run = |e: &[MapEntry]| matches!(runs(e).as_slice(), [r] if *r == (0..e.len()));
+        assert!(one_run(&entries), "{:?}", runs(&entries));
+        assert!(buffer_needed(&entries, &(0..16)) <= RUN_BUF_KEEP);
+        // Back to back in one append, starting anywhere in a page.
+        let packed: Vec<MapEntry> = (0..16)
+            .map(|i| data(LOG_START + 4000 + i * 65600, 65600))
+            .collect();
+        assert!(one_run(&packed), "{:?}", runs(&packed));
+        assert!(buffer_needed(&packed, &(0..16)) <= RUN_BUF_KEEP);
+    }
+
+    #[test]
+    fn every_run_fits_a_kept_buffer_and_breaks_only_where_it_must() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for shift in 12..=20u32 {
+            let block = 1u64 << shift;
+            for _ in 0..200 {
+                // Records of the block size or compressed smaller (plus an
+                // encrypted record's overhead), back to back or in appends
+                // of their own, sometimes with a gap (another block's record).
+                let mut off = LOG_START + next(LOG_UNIT) / 16 * 16;
+                let entries: Vec<MapEntry> = (0..1 + next(64))
+                    .map(|_| {
+                        let len = (64 + 1 + next(block + 56)) as u32;
+                        let e = data(off, len);
+                        off = crate::format::align_up(off + u64::from(len), 16);
+                        match next(4) {
+                            0 => off = crate::format::align_up(off, LOG_UNIT),
+                            1 => off += 65536,
+                            _ => {}
+                        }
+                        e
+                    })
+                    .collect();
+                let runs = runs(&entries);
+                let mut expect_start = 0;
+                for run in &runs {
+                    assert_eq!(run.start, expect_start);
+                    assert!(run.end > run.start);
+                    expect_start = run.end;
+                    assert!(
+                        buffer_needed(&entries, run) <= RUN_BUF_KEEP,
+                        "block {block}: run {run:?} needs {}",
+                        buffer_needed(&entries, run)
+                    );
+                    for i in run.start + 1..run.end {
+                        assert!(super::super::log::follows(&entries[i - 1], &entries[i]));
+                    }
+                    if run.end < entries.len() {
+                        let (first, after) = (entries[run.start], entries[run.end]);
+                        let longer = after.off + u64::from(after.len) - first.off;
+                        assert!(
+                            !super::super::log::follows(&entries[run.end - 1], &after)
+                                || longer > MAX_RUN_BYTES,
+                            "block {block}: run {run:?} ended early"
+                        );
+                    }
+                }
+                assert_eq!(expect_start, entries.len());
             }
         }
     }

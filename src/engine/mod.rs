@@ -504,7 +504,7 @@ mod tests {
             adapt_floor: None,
         };
         // 8 workers x (8 blocks + 1 MiB) + 16 run buffers + reclaim.
-        let run_bufs = 16 * ((1 << 20) + (8 << 10));
+        let run_bufs = 16 * ((1 << 20) + (128 << 10) + (8 << 10));
         assert_eq!(
             threads_reserve(&open, 65536),
             8 * (3 << 19) + run_bufs + deadspace::BOOKKEEPING_BYTES

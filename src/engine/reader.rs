@@ -8,7 +8,7 @@
 //! own backing image (a snapshot of a clone), ZERO entries read as zeros. A
 //! small LRU of decoded blocks serves reads smaller than a block.
 
-use super::batch::RunBufs;
+use super::batch::{self, RunBufs};
 use super::map::BlockMap;
 use super::snapshot::SnapshotInfo;
 use super::snaptable::Pin;
@@ -23,8 +23,6 @@ use std::sync::Arc;
 
 /// Bytes of decoded blocks a reader keeps (at least 4 blocks).
 const READER_CACHE: usize = 4 << 20;
-/// Largest single read issued for a run of records.
-const MAX_RUN_BYTES: u64 = 2 << 20;
 
 /// A read-only snapshot. `Send + Sync`.
 #[derive(Debug)]
@@ -92,21 +90,9 @@ impl SnapshotReader {
                 .filter(|(b, e)| e.kind == EntryKind::Data && !cache.contains(b))
                 .collect()
         };
-        let mut start = 0;
-        while start < missing.len() {
-            let mut end = start + 1;
-            while let Some((_, next)) = missing.get(end) {
-                let prev = missing[end - 1].1;
-                // Following (so after the run's start), and not too long.
-                if !super::log::follows(&prev, next)
-                    || next.off + u64::from(next.len) - missing[start].1.off > MAX_RUN_BYTES
-                {
-                    break;
-                }
-                end += 1;
-            }
-            self.load_run(&missing[start..end]);
-            start = end;
+        let entries: Vec<MapEntry> = missing.iter().map(|(_, e)| *e).collect();
+        for run in batch::runs(&entries) {
+            self.load_run(&missing[run]);
         }
     }
 
