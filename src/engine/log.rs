@@ -61,8 +61,21 @@ pub(crate) struct LogTail {
 
 const _: () = assert!(DIRECT_ALIGN as u64 == LOG_UNIT);
 
-/// The staging buffer is shrunk back to this after a larger append.
+/// The log's own staging buffer (checkpoints, commits) is cut back to this
+/// after a larger append.
 const STAGING_KEEP: usize = 2 << 20;
+
+/// The largest append of one write-back batch of `block_size` blocks:
+/// [`super::writeback::WRITEBACK_BATCH`] records, sealed, aligned, plus the
+/// padding to the log unit. A write-back worker keeps a staging buffer of up
+/// to this size (counted in the cache budget, `threads_reserve`): cut back
+/// to 2 MiB after every batch, a 256 KiB-block image's batches (8 × 256 KiB
+/// plus headers) reallocated and zeroed it each time.
+pub(super) fn batch_staging_bytes(block_size: u64) -> usize {
+    let record = block_size as usize + RECORD_HEADER_LEN + SEAL_OVERHEAD as usize;
+    super::writeback::WRITEBACK_BATCH * align_up(record as u64, RECORD_ALIGN) as usize
+        + LOG_UNIT as usize
+}
 
 /// Appended bytes are handed to host writeback in windows of this size.
 const WRITEBACK_WINDOW: u64 = 8 << 20;
@@ -153,7 +166,7 @@ impl LogTail {
         records: &[NewRecord<'_>],
     ) -> Result<Vec<Written>> {
         let room = self.layout(store, records)?;
-        room.write(store, records, &mut self.staging)
+        room.write(store, records, &mut self.staging, STAGING_KEEP)
     }
 
     /// Takes room for `records` and registers it as in flight: the caller
@@ -286,12 +299,14 @@ pub(crate) struct Room {
 impl Room {
     /// Seals (encrypted images), checksums and stages the records in
     /// `staging`, then writes them with one aligned write. `records` are the
-    /// ones the room was taken for.
+    /// ones the room was taken for. `staging` is cut back to `keep` bytes
+    /// after a larger append.
     pub fn write(
         &self,
         store: &dyn Store,
         records: &[NewRecord<'_>],
         staging: &mut AlignedBuf,
+        keep: usize,
     ) -> Result<Vec<Written>> {
         let sealer = store.sealer();
         let used = self.used as usize;
@@ -344,8 +359,8 @@ impl Room {
         store
             .write_direct_at(buf, self.start)
             .map_err(|e| Error::io(format!("write records at {}", self.start), e))?;
-        if used > STAGING_KEEP {
-            staging.shrink(STAGING_KEEP);
+        if used > keep {
+            staging.shrink(keep);
         }
         Ok(written)
     }

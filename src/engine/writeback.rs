@@ -213,7 +213,8 @@ impl Inner {
         };
         drop(log);
         // Written without the log lock: workers write their batches in parallel.
-        let written = STAGING.with(|s| room.write(store, &records, &mut s.borrow_mut()));
+        let keep = super::log::batch_staging_bytes(self.block_size());
+        let written = STAGING.with(|s| room.write(store, &records, &mut s.borrow_mut(), keep));
         let (mut published, mut log) = turn.wait();
         turn.done = true;
         let birth = u32::try_from(room.gen);
