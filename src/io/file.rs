@@ -26,10 +26,13 @@ pub struct FileStore {
 }
 
 /// A thread's bounce buffer for direct reads of single records is kept for
-/// its next read up to this size (a record of a 64 KiB block with its
-/// alignment slack); larger ones are freed after the read. The daemon's ~35
-/// reading threads keep at most ~4.5 MiB.
-const BOUNCE_KEEP: usize = 128 << 10;
+/// its next read up to this size (a record of a 256 KiB block with its
+/// alignment slack); larger ones are freed after the read. A buffer only
+/// grows to the records read: the daemon's ~35 reading threads keep ~2.5 MiB
+/// for an image of 64 KiB blocks, ~9 MiB for 256 KiB blocks. Kept at 128 KiB
+/// before, every 4 KiB random read of a 256 KiB-block image reallocated it:
+/// 4.9–5.7k IOPS against 5.3–6.0k now (`benches/RESULTS.md`, session 9).
+const BOUNCE_KEEP: usize = (256 << 10) + (8 << 10);
 
 thread_local! {
     /// This thread's aligned buffer for [`Store::read_head_and_body`].
