@@ -195,15 +195,10 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{EntryKind, LOG_START, LOG_UNIT};
+    use crate::format::{LOG_START, LOG_UNIT};
 
     fn data(off: u64, len: u32) -> MapEntry {
-        MapEntry {
-            kind: EntryKind::Data,
-            off,
-            len,
-            birth: 1,
-        }
+        MapEntry::data(off, len, 1)
     }
 
     /// What a direct read of the run needs: its span plus alignment slack.

@@ -222,12 +222,7 @@ mod tests {
     }
 
     fn data(off: u64, birth: u32) -> MapEntry {
-        MapEntry {
-            kind: EntryKind::Data,
-            off,
-            len: 1000,
-            birth,
-        }
+        MapEntry::data(off, 1000, birth)
     }
 
     #[test]

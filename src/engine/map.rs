@@ -192,12 +192,7 @@ mod tests {
     use super::*;
 
     fn data(off: u64, len: u32) -> MapEntry {
-        MapEntry {
-            kind: EntryKind::Data,
-            off,
-            len,
-            birth: 1,
-        }
+        MapEntry::data(off, len, 1)
     }
 
     #[test]

@@ -444,12 +444,8 @@ fn check_data_record(
 
 /// The map entry of a DATA record.
 fn data_entry(h: &RecordHeader) -> Result<MapEntry> {
-    Ok(MapEntry {
-        kind: EntryKind::Data,
-        off: h.self_off,
-        len: h.total_len() as u32,
-        birth: u32::try_from(h.birth).map_err(|_| Error::corrupt("birth overflow"))?,
-    })
+    let birth = u32::try_from(h.birth).map_err(|_| Error::corrupt("birth overflow"))?;
+    Ok(MapEntry::data(h.self_off, h.total_len() as u32, birth))
 }
 
 /// Bytes sealing adds to a record of the image in `store`.

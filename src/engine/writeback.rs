@@ -14,7 +14,7 @@ use super::{Inner, CHECKPOINT_BYTES, CHECKPOINT_INTERVAL};
 use crate::cache::Slot;
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::format::{Codec, EntryKind, MapEntry, RecordKind};
+use crate::format::{Codec, MapEntry, RecordKind};
 use crate::io::AlignedBuf;
 use parking_lot::MutexGuard;
 use std::cell::RefCell;
@@ -228,12 +228,7 @@ impl Inner {
                         continue; // discarded while being written
                     }
                     let entry = match record.kind {
-                        RecordKind::Data => MapEntry {
-                            kind: EntryKind::Data,
-                            off: w.off,
-                            len: w.len,
-                            birth,
-                        },
+                        RecordKind::Data => MapEntry::data(w.off, w.len, birth),
                         _ => self.hole_entry(slot.block),
                     };
                     map.set_record(slot.block, entry, i == last);

@@ -39,6 +39,18 @@ struct RawEntry {
 }
 const _: () = assert!(std::mem::size_of::<RawEntry>() == 16);
 
+impl MapEntry {
+    /// The entry of a DATA record of `len` bytes at `off`, born in `birth`.
+    pub fn data(off: u64, len: u32, birth: u32) -> MapEntry {
+        MapEntry {
+            kind: EntryKind::Data,
+            off,
+            len,
+            birth,
+        }
+    }
+}
+
 /// One leaf record as listed in the index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeafPtr {
@@ -171,12 +183,7 @@ mod tests {
     #[test]
     fn leaf_round_trip() {
         let mut entries = vec![MapEntry::default(); LEAF_ENTRIES as usize];
-        entries[3] = MapEntry {
-            kind: EntryKind::Data,
-            off: 65536,
-            len: 100,
-            birth: 7,
-        };
+        entries[3] = MapEntry::data(65536, 100, 7);
         entries[4] = MapEntry {
             kind: EntryKind::Zero,
             off: 0,
@@ -190,12 +197,7 @@ mod tests {
     #[test]
     fn entry_past_file_end_is_corrupt() {
         let mut entries = vec![MapEntry::default(); LEAF_ENTRIES as usize];
-        entries[0] = MapEntry {
-            kind: EntryKind::Data,
-            off: 1 << 20,
-            len: 100,
-            birth: 1,
-        };
+        entries[0] = MapEntry::data(1 << 20, 100, 1);
         let bytes = encode_leaf(&entries);
         assert!(decode_leaf(&bytes, 1 << 20, 1 << 21).is_err());
     }
