@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    create, fuse_available, is_clean, is_mounted, p, pattern, run, sh, stderr, wait_for, FsMount,
-    Loop, Mount,
+    create, fuse_available, is_clean, is_mounted, p, pattern, run, stderr, wait_for, FsMount, Loop,
+    Mount,
 };
 
 fn write_pattern(m: &Mount, seed: u64) -> Vec<u8> {
@@ -304,12 +304,7 @@ fn mount_warns_when_the_image_is_on_ext4_with_online_discard() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let backing = tmp.path().join("host.img");
-    std::fs::File::create(&backing)
-        .and_then(|f| f.set_len(64 << 20))
-        .expect("backing file");
-    let lo = Loop::new(&backing, false);
-    sh("mkfs.ext4", &["-q", "-F", &lo.dev]);
+    let lo = Loop::with_ext4(&tmp.path().join("host.img"), 64 << 20);
     let host_dir = tmp.path().join("host");
     let dir = tmp.path().join("mnt");
     for (options, mount_opts, warns) in [

@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{create, fuse_available, p, sh, vbdfs, FsMount, Loop, Mount};
+use common::{create, fuse_available, p, vbdfs, FsMount, Loop, Mount};
 
 const BLKIO: &str = "/sys/fs/cgroup/blkio";
 
@@ -62,12 +62,7 @@ fn a_slow_host_disk_shows_in_the_statistics_and_the_log() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let backing = tmp.path().join("fs.img");
-    std::fs::File::create(&backing)
-        .and_then(|f| f.set_len(256 << 20))
-        .expect("backing file");
-    sh("mkfs.ext4", &["-q", "-F", p(&backing)]);
-    let lo = Loop::new(&backing, false);
+    let lo = Loop::with_ext4(&tmp.path().join("fs.img"), 256 << 20);
     let fs = FsMount::new(&lo.dev, &tmp.path().join("fs"));
     let img = fs.dir.join("a.vbd");
     create(&img, "64M", &["--compress", "none"]);

@@ -262,6 +262,18 @@ impl Loop {
             dev: sh("losetup", &args).trim().to_string(),
         }
     }
+
+    /// A fresh ext4 of `size` bytes on a loop device over a sparse file
+    /// `file`: a host file system for images that a test can mount as it
+    /// needs (options, throttling).
+    pub fn with_ext4(file: &Path, size: u64) -> Loop {
+        std::fs::File::create(file)
+            .and_then(|f| f.set_len(size))
+            .expect("backing file");
+        let lo = Loop::new(file, false);
+        sh("mkfs.ext4", &["-q", "-F", &lo.dev]);
+        lo
+    }
 }
 
 impl Drop for Loop {
