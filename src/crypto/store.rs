@@ -44,6 +44,13 @@ impl Store for SealedStore {
     ) -> io::Result<std::ops::Range<usize>> {
         self.inner.read_direct(buf, off, len)
     }
+    fn read_direct_spans(
+        &self,
+        buf: &mut crate::io::AlignedBuf,
+        spans: &[(u64, usize)],
+    ) -> Vec<io::Result<std::ops::Range<usize>>> {
+        self.inner.read_direct_spans(buf, spans)
+    }
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.inner.write_at(buf, off)
     }

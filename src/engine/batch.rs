@@ -11,7 +11,7 @@ use super::Inner;
 use crate::cache::Slot;
 use crate::codec;
 use crate::format::{EntryKind, MapEntry};
-use crate::io::AlignedBuf;
+use crate::io::{direct_span_bytes, AlignedBuf};
 use crossbeam_channel::{Receiver, Sender};
 use std::ops::Range;
 use std::sync::Arc;
@@ -138,19 +138,40 @@ impl Inner {
             }
         }
         let entries: Vec<MapEntry> = missing.iter().map(|(_, e)| *e).collect();
-        for run in runs(&entries) {
-            self.load_run(&missing[run]);
+        let runs = runs(&entries);
+        let spans: Vec<(u64, usize)> = runs
+            .iter()
+            .map(|run| run_span(&entries[run.clone()]))
+            .collect();
+        for group in read_groups(&spans) {
+            self.load_runs(&missing, &runs[group.clone()], &spans[group]);
         }
     }
 
-    /// Reads one run of back-to-back records and fills their slots.
-    fn load_run(&self, run: &[(Arc<Slot>, MapEntry)]) {
-        let base = run[0].1.off;
-        let Some((_, last)) = run.last() else { return };
-        let total = (last.off + u64::from(last.len) - base) as usize;
+    /// Reads runs of back-to-back records, all at once into one run buffer,
+    /// and fills their slots.
+    fn load_runs(
+        &self,
+        missing: &[(Arc<Slot>, MapEntry)],
+        runs: &[Range<usize>],
+        spans: &[(u64, usize)],
+    ) {
         let mut run_buf = self.run_bufs.take();
-        let buf = &mut run_buf.buf;
-        let read = self.store.read_direct(buf, base, total);
+        let reads = self.store.read_direct_spans(&mut run_buf.buf, spans);
+        for ((run, read), &(base, _)) in runs.iter().zip(reads).zip(spans) {
+            self.fill_run(&missing[run.clone()], base, read, run_buf.buf.as_slice());
+        }
+    }
+
+    /// Fills the slots of one run of records read at `base` (`read`: where
+    /// in `buf`).
+    fn fill_run(
+        &self,
+        run: &[(Arc<Slot>, MapEntry)],
+        base: u64,
+        read: std::io::Result<Range<usize>>,
+        buf: &[u8],
+    ) {
         let bs = self.block_size() as usize;
         for (slot, entry) in run {
             let result = match &read {
@@ -160,7 +181,7 @@ impl Inner {
                 )),
                 Ok(range) => {
                     let at = range.start + (entry.off - base) as usize;
-                    let bytes = &buf.as_slice()[at..at + entry.len as usize];
+                    let bytes = &buf[at..at + entry.len as usize];
                     super::log::check_len(entry.off, entry.len)
                         .and_then(|()| {
                             super::log::parse_record_in(
@@ -190,6 +211,35 @@ impl Inner {
             }
         }
     }
+}
+
+/// The file span of a run of records (non-empty): its first record's offset
+/// and the bytes up to the end of its last.
+pub(super) fn run_span(run: &[MapEntry]) -> (u64, usize) {
+    let base = run[0].off;
+    let end = run.last().map_or(base, |e| e.off + u64::from(e.len));
+    (base, (end - base) as usize)
+}
+
+/// Groups consecutive spans of runs (index ranges into `spans`) whose direct
+/// reads fit one run buffer as it is kept; a group holds at least one span.
+pub(super) fn read_groups(spans: &[(u64, usize)]) -> Vec<Range<usize>> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, &(off, len)) in spans.iter().enumerate() {
+        let span = direct_span_bytes(off, len);
+        if i > start && bytes + span > RUN_BUF_KEEP {
+            groups.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += span;
+    }
+    if start < spans.len() {
+        groups.push(start..spans.len());
+    }
+    groups
 }
 
 #[cfg(test)]
@@ -286,6 +336,57 @@ mod tests {
                 }
                 assert_eq!(expect_start, entries.len());
             }
+        }
+    }
+
+    #[test]
+    fn read_groups_fill_a_kept_buffer_and_keep_the_order() {
+        // A 1 MiB request of 64 KiB blocks scattered one record per span
+        // is one group: one submission, one wait.
+        let scattered: Vec<(u64, usize)> = (0..16u64)
+            .map(|i| (LOG_START + i * 10 * LOG_UNIT, 65600))
+            .collect();
+        assert_eq!(read_groups(&scattered), vec![0..16usize]);
+        // Spans of every size: groups cover them in order, each fits the
+        // buffer (or is one span), and none could have taken the next.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..500 {
+            let spans: Vec<(u64, usize)> = (0..1 + x % 40)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (
+                        LOG_START + i * (4 << 20) + x % 4096,
+                        1 + (x >> 20) as usize % (MAX_RUN_BYTES as usize),
+                    )
+                })
+                .collect();
+            let bytes = |r: &Range<usize>| {
+                spans[r.clone()]
+                    .iter()
+                    .map(|&(o, l)| direct_span_bytes(o, l))
+                    .sum::<usize>()
+            };
+            let groups = read_groups(&spans);
+            let mut next = 0;
+            for g in &groups {
+                assert_eq!(g.start, next);
+                assert!(g.end > g.start);
+                assert!(
+                    bytes(g) <= RUN_BUF_KEEP || g.len() == 1,
+                    "{g:?}: {} bytes",
+                    bytes(g)
+                );
+                if g.end < spans.len() {
+                    assert!(
+                        bytes(&(g.start..g.end + 1)) > RUN_BUF_KEEP,
+                        "{g:?} stopped early"
+                    );
+                }
+                next = g.end;
+            }
+            assert_eq!(next, spans.len());
         }
     }
 }

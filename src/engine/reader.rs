@@ -91,23 +91,29 @@ impl SnapshotReader {
                 .collect()
         };
         let entries: Vec<MapEntry> = missing.iter().map(|(_, e)| *e).collect();
-        for run in batch::runs(&entries) {
-            self.load_run(&missing[run]);
+        let runs = batch::runs(&entries);
+        let spans: Vec<(u64, usize)> = runs
+            .iter()
+            .map(|run| batch::run_span(&entries[run.clone()]))
+            .collect();
+        for group in batch::read_groups(&spans) {
+            let mut run_buf = self.run_bufs.take();
+            let reads = self
+                .store
+                .read_direct_spans(&mut run_buf.buf, &spans[group.clone()]);
+            for ((run, read), &(base, _)) in
+                runs[group.clone()].iter().zip(reads).zip(&spans[group])
+            {
+                if let Ok(range) = read {
+                    self.fill_run(&missing[run.clone()], base, &run_buf.buf.as_slice()[range]);
+                }
+            }
         }
     }
 
-    fn load_run(&self, run: &[(u64, MapEntry)]) {
-        let (Some((_, head)), Some((_, tail))) = (run.first(), run.last()) else {
-            return;
-        };
-        let base = head.off;
-        let total = (tail.off + u64::from(tail.len) - base) as usize;
-        let mut run_buf = self.run_bufs.take();
-        let buf = &mut run_buf.buf;
-        let Ok(range) = self.store.read_direct(buf, base, total) else {
-            return;
-        };
-        let run_bytes = &buf.as_slice()[range];
+    /// Decodes one run of records read at `base` into the cache; a record
+    /// that fails is left for the normal read path, which reports it.
+    fn fill_run(&self, run: &[(u64, MapEntry)], base: u64, run_bytes: &[u8]) {
         for &(block, entry) in run {
             let at = (entry.off - base) as usize;
             let Some(bytes) = run_bytes.get(at..at + entry.len as usize) else {

@@ -1,6 +1,6 @@
 //! [`FileStore`]: a [`Store`] over a real host file.
 
-use super::{AlignedBuf, Store, DIRECT_ALIGN};
+use super::{direct_span_bytes, span_slots, AlignedBuf, Store, DIRECT_ALIGN};
 use crate::sys;
 use std::cell::RefCell;
 use std::fs::File;
@@ -67,19 +67,32 @@ impl FileStore {
         &self.file
     }
 
-    /// [`Store::read_direct`] through the `O_DIRECT` descriptor: `None` if
-    /// there is none or the file system refused the request (the caller
-    /// reads buffered instead).
+    /// Reads `len` bytes at `off` into `span` (aligned, at least
+    /// [`direct_span_bytes`] long) and says where in it they are: through the
+    /// `O_DIRECT` descriptor where the file system allows, else buffered.
+    fn read_direct_into(&self, span: &mut [u8], off: u64, len: usize) -> io::Result<Range<usize>> {
+        match self.try_read_direct(span, off, len) {
+            Some(read) => read,
+            None => {
+                self.file.read_exact_at(&mut span[..len], off)?;
+                Ok(0..len)
+            }
+        }
+    }
+
+    /// [`FileStore::read_direct_into`] through the `O_DIRECT` descriptor:
+    /// `None` if there is none or the file system refused the request (the
+    /// caller reads buffered instead).
     fn try_read_direct(
         &self,
-        buf: &mut AlignedBuf,
+        span: &mut [u8],
         off: u64,
         len: usize,
     ) -> Option<io::Result<Range<usize>>> {
         let direct = self.direct.as_ref()?;
         let lead = (off % DIRECT_ALIGN as u64) as usize;
         let start = off - lead as u64;
-        let span = buf.bytes(lead + len);
+        let span = &mut span[..direct_span_bytes(off, len)];
         let mut done = 0;
         while done < lead + len {
             // Only the end of the file makes a direct read short; the next
@@ -123,7 +136,8 @@ impl Store for FileStore {
         let len = head.len() + body_len;
         let direct = BOUNCE.with(|bounce| {
             let mut bounce = bounce.borrow_mut();
-            let read = self.try_read_direct(&mut bounce, off, len).map(|read| {
+            let span = bounce.bytes(direct_span_bytes(off, len));
+            let read = self.try_read_direct(span, off, len).map(|read| {
                 let bytes = &bounce.as_slice()[read?];
                 let (h, body) = bytes.split_at(head.len());
                 head.copy_from_slice(h);
@@ -143,13 +157,55 @@ impl Store for FileStore {
     }
 
     fn read_direct(&self, buf: &mut AlignedBuf, off: u64, len: usize) -> io::Result<Range<usize>> {
-        match self.try_read_direct(buf, off, len) {
-            Some(read) => read,
-            None => {
-                self.file.read_exact_at(&mut buf.bytes(len)[..len], off)?;
-                Ok(0..len)
+        self.read_direct_into(buf.bytes(direct_span_bytes(off, len)), off, len)
+    }
+
+    fn read_direct_spans(
+        &self,
+        buf: &mut AlignedBuf,
+        spans: &[(u64, usize)],
+    ) -> Vec<io::Result<Range<usize>>> {
+        let slots = span_slots(spans);
+        let mut rest = buf.bytes(slots.last().map_or(0, |s| s.end));
+        let mut parts = Vec::with_capacity(spans.len());
+        for slot in &slots {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(slot.len());
+            parts.push(part);
+            rest = tail;
+        }
+        // All spans at once through io_uring; a span it did not read whole
+        // (the end of the file, a file system refusing O_DIRECT, an error,
+        // no io_uring) is read again on its own, which reports why.
+        let mut done: Vec<Option<Range<usize>>> = vec![None; spans.len()];
+        if let (Some(direct), true) = (&self.direct, spans.len() > 1) {
+            let mut reads: Vec<(u64, &mut [u8])> = spans
+                .iter()
+                .zip(parts.iter_mut())
+                .map(|(&(off, _), part)| (off - off % DIRECT_ALIGN as u64, &mut **part))
+                .collect();
+            if let Some(results) = sys::uring::read_many(direct, &mut reads) {
+                for ((slot, &(off, len)), (result, done)) in slots
+                    .iter()
+                    .zip(spans)
+                    .zip(results.into_iter().zip(done.iter_mut()))
+                {
+                    let lead = (off % DIRECT_ALIGN as u64) as usize;
+                    if matches!(result, Ok(n) if n >= lead + len) {
+                        *done = Some(slot.start + lead..slot.start + lead + len);
+                    }
+                }
             }
         }
+        parts
+            .into_iter()
+            .zip(slots.iter().zip(spans).zip(done))
+            .map(|(part, ((slot, &(off, len)), done))| match done {
+                Some(range) => Ok(range),
+                None => self
+                    .read_direct_into(part, off, len)
+                    .map(|r| slot.start + r.start..slot.start + r.end),
+            })
+            .collect()
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
@@ -253,6 +309,32 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         let err = store.read_direct(&mut buf, 20_480, 1).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn read_direct_spans_reads_every_span_and_reports_each_end_of_file() {
+        let bytes: Vec<u8> = (0..600_000u32).map(|i| (i * 17 % 253) as u8).collect();
+        let (_tmp, store) = store_with(&bytes);
+        // Spans anywhere and of any length, more than one ring submission
+        // holds, two running past the end of the file.
+        let mut spans: Vec<(u64, usize)> = (0..150u64)
+            .map(|i| ((i * 3_989) % 590_000, 1 + (i as usize * 61) % 9_000))
+            .collect();
+        spans.insert(40, (599_000, 1_001));
+        spans.insert(90, (600_000, 1));
+        let mut buf = AlignedBuf::default();
+        let got = store.read_direct_spans(&mut buf, &spans);
+        assert_eq!(got.len(), spans.len());
+        for (&(off, len), got) in spans.iter().zip(got) {
+            let (off, end) = (off as usize, off as usize + len);
+            match got {
+                Ok(range) => assert!(buf.as_slice()[range] == bytes[off..end], "{off}+{len}"),
+                Err(e) => {
+                    assert!(end > bytes.len(), "{off}+{len}: {e}");
+                    assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+                }
+            }
+        }
     }
 
     #[test]

@@ -19,6 +19,33 @@ pub use mem::MemStore;
 
 use std::io;
 
+/// Where [`Store::read_direct_spans`] puts each span in its buffer: slots
+/// back to back, each starting at a multiple of [`DIRECT_ALIGN`] and as long
+/// as the span widened to [`DIRECT_ALIGN`] boundaries. A span's bytes start
+/// in its slot at the span's offset within its first aligned unit.
+pub fn span_slots(spans: &[(u64, usize)]) -> Vec<std::ops::Range<usize>> {
+    let mut at = 0;
+    spans
+        .iter()
+        .map(|&(off, len)| {
+            let slot = at..at + direct_span_bytes(off, len);
+            at = slot.end;
+            slot
+        })
+        .collect()
+}
+
+/// Bytes a direct read of `len` bytes at `off` spans: widened to
+/// [`DIRECT_ALIGN`] boundaries on both sides.
+pub fn direct_span_bytes(off: u64, len: usize) -> usize {
+    (lead(off) + len).next_multiple_of(DIRECT_ALIGN)
+}
+
+/// How far `off` lies past the [`DIRECT_ALIGN`] boundary below it.
+fn lead(off: u64) -> usize {
+    (off % DIRECT_ALIGN as u64) as usize
+}
+
 /// Positional storage for one image file. Implementations are shared between
 /// threads; every method may be called concurrently.
 #[allow(clippy::len_without_is_empty)] // a store's length is a size, not a collection
@@ -53,6 +80,28 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> io::Result<std::ops::Range<usize>> {
         self.read_at(&mut buf.bytes(len)[..len], off)?;
         Ok(0..len)
+    }
+    /// Reads several spans like [`Store::read_direct`], each into its own
+    /// slot of `buf` ([`span_slots`]), submitted together where the backend
+    /// can: one wait for all of them instead of one per span. For each
+    /// `(off, len)`, in order: where in [`AlignedBuf::as_slice`] its bytes
+    /// are, or its error.
+    fn read_direct_spans(
+        &self,
+        buf: &mut AlignedBuf,
+        spans: &[(u64, usize)],
+    ) -> Vec<io::Result<std::ops::Range<usize>>> {
+        let slots = span_slots(spans);
+        let bytes = buf.bytes(slots.last().map_or(0, |s| s.end));
+        spans
+            .iter()
+            .zip(&slots)
+            .map(|(&(off, len), slot)| {
+                let at = slot.start + lead(off);
+                self.read_at(&mut bytes[at..at + len], off)
+                    .map(|()| at..at + len)
+            })
+            .collect()
     }
     /// Writes all of `buf` at `off`, growing the store if needed. Not durable
     /// until [`Store::sync`] returns.

@@ -3,6 +3,8 @@
 //! safe code (`unsafe_code` is denied at the crate root and allowed only here).
 #![allow(unsafe_code)]
 
+pub mod uring;
+
 use std::io;
 use std::os::fd::AsRawFd;
 
