@@ -278,7 +278,8 @@ impl Inner {
         kind == EntryKind::Data || (kind == EntryKind::Unmapped && self.backing.is_some())
     }
 
-    /// The content of UNMAPPED `block` of a clone: the base's bytes.
+    /// The content of UNMAPPED blocks of a clone from `block` on, as many as
+    /// `data` holds: the base's bytes.
     pub(super) fn read_base_block(&self, block: u64, data: &mut [u8]) -> Result<()> {
         read_backing(self.base(), data, block << self.block_shift)
     }

@@ -116,12 +116,14 @@ impl Inner {
         let first = off >> self.block_shift;
         let last = (off + len - 1) >> self.block_shift;
         let mut missing: Vec<(Arc<Slot>, MapEntry)> = Vec::new();
+        // A clone's blocks that show its base: read from the base in ranges.
+        let mut backed: Vec<Arc<Slot>> = Vec::new();
         for block in first..=last {
             if self.cache.peek(block) {
                 continue;
             }
             let entry = self.map.read().get(block);
-            if entry.kind != EntryKind::Data {
+            if !self.has_content(entry.kind) {
                 continue;
             }
             let (slot, created) = self.cache.get_or_insert(block);
@@ -132,11 +134,14 @@ impl Inner {
                 let entry = self.map.read().get(block);
                 if entry.kind == EntryKind::Data {
                     missing.push((slot.clone(), entry));
+                } else if self.has_content(entry.kind) {
+                    backed.push(slot.clone());
                 } else {
                     let _ = self.load(&slot);
                 }
             }
         }
+        self.load_backed(&backed);
         let entries: Vec<MapEntry> = missing.iter().map(|(_, e)| *e).collect();
         let runs = runs(&entries);
         let spans: Vec<(u64, usize)> = runs
@@ -145,6 +150,36 @@ impl Inner {
             .collect();
         for group in read_groups(&spans) {
             self.load_runs(&missing, &runs[group.clone()], &spans[group]);
+        }
+    }
+
+    /// Fills the slots of a clone's blocks that show its base (in block
+    /// order): each range of consecutive blocks with one read of the base,
+    /// which reads its records in runs like [`Inner::load_many`]. A block
+    /// whose range fails is loaded on its own, which reports the error.
+    fn load_backed(&self, slots: &[Arc<Slot>]) {
+        let bs = self.block_size() as usize;
+        let mut start = 0;
+        while start < slots.len() {
+            let mut end = start + 1;
+            while end < slots.len()
+                && slots[end].block == slots[end - 1].block + 1
+                && (end - start + 1) * bs <= MAX_RUN_BYTES as usize
+            {
+                end += 1;
+            }
+            let range = &slots[start..end];
+            let mut data = vec![0u8; range.len() * bs];
+            let read = self.read_base_block(range[0].block, &mut data);
+            for (slot, block) in range.iter().zip(data.chunks(bs)) {
+                match &read {
+                    Ok(()) => self.cache.finish_load(slot, block.to_vec()),
+                    Err(_) => {
+                        let _ = self.load(slot);
+                    }
+                }
+            }
+            start = end;
         }
     }
 

@@ -74,23 +74,14 @@ fn check_header(h: &RecordHeader, block: u64, entry: MapEntry, block_size: u64) 
 }
 
 impl SnapshotReader {
-    /// Decodes the missing DATA blocks of `[off, off+len)` into the cache with
-    /// one `pread` per run of back-to-back records (blocks written in order
-    /// are). Failures are left to the normal path, which reports them.
-    fn prefetch(&self, off: u64, len: u64) {
-        if self.store.sealer().is_some() {
-            return; // sealed payloads: the normal path reads and opens them
-        }
-        let first = off >> self.block_shift;
-        let last = (off + len - 1) >> self.block_shift;
-        let missing: Vec<(u64, MapEntry)> = {
-            let cache = self.cache.lock();
-            (first..=last)
-                .map(|b| (b, self.map.get(b)))
-                .filter(|(b, e)| e.kind == EntryKind::Data && !cache.contains(b))
-                .collect()
-        };
-        let entries: Vec<MapEntry> = missing.iter().map(|(_, e)| *e).collect();
+    /// Reads whole DATA blocks straight into `buf` (each `(block, entry, at)`
+    /// at `buf[at..]`, in block order): their records in runs, the runs of a
+    /// run buffer together ([`Store::read_direct_spans`]). The cache is left
+    /// alone: a large read is not read again soon, and the cache is small. A
+    /// block whose record fails here is read on its own, which reports why.
+    fn read_whole(&self, whole: &[(u64, MapEntry, usize)], buf: &mut [u8]) -> Result<()> {
+        let bs = self.block_size() as usize;
+        let entries: Vec<MapEntry> = whole.iter().map(|&(_, e, _)| e).collect();
         let runs = batch::runs(&entries);
         let spans: Vec<(u64, usize)> = runs
             .iter()
@@ -104,33 +95,30 @@ impl SnapshotReader {
             for ((run, read), &(base, _)) in
                 runs[group.clone()].iter().zip(reads).zip(&spans[group])
             {
-                if let Ok(range) = read {
-                    self.fill_run(&missing[run.clone()], base, &run_buf.buf.as_slice()[range]);
+                for &(block, entry, at) in &whole[run.clone()] {
+                    let out = &mut buf[at..at + bs];
+                    let decoded = read.as_ref().ok().and_then(|range| {
+                        let start = range.start + (entry.off - base) as usize;
+                        let bytes = &run_buf.buf.as_slice()[start..start + entry.len as usize];
+                        self.decode_in(block, entry, bytes, out).ok()
+                    });
+                    if decoded.is_none() {
+                        out.copy_from_slice(&self.block(block, entry)?);
+                    }
                 }
             }
         }
+        Ok(())
     }
 
-    /// Decodes one run of records read at `base` into the cache; a record
-    /// that fails is left for the normal read path, which reports it.
-    fn fill_run(&self, run: &[(u64, MapEntry)], base: u64, run_bytes: &[u8]) {
-        for &(block, entry) in run {
-            let at = (entry.off - base) as usize;
-            let Some(bytes) = run_bytes.get(at..at + entry.len as usize) else {
-                return;
-            };
-            let decoded = super::log::check_len(entry.off, entry.len)
-                .and_then(|()| {
-                    super::log::parse_record_in(self.store.as_ref(), bytes, entry.off, entry.len)
-                })
-                .and_then(|(h, payload)| {
-                    check_header(&h, block, entry, self.block_size())?;
-                    codec::decode_to_vec(h.codec, &payload, self.block_size() as usize)
-                });
-            if let Ok(data) = decoded {
-                self.cache.lock().put(block, Arc::new(data));
-            }
-        }
+    /// Verifies the DATA record `entry` names for `block`, read into
+    /// `bytes`, and decodes it into `out`.
+    fn decode_in(&self, block: u64, entry: MapEntry, bytes: &[u8], out: &mut [u8]) -> Result<()> {
+        super::log::check_len(entry.off, entry.len)?;
+        let (h, payload) =
+            super::log::parse_record_in(self.store.as_ref(), bytes, entry.off, entry.len)?;
+        check_header(&h, block, entry, self.block_size())?;
+        codec::decode(h.codec, &payload, out)
     }
 
     /// Loads the map of `entry` from `store`.
@@ -208,34 +196,41 @@ impl SnapshotReader {
             )));
         }
         let bs = self.block_size();
-        // Prefetch windows of half the cache, so that prefetched blocks are
-        // still there when they are copied out.
-        let window = (self.cache.lock().cap().get() as u64 / 2).max(1) << self.block_shift;
-        let mut prefetched = off;
+        // In a read of more than a block, whole DATA blocks not in the cache
+        // are read last, together (smaller reads go through the cache); runs
+        // of blocks that show the backing image are read from it as one
+        // range each (so a chain of clones reads in runs all the way down).
+        let mut whole: Vec<(u64, MapEntry, usize)> = Vec::new();
         let mut done = 0usize;
         while done < buf.len() {
             let pos = off + done as u64;
-            if len > bs && pos >= prefetched {
-                let n = window.min(off + len - pos);
-                self.prefetch(pos, n);
-                prefetched = pos + n;
-            }
             let in_block = (pos & (bs - 1)) as usize;
-            let n = (bs as usize - in_block).min(buf.len() - done);
-            let out = &mut buf[done..done + n];
+            let mut n = (bs as usize - in_block).min(buf.len() - done);
             let block = pos >> self.block_shift;
             let entry = self.map.get(block);
             match entry.kind {
+                EntryKind::Data
+                    if len > bs && n as u64 == bs && !self.cache.lock().contains(&block) =>
+                {
+                    whole.push((block, entry, done));
+                }
                 EntryKind::Data => {
                     let data = self.block(block, entry)?;
-                    out.copy_from_slice(&data[in_block..in_block + n]);
+                    buf[done..done + n].copy_from_slice(&data[in_block..in_block + n]);
                 }
-                EntryKind::Zero => out.fill(0),
-                EntryKind::Unmapped => read_backing(self.backing.as_deref(), out, pos)?,
+                EntryKind::Zero => buf[done..done + n].fill(0),
+                EntryKind::Unmapped => {
+                    let mut next = block + 1;
+                    while done + n < buf.len() && self.map.get(next).kind == EntryKind::Unmapped {
+                        n = (n + bs as usize).min(buf.len() - done);
+                        next += 1;
+                    }
+                    read_backing(self.backing.as_deref(), &mut buf[done..done + n], pos)?;
+                }
             }
             done += n;
         }
-        Ok(())
+        self.read_whole(&whole, buf)
     }
 
     /// The first byte at or after `off` in a block that holds data (SEEK_DATA).
