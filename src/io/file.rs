@@ -134,21 +134,23 @@ impl Store for FileStore {
         off: u64,
     ) -> io::Result<Vec<u8>> {
         let len = head.len() + body_len;
-        let direct = BOUNCE.with(|bounce| {
-            let mut bounce = bounce.borrow_mut();
-            let span = bounce.bytes(direct_span_bytes(off, len));
-            let read = self.try_read_direct(span, off, len).map(|read| {
-                let bytes = &bounce.as_slice()[read?];
-                let (h, body) = bytes.split_at(head.len());
-                head.copy_from_slice(h);
-                Ok(body.to_vec())
-            });
-            if bounce.as_slice().len() > BOUNCE_KEEP {
-                bounce.shrink(BOUNCE_KEEP);
-            }
-            read
+        let direct = self.direct.is_some().then(|| {
+            BOUNCE.with(|bounce| {
+                let mut bounce = bounce.borrow_mut();
+                let span = bounce.bytes(direct_span_bytes(off, len));
+                let read = self.try_read_direct(span, off, len).map(|read| {
+                    let bytes = &bounce.as_slice()[read?];
+                    let (h, body) = bytes.split_at(head.len());
+                    head.copy_from_slice(h);
+                    Ok(body.to_vec())
+                });
+                if bounce.as_slice().len() > BOUNCE_KEEP {
+                    bounce.shrink(BOUNCE_KEEP);
+                }
+                read
+            })
         });
-        if let Some(read) = direct {
+        if let Some(read) = direct.flatten() {
             return read;
         }
         let mut body = Vec::new();

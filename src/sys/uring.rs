@@ -115,7 +115,9 @@ fn submit_and_reap(
             // queued: the kernel waits only if it took them all.
             match uring.submit_and_wait(queued - reaped) {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // EAGAIN (no kernel memory) included: the reads still to do
+                // are done one by one by the caller instead of spinning here.
                 Err(e) => failure = Some(e),
             }
         }
