@@ -469,17 +469,43 @@ fn stress_4k_zstd_faultstore_flush_is_durable() {
 /// and `check()` must never report damage, on a healthy image.
 #[test]
 fn reads_and_check_race_rewrites_and_checkpoints() {
-    // Many more blocks than the cache holds, so most reads go to the file.
-    let bs = 4096u64;
-    let blocks = 1024u64;
     let store = Arc::new(MemStore::new());
-    let create = CreateOptions {
-        size: blocks * bs,
-        block_size: bs,
+    let img = Image::create_on(store, &race_create(), &opts(256 << 10)).unwrap();
+    race_rewrites(img, 1);
+}
+
+/// The same on a real file with reads of 8 blocks: their records, scattered
+/// by the rewrites, are read together (io_uring) while reclaim punches the
+/// ones that die.
+#[test]
+fn large_reads_of_a_file_race_rewrites_and_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = Image::create(
+        &dir.path().join("race.vbd"),
+        &race_create(),
+        &opts(256 << 10),
+    )
+    .unwrap();
+    race_rewrites(img, 8);
+}
+
+const RACE_BS: u64 = 4096;
+const RACE_BLOCKS: u64 = 1024;
+
+fn race_create() -> CreateOptions {
+    CreateOptions {
+        // Many more blocks than the cache holds, so most reads go to the file.
+        size: RACE_BLOCKS * RACE_BS,
+        block_size: RACE_BS,
         // Uncompressed: records span whole host pages, which reclaim punches.
         codec: Codec::None,
-    };
-    let img = Arc::new(Image::create_on(store, &create, &opts(256 << 10)).unwrap());
+    }
+}
+
+/// Runs the race on `img` with reads of `read_blocks` blocks.
+fn race_rewrites(img: Image, read_blocks: u64) {
+    let (bs, blocks) = (RACE_BS, RACE_BLOCKS);
+    let img = Arc::new(img);
     for b in 0..blocks {
         img.write_at(&tagged_block(bs, tag(b, 0, 0)), b * bs)
             .unwrap();
@@ -508,13 +534,15 @@ fn reads_and_check_race_rewrites_and_checkpoints() {
     for r in 0..3u64 {
         let (img, stop) = (img.clone(), stop.clone());
         handles.push(std::thread::spawn(move || {
-            let mut buf = vec![0u8; bs as usize];
+            let mut buf = vec![0u8; (read_blocks * bs) as usize];
             let mut n = r;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let b = (n * 104_729) % blocks;
-                img.read_at(&mut buf, b * bs)
-                    .unwrap_or_else(|e| panic!("read of healthy block {b}: {e}"));
-                assert_ne!(read_tag(&buf, b, "racing read"), 0);
+                let first = (n * 104_729) % (blocks - read_blocks + 1);
+                img.read_at(&mut buf, first * bs)
+                    .unwrap_or_else(|e| panic!("read of healthy blocks from {first}: {e}"));
+                for (i, block) in buf.chunks(bs as usize).enumerate() {
+                    assert_ne!(read_tag(block, first + i as u64, "racing read"), 0);
+                }
                 n += 1;
             }
         }));
