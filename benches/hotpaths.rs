@@ -13,7 +13,8 @@
 //! - map + cache through `Image` on an in-memory store: a 4 KiB read of an
 //!   unmapped block (cache miss, map lookup), a 4 KiB read of a cached block,
 //!   a 4 KiB write into a cached block (copy-on-write of the cached block when
-//!   write-back holds it, dirty marking, queueing).
+//!   write-back holds it, dirty marking, queueing), a flush with a full cache
+//!   and nothing dirty.
 //!
 //! Environment: ROUNDS (default 5), QUICK=1 (1 round, fewer iterations: the
 //! smoke run CI does).
@@ -194,6 +195,18 @@ fn main() {
     b.run("Image write 4 KiB, cached block", 200_000, 4096, |i| {
         img.write_at(&data, (i % 256) * 4096).unwrap();
     });
+    // A flush looks only at unwritten blocks, not at every cached one.
+    img.write_at(&half_compressible(1024 * BLOCK, 4), 0)
+        .unwrap();
+    img.flush().unwrap();
+    b.run(
+        "Image flush, cache full (1,024 blocks), none dirty",
+        200_000,
+        0,
+        |_| {
+            img.flush().unwrap();
+        },
+    );
     img.close().unwrap();
 
     println!("hot paths: medians of {rounds} round(s)\n");

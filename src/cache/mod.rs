@@ -13,7 +13,8 @@
 //! The engine's log lock comes before any shard lock. Slots are evicted only
 //! when ready, clean, not in flight and referenced by nobody but the cache.
 //! The write-behind list's lock is taken under a slot lock, never the other
-//! way round.
+//! way round; so is the lock of the set of unwritten (dirty or in-flight)
+//! slots that a flush reads.
 
 mod delay;
 mod slot;
@@ -24,6 +25,7 @@ pub use slot::{Load, Slot, SlotState};
 use crossbeam_channel::{Receiver, Sender};
 use lru::LruCache;
 use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -48,6 +50,10 @@ pub struct CacheStats {
 #[derive(Debug)]
 pub struct BlockCache {
     shards: Vec<Mutex<LruCache<u64, Arc<Slot>>>>,
+    /// Every dirty or in-flight slot, by block, sharded like `shards` (a
+    /// flush looks here instead of at every cached block: with a full cache
+    /// of 64 KiB blocks that scan cost 120 µs per fsync).
+    unwritten: Vec<Mutex<HashMap<u64, Arc<Slot>>>>,
     block_size: usize,
     shard_capacity: usize,
     dirty_limit: usize,
@@ -72,6 +78,7 @@ impl BlockCache {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(LruCache::unbounded()))
                 .collect(),
+            unwritten: (0..SHARDS).map(|_| Mutex::default()).collect(),
             block_size,
             shard_capacity: blocks.div_ceil(SHARDS),
             dirty_limit: (blocks / 2).max(1),
@@ -87,8 +94,26 @@ impl BlockCache {
     }
 
     fn shard(&self, block: u64) -> &Mutex<LruCache<u64, Arc<Slot>>> {
-        let h = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
-        &self.shards[h as usize % SHARDS]
+        &self.shards[shard_of(block)]
+    }
+
+    /// Notes `slot` as dirty (its lock held by the caller).
+    fn note_unwritten(&self, slot: &Arc<Slot>) {
+        self.unwritten[shard_of(slot.block)]
+            .lock()
+            .insert(slot.block, slot.clone());
+    }
+
+    /// Forgets `slot` once it is neither dirty nor in flight (its lock held
+    /// by the caller), unless another slot of its block took its place.
+    fn note_written(&self, slot: &Arc<Slot>) {
+        let mut unwritten = self.unwritten[shard_of(slot.block)].lock();
+        if unwritten
+            .get(&slot.block)
+            .is_some_and(|s| Arc::ptr_eq(s, slot))
+        {
+            unwritten.remove(&slot.block);
+        }
     }
 
     /// The slot for `block` if cached (counts a hit).
@@ -203,6 +228,7 @@ impl BlockCache {
         if !state.dirty {
             state.dirty = true;
             self.dirty.fetch_add(1, Ordering::Relaxed);
+            self.note_unwritten(slot);
             state.behind = !state.in_flight && !completed;
             if state.in_flight {
                 // finish_writeback requeues it.
@@ -306,6 +332,9 @@ impl BlockCache {
         } else if state.dirty {
             let _ = self.queue_tx.send(slot.clone());
         }
+        if !state.dirty {
+            self.note_written(slot);
+        }
         drop(state);
         slot.notify();
         if below_limit {
@@ -318,8 +347,8 @@ impl BlockCache {
     pub fn dirty_slots(&self) -> Vec<(Arc<Slot>, u64)> {
         self.expedite();
         let mut out = Vec::new();
-        for shard in &self.shards {
-            let slots: Vec<Arc<Slot>> = shard.lock().iter().map(|(_, s)| s.clone()).collect();
+        for shard in &self.unwritten {
+            let slots: Vec<Arc<Slot>> = shard.lock().values().cloned().collect();
             for slot in slots {
                 let state = slot.lock();
                 if state.dirty || state.in_flight {
@@ -352,6 +381,8 @@ impl BlockCache {
                     state.dirty = false;
                     self.dirty.fetch_sub(1, Ordering::Relaxed);
                 }
+                // Nothing waits for a detached slot (a flush neither).
+                self.note_written(&slot);
                 state.written = state.version;
                 drop(state);
                 slot.notify();
@@ -389,6 +420,11 @@ impl BlockCache {
             misses: self.misses.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The shard of `block` (of the LRU and of the unwritten set alike).
+fn shard_of(block: u64) -> usize {
+    (block.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS
 }
 
 impl Slot {
@@ -500,5 +536,59 @@ mod tests {
         writer.join().unwrap();
         assert!(released.load(Ordering::SeqCst));
         assert_eq!(cache.stats().dirty, 32 * 4096);
+    }
+
+    #[test]
+    fn a_flush_waits_for_dirty_and_in_flight_slots_only_and_written_ones_can_go() {
+        let cache = BlockCache::new(64 * 4096, 4096); // 4 blocks per shard
+        let write = |b: u64, completed: bool| {
+            let (slot, created) = cache.get_or_insert(b);
+            if created {
+                cache.finish_load(&slot, vec![0; 4096]);
+            }
+            let mut state = slot.lock();
+            Arc::make_mut(&mut state.data)[0] = 1;
+            cache.mark_dirty(&slot, &mut state, completed);
+            drop(state);
+            slot
+        };
+        let blocks = |c: &BlockCache| {
+            let mut b: Vec<u64> = c.dirty_slots().iter().map(|(s, _)| s.block).collect();
+            b.sort_unstable();
+            b
+        };
+        for b in 100..160 {
+            let (slot, _) = cache.get_or_insert(b);
+            cache.finish_load(&slot, vec![0; 4096]);
+        }
+        let (a, b, c) = (write(1, true), write(2, false), write(3, true));
+        assert_eq!(blocks(&cache), [1, 2, 3], "clean blocks are not waited for");
+        // In flight and written again: still waited for until both are done.
+        a.lock().in_flight = true;
+        let v1 = a.lock().version;
+        drop(write(1, true));
+        cache.finish_writeback(&a, v1);
+        assert_eq!(blocks(&cache), [1, 2, 3]);
+        let v2 = a.lock().version;
+        a.lock().in_flight = true;
+        cache.finish_writeback(&a, v2);
+        assert_eq!(blocks(&cache), [2, 3]);
+        cache.remove_range(3, 3);
+        assert_eq!(blocks(&cache), [2]);
+        while cache.queue().try_recv().is_ok() {} // what workers would take
+        assert_eq!(Arc::strong_count(&c), 1, "a discarded slot is still held");
+        let v = b.lock().version;
+        b.lock().in_flight = true;
+        cache.finish_writeback(&b, v);
+        assert!(blocks(&cache).is_empty());
+        drop((a, b, c));
+        while cache.queue().try_recv().is_ok() {} // what workers would take
+                                                  // Written blocks are evictable again: nothing holds on to them.
+        for b in 200..400 {
+            let (slot, _) = cache.get_or_insert(b);
+            cache.finish_load(&slot, vec![0; 4096]);
+        }
+        assert!(!cache.peek(1) && !cache.peek(2), "written blocks were kept");
+        assert!(cache.stats().used <= 64 * 4096);
     }
 }
