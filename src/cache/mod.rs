@@ -364,14 +364,27 @@ impl BlockCache {
     /// Removes every cached block in `[first, last]` (discard): dirty data is
     /// dropped, and flush waiters are released.
     pub fn remove_range(&self, first: u64, last: u64) {
-        for shard in &self.shards {
+        // A range smaller than the cache: its blocks are looked up one by
+        // one (a discard of a few blocks used to scan every cached block).
+        let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); SHARDS];
+        let small = last - first < (self.shard_capacity * SHARDS) as u64;
+        if small {
+            for b in first..=last {
+                by_shard[shard_of(b)].push(b);
+            }
+        }
+        for (shard, blocks) in self.shards.iter().zip(by_shard) {
             let victims: Vec<Arc<Slot>> = {
                 let mut shard = shard.lock();
-                let blocks: Vec<u64> = shard
-                    .iter()
-                    .map(|(b, _)| *b)
-                    .filter(|b| (first..=last).contains(b))
-                    .collect();
+                let blocks = if small {
+                    blocks
+                } else {
+                    shard
+                        .iter()
+                        .map(|(b, _)| *b)
+                        .filter(|b| (first..=last).contains(b))
+                        .collect()
+                };
                 blocks.iter().filter_map(|b| shard.pop(b)).collect()
             };
             for slot in victims {
@@ -590,5 +603,28 @@ mod tests {
         }
         assert!(!cache.peek(1) && !cache.peek(2), "written blocks were kept");
         assert!(cache.stats().used <= 64 * 4096);
+    }
+
+    #[test]
+    fn remove_range_removes_exactly_the_range_small_or_large() {
+        let cache = BlockCache::new(256 * 4096, 4096); // 256 blocks
+        let fill = |blocks: &mut dyn Iterator<Item = u64>| {
+            for b in blocks {
+                let (slot, _) = cache.get_or_insert(b);
+                cache.finish_load(&slot, vec![0; 4096]);
+            }
+        };
+        let cached = |c: &BlockCache| c.cached_blocks(0, u64::MAX);
+        fill(&mut (0..100).chain(1_000_000..1_000_050));
+        // Smaller than the cache: looked up block by block.
+        cache.remove_range(10, 19);
+        let want: Vec<u64> = (0..10).chain(20..100).chain(1_000_000..1_000_050).collect();
+        assert_eq!(cached(&cache), want);
+        // Larger than the cache: a scan.
+        cache.remove_range(50, 1_000_009);
+        let want: Vec<u64> = (0..10).chain(20..50).chain(1_000_010..1_000_050).collect();
+        assert_eq!(cached(&cache), want);
+        cache.remove_range(0, u64::MAX - 1);
+        assert!(cached(&cache).is_empty());
     }
 }
