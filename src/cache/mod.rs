@@ -405,20 +405,19 @@ impl BlockCache {
         self.drained.notify_all();
     }
 
-    /// Blocks cached in `[first, last]`, sorted (for SEEK_DATA).
-    pub fn cached_blocks(&self, first: u64, last: u64) -> Vec<u64> {
-        let mut out: Vec<u64> = Vec::new();
-        for shard in &self.shards {
-            out.extend(
-                shard
-                    .lock()
-                    .iter()
-                    .map(|(b, _)| *b)
-                    .filter(|b| (first..=last).contains(b)),
-            );
-        }
-        out.sort_unstable();
-        out
+    /// True if `block` holds a change not yet written back (dirty or in
+    /// flight): the map does not show it yet (SEEK_DATA / SEEK_HOLE).
+    pub fn is_unwritten(&self, block: u64) -> bool {
+        self.unwritten[shard_of(block)].lock().contains_key(&block)
+    }
+
+    /// The first block at or after `first` that holds a change not yet
+    /// written back.
+    pub fn first_unwritten(&self, first: u64) -> Option<u64> {
+        self.unwritten
+            .iter()
+            .filter_map(|shard| shard.lock().keys().copied().filter(|&b| b >= first).min())
+            .min()
     }
 
     /// Counters.
@@ -614,7 +613,8 @@ mod tests {
                 cache.finish_load(&slot, vec![0; 4096]);
             }
         };
-        let cached = |c: &BlockCache| c.cached_blocks(0, u64::MAX);
+        let cached =
+            |c: &BlockCache| -> Vec<u64> { (0..2_000_000).filter(|&b| c.peek(b)).collect() };
         fill(&mut (0..100).chain(1_000_000..1_000_050));
         // Smaller than the cache: looked up block by block.
         cache.remove_range(10, 19);

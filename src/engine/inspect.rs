@@ -153,7 +153,7 @@ impl Inner {
     fn is_data(&self, block: u64) -> bool {
         let kind = self.map.read().get(block).kind;
         kind == EntryKind::Data
-            || self.cache.lookup(block).is_some()
+            || self.cache.is_unwritten(block)
             || (kind == EntryKind::Unmapped && self.base_has_data(block))
     }
 
@@ -170,11 +170,9 @@ impl Inner {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let cached = self
-            .cache
-            .cached_blocks(first, self.nblocks - 1)
-            .first()
-            .copied();
+        // Written blocks are in the map; changes not yet written back only
+        // in the cache.
+        let cached = self.cache.first_unwritten(first);
         let block = match (mapped, cached) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b)?,
