@@ -3,6 +3,9 @@
 //! changed base, cycles, and the depth limit.
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
+mod common;
+
+use common::pattern;
 use std::path::{Path, PathBuf};
 use vbdfs::engine::CloneOptions;
 use vbdfs::format::{Superblock, SB_SLOT_SIZE};
@@ -275,24 +278,11 @@ fn clone_size_and_codec_can_differ() {
     assert_eq!(read(&c, 65536, 4464), vec![0; 4464]);
 }
 
-/// Bytes that differ per block and per writer.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Writes `blocks` (each its own pattern, flushed on its own so that the
 /// records scatter) to `img` and to `model`.
 fn scatter(img: &Image, model: &mut [u8], blocks: impl Iterator<Item = u64>, seed: u64) {
     for b in blocks {
-        let data = noise(BS as usize, seed ^ b);
+        let data = pattern(BS as usize, seed ^ b);
         img.write_at(&data, b * BS).unwrap();
         model[(b * BS) as usize..((b + 1) * BS) as usize].copy_from_slice(&data);
         img.flush().unwrap();
