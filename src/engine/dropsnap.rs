@@ -10,11 +10,12 @@
 //!
 //! Which records: an entry `e` of the deleted snapshot S is held by nothing
 //! else when `e.birth` is after the newest older snapshot (so no older
-//! snapshot has it) and the next newer snapshot, or the committed head if
-//! there is none, does not map that block to `e` (records are never
-//! referenced again once a map stops referencing them, so no later map has
-//! it either). Both are judged under the checkpoint lock, against the
-//! durable state, leaf by leaf.
+//! snapshot has it) and no newer map has that block at `e`: not a newer
+//! snapshot, not the committed head, not the head in memory. Every newer
+//! map is asked, not only the next one: a rollback makes the head an older
+//! map again, so a record that the next snapshot no longer has can be in
+//! the head and in snapshots taken after the rollback. This is judged
+//! under the checkpoint lock, leaf by leaf.
 
 use super::map::Dead;
 use super::open::{read_index, read_leaf};
@@ -38,10 +39,27 @@ pub(super) struct DeletedSnapshot {
 /// tick, so that punching the held dead space is not held up for long.
 const SLICE: Duration = Duration::from_millis(100);
 
-/// The map the deleted snapshot's leaves are compared with.
+/// A newer map the deleted snapshot's leaves are compared with.
 struct Successor {
     index: RecPtr,
     leaves: Vec<LeafPtr>,
+}
+
+impl Successor {
+    /// Its entries for leaf `leaf` (empty when it maps nothing there).
+    fn leaf(&self, inner: &Inner, leaf: u64, file_len: u64) -> Result<Vec<MapEntry>> {
+        // An index lists its leaves in increasing order.
+        match self.leaves.binary_search_by_key(&leaf, |p| p.leaf) {
+            Ok(i) => read_leaf(
+                inner.store.as_ref(),
+                &self.leaves[i],
+                inner.block_shift,
+                file_len,
+                inner.nblocks,
+            ),
+            Err(_) => Ok(Vec::new()),
+        }
+    }
 }
 
 impl Inner {
@@ -96,7 +114,7 @@ impl Inner {
         let file_len = self.file_len()?;
         let store = self.store.as_ref();
         let leaves = read_index(store, gone.index, file_len, self.nblocks)?;
-        let mut successor: Option<Successor> = None;
+        let mut successors: Vec<Successor> = Vec::new();
         for (i, ptr) in leaves
             .iter()
             .filter(|p| p.leaf >= gone.next_leaf)
@@ -116,36 +134,42 @@ impl Inner {
                     return Ok(None); // not deleted after all (a stale entry)
                 }
                 let older = snaps.iter().map(|s| s.gen).filter(|&g| g < gone.gen).max();
-                let next = snaps
+                let newer: Vec<RecPtr> = snaps
                     .iter()
                     .filter(|s| s.gen > gone.gen)
-                    .min_by_key(|s| s.gen)
-                    .map_or_else(|| self.sb.lock().index, |s| s.index);
-                if successor.as_ref().is_none_or(|s| s.index != next) {
-                    successor = Some(Successor {
-                        index: next,
-                        leaves: read_index(store, next, file_len, self.nblocks)?,
-                    });
+                    .map(|s| s.index)
+                    .chain([self.sb.lock().index])
+                    .collect();
+                if successors.len() != newer.len()
+                    || successors.iter().zip(&newer).any(|(s, n)| s.index != *n)
+                {
+                    successors = newer
+                        .iter()
+                        .map(|&index| {
+                            Ok(Successor {
+                                index,
+                                leaves: read_index(store, index, file_len, self.nblocks)?,
+                            })
+                        })
+                        .collect::<Result<_>>()?;
                 }
-                let Some(theirs) = successor.as_ref() else {
-                    continue;
-                };
                 let mine = match read_leaf(store, ptr, self.block_shift, file_len, self.nblocks) {
                     Ok(entries) => entries,
                     Err(_) => continue, // reclaimed meanwhile (compact): nothing to judge
                 };
-                // An index lists its leaves in increasing order.
-                let theirs = match theirs.leaves.binary_search_by_key(&ptr.leaf, |p| p.leaf) {
-                    Ok(i) => read_leaf(
-                        store,
-                        &theirs.leaves[i],
-                        self.block_shift,
-                        file_len,
-                        self.nblocks,
-                    )?,
-                    Err(_) => Vec::new(),
-                };
-                only_here(ptr.leaf, &mine, &theirs, older.unwrap_or(0))
+                let mut dead = only_here(ptr.leaf, &mine, &[], older.unwrap_or(0));
+                for successor in &successors {
+                    let theirs = successor.leaf(self, ptr.leaf, file_len)?;
+                    dead.retain(|d| still_dead(d, ptr.leaf, &theirs));
+                }
+                // The head in memory too: a rollback sets it before the
+                // checkpoint that commits it.
+                let map = self.map.read();
+                dead.retain(|d| {
+                    let e = map.get(d.block);
+                    e.kind != EntryKind::Data || e.off != d.off
+                });
+                dead
             };
             let mut dead = dead;
             dead.retain(|d| self.holds_its_block(d));
@@ -153,6 +177,15 @@ impl Inner {
         }
         Ok(None)
     }
+}
+
+/// True if `d` (an entry of leaf `leaf`) is not in `theirs`, a newer map's
+/// entries for that leaf.
+fn still_dead(d: &Dead, leaf: u64, theirs: &[MapEntry]) -> bool {
+    let i = (d.block - leaf * LEAF_ENTRIES) as usize;
+    theirs
+        .get(i)
+        .is_none_or(|t| t.kind != EntryKind::Data || t.off != d.off)
 }
 
 /// The DATA entries of leaf `leaf` of the deleted snapshot (`mine`) held by
