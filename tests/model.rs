@@ -1036,30 +1036,33 @@ proptest! {
 /// (bad magic)" on every read of the head's block 22).
 #[test]
 fn rollback_then_delete_keeps_what_newer_maps_hold() {
-    let write = |place, len, seed| Op::Write {
-        place,
+    let blocks_20_to_22 = Place::NearBoundary(2_863_311_530, 0);
+    let write = |len, seed| Op::Write {
+        place: blocks_20_to_22,
         len,
         fill: Fill::Random,
         seed,
     };
-    let zero_part_of_block_22 = Op::Discard {
-        place: Place::Anywhere(3_201_679_360),
-        len: 3813,
-        zeroes: true,
-    };
+    // s1 empty; s2 with blocks 20–22 written; s3 with part of block 22
+    // zeroed (a new record for it); then the head rolled back to s2.
+    let rolled_back = [
+        Op::SnapCreate,
+        write(131_073, 7),
+        Op::SnapCreate,
+        Op::Discard {
+            place: Place::Anywhere(3_201_679_360),
+            len: 3813,
+            zeroes: true,
+        },
+        Op::SnapCreate,
+        Op::SnapRollback(1),
+    ];
     let runs: [Vec<Op>; 2] = [
-        // The head after the rollback holds s2's record of block 22; s3
-        // does not.
+        // Delete s2: the head holds s2's record of block 22, s3 does not.
         vec![
-            Op::SnapCreate,
-            write(Place::NearBoundary(2_863_311_530, 0), 131_073, 7),
-            Op::SnapCreate,
-            zero_part_of_block_22,
-            Op::SnapCreate,
-            Op::SnapRollback(1),
             Op::SnapDelete(1),
             Op::Read {
-                place: Place::NearBoundary(2_863_311_530, 0),
+                place: blocks_20_to_22,
                 len: 200_000,
             },
             Op::Reopen,
@@ -1068,13 +1071,7 @@ fn rollback_then_delete_keeps_what_newer_maps_hold() {
         // longer does.
         vec![
             Op::SnapCreate,
-            write(Place::NearBoundary(2_863_311_530, 0), 131_073, 7),
-            Op::SnapCreate,
-            zero_part_of_block_22,
-            Op::SnapCreate,
-            Op::SnapRollback(1),
-            Op::SnapCreate,
-            write(Place::NearBoundary(2_863_311_530, 0), 200_000, 8),
+            write(200_000, 8),
             Op::Checkpoint,
             Op::SnapDelete(1),
             Op::SnapVerify(2),
@@ -1082,7 +1079,7 @@ fn rollback_then_delete_keeps_what_newer_maps_hold() {
             Op::SnapVerify(2),
         ],
     ];
-    for ops in runs {
+    for then in runs {
         let mut h = Harness::new(Config {
             block_size: 65536,
             codec: Codec::None,
@@ -1091,7 +1088,7 @@ fn rollback_then_delete_keeps_what_newer_maps_hold() {
             trim_sectors: 0,
             encrypted: false,
         });
-        for op in ops {
+        for op in rolled_back.into_iter().chain(then) {
             h.run(op).unwrap();
         }
         h.finish().unwrap();
