@@ -5,8 +5,9 @@
 //! snapshot). When the snapshot is deleted those records are garbage; a
 //! compaction would find them by loading every map at once. Instead, the
 //! `vbd-reclaim` thread walks the deleted snapshot's map one leaf at a time
-//! (bounded memory, no lock held for longer than two leaf reads) and hands
-//! the records only it held to the held dead space.
+//! (bounded memory; the checkpoint lock is held for the reads of one leaf of
+//! it and of each newer map) and hands the records only it held to the held
+//! dead space.
 //!
 //! Which records: an entry `e` of the deleted snapshot S is held by nothing
 //! else when `e.birth` is after the newest older snapshot (so no older
