@@ -315,6 +315,16 @@ mod tests {
 
     #[test]
     fn read_direct_spans_reads_every_span_and_reports_each_end_of_file() {
+        spans_read_their_own_bytes();
+    }
+
+    #[test]
+    fn read_direct_spans_without_io_uring_read_the_same() {
+        crate::sys::uring::refuse_on_this_thread();
+        spans_read_their_own_bytes();
+    }
+
+    fn spans_read_their_own_bytes() {
         let bytes: Vec<u8> = (0..600_000u32).map(|i| (i * 17 % 253) as u8).collect();
         let (_tmp, store) = store_with(&bytes);
         // Spans anywhere and of any length, more than one ring submission

@@ -7,6 +7,7 @@ use io_uring::{opcode, types, IoUring};
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Reads submitted at once at most; more are done in several rounds.
 const RING_ENTRIES: usize = 64;
@@ -21,6 +22,9 @@ enum Ring {
 thread_local! {
     static RING: RefCell<Ring> = const { RefCell::new(Ring::Unset) };
 }
+
+/// Whether this process has said once that it reads without `io_uring`.
+static REFUSAL_LOGGED: AtomicBool = AtomicBool::new(false);
 
 /// Reads `dst.len()` bytes at `off` from `file` for every `(off, dst)`, all
 /// submitted together: each result is the number of bytes read (short only
@@ -38,7 +42,13 @@ pub fn read_many(
             *ring = match IoUring::new(RING_ENTRIES as u32) {
                 Ok(r) => Ring::Ready(Box::new(r)),
                 Err(e) => {
-                    ::log::debug!("no io_uring, records are read one by one: {e}");
+                    if REFUSAL_LOGGED.swap(true, Ordering::Relaxed) {
+                        ::log::debug!("no io_uring, records are read one by one: {e}");
+                    } else {
+                        ::log::info!(
+                            "io_uring is not available ({e}): records that lie apart are read one by one"
+                        );
+                    }
                     Ring::Refused
                 }
             };
@@ -59,6 +69,13 @@ pub fn read_many(
         }
         Some(results)
     })
+}
+
+/// Makes this thread read without `io_uring` from now on, as where the
+/// kernel refuses it (for tests of the one-by-one path).
+#[cfg(test)]
+pub fn refuse_on_this_thread() {
+    RING.with(|cell| *cell.borrow_mut() = Ring::Refused);
 }
 
 /// Submits `reads` (at most [`RING_ENTRIES`]) and waits for every one that
