@@ -76,6 +76,114 @@ fn second_mount_and_offline_changes_are_refused_with_the_mount_point() {
     m.umount();
 }
 
+/// Lazily unmounts everything stacked on `dir` when dropped.
+struct UnmountAll<'a>(&'a std::path::Path);
+
+impl Drop for UnmountAll<'_> {
+    fn drop(&mut self) {
+        for _ in 0..8 {
+            if !is_mounted(self.0) {
+                break;
+            }
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+}
+
+/// Mounts stacked on `dir`, per /proc/self/mountinfo.
+fn mounts_at(dir: &std::path::Path) -> usize {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(p(dir)))
+        .count()
+}
+
+#[test]
+fn mounts_started_together_on_one_mount_point_leave_one_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let dir = dir.canonicalize().expect("canon");
+    let _cleanup = UnmountAll(&dir);
+    let images: Vec<_> = (0..3)
+        .map(|i| {
+            let img = tmp.path().join(format!("{i}.vbd"));
+            create(&img, "8M", &[]);
+            img
+        })
+        .collect();
+    for round in 0..4 {
+        let children: Vec<_> = images
+            .iter()
+            .map(|img| {
+                common::vbdfs()
+                    .args(["mount", p(img), p(&dir)])
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn vbdfs mount")
+            })
+            .collect();
+        let outs: Vec<_> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().expect("wait"))
+            .collect();
+        let ok = outs.iter().filter(|o| o.status.success()).count();
+        assert_eq!(ok, 1, "round {round}: {ok} of 3 mounts succeeded");
+        assert_eq!(mounts_at(&dir), 1, "round {round}: stacked mounts");
+        for out in outs.iter().filter(|o| !o.status.success()) {
+            assert!(
+                stderr(out).contains("already a vbdfs mount point"),
+                "{}",
+                stderr(out)
+            );
+        }
+        let out = run(&["umount", p(&dir)]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn an_image_inside_its_mount_point_is_refused_without_hanging() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("vm");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let img = dir.join("disk.vbd");
+    create(&img, "8M", &[]);
+    let _cleanup = UnmountAll(&dir);
+    // Given as it is and as a path relative to the mount point, which is
+    // the current directory. Stderr goes to a file: a daemon stuck on its
+    // own mount would hold a pipe open.
+    let log = tmp.path().join("stderr");
+    for image in [img.clone(), "disk.vbd".into()] {
+        let mut child = common::vbdfs()
+            .args(["mount", p(&image), "."])
+            .current_dir(&dir)
+            .stderr(std::fs::File::create(&log).expect("stderr file"))
+            .spawn()
+            .expect("spawn vbdfs mount");
+        let done = wait_for(Duration::from_secs(20), || {
+            child.try_wait().expect("try_wait").is_some()
+        });
+        if !done {
+            let _ = child.kill();
+            let _ = Command::new("pkill").args(["-9", "-f", p(&img)]).status();
+        }
+        assert!(done, "mount of an image inside its mount point hung");
+        let status = child.wait().expect("wait");
+        assert!(!status.success(), "mounted an image over its own directory");
+        let err = std::fs::read_to_string(&log).expect("stderr");
+        assert!(err.contains("lies inside the mount point"), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    assert!(!is_mounted(&dir));
+}
+
 #[test]
 fn daemon_errors_reach_the_caller() {
     if !fuse_available() {

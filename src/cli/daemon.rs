@@ -8,6 +8,7 @@
 //! session returns, the worker threads finish the queued requests and
 //! [`Image::close`] flushes, checkpoints and marks the image clean.
 
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -39,30 +40,40 @@ pub struct Job {
     pub options: MountOptions,
 }
 
-/// The readiness report to a waiting parent (daemon mode) or nothing (`-f`).
+/// The readiness report to a waiting parent (daemon mode) or nothing (`-f`),
+/// and in the foreground the mount point's lock ([`super::mount`]), let go
+/// once the mount is ready or has failed.
 #[derive(Debug)]
-pub struct Ready(Option<UnixStream>);
+pub struct Ready {
+    pipe: Option<UnixStream>,
+    lock: Option<File>,
+}
 
 impl Ready {
-    /// Nobody waits (foreground).
-    pub fn none() -> Ready {
-        Ready(None)
+    /// Nobody waits (foreground); `lock` is held until the verdict.
+    pub fn foreground(lock: Option<File>) -> Ready {
+        Ready { pipe: None, lock }
     }
 
-    /// The parent waits on `pipe`.
+    /// The parent waits on `pipe` (and holds the lock).
     pub fn pipe(pipe: UnixStream) -> Ready {
-        Ready(Some(pipe))
+        Ready {
+            pipe: Some(pipe),
+            lock: None,
+        }
     }
 
     fn ok(&mut self) {
-        if let Some(mut pipe) = self.0.take() {
+        self.lock = None;
+        if let Some(mut pipe) = self.pipe.take() {
             let _ = pipe.write_all(b"OK\n");
         }
     }
 
     /// Reports `err` if readiness was not reported yet.
     pub fn fail(&mut self, err: &Error) {
-        if let Some(mut pipe) = self.0.take() {
+        self.lock = None;
+        if let Some(mut pipe) = self.pipe.take() {
             let _ = pipe.write_all(format!("ERR {err}\n").as_bytes());
         }
     }

@@ -2,6 +2,7 @@
 //! (`-f`) or forks a daemon and waits on a socket pair until the daemon reports
 //! "mounted" (exit 0) or its error (printed, exit non-zero).
 
+use std::fs::File;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,17 @@ pub fn run(args: &MountArgs) -> Result<()> {
     super::keys::set(options.key_file.as_deref())?;
     let image = canonical_file(&args.image)?;
     let mountpoint = canonical_dir(&args.mountpoint)?;
+    if image.starts_with(&mountpoint) {
+        return Err(Error::invalid(format!(
+            "{} lies inside the mount point {}: the mount would hide it from its own \
+             daemon; choose a mount point outside the image's directory",
+            image.display(),
+            mountpoint.display()
+        )));
+    }
+    // Held until the mount is ready or has failed: two mounts started at
+    // once on one mount point cannot both pass the check below.
+    let lock = lock_dir(&mountpoint)?;
     if let Some(dir) = mountinfo::mount_points_of(&image).first() {
         if mountinfo::is_dead(dir) {
             return Err(Error::new(
@@ -58,9 +70,28 @@ pub fn run(args: &MountArgs) -> Result<()> {
     };
     if args.foreground {
         logger::init_foreground();
-        return daemon::serve(&job, &mut Ready::none());
+        return daemon::serve(&job, &mut Ready::foreground(lock));
     }
-    daemonize(&job)
+    daemonize(&job, lock)
+}
+
+/// Takes the exclusive `flock` of directory `dir` (waits for another `vbdfs
+/// mount` of it to be ready or fail). None where the file system has no
+/// such locks.
+fn lock_dir(dir: &Path) -> Result<Option<File>> {
+    let file =
+        File::open(dir).map_err(|e| Error::io(format!("mount point {}", dir.display()), e))?;
+    match file.lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOLCK | libc::EOPNOTSUPP)) => {
+            log::debug!("mount point {} cannot be locked: {e}", dir.display());
+            Ok(None)
+        }
+        Err(e) => Err(Error::io(
+            format!("locking mount point {}", dir.display()),
+            e,
+        )),
+    }
 }
 
 /// The canonical path of an existing regular file.
@@ -102,7 +133,9 @@ fn canonical_dir(path: &Path) -> Result<PathBuf> {
 }
 
 /// Forks the daemon and waits for its verdict on a pipe.
-fn daemonize(job: &Job) -> Result<()> {
+/// The parent holds `lock` until the verdict; the daemon closes its copy
+/// (the lock lasts while any copy is open).
+fn daemonize(job: &Job, lock: Option<File>) -> Result<()> {
     let (mut reader, writer) =
         UnixStream::pair().map_err(|e| Error::io("cannot create a socket pair", e))?;
     match sys::fork_process().map_err(|e| Error::io("cannot start the mount daemon", e))? {
@@ -110,6 +143,7 @@ fn daemonize(job: &Job) -> Result<()> {
             drop(writer);
             let mut msg = String::new();
             let _ = reader.read_to_string(&mut msg);
+            drop(lock);
             if msg.starts_with("OK") {
                 if let Some(warning) = daemon::discard_warning(job) {
                     eprintln!("vbdfs: warning: {warning}");
@@ -126,6 +160,7 @@ fn daemonize(job: &Job) -> Result<()> {
         }
         Forked::Child => {
             drop(reader);
+            drop(lock);
             let mut ready = Ready::pipe(writer);
             let code = match detach() {
                 Ok(()) => match daemon::serve(job, &mut ready) {
