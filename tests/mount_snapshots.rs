@@ -213,6 +213,19 @@ fn offline_commands_refused_while_mounted_clones_work() {
     assert!(out.status.success(), "{}", stderr(&out));
     let names = m.status_value("snapshots").unwrap();
     assert!(names.starts_with("gold clone-base-"), "{names}");
+    // A clone that cannot be made leaves the base as it was: no snapshot.
+    for bad in [
+        vec!["create", "vm3.vbd", "--backing", p(&img), "--size", "1"],
+        vec!["create", "nodir/vm3.vbd", "--backing", p(&img)],
+    ] {
+        let out = common::vbdfs()
+            .args(&bad)
+            .current_dir(tmp.path())
+            .output()
+            .expect("run vbdfs");
+        assert!(!out.status.success(), "{bad:?} succeeded");
+        assert_eq!(m.status_value("snapshots").unwrap(), names, "{bad:?}");
+    }
     let out = run(&[
         "clone",
         &format!("{}@nope", p(&img)),

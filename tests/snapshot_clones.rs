@@ -123,6 +123,26 @@ fn clone_without_a_snapshot_name_snapshots_the_base_first() {
     .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(!dir.path().join("x.vbd").exists());
+    // A clone without a snapshot name that cannot be made (its directory
+    // is missing) takes no snapshot of the base: the base is as it was.
+    c2.close().unwrap();
+    let names = |path: &Path| -> Vec<String> {
+        let img = Image::open(path, &opts()).unwrap();
+        let names = img.snapshot_list().into_iter().map(|s| s.name).collect();
+        img.close().unwrap();
+        names
+    };
+    let before = names(&b);
+    let e = Image::create_clone(
+        &dir.path().join("nodir/x.vbd"),
+        &b,
+        None,
+        &CloneOptions::default(),
+        &opts(),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert_eq!(names(&b), before);
 }
 
 #[test]

@@ -207,7 +207,13 @@ fn clone_mounted(
         .and_then(|img| img.base_snapshot(&name))
         .and_then(|b| Image::create_clone_from(new, base, &b, opts, open));
     if made.is_err() {
-        if let Err(e) = control(mount, &format!("release-snapshot {name}")) {
+        // The base is left as it was: the hold goes, and so does the
+        // snapshot taken for this clone.
+        let mut undo = control(mount, &format!("release-snapshot {name}"));
+        if undo.is_ok() && snap.is_none() {
+            undo = control(mount, &format!("delete-snapshot {name}"));
+        }
+        if let Err(e) = undo {
             eprintln!("vbdfs: could not release the hold on {name}: {e}");
         }
     }

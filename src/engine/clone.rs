@@ -355,8 +355,13 @@ impl Image {
         img.close()?;
         let made = snap.and_then(|snap| Image::create_clone_from(new, &base, &snap, opts, open));
         if made.is_err() {
+            // The base is left as it was: the hold goes, and so does the
+            // snapshot taken for this clone.
             let released = Image::open_with_key(&base, &base_opts, key).and_then(|img| {
                 img.snapshot_release(&name)?;
+                if snapshot.is_none() {
+                    img.snapshot_delete(&name)?;
+                }
                 img.close()
             });
             if let Err(e) = released {
