@@ -36,6 +36,10 @@ pub const CRYPTO_XCHACHA20_POLY1305: u8 = 1;
 pub const NONCE_LEN: usize = 24;
 /// Tag bytes after a sealed payload.
 pub const TAG_LEN: usize = 16;
+/// The largest key file: a passphrase or a random key is far smaller, and a
+/// key file that names a large file by mistake (an image) is refused before
+/// it fills memory.
+pub const MAX_KEY_FILE: u64 = 64 << 10;
 /// Plaintext prefix of a sealed payload: key u64, birth u64.
 pub const INNER_LEN: usize = 16;
 /// Bytes a sealed payload adds to the plain one.
@@ -96,6 +100,12 @@ impl KeyMaterial {
             };
             Error::new(kind, format!("key file {}: {e}", path.display()))
         })?;
+        if meta.is_dir() {
+            return Err(Error::invalid(format!(
+                "key file {} is a directory",
+                path.display()
+            )));
+        }
         let mode = meta.permissions().mode();
         if mode & 0o077 != 0 {
             return Err(Error::invalid(format!(
@@ -106,10 +116,20 @@ impl KeyMaterial {
                 path.display()
             )));
         }
-        let mut bytes = Zeroizing::new(
-            std::fs::read(path)
-                .map_err(|e| Error::io(format!("read key file {}", path.display()), e))?,
-        );
+        let mut bytes = Zeroizing::new(Vec::new());
+        std::fs::File::open(path)
+            .and_then(|f| {
+                use std::io::Read;
+                f.take(MAX_KEY_FILE + 1).read_to_end(&mut bytes)
+            })
+            .map_err(|e| Error::io(format!("read key file {}", path.display()), e))?;
+        if bytes.len() as u64 > MAX_KEY_FILE {
+            return Err(Error::invalid(format!(
+                "key file {} is larger than {} KiB: is it the right file?",
+                path.display(),
+                MAX_KEY_FILE >> 10
+            )));
+        }
         if bytes.last() == Some(&b'\n') {
             bytes.pop();
             if bytes.last() == Some(&b'\r') {
@@ -303,5 +323,29 @@ mod tests {
         assert_eq!(KeyMaterial::from_file(&p).unwrap().secret(), b"secret");
         std::fs::write(&p, b"").unwrap();
         assert!(KeyMaterial::from_file(&p).is_err());
+    }
+
+    #[test]
+    fn key_files_that_are_too_large_or_directories_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        // The largest that is taken, and one byte more (sparse: a large
+        // file is refused after reading one byte past the limit).
+        f.set_len(MAX_KEY_FILE).unwrap();
+        assert!(KeyMaterial::from_file(&p).is_ok());
+        f.set_len(MAX_KEY_FILE + 1).unwrap();
+        let e = KeyMaterial::from_file(&p).unwrap_err();
+        assert!(e.to_string().contains("larger than 64 KiB"), "{e}");
+        f.set_len(4 << 30).unwrap();
+        let e = KeyMaterial::from_file(&p).unwrap_err();
+        assert!(e.to_string().contains("larger than 64 KiB"), "{e}");
+        assert!(e.to_string().contains(p.to_str().unwrap()), "{e}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = KeyMaterial::from_file(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("is a directory"), "{e}");
     }
 }
