@@ -55,6 +55,38 @@ fn layout_and_attributes() {
         0
     );
     assert!(std::fs::metadata(m.dir.join("nope")).is_err());
+
+    // The names are fixed: no new files, directories or links, no removal
+    // or renaming (EPERM, not "function not implemented").
+    let snaps = m.dir.join("snapshots");
+    let attempts: Vec<(&str, std::io::Result<()>)> = vec![
+        ("rm disk", std::fs::remove_file(m.disk())),
+        ("rm control", std::fs::remove_file(m.control())),
+        ("rmdir snapshots", std::fs::remove_dir(&snaps)),
+        ("mkdir", std::fs::create_dir(m.dir.join("d"))),
+        ("mkdir in snapshots", std::fs::create_dir(snaps.join("d"))),
+        ("create", std::fs::File::create(m.dir.join("new")).map(drop)),
+        (
+            "create in snapshots",
+            std::fs::File::create(snaps.join("s")).map(drop),
+        ),
+        ("rename", std::fs::rename(m.disk(), m.dir.join("disk2"))),
+        ("link", std::fs::hard_link(m.disk(), m.dir.join("disk2"))),
+        (
+            "symlink",
+            std::os::unix::fs::symlink("disk", m.dir.join("l")),
+        ),
+    ];
+    for (what, result) in attempts {
+        let err = result.expect_err(what);
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{what}: {err}");
+    }
+    names.clear();
+    for e in std::fs::read_dir(&m.dir).expect("readdir") {
+        names.push(e.expect("entry").file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    assert_eq!(names, ["control", "disk", "snapshots"]);
     m.umount();
 }
 
