@@ -112,6 +112,25 @@ fn create_refuses_bad_arguments() {
 }
 
 #[test]
+fn usage_mistakes_are_one_line_with_the_usage_and_exit_2() {
+    for (args, needle) in [
+        (&["create"][..], "usage: vbdfs create"),
+        (&["frobnicate"][..], "unrecognized subcommand 'frobnicate'"),
+        (
+            &["info", "a.vbd", "--bogus"][..],
+            "unexpected argument '--bogus'",
+        ),
+        (&["mount", "a.vbd"][..], "<MOUNTPOINT>"),
+    ] {
+        assert_error(args, needle);
+        assert_eq!(run(args).status.code(), Some(2), "{args:?}");
+    }
+    let out = run(&["create", "--help"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("--block-size"), "{out:?}");
+}
+
+#[test]
 fn compact_reports_host_space_and_refuses_missing_images() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let img = tmp.path().join("c.vbd");
