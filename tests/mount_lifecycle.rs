@@ -54,6 +54,14 @@ fn second_mount_and_offline_changes_are_refused_with_the_mount_point() {
         "{err}"
     );
     assert!(!is_mounted(&tmp.path().join("mnt2")));
+    // A hard link names the same image.
+    let link = tmp.path().join("link.vbd");
+    std::fs::hard_link(&img, &link).expect("hard link");
+    let err = Mount::try_new(&link, &tmp.path().join("mnt2"), None).expect_err("mount of a link");
+    assert!(
+        err.contains("already mounted") && err.contains(p(&canon_dir)),
+        "{err}"
+    );
 
     let err = Mount::try_new(&other, &dir, None).expect_err("mount over a vbdfs mount");
     assert!(err.contains("already a vbdfs mount point"), "{err}");

@@ -101,9 +101,18 @@ pub fn read() -> Vec<MountEntry> {
 
 /// Where `image` (canonical path) is mounted.
 pub fn mount_points_of(image: &Path) -> Vec<PathBuf> {
+    // By path, and by file identity: a hard link names the same image.
+    let id = |path: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    };
+    let own = id(image);
     read()
         .into_iter()
-        .filter(|m| m.image().as_deref() == Some(image))
+        .filter(|m| {
+            m.image()
+                .is_some_and(|path| path == image || (own.is_some() && id(&path) == own))
+        })
         .map(|m| m.mount_point)
         .collect()
 }
