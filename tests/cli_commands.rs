@@ -155,6 +155,10 @@ fn bad_files_and_paths_are_one_line_errors() {
     std::fs::write(&empty, b"").expect("write empty");
     assert_error(&["info", p(&empty)], "empty.vbd");
     assert_error(&["umount", p(tmp.path())], "not a vbdfs mount point");
+    let out = tmp.path().join("out.raw");
+    assert_error(&["export", p(tmp.path()), p(&out)], "is not a regular file");
+    assert_error(&["export", "/dev/null", p(&out)], "is not a regular file");
+    assert!(!out.exists());
     assert_error(&["mount", p(&missing), p(tmp.path())], "missing.vbd");
 }
 

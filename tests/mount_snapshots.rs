@@ -232,6 +232,8 @@ fn offline_commands_refused_while_mounted_clones_work() {
         p(&tmp.path().join("x.vbd")),
     ]);
     assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("no snapshot named 'nope'"), "{err}");
     assert!(!tmp.path().join("x.vbd").exists());
     m.umount();
 

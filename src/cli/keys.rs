@@ -30,6 +30,12 @@ pub fn get() -> Option<KeyMaterial> {
 
 /// Opens an image with the command's key.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(Error::invalid(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
     Image::open_with_key(path, opts, get().as_ref())
 }
 

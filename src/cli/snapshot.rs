@@ -17,7 +17,7 @@ use super::mount::canonical_file;
 use super::options::format_size;
 use super::{mountinfo, CloneArgs, SnapshotArgs};
 use crate::engine::CloneOptions;
-use crate::{Error, Image, OpenOptions, Result};
+use crate::{Error, ErrorKind, Image, OpenOptions, Result};
 
 /// Cache for offline snapshot commands (they read little).
 const CACHE: u64 = 32 << 20;
@@ -173,11 +173,22 @@ pub fn split_at_snapshot(spec: &str) -> (PathBuf, Option<String>) {
 /// Writes one command to a mount's control file.
 fn control(dir: &Path, cmd: &str) -> Result<()> {
     let path = dir.join("control");
-    std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, cmd.as_bytes()))
-        .map_err(|e| Error::io(format!("{}: {cmd}", path.display()), e))
+        .map_err(|e| Error::io(path.display().to_string(), e))?;
+    std::io::Write::write_all(&mut file, cmd.as_bytes()).map_err(|e| {
+        match (e.raw_os_error(), cmd.split_once(' ')) {
+            (Some(libc::ENOENT), Some((_, name))) => Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no snapshot named '{name}' in the image mounted at {}",
+                    dir.display()
+                ),
+            ),
+            _ => Error::io(format!("{}: {cmd}", path.display()), e),
+        }
+    })
 }
 
 /// A clone of a mounted base: the snapshot (if asked) and the hold go

@@ -196,7 +196,7 @@ fn find_base(r: &BackingRef, origin: Option<&Path>) -> Result<(PathBuf, std::fs:
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let mut tried = vec![dir.join(rel)];
-    if !r.abs_path.is_empty() {
+    if !r.abs_path.is_empty() && tried[0] != abs {
         tried.push(abs.to_path_buf());
     }
     for path in &tried {
