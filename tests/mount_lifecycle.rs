@@ -397,6 +397,12 @@ fn killed_daemon_leaves_a_dead_mount_that_umount_clears() {
     m.wait_daemon_exit();
     let err = Mount::try_new(&img, &dir, None).expect_err("mount on a dead mount");
     assert!(err.contains("dead mount"), "{err}");
+    let info = common::stdout(&run(&["info", p(&img)]));
+    assert!(
+        info.contains("state: dirty (its mount's daemon is gone"),
+        "{info}"
+    );
+    assert!(info.contains("(a dead mount: run `vbdfs umount"), "{info}");
     let out = run(&["umount", p(&dir)]);
     assert!(stderr(&out).contains("did not answer"), "{}", stderr(&out));
     assert!(!is_mounted(&dir), "dead mount still there");

@@ -73,15 +73,25 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         return Ok(());
     }
     let bytes = |n: u64| format!("{} ({n} bytes)", format_size(n));
+    // A mount whose daemon is gone (killed) holds nothing open.
+    let dead = mounted.first().is_some_and(|dir| mountinfo::is_dead(dir));
     let state = match (&stats.failed, stats.clean, mounted.first()) {
         (Some(why), _, _) => format!("failed: {why}"),
         (None, true, _) => "clean".to_string(),
+        (None, false, Some(_)) if dead => {
+            "dirty (its mount's daemon is gone; recovered on the next read-write open)".into()
+        }
         (None, false, Some(_)) => "in use (open read-write by the mount)".into(),
         (None, false, None) => {
             "dirty (not closed cleanly; recovered on the next read-write open)".into()
         }
     };
     let mounted_at = match mounted.first() {
+        Some(dir) if dead => format!(
+            "{} (a dead mount: run `vbdfs umount {}`)",
+            dir.display(),
+            dir.display()
+        ),
         Some(dir) => dir.display().to_string(),
         None => "no".into(),
     };
