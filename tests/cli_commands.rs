@@ -159,6 +159,11 @@ fn bad_files_and_paths_are_one_line_errors() {
     assert_error(&["export", p(tmp.path()), p(&out)], "is not a regular file");
     assert_error(&["export", "/dev/null", p(&out)], "is not a regular file");
     assert!(!out.exists());
+    let vbd = tmp.path().join("a.vbd");
+    create(&vbd, "1M", &[]);
+    let copy = tmp.path().join("b.vbd");
+    assert_error(&["import", p(&vbd), p(&copy)], "is a vbd image already");
+    assert!(!copy.exists());
     assert_error(&["mount", p(&missing), p(tmp.path())], "missing.vbd");
 }
 

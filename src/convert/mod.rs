@@ -87,6 +87,12 @@ fn detect_in(f: &FileReader) -> Result<Format> {
     Ok(Format::Raw)
 }
 
+/// Whether the file starts like a vbd image (its first superblock's magic).
+fn is_vbd(f: &FileReader) -> bool {
+    let mut magic = [0u8; 8];
+    f.read_at(&mut magic, 0).is_ok() && magic == crate::format::VBD_MAGIC
+}
+
 /// Opens `path` as a [`Source`], detecting the format unless `format` is
 /// given; an explicit format that contradicts the file's magic is refused.
 /// Backing files and VHD parents are opened and flattened into the source.
@@ -145,6 +151,13 @@ fn open_in_chain(
             )))
         }
         Some(want) => want,
+        None if found == Format::Raw && is_vbd(&file) => {
+            return Err(Error::invalid(format!(
+                "{} is a vbd image already: copy it, clone it (vbdfs clone) or export it; \
+                 --format raw imports its bytes as a raw disk",
+                path.display()
+            )))
+        }
         None => found,
     };
     let source: Box<dyn Source> = match format {

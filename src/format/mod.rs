@@ -21,7 +21,8 @@ pub use entry::{
 pub use record::{align_up, RecordHeader, RecordKind, LOG_UNIT, RECORD_ALIGN, RECORD_HEADER_LEN};
 pub use snap::{check_snapshot_name, SnapEntry, SnapTable, MAX_SNAPSHOTS, MAX_SNAP_NAME};
 pub use superblock::{
-    Codec, RecPtr, Superblock, INCOMPAT_ENCRYPTED, SB_CRC_OFF, SB_FLAG_DIRTY, SB_MAC_OFF,
+    Codec, RecPtr, Superblock, INCOMPAT_ENCRYPTED, MAGIC as VBD_MAGIC, SB_CRC_OFF, SB_FLAG_DIRTY,
+    SB_MAC_OFF,
 };
 
 /// Size of one superblock slot; slot `i` starts at `i * SB_SLOT_SIZE`.

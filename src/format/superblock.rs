@@ -8,7 +8,8 @@ use crate::error::{Error, Result};
 use zerocopy::little_endian::{I32, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-const MAGIC: [u8; 8] = *b"VBDF\x89\r\n\x1a";
+/// The first bytes of a vbd image (superblock slot 0).
+pub const MAGIC: [u8; 8] = *b"VBDF\x89\r\n\x1a";
 const VERSION: u16 = 1;
 const LEN: usize = 512;
 /// The image was open for writing and not closed cleanly (informational: recovery
