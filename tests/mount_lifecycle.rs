@@ -193,6 +193,31 @@ fn an_image_inside_its_mount_point_is_refused_without_hanging() {
 }
 
 #[test]
+fn a_cache_larger_than_the_host_memory_is_warned_about() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "8M", &[]);
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let _cleanup = UnmountAll(&dir);
+    for (cache, warned) in [("64T", true), ("64M", false)] {
+        let out = run(&["mount", p(&img), p(&dir), "-o", &format!("cache={cache}")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert_eq!(
+            err.contains("is more than this host's memory"),
+            warned,
+            "{err}"
+        );
+        let out = run(&["umount", p(&dir)]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
+
+#[test]
 fn daemon_errors_reach_the_caller() {
     if !fuse_available() {
         return;

@@ -179,7 +179,7 @@ pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
         job.mountpoint.display()
     );
     ready.ok();
-    if let Some(warning) = discard_warning(job) {
+    for warning in warnings(job) {
         log::warn!("{warning}");
     }
 
@@ -206,7 +206,26 @@ pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
 
 /// What to tell the admin when a writable mount's image lies on ext4 mounted
 /// with `discard` ([`mountinfo::synchronous_discard`]), None otherwise.
-pub fn discard_warning(job: &Job) -> Option<String> {
+/// What to tell the admin about a mount that works but is set up to
+/// disappoint: [`discard_warning`], and a `cache=` larger than the host's
+/// memory.
+pub fn warnings(job: &Job) -> Vec<String> {
+    let mut warnings: Vec<String> = discard_warning(job).into_iter().collect();
+    let memory = sys::memory_bytes();
+    if let (Some(cache), Some(memory)) = (job.options.cache_bytes, memory) {
+        if cache > memory {
+            warnings.push(format!(
+                "cache= of {} is more than this host's memory ({}); it grows only as \
+                 blocks are used, but a large working set would push the host into swap",
+                super::options::format_size(cache),
+                super::options::format_size(memory)
+            ));
+        }
+    }
+    warnings
+}
+
+fn discard_warning(job: &Job) -> Option<String> {
     if job.options.read_only {
         return None;
     }

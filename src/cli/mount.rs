@@ -145,7 +145,7 @@ fn daemonize(job: &Job, lock: Option<File>) -> Result<()> {
             let _ = reader.read_to_string(&mut msg);
             drop(lock);
             if msg.starts_with("OK") {
-                if let Some(warning) = daemon::discard_warning(job) {
+                for warning in daemon::warnings(job) {
                     eprintln!("vbdfs: warning: {warning}");
                 }
                 return Ok(());

@@ -243,6 +243,18 @@ pub fn set_io_flusher() -> io::Result<()> {
     cvt(unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0, 0, 0) }).map(|_| ())
 }
 
+/// The host's physical memory (`sysconf`), None if unknown.
+pub fn memory_bytes() -> Option<u64> {
+    // SAFETY: sysconf takes an integer name and reads system configuration.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages > 0 && page > 0).then(|| pages as u64 * page as u64)
+}
+
 /// The effective user and group ids of this process.
 pub fn effective_ids() -> (u32, u32) {
     // SAFETY: geteuid/getegid cannot fail and take no arguments.
