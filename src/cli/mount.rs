@@ -109,18 +109,29 @@ pub fn canonical_file(path: &Path) -> Result<PathBuf> {
 }
 
 fn canonical_dir(path: &Path) -> Result<PathBuf> {
-    let canon = path
-        .canonicalize()
-        .map_err(|e| Error::io(format!("mount point {}", path.display()), e))?;
-    if mountinfo::is_dead(&canon) {
-        return Err(Error::new(
+    let dead = |dir: &Path| {
+        Error::new(
             ErrorKind::Busy,
             format!(
                 "{} is a dead mount (its daemon is gone): run `vbdfs umount {}` first",
-                canon.display(),
-                canon.display()
+                dir.display(),
+                dir.display()
             ),
-        ));
+        )
+    };
+    let canon = match path.canonicalize() {
+        Ok(canon) => canon,
+        // Once the kernel's cached attributes of a dead mount expire, even
+        // resolving its path fails.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(dead(
+                &std::path::absolute(path).unwrap_or(path.to_path_buf()),
+            ))
+        }
+        Err(e) => return Err(Error::io(format!("mount point {}", path.display()), e)),
+    };
+    if mountinfo::is_dead(&canon) {
+        return Err(dead(&canon));
     }
     match std::fs::metadata(&canon) {
         Ok(meta) if meta.is_dir() => Ok(canon),
