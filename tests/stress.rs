@@ -728,3 +728,44 @@ fn multi_block_reads_race_discards() {
         }
     }
 }
+
+/// SEEK_DATA and SEEK_HOLE of a block written a moment ago, while write-back
+/// moves blocks from the cache to the map (a flusher in a loop): a block
+/// whose write has returned is always data. Asking the map before the cache
+/// missed a block written back in between.
+#[test]
+fn seek_finds_a_just_written_block_while_it_is_written_back() {
+    let img = Arc::new(
+        Image::create_on(
+            Arc::new(MemStore::new()),
+            &CreateOptions {
+                size: 8192 * 4096,
+                block_size: 4096,
+                codec: Codec::None,
+            },
+            &opts(64 << 20),
+        )
+        .unwrap(),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flusher = {
+        let (img, stop) = (img.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                img.flush().unwrap();
+            }
+        })
+    };
+    let block = vec![7u8; 4096];
+    for b in 0..4096u64 {
+        let off = b * 4096;
+        img.write_at(&block, off).unwrap();
+        // Asked again and again while the block is written back.
+        for _ in 0..100 {
+            assert_eq!(img.next_data(off), Some(off), "SEEK_DATA missed block {b}");
+            assert!(img.next_hole(off) > off, "SEEK_HOLE at written block {b}");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flusher.join().unwrap();
+}

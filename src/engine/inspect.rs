@@ -69,6 +69,8 @@ pub struct BadBlock {
     pub offset: u64,
     /// What was wrong.
     pub reason: String,
+    /// The snapshot whose record it is (None: the head's).
+    pub snapshot: Option<String>,
 }
 
 /// The result of [`Image::check`](super::Image::check).
@@ -82,6 +84,8 @@ pub struct CheckReport {
     pub snapshots_checked: u64,
     /// Problems that are not one block's (a snapshot's damaged index).
     pub errors: Vec<String>,
+    /// Snapshots whose map could not be read (their errors are in `errors`).
+    pub unreadable_snapshots: Vec<String>,
 }
 
 impl CheckReport {
@@ -144,6 +148,7 @@ impl Inner {
                     block,
                     offset: block << self.block_shift,
                     reason: e.to_string(),
+                    snapshot: None,
                 });
             }
         }
@@ -151,10 +156,13 @@ impl Inner {
     }
 
     fn is_data(&self, block: u64) -> bool {
+        // The cache first: write-back maps a block before the cache lets go
+        // of it, so a block written back in between is found in the map.
+        if self.cache.is_unwritten(block) {
+            return true;
+        }
         let kind = self.map.read().get(block).kind;
-        kind == EntryKind::Data
-            || self.cache.is_unwritten(block)
-            || (kind == EntryKind::Unmapped && self.base_has_data(block))
+        kind == EntryKind::Data || (kind == EntryKind::Unmapped && self.base_has_data(block))
     }
 
     pub(super) fn next_data(&self, off: u64) -> Option<u64> {
@@ -162,6 +170,9 @@ impl Inner {
             return None;
         }
         let first = off >> self.block_shift;
+        // Changes not yet written back are only in the cache; written blocks
+        // are in the map. The cache first (see `is_data`).
+        let cached = self.cache.first_unwritten(first);
         let (mapped, backed) = {
             let map = self.map.read();
             (map.next_mapped(first), self.next_backed(first, &map))
@@ -170,9 +181,6 @@ impl Inner {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        // Written blocks are in the map; changes not yet written back only
-        // in the cache.
-        let cached = self.cache.first_unwritten(first);
         let block = match (mapped, cached) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b)?,

@@ -458,6 +458,12 @@ impl Image {
         Ok(report)
     }
 
+    /// Checks again, against this open's (newer) state, only what `earlier`
+    /// found bad (see `vbdfs check` of a mounted image).
+    pub fn recheck(&self, earlier: &CheckReport) -> Result<CheckReport> {
+        self.inner.recheck(earlier)
+    }
+
     /// The first byte at or after `off` in a block that holds data (SEEK_DATA).
     pub fn next_data(&self, off: u64) -> Option<u64> {
         self.inner.next_data(off)

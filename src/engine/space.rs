@@ -50,6 +50,7 @@ impl Inner {
                 Err(e) => {
                     if !gone() {
                         report.errors.push(format!("snapshot '{}': {e}", snap.name));
+                        report.unreadable_snapshots.push(snap.name.clone());
                     }
                     continue;
                 }
@@ -67,11 +68,85 @@ impl Inner {
                         block,
                         offset: block << self.block_shift,
                         reason: format!("snapshot '{}': {e}", snap.name),
+                        snapshot: Some(snap.name.clone()),
                     });
                 }
             }
         }
         Ok(())
+    }
+
+    /// Checks again, against this open's state, only what `earlier` found
+    /// bad: the head's blocks, and the snapshots still there (a whole
+    /// snapshot if its map could not be read, else its bad blocks). For an
+    /// image checked from outside its mount, whose daemon may have reclaimed
+    /// records (of overwritten blocks, of deleted snapshots) while the check
+    /// read them: what is bad again in a newer state is damage.
+    pub(super) fn recheck(&self, earlier: &CheckReport) -> Result<CheckReport> {
+        let mut report = CheckReport {
+            blocks_checked: earlier.blocks_checked,
+            snapshots_checked: earlier.snapshots_checked,
+            ..CheckReport::default()
+        };
+        for bad in earlier.bad.iter().filter(|b| b.snapshot.is_none()) {
+            let entry = self.map.read().get(bad.block);
+            if entry.kind != EntryKind::Data {
+                continue;
+            }
+            if let Err(e) = self.decode_current(bad.block, entry) {
+                report.bad.push(BadBlock {
+                    reason: e.to_string(),
+                    ..bad.clone()
+                });
+            }
+        }
+        let file_len = self.file_len()?;
+        for snap in self.snapshot_entries() {
+            let whole = earlier.unreadable_snapshots.contains(&snap.name);
+            let blocks: Vec<u64> = earlier
+                .bad
+                .iter()
+                .filter(|b| b.snapshot.as_deref() == Some(snap.name.as_str()))
+                .map(|b| b.block)
+                .collect();
+            if !whole && blocks.is_empty() {
+                continue;
+            }
+            let map = match load_map(
+                self.store.as_ref(),
+                snap.index,
+                self.block_shift,
+                file_len,
+                self.nblocks,
+            ) {
+                Ok(map) => map,
+                Err(e) => {
+                    report.errors.push(format!("snapshot '{}': {e}", snap.name));
+                    report.unreadable_snapshots.push(snap.name.clone());
+                    continue;
+                }
+            };
+            let entries: Vec<(u64, MapEntry)> = if whole {
+                map.data_entries().collect()
+            } else {
+                blocks
+                    .iter()
+                    .map(|&b| (b, map.get(b)))
+                    .filter(|(_, e)| e.kind == EntryKind::Data)
+                    .collect()
+            };
+            for (block, entry) in entries {
+                if let Err(e) = decode_data(self.store.as_ref(), block, entry, self.block_size()) {
+                    report.bad.push(BadBlock {
+                        block,
+                        offset: block << self.block_shift,
+                        reason: format!("snapshot '{}': {e}", snap.name),
+                        snapshot: Some(snap.name.clone()),
+                    });
+                }
+            }
+        }
+        Ok(report)
     }
 }
 
