@@ -517,3 +517,60 @@ fn large_reads_of_scattered_records_read_each_block_and_fail_only_a_damaged_one(
         }
     }
 }
+
+#[test]
+fn a_recheck_keeps_real_damage_and_drops_what_a_newer_state_no_longer_holds() {
+    // Blocks 0..4; snapshot s1; blocks 1 and 2 rewritten, so s1 alone holds
+    // their first records. Damage: the head's (and s1's) record of block 3,
+    // and s1's record of block 1.
+    let (_d, path, img) = create(4 << 20, 65536, Codec::None);
+    for b in 0..4u64 {
+        img.write_at(&pattern(65536, b as u8), b * 65536).unwrap();
+    }
+    img.snapshot_create("s1").unwrap();
+    for b in 1..3u64 {
+        img.write_at(&pattern(65536, 10 + b as u8), b * 65536)
+            .unwrap();
+    }
+    img.close().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let first_of_1 = (0..bytes.len() - 64)
+        .step_by(16)
+        .find(|&at| {
+            &bytes[at..at + 4] == b"VREC"
+                && bytes[at + 4] == 1
+                && u64::from_le_bytes(bytes[at + 40..at + 48].try_into().unwrap()) == 1
+        })
+        .unwrap();
+    let of_3 = data_record_of(&bytes, 3);
+    bytes[first_of_1 + 64 + 7] ^= 1;
+    bytes[of_3 + 64 + 7] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let found = |report: &vbdfs::CheckReport| -> Vec<(u64, Option<String>)> {
+        let mut v: Vec<_> = report
+            .bad
+            .iter()
+            .map(|b| (b.block, b.snapshot.clone()))
+            .collect();
+        v.sort();
+        v
+    };
+    let img = Image::open(&path, &opts()).unwrap();
+    let report = img.check().unwrap();
+    let want = vec![(1, Some("s1".to_string())), (3, None)];
+    assert_eq!(found(&report), want);
+    // Checked again (a fresh open of the same state): the same damage.
+    img.close().unwrap();
+    let img = Image::open(&path, &opts()).unwrap();
+    let again = img.recheck(&report).unwrap();
+    assert_eq!(found(&again), want);
+    assert_eq!(again.blocks_checked, report.blocks_checked);
+    // A newer state: block 3 rewritten, s1 deleted. Nothing is bad now.
+    img.write_at(&pattern(65536, 33), 3 * 65536).unwrap();
+    img.snapshot_delete("s1").unwrap();
+    img.close().unwrap();
+    let img = Image::open(&path, &opts()).unwrap();
+    assert!(img.recheck(&report).unwrap().is_ok());
+    assert!(img.check().unwrap().is_ok());
+}

@@ -93,6 +93,12 @@ impl CheckReport {
     pub fn is_ok(&self) -> bool {
         self.bad.is_empty() && self.errors.is_empty()
     }
+
+    /// Notes that snapshot `name`'s map could not be read.
+    pub(super) fn unreadable(&mut self, name: &str, err: &crate::Error) {
+        self.errors.push(format!("snapshot '{name}': {err}"));
+        self.unreadable_snapshots.push(name.to_string());
+    }
 }
 
 impl Inner {

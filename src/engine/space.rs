@@ -39,18 +39,11 @@ impl Inner {
             // A snapshot deleted while this runs may have had its records
             // reclaimed already: only one that still exists is judged.
             let gone = || !self.snapshot_entries().iter().any(|s| s.id == snap.id);
-            let map: BlockMap = match load_map(
-                self.store.as_ref(),
-                snap.index,
-                self.block_shift,
-                file_len,
-                self.nblocks,
-            ) {
+            let map = match self.snapshot_map(&snap, file_len) {
                 Ok(map) => map,
                 Err(e) => {
                     if !gone() {
-                        report.errors.push(format!("snapshot '{}': {e}", snap.name));
-                        report.unreadable_snapshots.push(snap.name.clone());
+                        report.unreadable(&snap.name, &e);
                     }
                     continue;
                 }
@@ -60,16 +53,11 @@ impl Inner {
                     continue;
                 }
                 report.blocks_checked += 1;
-                if let Err(e) = decode_data(self.store.as_ref(), block, entry, self.block_size()) {
+                if let Err(bad) = self.verify_snapshot_block(&snap.name, block, entry) {
                     if gone() {
                         break;
                     }
-                    report.bad.push(BadBlock {
-                        block,
-                        offset: block << self.block_shift,
-                        reason: format!("snapshot '{}': {e}", snap.name),
-                        snapshot: Some(snap.name.clone()),
-                    });
+                    report.bad.push(bad);
                 }
             }
         }
@@ -112,17 +100,10 @@ impl Inner {
             if !whole && blocks.is_empty() {
                 continue;
             }
-            let map = match load_map(
-                self.store.as_ref(),
-                snap.index,
-                self.block_shift,
-                file_len,
-                self.nblocks,
-            ) {
+            let map = match self.snapshot_map(&snap, file_len) {
                 Ok(map) => map,
                 Err(e) => {
-                    report.errors.push(format!("snapshot '{}': {e}", snap.name));
-                    report.unreadable_snapshots.push(snap.name.clone());
+                    report.unreadable(&snap.name, &e);
                     continue;
                 }
             };
@@ -136,17 +117,39 @@ impl Inner {
                     .collect()
             };
             for (block, entry) in entries {
-                if let Err(e) = decode_data(self.store.as_ref(), block, entry, self.block_size()) {
-                    report.bad.push(BadBlock {
-                        block,
-                        offset: block << self.block_shift,
-                        reason: format!("snapshot '{}': {e}", snap.name),
-                        snapshot: Some(snap.name.clone()),
-                    });
+                if let Err(bad) = self.verify_snapshot_block(&snap.name, block, entry) {
+                    report.bad.push(bad);
                 }
             }
         }
         Ok(report)
+    }
+
+    fn snapshot_map(&self, snap: &SnapEntry, file_len: u64) -> Result<BlockMap> {
+        load_map(
+            self.store.as_ref(),
+            snap.index,
+            self.block_shift,
+            file_len,
+            self.nblocks,
+        )
+    }
+
+    /// Reads and verifies snapshot `name`'s record of `block`.
+    fn verify_snapshot_block(
+        &self,
+        name: &str,
+        block: u64,
+        entry: MapEntry,
+    ) -> std::result::Result<(), BadBlock> {
+        decode_data(self.store.as_ref(), block, entry, self.block_size())
+            .map(drop)
+            .map_err(|e| BadBlock {
+                block,
+                offset: block << self.block_shift,
+                reason: format!("snapshot '{name}': {e}"),
+                snapshot: Some(name.to_string()),
+            })
     }
 }
 
