@@ -204,11 +204,9 @@ pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
     closed
 }
 
-/// What to tell the admin when a writable mount's image lies on ext4 mounted
-/// with `discard` ([`mountinfo::synchronous_discard`]), None otherwise.
 /// What to tell the admin about a mount that works but is set up to
-/// disappoint: [`discard_warning`], and a `cache=` larger than the host's
-/// memory.
+/// disappoint: an image on ext4 mounted with `discard`, and a `cache=` larger
+/// than the host's memory.
 pub fn warnings(job: &Job) -> Vec<String> {
     let mut warnings: Vec<String> = discard_warning(job).into_iter().collect();
     let memory = sys::memory_bytes();
@@ -225,6 +223,8 @@ pub fn warnings(job: &Job) -> Vec<String> {
     warnings
 }
 
+/// What to tell the admin when a writable mount's image lies on ext4 mounted
+/// with `discard` ([`mountinfo::synchronous_discard`]), None otherwise.
 fn discard_warning(job: &Job) -> Option<String> {
     if job.options.read_only {
         return None;
