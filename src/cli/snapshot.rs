@@ -213,7 +213,12 @@ fn clone_mounted(
             name
         }
     };
-    control(mount, &format!("hold-snapshot {name}"))?;
+    if let Err(e) = control(mount, &format!("hold-snapshot {name}")) {
+        if snap.is_none() {
+            let _ = control(mount, &format!("delete-snapshot {name}"));
+        }
+        return Err(e);
+    }
     let made = super::keys::open(base, &ro)
         .and_then(|img| img.base_snapshot(&name))
         .and_then(|b| Image::create_clone_from(new, base, &b, opts, open));

@@ -350,7 +350,12 @@ impl Image {
                 name
             }
         };
-        img.snapshot_hold(&name)?;
+        if let Err(e) = img.snapshot_hold(&name) {
+            if snapshot.is_none() {
+                let _ = img.snapshot_delete(&name);
+            }
+            return Err(e);
+        }
         let snap = img.base_snapshot(&name);
         img.close()?;
         let made = snap.and_then(|snap| Image::create_clone_from(new, &base, &snap, opts, open));
