@@ -193,7 +193,7 @@ fn an_image_inside_its_mount_point_is_refused_without_hanging() {
 }
 
 #[test]
-fn a_cache_larger_than_the_host_memory_is_warned_about() {
+fn a_cache_too_small_or_larger_than_the_host_memory_is_warned_about() {
     if !fuse_available() {
         return;
     }
@@ -203,13 +203,22 @@ fn a_cache_larger_than_the_host_memory_is_warned_about() {
     let dir = tmp.path().join("mnt");
     std::fs::create_dir(&dir).expect("mkdir");
     let _cleanup = UnmountAll(&dir);
-    for (cache, warned) in [("64T", true), ("64M", false)] {
+    for (cache, too_large, too_small) in [
+        ("64T", true, false),
+        ("64M", false, false),
+        ("4M", false, true),
+    ] {
         let out = run(&["mount", p(&img), p(&dir), "-o", &format!("cache={cache}")]);
         assert!(out.status.success(), "{}", stderr(&out));
         let err = stderr(&out);
         assert_eq!(
             err.contains("is more than this host's memory"),
-            warned,
+            too_large,
+            "{err}"
+        );
+        assert_eq!(
+            err.contains("leaves no room for cached blocks"),
+            too_small,
             "{err}"
         );
         let out = run(&["umount", p(&dir)]);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::mountinfo;
-use super::options::{MountOptions, DEFAULT_THREADS};
+use super::options::{MountOptions, DEFAULT_THREADS, USEFUL_CACHE};
 use crate::control::Control;
 use crate::fuse::session::{self, MountParams};
 use crate::fuse::{BufPool, FsConfig, VbdFs};
@@ -205,11 +205,20 @@ pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
 }
 
 /// What to tell the admin about a mount that works but is set up to
-/// disappoint: an image on ext4 mounted with `discard`, and a `cache=` larger
-/// than the host's memory.
+/// disappoint: an image on ext4 mounted with `discard`, and a `cache=` too
+/// small to hold blocks or larger than the host's memory.
 pub fn warnings(job: &Job) -> Vec<String> {
     let mut warnings: Vec<String> = discard_warning(job).into_iter().collect();
     let memory = sys::memory_bytes();
+    if let Some(cache) = job.options.cache_bytes.filter(|&c| c < USEFUL_CACHE) {
+        warnings.push(format!(
+            "cache= of {} leaves no room for cached blocks (the FUSE request buffers alone \
+             keep 4 MiB): it works, but every read goes to the disk; {} is the least that \
+             caches",
+            super::options::format_size(cache),
+            super::options::format_size(USEFUL_CACHE)
+        ));
+    }
     if let (Some(cache), Some(memory)) = (job.options.cache_bytes, memory) {
         if cache > memory {
             warnings.push(format!(

@@ -24,10 +24,12 @@ pub const DEFAULT_THREADS: usize = 32;
 pub const MAX_THREADS: usize = 1024;
 /// The fastest zstd level plain `adapt` lets write-back fall back to.
 pub const DEFAULT_ADAPT_FLOOR: i32 = -3;
-/// Smallest accepted `cache=` value: the FUSE request buffers alone keep
-/// 4 MiB ([`crate::fuse::BufPool::budget`]), so a smaller budget could not be
-/// kept to.
-pub const MIN_CACHE: u64 = 8 << 20;
+/// Smallest accepted `cache=` value.
+pub const MIN_CACHE: u64 = 1 << 20;
+/// Smallest `cache=` that leaves room for blocks: the FUSE request buffers
+/// alone keep 4 MiB ([`crate::fuse::BufPool::budget`]). Smaller values work
+/// (existing fstab lines keep mounting) but get a warning.
+pub const USEFUL_CACHE: u64 = 8 << 20;
 
 /// Parses a size such as `4096`, `64K`, `10G` or `2TiB` (no fractions).
 pub fn parse_size(text: &str) -> Result<u64> {
@@ -171,8 +173,7 @@ impl MountOptions {
                 let bytes = parse_size(&v).map_err(|e| e.context("mount option 'cache'"))?;
                 if bytes < MIN_CACHE {
                     return Err(Error::invalid(format!(
-                        "mount option 'cache={v}': the cache must be at least 8M (4M of it \
-                         holds FUSE request buffers)"
+                        "mount option 'cache={v}': the cache must be at least 1M"
                     )));
                 }
                 self.cache_bytes = Some(bytes);
@@ -338,7 +339,6 @@ mod tests {
             ("bogus", "bogus"),
             ("cache=12X", "cache"),
             ("cache=0", "cache"),
-            ("cache=4M", "at least 8M"),
             ("cache", "cache"),
             ("threads=0", "threads"),
             ("threads=many", "threads"),
