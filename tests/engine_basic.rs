@@ -1,6 +1,8 @@
 //! Engine scenarios on real files: round trips, reopen, zeros, discard, bounds.
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
+mod common;
+
 use std::sync::Arc;
 use vbdfs::io::{FaultStore, MemStore, Store};
 use vbdfs::{Codec, CreateOptions, ErrorKind, Image, OpenOptions};
@@ -466,17 +468,9 @@ fn sequential_reads_load_the_blocks_ahead_and_random_reads_do_not() {
     assert_eq!(rest, pattern(16 << 20, 5)[ahead as usize..][..256 << 10]);
 }
 
-/// Offset of the newest DATA record of `block` in an image file (scanning
-/// for record headers: magic, kind at 4, key at 40).
+/// Offset of the newest DATA record of `block` in an image file.
 fn data_record_of(bytes: &[u8], block: u64) -> usize {
-    (0..bytes.len().saturating_sub(64))
-        .step_by(16)
-        .rfind(|&at| {
-            &bytes[at..at + 4] == b"VREC"
-                && bytes[at + 4] == 1
-                && u64::from_le_bytes(bytes[at + 40..at + 48].try_into().unwrap()) == block
-        })
-        .unwrap()
+    *common::data_records_of(bytes, block).last().unwrap()
 }
 
 #[test]
@@ -534,14 +528,7 @@ fn a_recheck_keeps_real_damage_and_drops_what_a_newer_state_no_longer_holds() {
     }
     img.close().unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
-    let first_of_1 = (0..bytes.len() - 64)
-        .step_by(16)
-        .find(|&at| {
-            &bytes[at..at + 4] == b"VREC"
-                && bytes[at + 4] == 1
-                && u64::from_le_bytes(bytes[at + 40..at + 48].try_into().unwrap()) == 1
-        })
-        .unwrap();
+    let first_of_1 = common::data_records_of(&bytes, 1)[0];
     let of_3 = data_record_of(&bytes, 3);
     bytes[first_of_1 + 64 + 7] ^= 1;
     bytes[of_3 + 64 + 7] ^= 1;

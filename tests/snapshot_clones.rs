@@ -367,14 +367,7 @@ fn large_reads_through_a_chain_of_clones_match_the_model() {
     // Damage the base's record of block 12 (shown by both clones): a large
     // read of the clone fails, and block by block only block 12 does.
     let mut bytes = std::fs::read(&b).unwrap();
-    let at = (0..bytes.len() - 64)
-        .step_by(16)
-        .rfind(|&at| {
-            &bytes[at..at + 4] == b"VREC"
-                && bytes[at + 4] == 1
-                && u64::from_le_bytes(bytes[at + 40..at + 48].try_into().unwrap()) == 12
-        })
-        .unwrap();
+    let at = *common::data_records_of(&bytes, 12).last().unwrap();
     bytes[at + 64 + 7] ^= 1;
     std::fs::write(&b, &bytes).unwrap();
     let img = Image::open(&c2, &opts()).unwrap();

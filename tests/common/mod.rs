@@ -354,3 +354,16 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Offsets of the DATA records of `block` in an image file's bytes, oldest
+/// first (scanning for record headers: magic, kind 1 at 4, key at 40).
+pub fn data_records_of(bytes: &[u8], block: u64) -> Vec<usize> {
+    (0..bytes.len().saturating_sub(64))
+        .step_by(16)
+        .filter(|&at| {
+            &bytes[at..at + 4] == b"VREC"
+                && bytes[at + 4] == 1
+                && u64::from_le_bytes(bytes[at + 40..at + 48].try_into().expect("8 bytes")) == block
+        })
+        .collect()
+}
