@@ -139,6 +139,8 @@ fn canonical_dir(path: &Path) -> Result<PathBuf> {
             "mount point {} is not a directory",
             path.display()
         ))),
+        // The attributes can expire between the checks above and this one.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Err(dead(&canon)),
         Err(e) => Err(Error::io(format!("mount point {}", path.display()), e)),
     }
 }
