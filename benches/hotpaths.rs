@@ -124,6 +124,7 @@ fn main() {
         let mut h = RecordHeader {
             kind: RecordKind::Data,
             codec: stored,
+            flags: 0,
             payload_len: BLOCK as u32,
             raw_len: BLOCK as u32,
             lsn: i,

@@ -574,6 +574,7 @@ fn mutate_sealed(rng: &mut Rng, b: &mut Vec<u8>, steps: &mut Vec<String>) {
             let template = RecordHeader {
                 kind: RecordKind::Leaf,
                 codec: 0,
+                flags: 0,
                 payload_len: 0,
                 raw_len: 0,
                 lsn: 0,
@@ -647,6 +648,7 @@ fn mutate_sealed(rng: &mut Rng, b: &mut Vec<u8>, steps: &mut Vec<String>) {
             let h = RecordHeader {
                 kind,
                 codec,
+                flags: 0,
                 payload_len: 0,
                 raw_len,
                 lsn,

@@ -211,3 +211,59 @@ fn check_reports_a_damaged_block() {
         stderr(&out)
     );
 }
+
+/// Offsets of the first copies of LEAF records (kind 3, no `COPY` flag) in an
+/// image file, and where each one's second copy is.
+fn leaf_records(bytes: &[u8]) -> Vec<(usize, usize)> {
+    (65536..bytes.len().saturating_sub(64))
+        .step_by(16)
+        .filter(|&at| &bytes[at..at + 4] == b"VREC" && bytes[at + 4] == 3 && bytes[at + 6] == 0)
+        .map(|at| {
+            let len =
+                64 + u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4")) as usize;
+            (at, (at + len).div_ceil(4096) * 4096)
+        })
+        .collect()
+}
+
+#[test]
+fn check_names_a_damaged_map_record_copy_and_repair_writes_it_anew() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("data");
+    std::fs::write(&src, common::pattern(1 << 20, 3)).expect("write");
+    let out = run(&["import", p(&src), p(&tmp.path().join("b.vbd"))]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let img_b = tmp.path().join("b.vbd");
+    for (which, copy) in [("first", 0), ("second", 1)] {
+        let mut bytes = std::fs::read(&img_b).expect("read");
+        let leaves = leaf_records(&bytes);
+        let (first, second) = *leaves.last().expect("a leaf record");
+        bytes[[first, second][copy] + 100] ^= 0x5a;
+        std::fs::write(&img_b, &bytes).expect("write");
+        let out = run(&["check", p(&img_b)]);
+        let (text, err) = (stdout(&out), stderr(&out));
+        assert!(!out.status.success(), "{which}: {text}");
+        assert!(
+            text.contains(&format!(
+                "damaged copy: map leaf 0 at {first}: its {which} copy is damaged"
+            )),
+            "{which}: {text}"
+        );
+        assert!(err.contains("1 damaged map record copy"), "{which}: {err}");
+        let out = run(&["check", "--repair", p(&img_b)]);
+        let text = stdout(&out);
+        assert!(out.status.success(), "{which}: {text}{}", stderr(&out));
+        let said = match which {
+            "first" => "is damaged; read from its second copy; written anew",
+            _ => "repaired: map leaf 0 at",
+        };
+        assert!(text.contains(said), "{which}: {text}");
+        let out = run(&["check", p(&img_b)]);
+        assert!(out.status.success(), "{which}: {}", stdout(&out));
+        assert!(!stdout(&out).contains("damaged"), "{}", stdout(&out));
+    }
+    let out = run(&["export", p(&img_b), p(&tmp.path().join("back"))]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let back = std::fs::read(tmp.path().join("back")).expect("read");
+    assert!(back == common::pattern(1 << 20, 3), "exported bytes differ");
+}

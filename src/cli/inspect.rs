@@ -230,7 +230,8 @@ const RECHECKS: usize = 3;
 /// was found bad is checked again in the newest durable state, up to
 /// [`RECHECKS`] times, and only what stays bad is reported.
 fn recheck_mounted(path: &Path, mut report: CheckReport) -> Result<CheckReport> {
-    let found = report.bad.len() + report.errors.len();
+    let findings = |r: &CheckReport| r.bad.len() + r.errors.len() + r.damaged_copies.len();
+    let found = findings(&report);
     for _ in 0..RECHECKS {
         std::thread::sleep(std::time::Duration::from_millis(200));
         let (_, image) = open(path, true)?;
@@ -239,7 +240,7 @@ fn recheck_mounted(path: &Path, mut report: CheckReport) -> Result<CheckReport> 
             break;
         }
     }
-    let gone = found - (report.bad.len() + report.errors.len()).min(found);
+    let gone = found - findings(&report).min(found);
     if gone > 0 {
         println!(
             "note: {gone} finding(s) were records the mount reclaimed while they were read; \
@@ -278,6 +279,25 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
             bad.block, bad.offset, bad.reason
         );
     }
+    for fixed in &report.repaired {
+        println!("repaired: {fixed}");
+    }
+    for damaged in &report.damaged_copies {
+        println!("damaged copy: {damaged}");
+    }
+    if !report.damaged_copies.is_empty() {
+        println!(
+            "note: nothing is lost while one copy serves; `vbdfs check --repair` writes the \
+             head's records anew (a snapshot's are never rewritten: export it or delete it)"
+        );
+    }
+    if report.single_copy_records > 0 {
+        println!(
+            "note: {} map record(s) have no second copy (written by an older vbdfs); \
+             `vbdfs compact` writes the head's anew",
+            report.single_copy_records
+        );
+    }
     if args.repair {
         image.close().map_err(|e| with_path(e, &args.image))?;
     }
@@ -286,9 +306,10 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!(
-            "vbdfs: {}: {} bad block(s), {} other error(s)",
+            "vbdfs: {}: {} bad block(s), {} damaged map record copy(ies), {} other error(s)",
             canon.display(),
             report.bad.len(),
+            report.damaged_copies.len(),
             report.errors.len()
         );
         Ok(ExitCode::FAILURE)

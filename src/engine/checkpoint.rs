@@ -72,7 +72,7 @@ impl Inner {
             let w = self
                 .log
                 .lock()
-                .append(
+                .append_twice(
                     store,
                     RecordKind::Leaf,
                     leaf,
@@ -108,7 +108,7 @@ impl Inner {
         let index = {
             let mut log = self.log.lock();
             let w = log
-                .append(
+                .append_twice(
                     store,
                     RecordKind::Index,
                     ptrs.len() as u64,

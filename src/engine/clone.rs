@@ -23,8 +23,8 @@ use super::{Image, OpenOptions};
 use crate::crypto::{KeyMaterial, SEAL_OVERHEAD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
-    BackingRef, Codec, RecPtr, RecordHeader, RecordKind, SnapEntry, Superblock, LOG_START,
-    SB_SLOT_SIZE,
+    align_up, BackingRef, Codec, RecPtr, RecordHeader, RecordKind, SnapEntry, Superblock,
+    LOG_START, RECORD_ALIGN, RECORD_FLAG_COPY, SB_SLOT_SIZE,
 };
 use crate::io::{FileStore, Store};
 use crate::CreateOptions;
@@ -100,7 +100,7 @@ fn format_clone(
     let sealer = key
         .map(|k| crate::crypto::keyslot::create(store, k, &uuid))
         .transpose()?;
-    let mut raw = backing.encode();
+    let raw = backing.encode();
     let sealed_len = raw.len()
         + if sealer.is_some() {
             SEAL_OVERHEAD as usize
@@ -110,6 +110,7 @@ fn format_clone(
     let mut header = RecordHeader {
         kind: RecordKind::Config,
         codec: 0,
+        flags: 0,
         payload_len: sealed_len as u32,
         raw_len: raw.len() as u32,
         lsn: 1,
@@ -120,13 +121,25 @@ fn format_clone(
         crc: 0,
         synced: 0,
     };
-    if let Some(s) = &sealer {
-        header.birth = 0;
-        raw = s.seal(&header.sealed_aad(), 0, 1, &raw)?;
+    // The record, then its second copy at the next log unit (format.md §4).
+    let plain = raw;
+    let mut copy = RecordHeader {
+        flags: RECORD_FLAG_COPY,
+        lsn: 2,
+        self_off: super::copies::second_off(LOG_START, header.total_len() as u32),
+        ..header
+    };
+    for h in [&mut header, &mut copy] {
+        let mut payload = plain.clone();
+        if let Some(s) = &sealer {
+            h.birth = 0;
+            payload = s.seal(&h.sealed_aad(), 0, 1, &plain)?;
+        }
+        store
+            .write_at(&h.encode(&payload), h.self_off)
+            .map_err(io)?;
     }
-    let bytes = header.encode(&raw);
-    store.write_at(&bytes, LOG_START).map_err(io)?;
-    let log_start = LOG_START + bytes.len() as u64;
+    let log_start = copy.self_off + align_up(copy.total_len(), RECORD_ALIGN);
     let sb = Superblock {
         flags: 0,
         image_uuid: uuid,
@@ -136,7 +149,7 @@ fn format_clone(
         codec: create.codec,
         virtual_size: create.size,
         log_start_off: log_start,
-        log_start_lsn: 2,
+        log_start_lsn: 3,
         log_epoch: epoch,
         log_tail: log_start,
         index: RecPtr::default(),

@@ -86,12 +86,20 @@ pub struct CheckReport {
     pub errors: Vec<String>,
     /// Snapshots whose map could not be read (their errors are in `errors`).
     pub unreadable_snapshots: Vec<String>,
+    /// Map records with one damaged copy (the other serves: nothing lost).
+    pub damaged_copies: Vec<String>,
+    /// Map records of the head a read-write check wrote anew because a copy
+    /// was damaged.
+    pub repaired: Vec<String>,
+    /// Map records without a second copy (written before vbdfs wrote
+    /// copies; `vbdfs compact` writes the head's anew).
+    pub single_copy_records: u64,
 }
 
 impl CheckReport {
     /// True if nothing was wrong.
     pub fn is_ok(&self) -> bool {
-        self.bad.is_empty() && self.errors.is_empty()
+        self.bad.is_empty() && self.errors.is_empty() && self.damaged_copies.is_empty()
     }
 
     /// Notes that snapshot `name`'s map could not be read.

@@ -19,7 +19,7 @@ use crate::crypto::{Sealer, RECORD_AAD_LEN, SEAL_OVERHEAD};
 use crate::error::{Error, Result};
 use crate::format::{
     align_up, EntryKind, MapEntry, RecordHeader, RecordKind, LOG_UNIT, MAX_PAYLOAD, RECORD_ALIGN,
-    RECORD_HEADER_LEN,
+    RECORD_FLAG_COPY, RECORD_HEADER_LEN,
 };
 use crate::io::{AlignedBuf, Store, DIRECT_ALIGN};
 use std::borrow::Cow;
@@ -151,9 +151,39 @@ impl LogTail {
             raw_len,
             payload,
             payload_crc: None,
+            flags: 0,
         };
         let written = self.append_all(store, &[record])?;
         Ok(written[0])
+    }
+
+    /// Appends a metadata record twice (format.md §4, "Second copies"): the
+    /// record, then its copy as the next append, at the next log unit, with
+    /// the next lsn and [`RECORD_FLAG_COPY`]. Returns where the first is (the
+    /// place of the second follows from it: [`super::copies::second_off`]).
+    pub fn append_twice(
+        &mut self,
+        store: &dyn Store,
+        kind: RecordKind,
+        key: u64,
+        codec: u8,
+        raw_len: u32,
+        payload: &[u8],
+    ) -> Result<Written> {
+        let mut record = NewRecord {
+            kind,
+            key,
+            codec,
+            raw_len,
+            payload,
+            payload_crc: Some(crc32c::crc32c(payload)),
+            flags: 0,
+        };
+        let first = self.append_all(store, &[record])?[0];
+        record.flags = RECORD_FLAG_COPY;
+        let second = self.append_all(store, &[record])?[0];
+        debug_assert_eq!(second.off, super::copies::second_off(first.off, first.len));
+        Ok(first)
     }
 
     /// Appends `records` back to back from the next unit boundary with one
@@ -317,6 +347,7 @@ impl Room {
             let mut header = RecordHeader {
                 kind: r.kind,
                 codec: r.codec,
+                flags: r.flags,
                 payload_len,
                 raw_len: r.raw_len,
                 lsn,
@@ -382,6 +413,8 @@ pub(crate) struct NewRecord<'a> {
     pub payload: &'a [u8],
     /// crc32c of `payload` if already computed (outside the log lock).
     pub payload_crc: Option<u32>,
+    /// Header flags ([`crate::format::RECORD_FLAG_COPY`] or 0).
+    pub flags: u16,
 }
 
 /// Checks the record held in `bytes` (exactly `len` bytes read at `off`, as

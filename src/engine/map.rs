@@ -19,6 +19,16 @@ pub(crate) struct Leaf {
     pub dirty: bool,
 }
 
+impl Leaf {
+    fn unmapped() -> Leaf {
+        Leaf {
+            entries: vec![MapEntry::default(); LEAF_ENTRIES as usize].into_boxed_slice(),
+            ends_append: vec![0; LEAF_ENTRIES.div_ceil(64) as usize].into_boxed_slice(),
+            dirty: true,
+        }
+    }
+}
+
 /// The map of one image's head.
 #[derive(Debug, Default)]
 pub(crate) struct BlockMap {
@@ -33,6 +43,9 @@ pub(crate) struct BlockMap {
     /// took the list (overwritten or discarded blocks): candidates for
     /// reclaim once a checkpoint without them is durable.
     pub freed: Vec<Dead>,
+    /// Leaves whose LEAF record was damaged and read from its second copy
+    /// when the map was loaded (a read-write open writes them anew).
+    pub from_second_copy: Vec<u64>,
 }
 
 /// A record no longer referenced by the head: where it is, and its birth
@@ -64,6 +77,12 @@ impl BlockMap {
     }
 
     /// Sets the entry for `block`; returns the previous one.
+    /// Marks `leaf` for the next checkpoint to write anew (an all-unmapped
+    /// leaf is then dropped from the index, its record freed).
+    pub fn rewrite_leaf(&mut self, leaf: u64) {
+        self.leaves.entry(leaf).or_insert_with(Leaf::unmapped).dirty = true;
+    }
+
     pub fn set(&mut self, block: u64, entry: MapEntry) -> MapEntry {
         self.set_record(block, entry, false)
     }
@@ -75,11 +94,7 @@ impl BlockMap {
         if entry.kind == EntryKind::Unmapped && !self.leaves.contains_key(&leaf) {
             return MapEntry::default();
         }
-        let leaf = self.leaves.entry(leaf).or_insert_with(|| Leaf {
-            entries: vec![MapEntry::default(); LEAF_ENTRIES as usize].into_boxed_slice(),
-            ends_append: vec![0; LEAF_ENTRIES.div_ceil(64) as usize].into_boxed_slice(),
-            dirty: true,
-        });
+        let leaf = self.leaves.entry(leaf).or_insert_with(Leaf::unmapped);
         let old = std::mem::replace(&mut leaf.entries[i], entry);
         let (word, bit) = (i / 64, 1u64 << (i % 64));
         let old_ended_append = leaf.ends_append[word] & bit != 0;

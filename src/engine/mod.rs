@@ -22,6 +22,8 @@ mod backing;
 mod batch;
 mod checkpoint;
 mod clone;
+mod copies;
+mod copycheck;
 mod deadspace;
 mod dropsnap;
 mod inspect;
@@ -147,6 +149,9 @@ impl Default for OpenOptions {
 pub(crate) struct Inner {
     /// What the open's roll-forward stepped over or dropped (log damage).
     recovery_notes: Vec<String>,
+    /// Superblock-named records whose first copy was found damaged at open:
+    /// the recovery checkpoint writes them anew.
+    rewrite: copies::Rewrite,
     store: Arc<dyn Store>,
     read_only: bool,
     virtual_size: u64,
@@ -328,7 +333,7 @@ impl Image {
         if !open.read_only {
             image
                 .inner
-                .checkpoint(false)
+                .recovery_checkpoint()
                 .map_err(|e| e.context("recovery checkpoint"))?;
             image.threads = writeback::spawn(&image.inner, open.workers.max(1))?;
         }
@@ -453,8 +458,13 @@ impl Image {
 
     /// Reads and verifies every mapped block of the head and of every snapshot.
     pub fn check(&self) -> Result<CheckReport> {
+        let mut copies = CheckReport::default();
+        self.inner.check_copies(&mut copies)?;
         let mut report = self.inner.check()?;
         self.inner.check_snapshots(&mut report)?;
+        report.damaged_copies = copies.damaged_copies;
+        report.repaired = copies.repaired;
+        report.single_copy_records = copies.single_copy_records;
         Ok(report)
     }
 

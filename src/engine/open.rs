@@ -1,6 +1,7 @@
 //! Creating images and opening them: superblock choice, map load, roll-forward.
 
-use super::log::{next_off, read_next, read_record, LogTail};
+use super::copies::{read_meta_record, Copy, MetaRef};
+use super::log::{next_off, read_next, LogTail};
 use super::logend;
 use super::map::BlockMap;
 use super::reader::SnapshotReader;
@@ -247,15 +248,16 @@ pub(super) fn read_index(
     if index.off == 0 {
         return Ok(Vec::new());
     }
-    let (h, payload) = read_record(store, index.off, index.len)?;
+    let meta = MetaRef {
+        ptr: index,
+        kind: RecordKind::Index,
+        key: None,
+    };
+    let (h, payload, _) = read_meta_record(store, &meta)?;
     let max_leaves = nblocks.div_ceil(LEAF_ENTRIES);
     // Each listed leaf needs a record of at least a header in the file.
     let max_count = max_leaves.min(file_len / RECORD_HEADER_LEN as u64);
-    if h.kind != RecordKind::Index
-        || h.crc != index.crc
-        || h.key > max_count
-        || u64::from(h.raw_len) != h.key * 24
-    {
+    if h.key > max_count || u64::from(h.raw_len) != h.key * 24 {
         return Err(Error::corrupt(format!(
             "map index at {} does not match its pointer",
             index.off
@@ -275,14 +277,20 @@ pub(super) fn read_leaf(
     file_len: u64,
     nblocks: u64,
 ) -> Result<Vec<MapEntry>> {
+    read_leaf_copy(store, ptr, block_shift, file_len, nblocks).map(|(entries, _)| entries)
+}
+
+/// [`read_leaf`], and which copy of the record it read (`copies`).
+fn read_leaf_copy(
+    store: &dyn Store,
+    ptr: &LeafPtr,
+    block_shift: u8,
+    file_len: u64,
+    nblocks: u64,
+) -> Result<(Vec<MapEntry>, Copy)> {
     let max_record = (1u32 << block_shift) + RECORD_HEADER_LEN as u32 + seal_overhead(store);
-    let (lh, lp) = read_record(store, ptr.off, ptr.len)?;
-    if lh.kind != RecordKind::Leaf || lh.key != ptr.leaf || lh.crc != ptr.crc {
-        return Err(Error::corrupt(format!(
-            "leaf {} at {} does not match the index",
-            ptr.leaf, ptr.off
-        )));
-    }
+    let (lh, lp, copy) = read_meta_record(store, &leaf_ref(ptr))
+        .map_err(|e| e.context(format!("map leaf {}", ptr.leaf)))?;
     let mut bytes = vec![0u8; crate::format::LEAF_ENTRIES as usize * 16];
     if lh.raw_len as usize != bytes.len() {
         return Err(Error::corrupt(format!(
@@ -300,7 +308,20 @@ pub(super) fn read_leaf(
             )));
         }
     }
-    Ok(entries)
+    Ok((entries, copy))
+}
+
+/// What a leaf pointer names, for [`read_meta_record`].
+pub(super) fn leaf_ref(ptr: &LeafPtr) -> MetaRef {
+    MetaRef {
+        ptr: RecPtr {
+            off: ptr.off,
+            len: ptr.len,
+            crc: ptr.crc,
+        },
+        kind: RecordKind::Leaf,
+        key: Some(ptr.leaf),
+    }
 }
 
 /// Loads the map committed by the INDEX record `index` (the head's, or a
@@ -314,13 +335,16 @@ pub(super) fn load_map(
 ) -> Result<BlockMap> {
     let mut map = BlockMap::default();
     for ptr in read_index(store, index, file_len, nblocks)? {
-        let entries = read_leaf(store, &ptr, block_shift, file_len, nblocks)?;
+        let (entries, copy) = read_leaf_copy(store, &ptr, block_shift, file_len, nblocks)?;
         for (i, e) in entries.into_iter().enumerate() {
             if e.kind != EntryKind::Unmapped {
                 map.set(ptr.leaf * LEAF_ENTRIES + i as u64, e);
             }
         }
         map.ptrs.insert(ptr.leaf, ptr);
+        if copy == Copy::Second {
+            map.from_second_copy.push(ptr.leaf);
+        }
     }
     for leaf in map.leaves.values_mut() {
         leaf.dirty = false;
@@ -493,6 +517,8 @@ pub(super) fn load(
     let base = backing.as_ref().map(|b| b.reader.as_ref());
     let mut map = load_map(store.as_ref(), sb.index, sb.block_shift, file_len, nblocks)?;
     let mut recovery_notes = Vec::new();
+    let damaged = super::copies::damaged_firsts(store.as_ref(), &sb, &mut map, open.read_only);
+    recovery_notes.extend(damaged.notes.iter().cloned());
     let (end, lsn, max_birth) = roll_forward(
         store.as_ref(),
         &sb,
@@ -539,6 +565,7 @@ pub(super) fn load(
     let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
     Ok(Inner {
         recovery_notes,
+        rewrite: damaged.rewrite,
         read_only: open.read_only,
         virtual_size: sb.virtual_size,
         block_shift: sb.block_shift,

@@ -23,6 +23,7 @@
 //! maps), never the in-memory map: a record that the in-memory map has
 //! superseded may still be the last flushed value after a crash.
 
+use super::copies::{self, second_end};
 use super::map::{BlockMap, Dead};
 use super::open::{load_map, read_index};
 use super::{Image, Inner};
@@ -142,6 +143,16 @@ impl Inner {
                 }
             }
         };
+        // A map record's second copy dies with it (one span: the zeros
+        // between them and after the copy are dead too).
+        for d in dead.iter_mut().filter(|d| d.birth.is_none()) {
+            if let Some(end) = second_end(self.store.as_ref(), d.off, d.len) {
+                if let Ok(len) = u32::try_from(end - d.off) {
+                    d.len = len;
+                    d.ends_append = true;
+                }
+            }
+        }
         dead.retain(|d| {
             dead_span(d).1 <= start
                 && match d.birth {
@@ -309,11 +320,21 @@ impl Inner {
     fn live_spans(&self, committed_index: RecPtr, sb_ptrs: &[RecPtr]) -> Result<Vec<Span>> {
         let file_len = self.file_len()?;
         let mut spans = Vec::new();
+        let store = self.store.as_ref();
+        // A map record and its second copy, if it has one.
+        let add_meta = |off: u64, len: u32, spans: &mut Vec<Span>| {
+            spans.push(span(off, len));
+            if let Some(end) = second_end(store, off, len) {
+                spans.push((copies::second_off(off, len), align_up(end, RECORD_ALIGN)));
+            }
+        };
         let add_map = |map: &BlockMap, index: RecPtr, spans: &mut Vec<Span>| {
             if index.off != 0 {
-                spans.push(span(index.off, index.len));
+                add_meta(index.off, index.len, spans);
             }
-            spans.extend(map.ptrs.values().map(|p| span(p.off, p.len)));
+            for p in map.ptrs.values() {
+                add_meta(p.off, p.len, spans);
+            }
             spans.extend(map.data_entries().map(|(_, e)| span(e.off, e.len)));
         };
         let head = load_map(
@@ -334,12 +355,9 @@ impl Inner {
             )?;
             add_map(&map, snap.index, &mut spans);
         }
-        spans.extend(
-            sb_ptrs
-                .iter()
-                .filter(|p| p.off != 0)
-                .map(|p| span(p.off, p.len)),
-        );
+        for p in sb_ptrs.iter().filter(|p| p.off != 0) {
+            add_meta(p.off, p.len, &mut spans);
+        }
         spans.sort_unstable();
         Ok(spans)
     }
@@ -348,7 +366,7 @@ impl Inner {
         if self.read_only {
             return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
         }
-        self.checkpoint(false)?;
+        self.checkpoint_rewriting(self.missing_copies())?;
         // Held while judging and punching: no checkpoint or snapshot change
         // can move the committed state underneath.
         let _one = self.checkpoint_lock.lock();

@@ -6,7 +6,7 @@
 //! checkpoint lock → snapshot state → log lock.
 
 use super::checkpoint::Committed;
-use super::log::read_record;
+use super::copies::{read_meta_record, MetaRef};
 use super::snapshot::SnapshotInfo;
 use super::Inner;
 use crate::codec;
@@ -149,11 +149,18 @@ pub(super) fn read_meta(
     kind: RecordKind,
     max_raw: u32,
 ) -> Result<Vec<u8>> {
-    let (h, payload) = read_record(store, ptr.off, ptr.len)?;
-    if h.kind != kind || h.crc != ptr.crc || h.raw_len > max_raw {
+    let (h, payload, _) = read_meta_record(
+        store,
+        &MetaRef {
+            ptr,
+            kind,
+            key: None,
+        },
+    )?;
+    if h.raw_len > max_raw {
         return Err(Error::corrupt(format!(
-            "{kind:?} record at {} does not match its pointer",
-            ptr.off
+            "{kind:?} record at {} is {} bytes decoded, at most {max_raw} allowed",
+            ptr.off, h.raw_len
         )));
     }
     let mut raw = vec![0u8; h.raw_len as usize];
@@ -193,7 +200,7 @@ impl Inner {
         let table = edit(&mut self.snaps.state.lock(), committed)?;
         let raw = table.encode();
         let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
-        let appended = self.log.lock().append(
+        let appended = self.log.lock().append_twice(
             self.store.as_ref(),
             RecordKind::SnapTable,
             table.entries.len() as u64,

@@ -74,8 +74,12 @@ impl Inner {
         let mut report = CheckReport {
             blocks_checked: earlier.blocks_checked,
             snapshots_checked: earlier.snapshots_checked,
+            single_copy_records: earlier.single_copy_records,
             ..CheckReport::default()
         };
+        if !earlier.damaged_copies.is_empty() {
+            self.check_copies(&mut report)?;
+        }
         for bad in earlier.bad.iter().filter(|b| b.snapshot.is_none()) {
             let entry = self.map.read().get(bad.block);
             if entry.kind != EntryKind::Data {

@@ -198,6 +198,7 @@ impl Inner {
                 raw_len,
                 payload,
                 payload_crc,
+                flags: 0,
             });
             kept.push(*slot);
         }

@@ -18,7 +18,9 @@ pub use config::{BackingRef, MAX_BACKING_PATH};
 pub use entry::{
     decode_index, decode_leaf, encode_index, encode_leaf, EntryKind, LeafPtr, MapEntry,
 };
-pub use record::{align_up, RecordHeader, RecordKind, LOG_UNIT, RECORD_ALIGN, RECORD_HEADER_LEN};
+pub use record::{
+    align_up, RecordHeader, RecordKind, LOG_UNIT, RECORD_ALIGN, RECORD_FLAG_COPY, RECORD_HEADER_LEN,
+};
 pub use snap::{check_snapshot_name, SnapEntry, SnapTable, MAX_SNAPSHOTS, MAX_SNAP_NAME};
 pub use superblock::{
     Codec, RecPtr, Superblock, INCOMPAT_ENCRYPTED, MAGIC as VBD_MAGIC, SB_CRC_OFF, SB_FLAG_DIRTY,

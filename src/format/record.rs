@@ -17,6 +17,10 @@ pub const RECORD_ALIGN: u64 = 16;
 /// continues at the next multiple.
 pub const LOG_UNIT: u64 = 4096;
 
+/// Header flag of a metadata record's second copy (format.md §4, "Second
+/// copies"): the record before it, at the previous log unit, is the first.
+pub const RECORD_FLAG_COPY: u16 = 1;
+
 /// Rounds `n` up to a multiple of `align` (a power of two).
 pub fn align_up(n: u64, align: u64) -> u64 {
     (n + align - 1) & !(align - 1)
@@ -80,6 +84,8 @@ pub struct RecordHeader {
     pub kind: RecordKind,
     /// 0 = payload stored raw, 1 = zstd.
     pub codec: u8,
+    /// [`RECORD_FLAG_COPY`] on the second copy of a metadata record; else 0.
+    pub flags: u16,
     /// Stored payload bytes after the header.
     pub payload_len: u32,
     /// Length of the payload once decoded.
@@ -172,7 +178,7 @@ impl RecordHeader {
             magic: MAGIC.into(),
             kind: self.kind as u8,
             codec: self.codec,
-            flags: 0.into(),
+            flags: self.flags.into(),
             payload_len: self.payload_len.into(),
             raw_len: self.raw_len.into(),
             lsn: self.lsn.into(),
@@ -228,6 +234,7 @@ impl RecordHeader {
         Ok(RecordHeader {
             kind,
             codec: raw.codec,
+            flags: raw.flags.get(),
             payload_len,
             raw_len: raw.raw_len.get(),
             lsn: raw.lsn.get(),
@@ -281,6 +288,7 @@ mod tests {
         RecordHeader {
             kind: RecordKind::Data,
             codec: 1,
+            flags: 0,
             payload_len: payload.len() as u32,
             raw_len: 65536,
             lsn: 5,

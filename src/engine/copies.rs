@@ -1,0 +1,317 @@
+//! Second copies of metadata records (`docs/format.md` §4, "Second copies").
+//!
+//! Every LEAF, INDEX, SNAP_TABLE and CONFIG record is appended twice: the
+//! record, then the same record again as the next append, at the next log
+//! unit after the first one ends, with the next lsn and
+//! [`RECORD_FLAG_COPY`] in its header. Nothing points at the second copy:
+//! its place follows from the pointer to the first. One damaged byte in a
+//! map record used to make the whole image unreadable; now a reader that
+//! finds the first copy damaged reads the second, checked against the same
+//! pointer, and a read-write open writes the record anew.
+//!
+//! Images written before copies existed have none: a record without a copy
+//! reads as before, and their old records are never mistaken for one (a copy
+//! carries the flag, and at its place only the copy of that record can be).
+
+use super::checkpoint::Committed;
+use super::log::read_record;
+use super::map::BlockMap;
+use super::snaptable::SnapState;
+use super::Inner;
+use crate::error::{Error, Result};
+use crate::format::{align_up, RecordHeader, RecordKind, LOG_UNIT, RECORD_FLAG_COPY};
+use crate::format::{RecPtr, Superblock, RECORD_HEADER_LEN};
+use crate::io::Store;
+
+/// Where the second copy of the record at `off`, `len` bytes long, starts:
+/// the next log unit after the first ends.
+pub(crate) fn second_off(off: u64, len: u32) -> u64 {
+    align_up(off + u64::from(len), LOG_UNIT)
+}
+
+/// Which copy of a metadata record was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Copy {
+    First,
+    Second,
+}
+
+/// A pointer to a metadata record: where its first copy is, its crc, and
+/// what it must be.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MetaRef {
+    pub ptr: RecPtr,
+    pub kind: RecordKind,
+    /// The header key it must have (a leaf's number), if the pointer says.
+    pub key: Option<u64>,
+}
+
+impl MetaRef {
+    fn matches(&self, h: &RecordHeader) -> bool {
+        h.kind == self.kind && self.key.is_none_or(|k| k == h.key)
+    }
+}
+
+/// Reads the metadata record `r` names, verified against it; when the
+/// first copy does not read back (damaged, unreadable, not the record the
+/// pointer names), its second copy. The first copy's error when neither does.
+pub(crate) fn read_meta_record(
+    store: &dyn Store,
+    r: &MetaRef,
+) -> Result<(RecordHeader, Vec<u8>, Copy)> {
+    let first_err = match read_first(store, r) {
+        Ok((h, payload)) => return Ok((h, payload, Copy::First)),
+        Err(e) => e,
+    };
+    match read_second(store, r) {
+        Ok((h, payload)) => {
+            ::log::warn!(
+                "{:?} record at {} is damaged ({first_err}); read its second copy at {}",
+                r.kind,
+                r.ptr.off,
+                second_off(r.ptr.off, r.ptr.len)
+            );
+            Ok((h, payload, Copy::Second))
+        }
+        Err(_) => Err(first_err),
+    }
+}
+
+/// The first copy: the record the pointer names (offset, length, crc).
+pub(crate) fn read_first(store: &dyn Store, r: &MetaRef) -> Result<(RecordHeader, Vec<u8>)> {
+    let (h, payload) = read_record(store, r.ptr.off, r.ptr.len)?;
+    if !r.matches(&h) || h.crc != r.ptr.crc || h.flags & RECORD_FLAG_COPY != 0 {
+        return Err(Error::corrupt(format!(
+            "{:?} record at {} does not match its pointer",
+            r.kind, r.ptr.off
+        )));
+    }
+    Ok((h, payload))
+}
+
+/// The second copy, checked against the pointer to the first: at its place,
+/// flagged as a copy, of the same kind, key and length, and holding the same
+/// bytes — for a plain image, the first copy's header rebuilt from it (lsn
+/// one less, its own offset, its `synced` claim) must give the pointer's
+/// crc; an encrypted image's copy is authenticated with its offset, lsn and
+/// epoch, and if the first copy's header still decodes, it must be the
+/// record just before.
+pub(crate) fn read_second(store: &dyn Store, r: &MetaRef) -> Result<(RecordHeader, Vec<u8>)> {
+    let at = second_off(r.ptr.off, r.ptr.len);
+    let (h, payload) = read_record(store, at, r.ptr.len)?;
+    let bad = || {
+        Error::corrupt(format!(
+            "the second copy at {at} does not match the pointer to {:?} record at {}",
+            r.kind, r.ptr.off
+        ))
+    };
+    if h.flags & RECORD_FLAG_COPY == 0 || !r.matches(&h) {
+        return Err(bad());
+    }
+    let bound = match store.sealer() {
+        None => first_crcs(&h, r.ptr.off, &payload).contains(&Some(r.ptr.crc)),
+        Some(_) => header_at(store, r.ptr.off)
+            .is_none_or(|first| first.epoch == h.epoch && first.lsn.checked_add(1) == Some(h.lsn)),
+    };
+    if !bound {
+        return Err(bad());
+    }
+    Ok((h, payload))
+}
+
+/// The crcs the first copy of the plain record `copy` can have: its header
+/// is the copy's with the flag cleared, the lsn one less and its own offset;
+/// its `synced` claim is one less than the copy's (both count back to the
+/// same durable lsn), or 0 when the copy claims nothing (or could not: a
+/// distance beyond 32 bits, where the first's may just fit).
+fn first_crcs(copy: &RecordHeader, first_off: u64, payload: &[u8]) -> [Option<u32>; 2] {
+    let Some(lsn) = copy.lsn.checked_sub(1) else {
+        return [None, None];
+    };
+    let payload_crc = crc32c::crc32c(payload);
+    let crc_with = |synced: u32| {
+        let mut first = RecordHeader {
+            flags: copy.flags & !RECORD_FLAG_COPY,
+            lsn,
+            self_off: first_off,
+            synced,
+            ..*copy
+        };
+        first.encode_header_for(payload_crc);
+        Some(first.crc)
+    };
+    match copy.synced {
+        0 => [crc_with(0), crc_with(u32::MAX)],
+        v => [crc_with(v - 1), None],
+    }
+}
+
+/// The header at `off` if one decodes there.
+fn header_at(store: &dyn Store, off: u64) -> Option<RecordHeader> {
+    let mut head = [0u8; RECORD_HEADER_LEN];
+    store.read_at(&mut head, off).ok()?;
+    RecordHeader::decode(&head, off).ok()
+}
+
+/// Where the second copy of the metadata record at `off` (`len` bytes)
+/// ends, if it has one: a header flagged as a copy, of a metadata kind (the
+/// first's, if the first's header still decodes) and of the same length, at
+/// the second copy's place. Only the copy of that record can be there (two
+/// records of one length ending in the same log unit would overlap), so
+/// this is enough both to keep it live (compaction) and to punch it with
+/// its first copy (reclaim).
+pub(crate) fn second_end(store: &dyn Store, off: u64, len: u32) -> Option<u64> {
+    let at = second_off(off, len);
+    let h = header_at(store, at)?;
+    let first_kind = header_at(store, off).map(|f| f.kind);
+    let metadata = matches!(
+        h.kind,
+        RecordKind::Leaf | RecordKind::Index | RecordKind::SnapTable | RecordKind::Config
+    );
+    (h.flags & RECORD_FLAG_COPY != 0
+        && metadata
+        && first_kind.is_none_or(|k| k == h.kind)
+        && h.total_len() == u64::from(len))
+    .then(|| at + u64::from(len))
+}
+
+/// Records named by the superblock whose first copy was found damaged when
+/// the image was opened: the recovery checkpoint of a read-write open writes
+/// them anew ([`Inner::recovery_checkpoint`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Rewrite {
+    pub snap_table: bool,
+    pub config: bool,
+}
+
+/// What an open read from second copies: a note for each, and what to write
+/// anew.
+pub(crate) struct Damaged {
+    pub notes: Vec<String>,
+    pub rewrite: Rewrite,
+}
+
+/// After the head's map, the snapshot table and the backing reference were
+/// loaded from the records `sb` names: which of them were read from a second
+/// copy. Read-write opens mark those leaves for the recovery checkpoint (which
+/// writes a new index anyway) and note the table and backing reference for it.
+pub(crate) fn damaged_firsts(
+    store: &dyn Store,
+    sb: &Superblock,
+    map: &mut BlockMap,
+    read_only: bool,
+) -> Damaged {
+    let anew = if read_only { "" } else { "; written anew" };
+    let first_bad = |ptr: RecPtr, kind| {
+        let r = MetaRef {
+            ptr,
+            kind,
+            key: None,
+        };
+        ptr.off != 0 && read_first(store, &r).is_err()
+    };
+    let mut notes = Vec::new();
+    let mut second = |what: String, off: u64| {
+        notes.push(format!(
+            "{what} at {off} is damaged; read from its second copy{anew}"
+        ));
+    };
+    if first_bad(sb.index, RecordKind::Index) {
+        second("the map index".into(), sb.index.off);
+    }
+    for leaf in std::mem::take(&mut map.from_second_copy) {
+        second(format!("map leaf {leaf}"), map.ptrs[&leaf].off);
+        if !read_only {
+            map.rewrite_leaf(leaf);
+        }
+    }
+    let rewrite = Rewrite {
+        snap_table: first_bad(sb.snap_table, RecordKind::SnapTable),
+        config: first_bad(sb.config, RecordKind::Config),
+    };
+    if rewrite.snap_table {
+        second("the snapshot table".into(), sb.snap_table.off);
+    }
+    if rewrite.config {
+        second("the backing reference".into(), sb.config.off);
+    }
+    let rewrite = if read_only {
+        Rewrite::default()
+    } else {
+        rewrite
+    };
+    Damaged { notes, rewrite }
+}
+
+impl Inner {
+    /// The checkpoint that starts a read-write session; it also writes anew
+    /// what the open read from second copies (`damaged_firsts`).
+    pub(super) fn recovery_checkpoint(&self) -> Result<()> {
+        self.checkpoint_rewriting(self.rewrite)
+    }
+
+    /// A checkpoint that also writes anew the records `rewrite` names (the
+    /// head's leaves to write anew are marked dirty by the caller; every
+    /// checkpoint writes a new index).
+    pub(super) fn checkpoint_rewriting(&self, rewrite: Rewrite) -> Result<()> {
+        if rewrite.config {
+            let sb = self.sb.lock().clone();
+            let r = MetaRef {
+                ptr: sb.config,
+                kind: RecordKind::Config,
+                key: None,
+            };
+            let (h, payload, _) = read_meta_record(self.store.as_ref(), &r)?;
+            let w = self
+                .log
+                .lock()
+                .append_twice(
+                    self.store.as_ref(),
+                    RecordKind::Config,
+                    0,
+                    h.codec,
+                    h.raw_len,
+                    &payload,
+                )
+                .map_err(|e| self.fail(e))?;
+            // The checkpoint's superblock names it (after syncing it).
+            self.sb.lock().config = RecPtr {
+                off: w.off,
+                len: w.len,
+                crc: w.crc,
+            };
+        }
+        if rewrite.snap_table {
+            self.commit(
+                false,
+                Some(&mut |st: &mut SnapState, _: &Committed| Ok(st.table.clone())),
+            )
+        } else {
+            self.checkpoint(false)
+        }
+    }
+
+    /// Marks the head's records that have no second copy (written before
+    /// vbdfs wrote copies) for [`Inner::checkpoint_rewriting`]: compaction
+    /// gives an older image its copies.
+    pub(super) fn missing_copies(&self) -> Rewrite {
+        let store = self.store.as_ref();
+        let single = |p: RecPtr| p.off != 0 && second_end(store, p.off, p.len).is_none();
+        let sb = self.sb.lock().clone();
+        let rewrite = Rewrite {
+            snap_table: single(sb.snap_table),
+            config: single(sb.config),
+        };
+        let mut map = self.map.write();
+        let leaves: Vec<u64> = map
+            .ptrs
+            .values()
+            .filter(|p| second_end(store, p.off, p.len).is_none())
+            .map(|p| p.leaf)
+            .collect();
+        for leaf in leaves {
+            map.rewrite_leaf(leaf);
+        }
+        rewrite
+    }
+}
