@@ -212,12 +212,12 @@ fn check_reports_a_damaged_block() {
     );
 }
 
-/// Offsets of the first copies of LEAF records (kind 3, no `COPY` flag) in an
-/// image file, and where each one's second copy is.
+/// Offsets of the first copies of LEAF records (kind 3, flags without `COPY`,
+/// bit 0) in an image file, and where each one's second copy is.
 fn leaf_records(bytes: &[u8]) -> Vec<(usize, usize)> {
     (65536..bytes.len().saturating_sub(64))
         .step_by(16)
-        .filter(|&at| &bytes[at..at + 4] == b"VREC" && bytes[at + 4] == 3 && bytes[at + 6] == 0)
+        .filter(|&at| &bytes[at..at + 4] == b"VREC" && bytes[at + 4] == 3 && bytes[at + 6] & 1 == 0)
         .map(|at| {
             let len =
                 64 + u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4")) as usize;

@@ -13,7 +13,7 @@ use vbdfs::crypto::{KdfParams, KeyMaterial};
 use vbdfs::engine::CloneOptions;
 use vbdfs::format::{
     align_up, RecordHeader, RecordKind, LOG_START, LOG_UNIT, RECORD_ALIGN, RECORD_FLAG_COPY,
-    RECORD_HEADER_LEN,
+    RECORD_FLAG_HAS_COPY, RECORD_HEADER_LEN,
 };
 use vbdfs::io::MemStore;
 use vbdfs::{Codec, CreateOptions, ErrorKind, Image, OpenOptions};
@@ -103,6 +103,7 @@ fn pairs(bytes: &[u8]) -> Vec<Pair> {
             RecordKind::Leaf | RecordKind::Index | RecordKind::SnapTable | RecordKind::Config
         );
         if metadata && h.flags & RECORD_FLAG_COPY == 0 {
+            assert!(h.flags & RECORD_FLAG_HAS_COPY != 0, "{h:?} at {off}");
             let second = align_up(off + h.total_len(), LOG_UNIT);
             let copy = RecordHeader::decode(&bytes[second as usize..], second).unwrap();
             assert!(
@@ -362,7 +363,7 @@ fn check_reports_damaged_copies_and_repair_writes_the_heads_anew() {
         report.damaged_copies[0].starts_with("map leaf 1 at"),
         "{report:?}"
     );
-    assert!(report.damaged_copies[0].ends_with("its second copy is damaged"));
+    assert!(report.damaged_copies[0].ends_with("its second copy is damaged or missing"));
     assert!(report.damaged_copies[1].starts_with("snapshot 's1': map leaf 0 at"));
     assert!(report.damaged_copies[1].ends_with("the second serves)"));
     assert!(report.repaired.is_empty() && report.single_copy_records == 0);
@@ -382,44 +383,142 @@ fn check_reports_damaged_copies_and_repair_writes_the_heads_anew() {
     assert_eq!(outcome, Outcome::Right);
 }
 
-/// `bytes` as an image written before copies existed: every second copy
-/// zeroed (its own append, so the layout is exactly the old one).
-fn without_copies(bytes: &[u8]) -> Vec<u8> {
-    let mut old = bytes.to_vec();
-    for p in pairs(bytes) {
-        let end = (align_up(p.second + 1, LOG_UNIT) as usize).min(old.len());
-        old[p.second as usize..end].fill(0);
+/// The bytes of the fixture images (tests/fixtures, written by vbdfs at
+/// fd8b8cb, before copies existed): `base.vbd` (2 MiB of `old_pattern(1)`,
+/// snapshot `s1`, then 64 KiB of `old_pattern(2)` at 1 MiB) and `clone.vbd`
+/// (a clone of `base.vbd@s1` with 64 KiB of `old_pattern(3)` at 512 KiB).
+fn old_images(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let unpack = |name: &str| {
+        let packed = std::fs::read(fixtures.join(format!("old-{name}.zst"))).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, zstd::decode_all(&packed[..]).unwrap()).unwrap();
+        path
+    };
+    (unpack("base.vbd"), unpack("clone.vbd"))
+}
+
+fn old_pattern(len: usize, seed: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
+}
+
+/// Checks the image at `path` (read-write: a compaction first): its report.
+fn check_file(path: &Path, compact: bool) -> vbdfs::CheckReport {
+    let img = Image::open(path, &opts(!compact)).unwrap();
+    if compact {
+        img.compact().unwrap();
     }
-    old
+    let report = img.check().unwrap();
+    img.close().unwrap();
+    report
 }
 
 #[test]
-fn an_image_without_copies_reads_and_compact_gives_the_head_its_copies() {
-    let (bytes, mut head, snap) = image(false);
-    let old = without_copies(&bytes);
-    let (report, _) = check(old.clone(), false);
+fn images_from_before_copies_read_and_compact_gives_the_head_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, clone) = old_images(dir.path());
+    let snap = old_pattern(2 << 20, 1);
+    let mut head = snap.clone();
+    head[1 << 20..(1 << 20) + 65536].copy_from_slice(&old_pattern(65536, 2));
+    let mut cloned = snap.clone();
+    cloned[512 << 10..(512 << 10) + 65536].copy_from_slice(&old_pattern(65536, 3));
+    let reads_right = |head: &[u8], cloned: &[u8]| {
+        let img = Image::open(&base, &opts(true)).unwrap();
+        let mut buf = vec![0u8; 2 << 20];
+        img.read_at(&mut buf, 0).unwrap();
+        assert!(buf == head, "the base's head reads wrong data");
+        img.open_snapshot("s1")
+            .unwrap()
+            .read_at(&mut buf, 0)
+            .unwrap();
+        assert!(buf == snap, "the base's snapshot reads wrong data");
+        drop(img);
+        let img = Image::open(&clone, &opts(true)).unwrap();
+        img.read_at(&mut buf, 0).unwrap();
+        assert!(buf == cloned, "the clone reads wrong data");
+    };
+    reads_right(&head, &cloned);
+    // Index, leaf and snapshot table of the head; index and leaf of s1.
+    let report = check_file(&base, false);
     assert!(report.is_ok(), "{report:?}");
-    assert_eq!(report.single_copy_records, 7, "{report:?}");
-    // Writes, checkpoints and reclaim over the old records, then compaction.
-    let store = Arc::new(MemStore::from_bytes(old));
-    let img = Image::open_on(store.clone(), &opts(false)).unwrap();
-    for (i, b) in [1, 6, 1040, 1].into_iter().enumerate() {
-        img.write_at(&block(100 + i as u64), b * BS).unwrap();
-        apply(&mut head, &[(b, 100 + i as u64)]);
+    assert_eq!(report.single_copy_records, 5, "{report:?}");
+    // The clone: its backing reference, index and leaf.
+    assert_eq!(check_file(&clone, false).single_copy_records, 3);
+    // Writes and checkpoints over the old records, then compaction: the
+    // head's records get copies, the snapshot's are left as they are.
+    let img = Image::open(&base, &opts(false)).unwrap();
+    for (i, b) in [1u64, 20, 1].into_iter().enumerate() {
+        let data = block(200 + i as u64);
+        img.write_at(&data, b * BS).unwrap();
+        head[(b * BS) as usize..((b + 1) * BS) as usize].copy_from_slice(&data);
         img.checkpoint().unwrap();
     }
-    let report = img.check().unwrap();
-    assert!(report.is_ok(), "{report:?}");
-    // The snapshot's three records, and the first snapshot table, which the
-    // close left in place.
-    assert!(report.single_copy_records >= 3, "{report:?}");
-    img.compact().unwrap();
-    let report = img.check().unwrap();
-    assert!(report.is_ok(), "{report:?}");
-    // The snapshot's records are never rewritten.
-    assert_eq!(report.single_copy_records, 3, "{report:?}");
     img.close().unwrap();
-    let (outcome, _) = read_back(store.to_bytes(), (&head, &snap), false, false);
+    let report = check_file(&base, true);
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.single_copy_records, 2, "{report:?}");
+    let report = check_file(&clone, true);
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.single_copy_records, 0, "{report:?}");
+    reads_right(&head, &cloned);
+    // The clone's backing reference was written anew: one damaged copy of
+    // it no longer matters.
+    let bytes = std::fs::read(&clone).unwrap();
+    let config = pairs(&bytes)
+        .into_iter()
+        .find(|p| p.kind == RecordKind::Config)
+        .unwrap();
+    let mut damaged = bytes;
+    damage(&mut damaged, config.first);
+    std::fs::write(&clone, &damaged).unwrap();
+    reads_right(&head, &cloned);
+}
+
+#[test]
+fn replacing_an_old_leaf_never_takes_the_next_one_for_its_copy() {
+    // old-two-leaves.vbd (fd8b8cb): 128 MiB, block 0 = old_pattern(4), block
+    // 1024 = old_pattern(5); its two leaf records have the same length and
+    // lie in consecutive log units, where leaf 0's second copy would be.
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let packed = std::fs::read(fixtures.join("old-two-leaves.vbd.zst")).unwrap();
+    let path = dir.path().join("two.vbd");
+    std::fs::write(&path, zstd::decode_all(&packed[..]).unwrap()).unwrap();
+    let img = Image::open(&path, &opts(false)).unwrap();
+    let new = block(77);
+    img.write_at(&new, 0).unwrap();
+    // The checkpoint replaces leaf 0 and reclaims its old record.
+    img.checkpoint().unwrap();
+    img.close().unwrap();
+    let img = Image::open(&path, &opts(true)).unwrap();
+    let mut buf = vec![0u8; 65536];
+    img.read_at(&mut buf, 1024 * 65536).unwrap();
+    assert!(buf == old_pattern(65536, 5), "block 1024 lost");
+    img.read_at(&mut buf[..BS as usize], 0).unwrap();
+    assert!(buf[..BS as usize] == new[..]);
+    assert!(img.check().unwrap().is_ok());
+}
+
+#[test]
+fn a_file_cut_after_the_first_copy_of_its_index_opens_and_is_repaired() {
+    let (bytes, head, snap) = image(false);
+    // The last log unit holds the second copy of the index of the close.
+    let cut = bytes[..bytes.len() - LOG_UNIT as usize].to_vec();
+    let (outcome, _) = read_back(cut.clone(), (&head, &snap), false, false);
+    assert_eq!(outcome, Outcome::Right);
+    let (report, _) = check(cut.clone(), false);
+    assert_eq!(report.damaged_copies.len(), 1, "{report:?}");
+    assert!(
+        report.damaged_copies[0].starts_with("the map index at")
+            && report.damaged_copies[0].ends_with("its second copy is damaged or missing"),
+        "{report:?}"
+    );
+    // Any read-write open writes a new index (with its copy) at once.
+    let (report, repaired) = check(cut, true);
+    assert!(report.is_ok(), "{report:?}");
+    let (report, _) = check(repaired.clone(), false);
+    assert!(report.is_ok() && report.repaired.is_empty(), "{report:?}");
+    let (outcome, _) = read_back(repaired, (&head, &snap), false, false);
     assert_eq!(outcome, Outcome::Right);
 }
 

@@ -24,7 +24,7 @@ use crate::crypto::{KeyMaterial, SEAL_OVERHEAD};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
     align_up, BackingRef, Codec, RecPtr, RecordHeader, RecordKind, SnapEntry, Superblock,
-    LOG_START, RECORD_ALIGN, RECORD_FLAG_COPY, SB_SLOT_SIZE,
+    LOG_START, RECORD_ALIGN, RECORD_FLAG_COPY, RECORD_FLAG_HAS_COPY, SB_SLOT_SIZE,
 };
 use crate::io::{FileStore, Store};
 use crate::CreateOptions;
@@ -110,7 +110,7 @@ fn format_clone(
     let mut header = RecordHeader {
         kind: RecordKind::Config,
         codec: 0,
-        flags: 0,
+        flags: RECORD_FLAG_HAS_COPY,
         payload_len: sealed_len as u32,
         raw_len: raw.len() as u32,
         lsn: 1,

@@ -1,17 +1,18 @@
 //! Second copies of metadata records (`docs/format.md` §4, "Second copies").
 //!
 //! Every LEAF, INDEX, SNAP_TABLE and CONFIG record is appended twice: the
-//! record, then the same record again as the next append, at the next log
-//! unit after the first one ends, with the next lsn and
-//! [`RECORD_FLAG_COPY`] in its header. Nothing points at the second copy:
+//! record, flagged [`RECORD_FLAG_HAS_COPY`], then the same record again as
+//! the next append, at the next log unit after the first one ends, with the
+//! next lsn and [`RECORD_FLAG_COPY`]. Nothing points at the second copy:
 //! its place follows from the pointer to the first. One damaged byte in a
 //! map record used to make the whole image unreadable; now a reader that
 //! finds the first copy damaged reads the second, checked against the same
 //! pointer, and a read-write open writes the record anew.
 //!
-//! Images written before copies existed have none: a record without a copy
-//! reads as before, and their old records are never mistaken for one (a copy
-//! carries the flag, and at its place only the copy of that record can be).
+//! Images written before copies existed have none: a record without the
+//! flag reads as before, and their old records are never mistaken for a copy
+//! (a copy carries its flag, and at its place only the copy of that record
+//! can be).
 
 use super::checkpoint::Committed;
 use super::log::read_record;
@@ -19,8 +20,9 @@ use super::map::BlockMap;
 use super::snaptable::SnapState;
 use super::Inner;
 use crate::error::{Error, Result};
-use crate::format::{align_up, RecordHeader, RecordKind, LOG_UNIT, RECORD_FLAG_COPY};
+use crate::format::{align_up, RecordHeader, RecordKind, LOG_UNIT};
 use crate::format::{RecPtr, Superblock, RECORD_HEADER_LEN};
+use crate::format::{RECORD_FLAG_COPY, RECORD_FLAG_HAS_COPY};
 use crate::io::Store;
 
 /// Where the second copy of the record at `off`, `len` bytes long, starts:
@@ -120,7 +122,7 @@ pub(crate) fn read_second(store: &dyn Store, r: &MetaRef) -> Result<(RecordHeade
 }
 
 /// The crcs the first copy of the plain record `copy` can have: its header
-/// is the copy's with the flag cleared, the lsn one less and its own offset;
+/// is the copy's with the other flag, the lsn one less and its own offset;
 /// its `synced` claim is one less than the copy's (both count back to the
 /// same durable lsn), or 0 when the copy claims nothing (or could not: a
 /// distance beyond 32 bits, where the first's may just fit).
@@ -131,7 +133,7 @@ fn first_crcs(copy: &RecordHeader, first_off: u64, payload: &[u8]) -> [Option<u3
     let payload_crc = crc32c::crc32c(payload);
     let crc_with = |synced: u32| {
         let mut first = RecordHeader {
-            flags: copy.flags & !RECORD_FLAG_COPY,
+            flags: copy.flags & !RECORD_FLAG_COPY | RECORD_FLAG_HAS_COPY,
             lsn,
             self_off: first_off,
             synced,
@@ -154,25 +156,31 @@ fn header_at(store: &dyn Store, off: u64) -> Option<RecordHeader> {
 }
 
 /// Where the second copy of the metadata record at `off` (`len` bytes)
-/// ends, if it has one: a header flagged as a copy, of a metadata kind (the
-/// first's, if the first's header still decodes) and of the same length, at
-/// the second copy's place. Only the copy of that record can be there (two
-/// records of one length ending in the same log unit would overlap), so
-/// this is enough both to keep it live (compaction) and to punch it with
-/// its first copy (reclaim).
+/// ends, if it has one: a header flagged as a copy, of a metadata kind and
+/// of the same length, at the second copy's place (and, if the first's
+/// header still decodes, of its kind and announced by it). Only the copy of
+/// that record can be there (two records of one length ending in the same
+/// log unit would overlap), so this is enough both to keep it live
+/// (compaction) and to punch it with its first copy (reclaim).
 pub(crate) fn second_end(store: &dyn Store, off: u64, len: u32) -> Option<u64> {
     let at = second_off(off, len);
     let h = header_at(store, at)?;
-    let first_kind = header_at(store, off).map(|f| f.kind);
+    let first = header_at(store, off);
     let metadata = matches!(
         h.kind,
         RecordKind::Leaf | RecordKind::Index | RecordKind::SnapTable | RecordKind::Config
     );
     (h.flags & RECORD_FLAG_COPY != 0
         && metadata
-        && first_kind.is_none_or(|k| k == h.kind)
+        && first.is_none_or(|f| f.kind == h.kind && f.flags & RECORD_FLAG_HAS_COPY != 0)
         && h.total_len() == u64::from(len))
     .then(|| at + u64::from(len))
+}
+
+/// True if the record `r` names was written with a second copy (its first
+/// copy reads and says so); false for a record from before copies existed.
+pub(crate) fn announces_copy(store: &dyn Store, r: &MetaRef) -> bool {
+    read_first(store, r).is_ok_and(|(h, _)| h.flags & RECORD_FLAG_HAS_COPY != 0)
 }
 
 /// Records named by the superblock whose first copy was found damaged when
@@ -291,24 +299,32 @@ impl Inner {
         }
     }
 
-    /// Marks the head's records that have no second copy (written before
-    /// vbdfs wrote copies) for [`Inner::checkpoint_rewriting`]: compaction
-    /// gives an older image its copies.
+    /// Marks the head's records without a readable second copy (written
+    /// before vbdfs wrote copies, or the copy damaged) for
+    /// [`Inner::checkpoint_rewriting`]: compaction gives an older image its
+    /// copies and repairs the head's.
     pub(super) fn missing_copies(&self) -> Rewrite {
         let store = self.store.as_ref();
-        let single = |p: RecPtr| p.off != 0 && second_end(store, p.off, p.len).is_none();
+        let single = |ptr: RecPtr, kind| {
+            let r = MetaRef {
+                ptr,
+                kind,
+                key: None,
+            };
+            ptr.off != 0 && read_second(store, &r).is_err()
+        };
         let sb = self.sb.lock().clone();
         let rewrite = Rewrite {
-            snap_table: single(sb.snap_table),
-            config: single(sb.config),
+            snap_table: single(sb.snap_table, RecordKind::SnapTable),
+            config: single(sb.config, RecordKind::Config),
         };
-        let mut map = self.map.write();
-        let leaves: Vec<u64> = map
-            .ptrs
-            .values()
-            .filter(|p| second_end(store, p.off, p.len).is_none())
+        let ptrs: Vec<_> = self.map.read().ptrs.values().copied().collect();
+        let leaves: Vec<u64> = ptrs
+            .iter()
+            .filter(|p| read_second(store, &super::open::leaf_ref(p)).is_err())
             .map(|p| p.leaf)
             .collect();
+        let mut map = self.map.write();
         for leaf in leaves {
             map.rewrite_leaf(leaf);
         }

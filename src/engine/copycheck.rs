@@ -6,7 +6,7 @@
 //! head's records anew. A snapshot's records are never rewritten (clones and
 //! open snapshot files hold their offsets).
 
-use super::copies::{read_first, read_second, second_end, MetaRef, Rewrite};
+use super::copies::{announces_copy, read_first, read_second, MetaRef, Rewrite};
 use super::open::read_index;
 use super::{CheckReport, Inner};
 use crate::error::Result;
@@ -29,16 +29,14 @@ struct Named {
     head: Option<HeadRecord>,
 }
 
-/// What is wrong with a record's copies, if anything; `Ok(None)` also for
-/// a record that never had a second copy (written by an older vbdfs).
+/// What is wrong with a record's copies, if anything; `None` also for a
+/// record that never had a second copy (written by an older vbdfs).
 fn problem(store: &dyn crate::io::Store, r: &MetaRef) -> Option<&'static str> {
     let first = read_first(store, r).is_ok();
     let second = read_second(store, r).is_ok();
     match (first, second) {
         (false, true) => Some("its first copy is damaged (the second serves)"),
-        (true, false) if second_end(store, r.ptr.off, r.ptr.len).is_some() => {
-            Some("its second copy is damaged")
-        }
+        (true, false) if announces_copy(store, r) => Some("its second copy is damaged or missing"),
         // Both bad: the map could not be read, which the open or the
         // snapshot check reports.
         _ => None,
@@ -122,7 +120,9 @@ impl Inner {
         for n in records {
             match problem(store, &n.r) {
                 Some(p) => found.push((n, p)),
-                None if second_end(store, n.r.ptr.off, n.r.ptr.len).is_none() => single += 1,
+                None if read_first(store, &n.r).is_ok() && !announces_copy(store, &n.r) => {
+                    single += 1
+                }
                 None => {}
             }
         }

@@ -19,7 +19,7 @@ use crate::crypto::{Sealer, RECORD_AAD_LEN, SEAL_OVERHEAD};
 use crate::error::{Error, Result};
 use crate::format::{
     align_up, EntryKind, MapEntry, RecordHeader, RecordKind, LOG_UNIT, MAX_PAYLOAD, RECORD_ALIGN,
-    RECORD_FLAG_COPY, RECORD_HEADER_LEN,
+    RECORD_FLAG_COPY, RECORD_FLAG_HAS_COPY, RECORD_HEADER_LEN,
 };
 use crate::io::{AlignedBuf, Store, DIRECT_ALIGN};
 use std::borrow::Cow;
@@ -158,8 +158,8 @@ impl LogTail {
     }
 
     /// Appends a metadata record twice (format.md §4, "Second copies"): the
-    /// record, then its copy as the next append, at the next log unit, with
-    /// the next lsn and [`RECORD_FLAG_COPY`]. Returns where the first is (the
+    /// record with [`RECORD_FLAG_HAS_COPY`], then its copy as the next append,
+    /// at the next log unit, with the next lsn and [`RECORD_FLAG_COPY`]. Returns where the first is (the
     /// place of the second follows from it: [`super::copies::second_off`]).
     pub fn append_twice(
         &mut self,
@@ -177,7 +177,7 @@ impl LogTail {
             raw_len,
             payload,
             payload_crc: Some(crc32c::crc32c(payload)),
-            flags: 0,
+            flags: RECORD_FLAG_HAS_COPY,
         };
         let first = self.append_all(store, &[record])?[0];
         record.flags = RECORD_FLAG_COPY;

@@ -19,7 +19,8 @@ pub use entry::{
     decode_index, decode_leaf, encode_index, encode_leaf, EntryKind, LeafPtr, MapEntry,
 };
 pub use record::{
-    align_up, RecordHeader, RecordKind, LOG_UNIT, RECORD_ALIGN, RECORD_FLAG_COPY, RECORD_HEADER_LEN,
+    align_up, RecordHeader, RecordKind, LOG_UNIT, RECORD_ALIGN, RECORD_FLAG_COPY,
+    RECORD_FLAG_HAS_COPY, RECORD_HEADER_LEN,
 };
 pub use snap::{check_snapshot_name, SnapEntry, SnapTable, MAX_SNAPSHOTS, MAX_SNAP_NAME};
 pub use superblock::{

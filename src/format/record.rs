@@ -20,6 +20,9 @@ pub const LOG_UNIT: u64 = 4096;
 /// Header flag of a metadata record's second copy (format.md §4, "Second
 /// copies"): the record before it, at the previous log unit, is the first.
 pub const RECORD_FLAG_COPY: u16 = 1;
+/// Header flag of a metadata record's first copy: a second copy follows it
+/// (a record without it was written before copies existed).
+pub const RECORD_FLAG_HAS_COPY: u16 = 2;
 
 /// Rounds `n` up to a multiple of `align` (a power of two).
 pub fn align_up(n: u64, align: u64) -> u64 {
