@@ -553,3 +553,38 @@ fn replaced_map_records_are_reclaimed_with_their_copies() {
         "second copies of replaced records left in the file"
     );
 }
+
+#[test]
+fn a_checkpoint_of_many_leaves_gives_each_its_copy() {
+    // More dirty leaves than one append takes: several appends of pairs.
+    const LEAVES: u64 = 150;
+    let store = Arc::new(MemStore::new());
+    let create = CreateOptions {
+        size: LEAVES * 1024 * BS,
+        block_size: BS,
+        codec: Codec::Zstd(1),
+    };
+    let img = Image::create_on(store.clone(), &create, &opts(false)).unwrap();
+    for leaf in 0..LEAVES {
+        img.write_at(&block(leaf), (leaf * 1024 + leaf % 7) * BS)
+            .unwrap();
+    }
+    img.close().unwrap();
+    let bytes = store.to_bytes();
+    let pairs = pairs(&bytes);
+    let leaves = pairs.iter().filter(|p| p.kind == RecordKind::Leaf).count();
+    assert_eq!(leaves as u64, LEAVES);
+    // Every first copy damaged at once: the second copies carry the image.
+    let mut bad = bytes;
+    for p in &pairs {
+        damage(&mut bad, p.first);
+    }
+    let img = Image::open_on(Arc::new(MemStore::from_bytes(bad)), &opts(true)).unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    for leaf in 0..LEAVES {
+        img.read_at(&mut buf, (leaf * 1024 + leaf % 7) * BS)
+            .unwrap();
+        assert!(buf == block(leaf), "leaf {leaf}");
+    }
+    assert_eq!(img.check().unwrap().damaged_copies.len(), pairs.len());
+}

@@ -14,6 +14,7 @@
 //! record before the first sync and named by the same superblock. The table
 //! and the map therefore commit atomically, with the same crash guarantees.
 
+use super::log::NewRecord;
 use super::map::Dead;
 use super::snaptable::SnapEdit;
 use super::Inner;
@@ -22,6 +23,10 @@ use crate::error::{Error, Result};
 use crate::format::{
     encode_index, encode_leaf, Codec, LeafPtr, RecPtr, RecordKind, SB_FLAG_DIRTY, SB_SLOT_SIZE,
 };
+
+/// Dirty leaves appended (with their second copies) by one write: at most
+/// ~2.5 MiB of staging (a leaf record is at most 16 KiB and a header).
+const LEAVES_PER_APPEND: usize = 64;
 
 /// What a checkpoint committed, as seen by a snapshot edit.
 #[derive(Debug, Clone, Copy)]
@@ -64,29 +69,43 @@ impl Inner {
             (dirty, freed, off, lsn, log.epoch, gen, counts.0, counts.1)
         };
         let store = self.store.as_ref();
-        let mut written = Vec::with_capacity(dirty.len());
         let mut dead = freed;
-        for (leaf, entries) in dirty {
-            let raw = encode_leaf(&entries);
-            let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
-            let w = self
-                .log
-                .lock()
-                .append_twice(
-                    store,
-                    RecordKind::Leaf,
-                    leaf,
-                    stored,
-                    raw.len() as u32,
-                    &payload,
-                )
-                .map_err(|e| self.fail(e))?;
-            written.push(LeafPtr {
-                leaf,
-                off: w.off,
-                len: w.len,
-                crc: w.crc,
-            });
+        let mut written = Vec::with_capacity(dirty.len());
+        // Compressed without the log lock, then appended with one write per
+        // chunk (bounded staging memory).
+        for chunk in dirty.chunks(LEAVES_PER_APPEND) {
+            let encoded: Vec<(u64, u32, u8, Vec<u8>)> = chunk
+                .iter()
+                .map(|(leaf, entries)| {
+                    let raw = encode_leaf(entries);
+                    let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
+                    (*leaf, raw.len() as u32, stored, payload.into_owned())
+                })
+                .collect();
+            let records: Vec<NewRecord<'_>> = encoded
+                .iter()
+                .map(|(leaf, raw_len, stored, payload)| NewRecord {
+                    kind: RecordKind::Leaf,
+                    key: *leaf,
+                    codec: *stored,
+                    raw_len: *raw_len,
+                    payload,
+                    payload_crc: None,
+                    flags: 0,
+                })
+                .collect();
+            let appended = self.log.lock().append_twice(store, &records);
+            let ptrs = appended.map_err(|e| self.fail(e))?;
+            written.extend(
+                ptrs.into_iter()
+                    .zip(&encoded)
+                    .map(|(w, (leaf, ..))| LeafPtr {
+                        leaf: *leaf,
+                        off: w.off,
+                        len: w.len,
+                        crc: w.crc,
+                    }),
+            );
         }
         let ptrs: Vec<LeafPtr> = {
             let mut map = self.map.write();
@@ -108,7 +127,7 @@ impl Inner {
         let index = {
             let mut log = self.log.lock();
             let w = log
-                .append_twice(
+                .append_one_twice(
                     store,
                     RecordKind::Index,
                     ptrs.len() as u64,

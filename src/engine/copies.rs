@@ -273,7 +273,7 @@ impl Inner {
             let w = self
                 .log
                 .lock()
-                .append_twice(
+                .append_one_twice(
                     self.store.as_ref(),
                     RecordKind::Config,
                     0,

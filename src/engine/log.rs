@@ -157,11 +157,40 @@ impl LogTail {
         Ok(written[0])
     }
 
-    /// Appends a metadata record twice (format.md §4, "Second copies"): the
-    /// record with [`RECORD_FLAG_HAS_COPY`], then its copy as the next append,
-    /// at the next log unit, with the next lsn and [`RECORD_FLAG_COPY`]. Returns where the first is (the
-    /// place of the second follows from it: [`super::copies::second_off`]).
+    /// Appends metadata records, each twice (format.md §4, "Second copies"):
+    /// each record with [`RECORD_FLAG_HAS_COPY`] from a log unit boundary,
+    /// then its copy with [`RECORD_FLAG_COPY`] and the next lsn from the next
+    /// boundary after it ends; all with one write. Returns where each first
+    /// copy is (its second's place follows: [`super::copies::second_off`]).
     pub fn append_twice(
+        &mut self,
+        store: &dyn Store,
+        records: &[NewRecord<'_>],
+    ) -> Result<Vec<Written>> {
+        let mut both = Vec::with_capacity(records.len() * 2);
+        for r in records {
+            let first = NewRecord {
+                payload_crc: Some(r.payload_crc.unwrap_or_else(|| crc32c::crc32c(r.payload))),
+                flags: RECORD_FLAG_HAS_COPY,
+                ..*r
+            };
+            both.push(first);
+            both.push(NewRecord {
+                flags: RECORD_FLAG_COPY,
+                ..first
+            });
+        }
+        let room = self.layout(store, &both, true)?;
+        let written = room.write(store, &both, &mut self.staging, STAGING_KEEP)?;
+        let firsts: Vec<Written> = written.iter().step_by(2).copied().collect();
+        debug_assert!(written
+            .chunks(2)
+            .all(|w| w[1].off == super::copies::second_off(w[0].off, w[0].len)));
+        Ok(firsts)
+    }
+
+    /// [`LogTail::append_twice`] of one record.
+    pub fn append_one_twice(
         &mut self,
         store: &dyn Store,
         kind: RecordKind,
@@ -170,20 +199,16 @@ impl LogTail {
         raw_len: u32,
         payload: &[u8],
     ) -> Result<Written> {
-        let mut record = NewRecord {
+        let record = NewRecord {
             kind,
             key,
             codec,
             raw_len,
             payload,
-            payload_crc: Some(crc32c::crc32c(payload)),
-            flags: RECORD_FLAG_HAS_COPY,
+            payload_crc: None,
+            flags: 0,
         };
-        let first = self.append_all(store, &[record])?[0];
-        record.flags = RECORD_FLAG_COPY;
-        let second = self.append_all(store, &[record])?[0];
-        debug_assert_eq!(second.off, super::copies::second_off(first.off, first.len));
-        Ok(first)
+        Ok(self.append_twice(store, &[record])?[0])
     }
 
     /// Appends `records` back to back from the next unit boundary with one
@@ -195,7 +220,7 @@ impl LogTail {
         store: &dyn Store,
         records: &[NewRecord<'_>],
     ) -> Result<Vec<Written>> {
-        let room = self.layout(store, records)?;
+        let room = self.layout(store, records, false)?;
         room.write(store, records, &mut self.staging, STAGING_KEEP)
     }
 
@@ -203,7 +228,7 @@ impl LogTail {
     /// writes it without the log lock ([`Room::write`]), then publishes it
     /// with [`LogTail::published`] in ticket order.
     pub fn reserve(&mut self, store: &dyn Store, records: &[NewRecord<'_>]) -> Result<Room> {
-        let mut room = self.layout(store, records)?;
+        let mut room = self.layout(store, records, false)?;
         room.ticket = self.next_ticket;
         self.next_ticket += 1;
         self.in_flight.push_back((room.start, room.lsn));
@@ -240,8 +265,14 @@ impl LogTail {
     }
 
     /// Assigns `records` their offsets and lsns from the next unit boundary
-    /// and moves the tail past them (to the next boundary after).
-    fn layout(&mut self, store: &dyn Store, records: &[NewRecord<'_>]) -> Result<Room> {
+    /// (back to back, or each at a boundary of its own if `each_unit`) and
+    /// moves the tail past them (to the next boundary after).
+    fn layout(
+        &mut self,
+        store: &dyn Store,
+        records: &[NewRecord<'_>],
+        each_unit: bool,
+    ) -> Result<Room> {
         let overhead = if store.sealer().is_some() {
             SEAL_OVERHEAD
         } else {
@@ -255,6 +286,9 @@ impl LogTail {
                 .ok()
                 .and_then(|n| n.checked_add(overhead))
                 .ok_or_else(|| Error::invalid("record too large"))?;
+            if each_unit {
+                off = align_up(off, LOG_UNIT);
+            }
             offs.push((off, payload_len));
             off += align_up(
                 RECORD_HEADER_LEN as u64 + u64::from(payload_len),

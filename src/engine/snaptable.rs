@@ -200,7 +200,7 @@ impl Inner {
         let table = edit(&mut self.snaps.state.lock(), committed)?;
         let raw = table.encode();
         let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
-        let appended = self.log.lock().append_twice(
+        let appended = self.log.lock().append_one_twice(
             self.store.as_ref(),
             RecordKind::SnapTable,
             table.entries.len() as u64,
