@@ -205,6 +205,18 @@ fn every_map_record(encrypted: bool) {
         damage(&mut second_only, p.second);
         let (outcome, _) = read_back(second_only, want, encrypted, false);
         assert_eq!(outcome, Outcome::Right, "{what}, second copy damaged");
+        // Header fields too: the lsn, the epoch, the flags (a first copy
+        // that says it is a second one).
+        for field in [16, 24, 6] {
+            let mut header = bytes.clone();
+            header[p.first as usize + field] ^= 0x01;
+            let (outcome, _) = read_back(header, want, encrypted, false);
+            assert_eq!(
+                outcome,
+                Outcome::Right,
+                "{what}, header byte {field} of the first"
+            );
+        }
         // Both damaged: what the record held is gone; an error, never wrong
         // data. Which error tells who held the record.
         let mut both = one.clone();
@@ -587,4 +599,25 @@ fn a_checkpoint_of_many_leaves_gives_each_its_copy() {
         assert!(buf == block(leaf), "leaf {leaf}");
     }
     assert_eq!(img.check().unwrap().damaged_copies.len(), pairs.len());
+}
+
+#[test]
+fn one_flipped_bit_anywhere_in_a_map_record_costs_nothing() {
+    for encrypted in [false, true] {
+        let (bytes, head, snap) = image(encrypted);
+        let mut flips = 0;
+        for p in pairs(&bytes) {
+            let h = RecordHeader::decode(&bytes[p.first as usize..], p.first).unwrap();
+            for copy in [p.first, p.second] {
+                for at in copy..copy + h.total_len() {
+                    let mut bad = bytes.clone();
+                    bad[at as usize] ^= 1 << (at % 8);
+                    let (outcome, _) = read_back(bad, (&head, &snap), encrypted, false);
+                    assert_eq!(outcome, Outcome::Right, "byte {at} (encrypted {encrypted})");
+                    flips += 1;
+                }
+            }
+        }
+        assert!(flips > 1000, "{flips}");
+    }
 }

@@ -1,8 +1,8 @@
 //! Second copies of metadata records (`docs/format.md` §4, "Second copies").
 //!
 //! Every LEAF, INDEX, SNAP_TABLE and CONFIG record is appended twice: the
-//! record, flagged [`RECORD_FLAG_HAS_COPY`], then the same record again as
-//! the next append, at the next log unit after the first one ends, with the
+//! record, flagged [`RECORD_FLAG_HAS_COPY`], then the same record again from
+//! the next log unit after the first one ends (zeros between), with the
 //! next lsn and [`RECORD_FLAG_COPY`]. Nothing points at the second copy:
 //! its place follows from the pointer to the first. One damaged byte in a
 //! map record used to make the whole image unreadable; now a reader that
@@ -95,9 +95,10 @@ pub(crate) fn read_first(store: &dyn Store, r: &MetaRef) -> Result<(RecordHeader
 /// flagged as a copy, of the same kind, key and length, and holding the same
 /// bytes — for a plain image, the first copy's header rebuilt from it (lsn
 /// one less, its own offset, its `synced` claim) must give the pointer's
-/// crc; an encrypted image's copy is authenticated with its offset, lsn and
-/// epoch, and if the first copy's header still decodes, it must be the
-/// record just before.
+/// crc. An encrypted image's copy is authenticated with its offset and flags
+/// (and its key is inside the sealed payload): written by the image's key at
+/// that place, it can only be the copy of the record the pointer names (the
+/// first copy's own header is not consulted: it may be the damaged part).
 pub(crate) fn read_second(store: &dyn Store, r: &MetaRef) -> Result<(RecordHeader, Vec<u8>)> {
     let at = second_off(r.ptr.off, r.ptr.len);
     let (h, payload) = read_record(store, at, r.ptr.len)?;
@@ -110,11 +111,8 @@ pub(crate) fn read_second(store: &dyn Store, r: &MetaRef) -> Result<(RecordHeade
     if h.flags & RECORD_FLAG_COPY == 0 || !r.matches(&h) {
         return Err(bad());
     }
-    let bound = match store.sealer() {
-        None => first_crcs(&h, r.ptr.off, &payload).contains(&Some(r.ptr.crc)),
-        Some(_) => header_at(store, r.ptr.off)
-            .is_none_or(|first| first.epoch == h.epoch && first.lsn.checked_add(1) == Some(h.lsn)),
-    };
+    let bound =
+        store.sealer().is_some() || first_crcs(&h, r.ptr.off, &payload).contains(&Some(r.ptr.crc));
     if !bound {
         return Err(bad());
     }
