@@ -35,7 +35,7 @@
 //! | `dirty-bytes` | written but not yet durable |
 //! | `generation` | checkpoint generation |
 //! | `snapshots` | the snapshot names, oldest first, separated by spaces; `none` without any |
-//! | `log-damage` | damaged log records the open stepped over (their blocks read as errors; `check` names them), `none` normally |
+//! | `log-damage` | damaged log records the open stepped over (their blocks read as errors; `check` names them) and map records it read from their second copy (written anew), `none` normally |
 //! | `last-error` | the last failed command or I/O error, `none` if nothing failed |
 //! | `stats-seconds` | the time the request statistics below cover: since the mount or the last `reset-stats` |
 //! | `read`, `write`, `flush`, `discard` | requests on `disk` of each kind (`fsync`/`fdatasync` are flushes; `fallocate` PUNCH_HOLE and ZERO_RANGE discards): `requests=N bytes=N errors=N` (no bytes for flushes; bytes of failed requests are not counted) |
