@@ -355,7 +355,7 @@ fn check(bytes: Vec<u8>, rw: bool) -> (vbdfs::CheckReport, Vec<u8>) {
 }
 
 #[test]
-fn check_reports_damaged_copies_and_repair_writes_the_heads_anew() {
+fn check_reports_damaged_copies_and_repair_writes_them_anew() {
     let (bytes, head, snap) = image(false);
     let pairs = pairs(&bytes);
     // Leaves are written in order, the snapshot's first: the last leaf is
@@ -379,20 +379,67 @@ fn check_reports_damaged_copies_and_repair_writes_the_heads_anew() {
     assert!(report.damaged_copies[1].starts_with("snapshot 's1': map leaf 0 at"));
     assert!(report.damaged_copies[1].ends_with("the second serves)"));
     assert!(report.repaired.is_empty() && report.single_copy_records == 0);
-    // A read-write check writes the head's leaf anew; the snapshot's stays.
+    // A read-write check writes the head's leaf anew, and the snapshot's
+    // leaf and index (its entry names the new index).
     let (report, repaired) = check(bad, true);
-    assert_eq!(report.repaired.len(), 1, "{report:?}");
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.repaired.len(), 2, "{report:?}");
     assert!(
         report.repaired[0].starts_with("map leaf 1 at"),
         "{report:?}"
     );
-    assert_eq!(report.damaged_copies.len(), 1, "{report:?}");
-    assert!(report.damaged_copies[0].starts_with("snapshot 's1'"));
-    let (report, after) = check(repaired, false);
-    assert_eq!(report.damaged_copies.len(), 1, "{report:?}");
-    assert!(report.repaired.is_empty());
+    assert!(report.repaired[1].starts_with("snapshot 's1': 1 map record"));
+    let (report, mut after) = check(repaired, false);
+    assert!(report.is_ok() && report.repaired.is_empty(), "{report:?}");
+    // The old records are no longer needed: their other copies can go too.
+    damage(&mut after, head_leaf.first);
+    damage(&mut after, snapshot_leaf.second);
     let (outcome, _) = read_back(after, (&head, &snap), false, false);
     assert_eq!(outcome, Outcome::Right);
+}
+
+#[test]
+fn a_snapshot_a_clone_is_based_on_keeps_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, clone) = (dir.path().join("base.vbd"), dir.path().join("clone.vbd"));
+    let create = CreateOptions {
+        size: SIZE,
+        block_size: BS,
+        codec: Codec::Zstd(1),
+    };
+    let img = Image::create(&base, &create, &opts(false)).unwrap();
+    img.write_at(&block(1), 3 * BS).unwrap();
+    img.snapshot_create("s1").unwrap();
+    img.write_at(&block(2), 3 * BS).unwrap();
+    img.close().unwrap();
+    let img = Image::create_clone(
+        &clone,
+        &base,
+        Some("s1"),
+        &CloneOptions::default(),
+        &opts(false),
+    )
+    .unwrap();
+    img.close().unwrap();
+    // The first leaf record of the base is s1's.
+    let mut bytes = std::fs::read(&base).unwrap();
+    let leaf = pairs(&bytes)
+        .into_iter()
+        .find(|p| p.kind == RecordKind::Leaf)
+        .unwrap();
+    damage(&mut bytes, leaf.first);
+    std::fs::write(&base, &bytes).unwrap();
+    let img = Image::open(&base, &opts(false)).unwrap();
+    let report = img.check().unwrap();
+    img.close().unwrap();
+    assert!(report.repaired.is_empty(), "{report:?}");
+    assert_eq!(report.damaged_copies.len(), 1, "{report:?}");
+    assert!(report.damaged_copies[0].starts_with("snapshot 's1': map leaf 0"));
+    // The clone still opens on the index it was made from, and reads right.
+    let img = Image::open(&clone, &opts(true)).unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    img.read_at(&mut buf, 3 * BS).unwrap();
+    assert!(buf == block(1));
 }
 
 /// The bytes of the fixture images (tests/fixtures, written by vbdfs at
@@ -484,6 +531,26 @@ fn images_from_before_copies_read_and_compact_gives_the_head_copies() {
     damage(&mut damaged, config.first);
     std::fs::write(&clone, &damaged).unwrap();
     reads_right(&head, &cloned);
+    // The clone deleted and its hold released (a clone checks the index it
+    // was made from), compaction gives s1's records copies too.
+    std::fs::remove_file(&clone).unwrap();
+    let img = Image::open(&base, &opts(false)).unwrap();
+    img.snapshot_release("s1").unwrap();
+    img.compact().unwrap();
+    let report = img.check().unwrap();
+    img.close().unwrap();
+    assert!(
+        report.is_ok() && report.single_copy_records == 0,
+        "{report:?}"
+    );
+    let img = Image::open(&base, &opts(true)).unwrap();
+    let mut buf = vec![0u8; 2 << 20];
+    img.open_snapshot("s1")
+        .unwrap()
+        .read_at(&mut buf, 0)
+        .unwrap();
+    assert!(buf == snap, "the base's snapshot reads wrong data");
+    drop(img);
 }
 
 #[test]
@@ -619,5 +686,62 @@ fn one_flipped_bit_anywhere_in_a_map_record_costs_nothing() {
             }
         }
         assert!(flips > 1000, "{flips}");
+    }
+}
+
+#[test]
+fn a_leaf_record_snapshots_share_is_written_anew_once() {
+    let store = Arc::new(MemStore::new());
+    let create = CreateOptions {
+        size: SIZE,
+        block_size: BS,
+        codec: Codec::Zstd(1),
+    };
+    let img = Image::create_on(store.clone(), &create, &opts(false)).unwrap();
+    img.write_at(&block(1), 1030 * BS).unwrap();
+    img.write_at(&block(2), 0).unwrap();
+    img.snapshot_create("s1").unwrap();
+    // Leaf 0 changes between the snapshots, leaf 1 does not: s1, s2 and
+    // the head share one record of leaf 1.
+    img.write_at(&block(3), 0).unwrap();
+    img.snapshot_create("s2").unwrap();
+    img.write_at(&block(4), 0).unwrap();
+    img.close().unwrap();
+    let bytes = store.to_bytes();
+    let leaf1 = |bytes: &[u8]| -> Vec<Pair> {
+        pairs(bytes)
+            .into_iter()
+            .filter(|p| {
+                p.kind == RecordKind::Leaf
+                    && RecordHeader::decode(&bytes[p.first as usize..], p.first)
+                        .unwrap()
+                        .key
+                        == 1
+            })
+            .collect()
+    };
+    let before = leaf1(&bytes);
+    assert_eq!(before.len(), 1, "{before:?}");
+    let mut bad = bytes.clone();
+    damage(&mut bad, before[0].first);
+    let (report, repaired) = check(bad, true);
+    assert!(report.is_ok(), "{report:?}");
+    let names: Vec<&str> = report.repaired.iter().map(|r| &r[..13]).collect();
+    // (The head's leaf was written anew by the read-write open itself.)
+    assert_eq!(names, ["snapshot 's1'", "snapshot 's2'"], "{report:?}");
+    // The old record (left to compaction), the head's, and one record the
+    // two snapshots share.
+    let after = leaf1(&repaired);
+    assert_eq!(after.len(), 3, "{after:?}");
+    let mut gone = repaired;
+    damage(&mut gone, before[0].second);
+    let img = Image::open_on(Arc::new(MemStore::from_bytes(gone)), &opts(true)).unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    for name in ["s1", "s2"] {
+        img.open_snapshot(name)
+            .unwrap()
+            .read_at(&mut buf, 1030 * BS)
+            .unwrap();
+        assert!(buf == block(1), "{name}");
     }
 }

@@ -287,8 +287,8 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
     }
     if !report.damaged_copies.is_empty() {
         println!(
-            "note: nothing is lost while one copy serves; `vbdfs check --repair` writes the \
-             head's records anew (a snapshot's are never rewritten: export it or delete it)"
+            "note: nothing is lost while one copy serves; `vbdfs check --repair` writes them \
+             anew (not those of a snapshot a clone is based on: export it while one copy serves)"
         );
     }
     if report.single_copy_records > 0 {

@@ -2,16 +2,22 @@
 //! "Second copies"): the head's (index, leaves, snapshot table, backing
 //! reference) and every snapshot's (index, leaves). A damaged copy loses
 //! nothing while the other serves, but it is damage to the file: it is
-//! reported, and a read-write check (`vbdfs check --repair`) writes the
-//! head's records anew. A snapshot's records are never rewritten (clones and
-//! open snapshot files hold their offsets).
+//! reported, and a read-write check (`vbdfs check --repair`, offline) writes
+//! them anew: the head's, and a snapshot's as a new index (and new copies
+//! of its damaged leaves) that its table entry names from then on — unless
+//! a clone is based on the snapshot (the clone checks the index it was made
+//! from: those records stay, reported).
 
+use super::checkpoint::Committed;
 use super::copies::{announces_copy, read_first, read_second, MetaRef, Rewrite};
-use super::open::read_index;
+use super::log::NewRecord;
+use super::open::{leaf_ref, read_index, read_leaf};
+use super::snaptable::{not_found, SnapState};
 use super::{CheckReport, Inner};
-use crate::error::Result;
-use crate::format::{RecPtr, RecordKind};
-use std::collections::HashSet;
+use crate::codec;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{encode_index, encode_leaf, Codec, LeafPtr, RecPtr, RecordKind, SnapEntry};
+use std::collections::{HashMap, HashSet};
 
 /// Which record of the head a map record is (what a repair writes anew).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +162,15 @@ impl Inner {
             report.repaired.extend(repaired);
             (found, single) = self.damaged_copies(self.map_records()?);
         }
+        if !self.read_only && !found.is_empty() {
+            for (name, n) in self.rewrite_snapshot_maps(false)? {
+                report.repaired.push(format!(
+                    "snapshot '{name}': {n} map record(s) with a damaged copy; its index and \
+                     those leaves written anew"
+                ));
+            }
+            (found, single) = self.damaged_copies(self.map_records()?);
+        }
         report.damaged_copies.extend(
             found
                 .iter()
@@ -163,5 +178,148 @@ impl Inner {
         );
         report.single_copy_records = single;
         Ok(())
+    }
+
+    /// Gives the snapshots no clone is based on second copies of their map
+    /// records where they have none (written before copies existed):
+    /// compaction's part for snapshots.
+    pub(super) fn copy_snapshot_maps(&self) -> Result<()> {
+        self.rewrite_snapshot_maps(true).map(|_| ())
+    }
+
+    /// [`Inner::rewrite_snapshot_map`] for every snapshot no clone is based
+    /// on; a leaf record several snapshots share is written anew once, and
+    /// shared again. Returns each snapshot written anew and how many of its
+    /// records needed it.
+    fn rewrite_snapshot_maps(&self, single_too: bool) -> Result<Vec<(String, usize)>> {
+        let mut rewritten = HashMap::new();
+        let mut out = Vec::new();
+        for snap in self.snapshot_entries().iter().filter(|s| s.holds == 0) {
+            match self.rewrite_snapshot_map(snap, single_too, &mut rewritten) {
+                Ok(Some(n)) => out.push((snap.name.clone(), n)),
+                Ok(None) => {}
+                // A clone made or the snapshot deleted meanwhile (a mount's
+                // compaction): left as it is.
+                Err(e) if matches!(e.kind(), ErrorKind::Busy | ErrorKind::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes anew the map records of snapshot `snap` that have a damaged
+    /// copy (and, if `single_too`, those without a second copy): those
+    /// leaves, and a new index listing them, which the snapshot's entry
+    /// names from then on (committed with the table; the old records are
+    /// left to compaction). `None` if there was nothing to write.
+    fn rewrite_snapshot_map(
+        &self,
+        snap: &SnapEntry,
+        single_too: bool,
+        rewritten: &mut HashMap<u64, LeafPtr>,
+    ) -> Result<Option<usize>> {
+        let store = self.store.as_ref();
+        let file_len = self.file_len()?;
+        // A map that cannot be read at all is the snapshot check's finding.
+        let Ok(mut leaves) = read_index(store, snap.index, file_len, self.nblocks) else {
+            return Ok(None);
+        };
+        let index = MetaRef {
+            ptr: snap.index,
+            kind: RecordKind::Index,
+            key: None,
+        };
+        let needed = |r: &MetaRef| {
+            problem(store, r).is_some()
+                || single_too && read_first(store, r).is_ok() && !announces_copy(store, r)
+        };
+        let mut count = usize::from(needed(&index));
+        let mut damaged = Vec::new();
+        for (i, leaf) in leaves.iter_mut().enumerate() {
+            if let Some(done) = rewritten.get(&leaf.off) {
+                *leaf = *done;
+                count += 1;
+            } else if needed(&leaf_ref(leaf)) {
+                damaged.push(i);
+                count += 1;
+            }
+        }
+        if count == 0 {
+            return Ok(None);
+        }
+        let mut encoded = Vec::with_capacity(damaged.len());
+        for &i in &damaged {
+            let leaf = read_leaf(store, &leaves[i], self.block_shift, file_len, self.nblocks);
+            let Ok(entries) = leaf else {
+                return Ok(None);
+            };
+            let raw = encode_leaf(&entries);
+            let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
+            encoded.push((i, raw.len() as u32, stored, payload.into_owned()));
+        }
+        let records: Vec<NewRecord<'_>> = encoded
+            .iter()
+            .map(|(i, raw_len, stored, payload)| NewRecord {
+                kind: RecordKind::Leaf,
+                key: leaves[*i].leaf,
+                codec: *stored,
+                raw_len: *raw_len,
+                payload,
+                payload_crc: None,
+                flags: 0,
+            })
+            .collect();
+        if !records.is_empty() {
+            let written = self.log.lock().append_twice(store, &records);
+            for ((i, ..), w) in encoded.iter().zip(written.map_err(|e| self.fail(e))?) {
+                let new = LeafPtr {
+                    leaf: leaves[*i].leaf,
+                    off: w.off,
+                    len: w.len,
+                    crc: w.crc,
+                };
+                rewritten.insert(leaves[*i].off, new);
+                leaves[*i] = new;
+            }
+        }
+        let raw = encode_index(&leaves);
+        let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
+        let key = leaves.len() as u64;
+        let appended = self.log.lock().append_one_twice(
+            store,
+            RecordKind::Index,
+            key,
+            stored,
+            raw.len() as u32,
+            &payload,
+        );
+        let w = appended.map_err(|e| self.fail(e))?;
+        let new_index = RecPtr {
+            off: w.off,
+            len: w.len,
+            crc: w.crc,
+        };
+        // The commit's sync makes the records durable before the table that
+        // names them.
+        self.commit(
+            false,
+            Some(&mut |st: &mut SnapState, _: &Committed| {
+                let mut table = st.table.clone();
+                let entry = table
+                    .entries
+                    .iter_mut()
+                    .find(|e| e.id == snap.id)
+                    .ok_or_else(|| not_found(&snap.name))?;
+                if entry.holds > 0 || entry.index != snap.index {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!("snapshot '{}' changed while it was repaired", snap.name),
+                    ));
+                }
+                entry.index = new_index;
+                Ok(table)
+            }),
+        )?;
+        Ok(Some(count))
     }
 }

@@ -367,6 +367,7 @@ impl Inner {
             return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
         }
         self.checkpoint_rewriting(self.missing_copies())?;
+        self.copy_snapshot_maps()?;
         // Held while judging and punching: no checkpoint or snapshot change
         // can move the committed state underneath.
         let _one = self.checkpoint_lock.lock();
