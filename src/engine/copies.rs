@@ -175,12 +175,6 @@ pub(crate) fn second_end(store: &dyn Store, off: u64, len: u32) -> Option<u64> {
     .then(|| at + u64::from(len))
 }
 
-/// True if the record `r` names was written with a second copy (its first
-/// copy reads and says so); false for a record from before copies existed.
-pub(crate) fn announces_copy(store: &dyn Store, r: &MetaRef) -> bool {
-    read_first(store, r).is_ok_and(|(h, _)| h.flags & RECORD_FLAG_HAS_COPY != 0)
-}
-
 /// Records named by the superblock whose first copy was found damaged when
 /// the image was opened: the recovery checkpoint of a read-write open writes
 /// them anew ([`Inner::recovery_checkpoint`]).

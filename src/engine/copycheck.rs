@@ -9,13 +9,14 @@
 //! from: those records stay, reported).
 
 use super::checkpoint::Committed;
-use super::copies::{announces_copy, read_first, read_second, MetaRef, Rewrite};
+use super::copies::{read_first, read_second, MetaRef, Rewrite};
 use super::log::NewRecord;
 use super::open::{leaf_ref, read_index, read_leaf};
 use super::snaptable::{not_found, SnapState};
 use super::{CheckReport, Inner};
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::RECORD_FLAG_HAS_COPY;
 use crate::format::{encode_index, encode_leaf, Codec, LeafPtr, RecPtr, RecordKind, SnapEntry};
 use std::collections::{HashMap, HashSet};
 
@@ -35,17 +36,39 @@ struct Named {
     head: Option<HeadRecord>,
 }
 
-/// What is wrong with a record's copies, if anything; `None` also for a
-/// record that never had a second copy (written by an older vbdfs).
-fn problem(store: &dyn crate::io::Store, r: &MetaRef) -> Option<&'static str> {
-    let first = read_first(store, r).is_ok();
-    let second = read_second(store, r).is_ok();
-    match (first, second) {
-        (false, true) => Some("its first copy is damaged (the second serves)"),
-        (true, false) if announces_copy(store, r) => Some("its second copy is damaged or missing"),
-        // Both bad: the map could not be read, which the open or the
-        // snapshot check reports.
-        _ => None,
+/// The state of a map record's two copies (two reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copies {
+    Both,
+    /// Written before copies existed: the first copy, without `HAS_COPY`.
+    Single,
+    FirstDamaged,
+    SecondDamaged,
+    /// Neither reads: the map cannot be read, which the open or the
+    /// snapshot check reports.
+    Neither,
+}
+
+impl Copies {
+    fn of(store: &dyn crate::io::Store, r: &MetaRef) -> Copies {
+        let first = read_first(store, r);
+        let second = read_second(store, r).is_ok();
+        match (first, second) {
+            (Ok(_), true) => Copies::Both,
+            (Err(_), true) => Copies::FirstDamaged,
+            (Ok((h, _)), false) if h.flags & RECORD_FLAG_HAS_COPY != 0 => Copies::SecondDamaged,
+            (Ok(_), false) => Copies::Single,
+            (Err(_), false) => Copies::Neither,
+        }
+    }
+
+    /// What is wrong, for the report.
+    fn problem(self) -> Option<&'static str> {
+        match self {
+            Copies::FirstDamaged => Some("its first copy is damaged (the second serves)"),
+            Copies::SecondDamaged => Some("its second copy is damaged or missing"),
+            Copies::Both | Copies::Single | Copies::Neither => None,
+        }
     }
 }
 
@@ -124,11 +147,10 @@ impl Inner {
         let mut single = 0;
         let mut found = Vec::new();
         for n in records {
-            match problem(store, &n.r) {
+            let copies = Copies::of(store, &n.r);
+            match copies.problem() {
                 Some(p) => found.push((n, p)),
-                None if read_first(store, &n.r).is_ok() && !announces_copy(store, &n.r) => {
-                    single += 1
-                }
+                None if copies == Copies::Single => single += 1,
                 None => {}
             }
         }
@@ -230,8 +252,8 @@ impl Inner {
             key: None,
         };
         let needed = |r: &MetaRef| {
-            problem(store, r).is_some()
-                || single_too && read_first(store, r).is_ok() && !announces_copy(store, r)
+            let copies = Copies::of(store, r);
+            copies.problem().is_some() || single_too && copies == Copies::Single
         };
         let mut count = usize::from(needed(&index));
         let mut damaged = Vec::new();
