@@ -745,3 +745,30 @@ fn a_leaf_record_snapshots_share_is_written_anew_once() {
         assert!(buf == block(1), "{name}");
     }
 }
+
+#[test]
+fn a_rollback_does_not_leave_the_head_on_a_damaged_copy() {
+    let (bytes, _, snap) = image(false);
+    // Leaves are written in order, the snapshot's first.
+    let leaf = pairs(&bytes)
+        .into_iter()
+        .find(|p| p.kind == RecordKind::Leaf)
+        .unwrap();
+    let mut bad = bytes;
+    damage(&mut bad, leaf.first);
+    let store = Arc::new(MemStore::from_bytes(bad));
+    let mut img = Image::open_on(store.clone(), &opts(false)).unwrap();
+    img.snapshot_rollback("s1").unwrap();
+    img.close().unwrap();
+    let mut after = store.to_bytes();
+    damage(&mut after, leaf.second);
+    // The head (now s1's content) has its own records; s1 lost its leaf.
+    let img = Image::open_on(Arc::new(MemStore::from_bytes(after)), &opts(true)).unwrap();
+    let mut buf = vec![0u8; SIZE as usize];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf == snap, "the head reads wrong data");
+    let Err(e) = img.open_snapshot("s1") else {
+        panic!("both copies of s1's leaf are damaged, yet it opened");
+    };
+    assert!(e.to_string().contains("its second copy at"), "{e}");
+}

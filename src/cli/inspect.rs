@@ -294,7 +294,7 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
     if report.single_copy_records > 0 {
         println!(
             "note: {} map record(s) have no second copy (written by an older vbdfs); \
-             `vbdfs compact` writes the head's anew",
+             `vbdfs compact` writes them anew (not those of a snapshot a clone is based on)",
             report.single_copy_records
         );
     }

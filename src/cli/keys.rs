@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use crate::crypto::KeyMaterial;
 use crate::format::{Superblock, SB_SLOTS, SB_SLOT_SIZE};
-use crate::{CreateOptions, Error, Image, OpenOptions, Result};
+use crate::{CreateOptions, Error, ErrorKind, Image, OpenOptions, Result};
 
 static KEY: Mutex<Option<KeyMaterial>> = Mutex::new(None);
 
@@ -36,8 +36,33 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
             path.display()
         )));
     }
-    Image::open_with_key(path, opts, get().as_ref())
+    let key = get();
+    let mut tries = 0;
+    loop {
+        match Image::open_with_key(path, opts, key.as_ref()) {
+            // A mounted image read from outside: its daemon may give back
+            // the space of records (compaction, reclaim) that the durable
+            // state this open started from still replays. A newer state
+            // starts past them.
+            Err(e)
+                if e.kind() == ErrorKind::Corrupt && opts.read_only && tries < MOUNTED_RETRIES =>
+            {
+                let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+                if super::mountinfo::mount_points_of(&canon).is_empty() {
+                    return Err(e);
+                }
+                ::log::info!("{}: {e}; reading its newer state", path.display());
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            result => return result,
+        }
+    }
 }
+
+/// Opens of a mounted image from outside that are tried again after a
+/// Corrupt error (see [`open`]).
+const MOUNTED_RETRIES: u32 = 5;
 
 /// Creates an image, encrypted under the command's key if one was given.
 pub fn create(path: &Path, create: &CreateOptions, opts: &OpenOptions) -> Result<Image> {

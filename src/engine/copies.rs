@@ -75,7 +75,17 @@ pub(crate) fn read_meta_record(
             );
             Ok((h, payload, Copy::Second))
         }
-        Err(_) => Err(first_err),
+        Err(second_err) => {
+            // Name the second copy's damage too when there is one.
+            let at = second_off(r.ptr.off, r.ptr.len);
+            match header_at(store, at) {
+                Some(h) if h.flags & RECORD_FLAG_COPY != 0 => Err(Error::new(
+                    first_err.kind(),
+                    format!("{first_err}; its second copy at {at}: {second_err}"),
+                )),
+                _ => Err(first_err),
+            }
+        }
     }
 }
 

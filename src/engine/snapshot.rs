@@ -304,13 +304,18 @@ impl Image {
             .store
             .len()
             .map_err(|e| Error::io("size of image", e))?;
-        let map = super::open::load_map(
+        let mut map = super::open::load_map(
             inner.store.as_ref(),
             entry.index,
             inner.block_shift,
             file_len,
             inner.nblocks,
         )?;
+        // The head's leaves read from a second copy are written anew by the
+        // checkpoint below (the snapshot keeps its own records).
+        for leaf in std::mem::take(&mut map.from_second_copy) {
+            map.rewrite_leaf(leaf);
+        }
         {
             let _one = inner.checkpoint_lock.lock();
             let _log = inner.log.lock();
