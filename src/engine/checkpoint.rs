@@ -21,7 +21,8 @@ use super::Inner;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::format::{
-    encode_index, encode_leaf, Codec, LeafPtr, RecPtr, RecordKind, SB_FLAG_DIRTY, SB_SLOT_SIZE,
+    encode_index, encode_leaf, Codec, LeafPtr, MapEntry, RecPtr, RecordKind, SB_FLAG_DIRTY,
+    SB_SLOT_SIZE,
 };
 
 /// Dirty leaves appended (with their second copies) by one write: at most
@@ -70,43 +71,8 @@ impl Inner {
         };
         let store = self.store.as_ref();
         let mut dead = freed;
-        let mut written = Vec::with_capacity(dirty.len());
-        // Compressed without the log lock, then appended with one write per
-        // chunk (bounded staging memory).
-        for chunk in dirty.chunks(LEAVES_PER_APPEND) {
-            let encoded: Vec<(u64, u32, u8, Vec<u8>)> = chunk
-                .iter()
-                .map(|(leaf, entries)| {
-                    let raw = encode_leaf(entries);
-                    let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
-                    (*leaf, raw.len() as u32, stored, payload.into_owned())
-                })
-                .collect();
-            let records: Vec<NewRecord<'_>> = encoded
-                .iter()
-                .map(|(leaf, raw_len, stored, payload)| NewRecord {
-                    kind: RecordKind::Leaf,
-                    key: *leaf,
-                    codec: *stored,
-                    raw_len: *raw_len,
-                    payload,
-                    payload_crc: None,
-                    flags: 0,
-                })
-                .collect();
-            let appended = self.log.lock().append_twice(store, &records);
-            let ptrs = appended.map_err(|e| self.fail(e))?;
-            written.extend(
-                ptrs.into_iter()
-                    .zip(&encoded)
-                    .map(|(w, (leaf, ..))| LeafPtr {
-                        leaf: *leaf,
-                        off: w.off,
-                        len: w.len,
-                        crc: w.crc,
-                    }),
-            );
-        }
+        let leaves: Vec<(u64, &[MapEntry])> = dirty.iter().map(|(l, e)| (*l, &e[..])).collect();
+        let written = self.append_leaves(&leaves)?;
         let ptrs: Vec<LeafPtr> = {
             let mut map = self.map.write();
             for p in written {
@@ -202,6 +168,45 @@ impl Inner {
             );
         }
         Ok(())
+    }
+
+    /// Writes `leaves` (leaf number, entries) as LEAF records with their
+    /// second copies, [`LEAVES_PER_APPEND`] to a write (compressed without
+    /// the log lock); returns where they are.
+    pub(super) fn append_leaves(&self, leaves: &[(u64, &[MapEntry])]) -> Result<Vec<LeafPtr>> {
+        let mut out = Vec::with_capacity(leaves.len());
+        for chunk in leaves.chunks(LEAVES_PER_APPEND) {
+            let encoded: Vec<(u32, u8, Vec<u8>)> = chunk
+                .iter()
+                .map(|(_, entries)| {
+                    let raw = encode_leaf(entries);
+                    let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
+                    (raw.len() as u32, stored, payload.into_owned())
+                })
+                .collect();
+            let records: Vec<NewRecord<'_>> = chunk
+                .iter()
+                .zip(&encoded)
+                .map(|((leaf, _), (raw_len, stored, payload))| NewRecord {
+                    kind: RecordKind::Leaf,
+                    key: *leaf,
+                    codec: *stored,
+                    raw_len: *raw_len,
+                    payload,
+                    payload_crc: None,
+                    flags: 0,
+                })
+                .collect();
+            let appended = self.log.lock().append_twice(self.store.as_ref(), &records);
+            let written = appended.map_err(|e| self.fail(e))?;
+            out.extend(chunk.iter().zip(written).map(|((leaf, _), w)| LeafPtr {
+                leaf: *leaf,
+                off: w.off,
+                len: w.len,
+                crc: w.crc,
+            }));
+        }
+        Ok(out)
     }
 
     /// Syncs the records, then writes and syncs the next superblock.

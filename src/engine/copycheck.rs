@@ -10,14 +10,13 @@
 
 use super::checkpoint::Committed;
 use super::copies::{read_first, read_second, MetaRef, Rewrite};
-use super::log::NewRecord;
 use super::open::{leaf_ref, read_index, read_leaf};
 use super::snaptable::{not_found, SnapState};
 use super::{CheckReport, Inner};
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::RECORD_FLAG_HAS_COPY;
-use crate::format::{encode_index, encode_leaf, Codec, LeafPtr, RecPtr, RecordKind, SnapEntry};
+use crate::format::{encode_index, Codec, LeafPtr, MapEntry, RecPtr, RecordKind, SnapEntry};
 use std::collections::{HashMap, HashSet};
 
 /// Which record of the head a map record is (what a repair writes anew).
@@ -269,40 +268,18 @@ impl Inner {
         if count == 0 {
             return Ok(None);
         }
-        let mut encoded = Vec::with_capacity(damaged.len());
+        let mut loaded = Vec::with_capacity(damaged.len());
         for &i in &damaged {
             let leaf = read_leaf(store, &leaves[i], self.block_shift, file_len, self.nblocks);
             let Ok(entries) = leaf else {
                 return Ok(None);
             };
-            let raw = encode_leaf(&entries);
-            let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
-            encoded.push((i, raw.len() as u32, stored, payload.into_owned()));
+            loaded.push((leaves[i].leaf, entries));
         }
-        let records: Vec<NewRecord<'_>> = encoded
-            .iter()
-            .map(|(i, raw_len, stored, payload)| NewRecord {
-                kind: RecordKind::Leaf,
-                key: leaves[*i].leaf,
-                codec: *stored,
-                raw_len: *raw_len,
-                payload,
-                payload_crc: None,
-                flags: 0,
-            })
-            .collect();
-        if !records.is_empty() {
-            let written = self.log.lock().append_twice(store, &records);
-            for ((i, ..), w) in encoded.iter().zip(written.map_err(|e| self.fail(e))?) {
-                let new = LeafPtr {
-                    leaf: leaves[*i].leaf,
-                    off: w.off,
-                    len: w.len,
-                    crc: w.crc,
-                };
-                rewritten.insert(leaves[*i].off, new);
-                leaves[*i] = new;
-            }
+        let refs: Vec<(u64, &[MapEntry])> = loaded.iter().map(|(l, e)| (*l, &e[..])).collect();
+        for (&i, new) in damaged.iter().zip(self.append_leaves(&refs)?) {
+            rewritten.insert(leaves[i].off, new);
+            leaves[i] = new;
         }
         let raw = encode_index(&leaves);
         let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
