@@ -69,7 +69,6 @@ impl Inner {
             let (off, lsn) = log.replay_start();
             (dirty, freed, off, lsn, log.epoch, gen, counts.0, counts.1)
         };
-        let store = self.store.as_ref();
         let mut dead = freed;
         let leaves: Vec<(u64, &[MapEntry])> = dirty.iter().map(|(l, e)| (*l, &e[..])).collect();
         let written = self.append_leaves(&leaves)?;
@@ -88,26 +87,7 @@ impl Inner {
             }
             map.ptrs.values().copied().collect()
         };
-        let raw = encode_index(&ptrs);
-        let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
-        let index = {
-            let mut log = self.log.lock();
-            let w = log
-                .append_one_twice(
-                    store,
-                    RecordKind::Index,
-                    ptrs.len() as u64,
-                    stored,
-                    raw.len() as u32,
-                    &payload,
-                )
-                .map_err(|e| self.fail(e))?;
-            RecPtr {
-                off: w.off,
-                len: w.len,
-                crc: w.crc,
-            }
-        };
+        let index = self.append_index(&ptrs)?;
         let snap_table = match edit {
             None => None,
             Some(edit) => {
@@ -187,14 +167,8 @@ impl Inner {
             let records: Vec<NewRecord<'_>> = chunk
                 .iter()
                 .zip(&encoded)
-                .map(|((leaf, _), (raw_len, stored, payload))| NewRecord {
-                    kind: RecordKind::Leaf,
-                    key: *leaf,
-                    codec: *stored,
-                    raw_len: *raw_len,
-                    payload,
-                    payload_crc: None,
-                    flags: 0,
+                .map(|((leaf, _), (raw_len, stored, payload))| {
+                    NewRecord::new(RecordKind::Leaf, *leaf, *stored, *raw_len, payload)
                 })
                 .collect();
             let appended = self.log.lock().append_twice(self.store.as_ref(), &records);
@@ -207,6 +181,26 @@ impl Inner {
             }));
         }
         Ok(out)
+    }
+
+    /// Writes an INDEX record listing `ptrs`, with its second copy.
+    pub(super) fn append_index(&self, ptrs: &[LeafPtr]) -> Result<RecPtr> {
+        let raw = encode_index(ptrs);
+        let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
+        let record = NewRecord::new(
+            RecordKind::Index,
+            ptrs.len() as u64,
+            stored,
+            raw.len() as u32,
+            &payload,
+        );
+        let appended = self.log.lock().append_twice(self.store.as_ref(), &[record]);
+        let w = appended.map_err(|e| self.fail(e))?[0];
+        Ok(RecPtr {
+            off: w.off,
+            len: w.len,
+            crc: w.crc,
+        })
     }
 
     /// Syncs the records, then writes and syncs the next superblock.

@@ -15,7 +15,7 @@
 //! can be).
 
 use super::checkpoint::Committed;
-use super::log::read_record;
+use super::log::{read_record, NewRecord};
 use super::map::BlockMap;
 use super::snaptable::SnapState;
 use super::Inner;
@@ -275,15 +275,17 @@ impl Inner {
             let w = self
                 .log
                 .lock()
-                .append_one_twice(
+                .append_twice(
                     self.store.as_ref(),
-                    RecordKind::Config,
-                    0,
-                    h.codec,
-                    h.raw_len,
-                    &payload,
+                    &[NewRecord::new(
+                        RecordKind::Config,
+                        0,
+                        h.codec,
+                        h.raw_len,
+                        &payload,
+                    )],
                 )
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| self.fail(e))?[0];
             // The checkpoint's superblock names it (after syncing it).
             self.sb.lock().config = RecPtr {
                 off: w.off,

@@ -8,15 +8,12 @@
 //! a clone is based on the snapshot (the clone checks the index it was made
 //! from: those records stay, reported).
 
-use super::checkpoint::Committed;
 use super::copies::{read_first, read_second, MetaRef, Rewrite};
 use super::open::{leaf_ref, read_index, read_leaf};
-use super::snaptable::{not_found, SnapState};
 use super::{CheckReport, Inner};
-use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::RECORD_FLAG_HAS_COPY;
-use crate::format::{encode_index, Codec, LeafPtr, MapEntry, RecPtr, RecordKind, SnapEntry};
+use crate::format::{LeafPtr, MapEntry, RecPtr, RecordKind, SnapEntry};
 use std::collections::{HashMap, HashSet};
 
 /// Which record of the head a map record is (what a repair writes anew).
@@ -281,44 +278,19 @@ impl Inner {
             rewritten.insert(leaves[i].off, new);
             leaves[i] = new;
         }
-        let raw = encode_index(&leaves);
-        let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
-        let key = leaves.len() as u64;
-        let appended = self.log.lock().append_one_twice(
-            store,
-            RecordKind::Index,
-            key,
-            stored,
-            raw.len() as u32,
-            &payload,
-        );
-        let w = appended.map_err(|e| self.fail(e))?;
-        let new_index = RecPtr {
-            off: w.off,
-            len: w.len,
-            crc: w.crc,
-        };
+        let new_index = self.append_index(&leaves)?;
         // The commit's sync makes the records durable before the table that
         // names them.
-        self.commit(
-            false,
-            Some(&mut |st: &mut SnapState, _: &Committed| {
-                let mut table = st.table.clone();
-                let entry = table
-                    .entries
-                    .iter_mut()
-                    .find(|e| e.id == snap.id)
-                    .ok_or_else(|| not_found(&snap.name))?;
-                if entry.holds > 0 || entry.index != snap.index {
-                    return Err(Error::new(
-                        ErrorKind::Busy,
-                        format!("snapshot '{}' changed while it was repaired", snap.name),
-                    ));
-                }
-                entry.index = new_index;
-                Ok(table)
-            }),
-        )?;
+        self.edit_entry(&snap.name, |_, entry| {
+            if entry.id != snap.id || entry.holds > 0 || entry.index != snap.index {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("snapshot '{}' changed while it was repaired", snap.name),
+                ));
+            }
+            entry.index = new_index;
+            Ok(())
+        })?;
         Ok(Some(count))
     }
 }

@@ -144,15 +144,7 @@ impl LogTail {
         raw_len: u32,
         payload: &[u8],
     ) -> Result<Written> {
-        let record = NewRecord {
-            kind,
-            key,
-            codec,
-            raw_len,
-            payload,
-            payload_crc: None,
-            flags: 0,
-        };
+        let record = NewRecord::new(kind, key, codec, raw_len, payload);
         let written = self.append_all(store, &[record])?;
         Ok(written[0])
     }
@@ -187,28 +179,6 @@ impl LogTail {
             .chunks(2)
             .all(|w| w[1].off == super::copies::second_off(w[0].off, w[0].len)));
         Ok(firsts)
-    }
-
-    /// [`LogTail::append_twice`] of one record.
-    pub fn append_one_twice(
-        &mut self,
-        store: &dyn Store,
-        kind: RecordKind,
-        key: u64,
-        codec: u8,
-        raw_len: u32,
-        payload: &[u8],
-    ) -> Result<Written> {
-        let record = NewRecord {
-            kind,
-            key,
-            codec,
-            raw_len,
-            payload,
-            payload_crc: None,
-            flags: 0,
-        };
-        Ok(self.append_twice(store, &[record])?[0])
     }
 
     /// Appends `records` back to back from the next unit boundary with one
@@ -449,6 +419,21 @@ pub(crate) struct NewRecord<'a> {
     pub payload_crc: Option<u32>,
     /// Header flags ([`crate::format::RECORD_FLAG_COPY`] or 0).
     pub flags: u16,
+}
+
+impl<'a> NewRecord<'a> {
+    /// A record of `kind` without a precomputed crc or flags.
+    pub fn new(kind: RecordKind, key: u64, codec: u8, raw_len: u32, payload: &'a [u8]) -> Self {
+        NewRecord {
+            kind,
+            key,
+            codec,
+            raw_len,
+            payload,
+            payload_crc: None,
+            flags: 0,
+        }
+    }
 }
 
 /// Checks the record held in `bytes` (exactly `len` bytes read at `off`, as

@@ -95,7 +95,7 @@ impl Inner {
     }
 
     /// Changes one snapshot's entry in a commit; `f` may refuse.
-    fn edit_entry(
+    pub(super) fn edit_entry(
         &self,
         name: &str,
         mut f: impl FnMut(&SnapState, &mut SnapEntry) -> Result<()>,

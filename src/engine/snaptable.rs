@@ -7,6 +7,7 @@
 
 use super::checkpoint::Committed;
 use super::copies::{read_meta_record, MetaRef};
+use super::log::NewRecord;
 use super::snapshot::SnapshotInfo;
 use super::Inner;
 use crate::codec;
@@ -200,15 +201,15 @@ impl Inner {
         let table = edit(&mut self.snaps.state.lock(), committed)?;
         let raw = table.encode();
         let (stored, payload) = codec::encode(&raw, Codec::Zstd(1));
-        let appended = self.log.lock().append_one_twice(
-            self.store.as_ref(),
+        let record = NewRecord::new(
             RecordKind::SnapTable,
             table.entries.len() as u64,
             stored,
             raw.len() as u32,
             &payload,
         );
-        match appended {
+        let appended = self.log.lock().append_twice(self.store.as_ref(), &[record]);
+        match appended.map(|w| w[0]) {
             Ok(w) => Ok((
                 table,
                 RecPtr {
