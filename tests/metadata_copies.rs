@@ -264,10 +264,10 @@ fn every_map_record_of_an_encrypted_image_survives_one_damaged_copy() {
     every_map_record(true);
 }
 
-#[test]
-fn a_clone_survives_a_damaged_backing_reference() {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, clone) = (dir.path().join("base.vbd"), dir.path().join("clone.vbd"));
+/// A base image file in `dir` with `block(1)` at block 3, open; and where
+/// its clone goes.
+fn base_file(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Image) {
+    let (base, clone) = (dir.join("base.vbd"), dir.join("clone.vbd"));
     let create = CreateOptions {
         size: SIZE,
         block_size: BS,
@@ -275,6 +275,13 @@ fn a_clone_survives_a_damaged_backing_reference() {
     };
     let img = Image::create(&base, &create, &opts(false)).unwrap();
     img.write_at(&block(1), 3 * BS).unwrap();
+    (base, clone, img)
+}
+
+#[test]
+fn a_clone_survives_a_damaged_backing_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, clone, img) = base_file(dir.path());
     img.close().unwrap();
     let img =
         Image::create_clone(&clone, &base, None, &CloneOptions::default(), &opts(false)).unwrap();
@@ -401,14 +408,7 @@ fn check_reports_damaged_copies_and_repair_writes_them_anew() {
 #[test]
 fn a_snapshot_a_clone_is_based_on_keeps_its_records() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, clone) = (dir.path().join("base.vbd"), dir.path().join("clone.vbd"));
-    let create = CreateOptions {
-        size: SIZE,
-        block_size: BS,
-        codec: Codec::Zstd(1),
-    };
-    let img = Image::create(&base, &create, &opts(false)).unwrap();
-    img.write_at(&block(1), 3 * BS).unwrap();
+    let (base, clone, img) = base_file(dir.path());
     img.snapshot_create("s1").unwrap();
     img.write_at(&block(2), 3 * BS).unwrap();
     img.close().unwrap();
