@@ -79,8 +79,11 @@ pub fn run(args: &MountArgs) -> Result<()> {
 /// mount` of it to be ready or fail). None where the file system has no
 /// such locks.
 fn lock_dir(dir: &Path) -> Result<Option<File>> {
-    let file =
-        File::open(dir).map_err(|e| Error::io(format!("mount point {}", dir.display()), e))?;
+    let file = File::open(dir).map_err(|e| match e.raw_os_error() {
+        // The dead mount's cached attributes expired after the checks.
+        Some(libc::ENOTCONN) => dead_mount(dir),
+        _ => Error::io(format!("mount point {}", dir.display()), e),
+    })?;
     match file.lock() {
         Ok(()) => Ok(Some(file)),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOLCK | libc::EOPNOTSUPP)) => {
@@ -108,30 +111,32 @@ pub fn canonical_file(path: &Path) -> Result<PathBuf> {
     Ok(canon)
 }
 
+/// The error for a mount point whose daemon is gone.
+fn dead_mount(dir: &Path) -> Error {
+    Error::new(
+        ErrorKind::Busy,
+        format!(
+            "{} is a dead mount (its daemon is gone): run `vbdfs umount {}` first",
+            dir.display(),
+            dir.display()
+        ),
+    )
+}
+
 fn canonical_dir(path: &Path) -> Result<PathBuf> {
-    let dead = |dir: &Path| {
-        Error::new(
-            ErrorKind::Busy,
-            format!(
-                "{} is a dead mount (its daemon is gone): run `vbdfs umount {}` first",
-                dir.display(),
-                dir.display()
-            ),
-        )
-    };
     let canon = match path.canonicalize() {
         Ok(canon) => canon,
         // Once the kernel's cached attributes of a dead mount expire, even
         // resolving its path fails.
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            return Err(dead(
+            return Err(dead_mount(
                 &std::path::absolute(path).unwrap_or(path.to_path_buf()),
             ))
         }
         Err(e) => return Err(Error::io(format!("mount point {}", path.display()), e)),
     };
     if mountinfo::is_dead(&canon) {
-        return Err(dead(&canon));
+        return Err(dead_mount(&canon));
     }
     match std::fs::metadata(&canon) {
         Ok(meta) if meta.is_dir() => Ok(canon),
@@ -140,7 +145,7 @@ fn canonical_dir(path: &Path) -> Result<PathBuf> {
             path.display()
         ))),
         // The attributes can expire between the checks above and this one.
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Err(dead(&canon)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Err(dead_mount(&canon)),
         Err(e) => Err(Error::io(format!("mount point {}", path.display()), e)),
     }
 }
