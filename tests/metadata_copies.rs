@@ -7,6 +7,8 @@
 //! — when none is.
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use vbdfs::crypto::{KdfParams, KeyMaterial};
@@ -85,6 +87,8 @@ fn image(encrypted: bool) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
 #[derive(Debug, Clone, Copy)]
 struct Pair {
     kind: RecordKind,
+    /// A LEAF's leaf number.
+    key: u64,
     first: u64,
     second: u64,
 }
@@ -116,6 +120,7 @@ fn pairs(bytes: &[u8]) -> Vec<Pair> {
             );
             out.push(Pair {
                 kind: h.kind,
+                key: h.key,
                 first: off,
                 second,
             });
@@ -137,6 +142,8 @@ enum Outcome {
     Right,
     /// The open failed (a typed error).
     OpenFails,
+    /// A read-only open worked, the head's blocks of a lost map leaf did not.
+    HeadBlocksFail,
     /// The head is right; the snapshot cannot be read.
     SnapshotFails,
 }
@@ -161,7 +168,11 @@ fn read_back(
         }
     };
     let mut buf = vec![0u8; SIZE as usize];
-    img.read_at(&mut buf, 0).unwrap();
+    if let Err(e) = img.read_at(&mut buf, 0) {
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(!rw && !img.lost_leaves().is_empty(), "{e}");
+        return (Outcome::HeadBlocksFail, store.to_bytes());
+    }
     assert!(buf == want.0, "the head reads wrong data");
     let outcome = match img.open_snapshot("s1") {
         Ok(snap) => match snap.read_at(&mut buf, 0) {
@@ -221,7 +232,7 @@ fn every_map_record(encrypted: bool) {
         // data. Which error tells who held the record.
         let mut both = one.clone();
         damage(&mut both, p.second);
-        let (lost, _) = read_back(both, want, encrypted, false);
+        let (lost, _) = read_back(both.clone(), want, encrypted, false);
         // First copy damaged, a read-write open, then the second copy
         // damaged too: what the head holds was written anew by the open.
         let (_, healed) = read_back(one, want, encrypted, true);
@@ -229,7 +240,16 @@ fn every_map_record(encrypted: bool) {
         damage(&mut later, p.second);
         let (after, _) = read_back(later, want, encrypted, false);
         match lost {
-            Outcome::OpenFails => {
+            // A leaf costs its blocks read-only (the test below), the image
+            // read-write.
+            Outcome::OpenFails | Outcome::HeadBlocksFail => {
+                assert_eq!(
+                    lost == Outcome::HeadBlocksFail,
+                    p.kind == RecordKind::Leaf,
+                    "{what}"
+                );
+                let (rw, _) = read_back(both.clone(), want, encrypted, true);
+                assert_eq!(rw, Outcome::OpenFails, "{what}, read-write");
                 head_held += 1;
                 assert_eq!(after, Outcome::Right, "{what}: not written anew");
             }
@@ -771,4 +791,147 @@ fn a_rollback_does_not_leave_the_head_on_a_damaged_copy() {
         panic!("both copies of s1's leaf are damaged, yet it opened");
     };
     assert!(e.to_string().contains("its second copy at"), "{e}");
+}
+
+/// The image of [`image`] with both copies of the head's newest record of
+/// leaf 1 (blocks 1024..1100) damaged.
+fn without_head_leaf_one(bytes: &[u8]) -> Vec<u8> {
+    let leaf = pairs(bytes)
+        .into_iter()
+        .rev()
+        .find(|p| p.kind == RecordKind::Leaf && p.key == 1)
+        .unwrap();
+    let mut lost = bytes.to_vec();
+    damage(&mut lost, leaf.first);
+    damage(&mut lost, leaf.second);
+    lost
+}
+
+/// A map leaf whose record is damaged in both copies costs its 1024 blocks,
+/// not the image: a read-only open reads every other block (and the
+/// snapshot, whose leaf is another record), the lost ones — written or not —
+/// fail as Corrupt, `check` reports the leaf once, and a read-write open,
+/// which would write the map back without them, is refused.
+#[test]
+fn a_map_leaf_lost_in_both_copies_costs_its_blocks_not_the_image() {
+    let (bytes, head, snap) = image(false);
+    let lost = without_head_leaf_one(&bytes);
+    let store = Arc::new(MemStore::from_bytes(lost.clone()));
+    let img = Image::open_on(store, &opts(true)).unwrap();
+    let notes = img.lost_leaves();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("map leaf 1") && notes[0].contains("blocks 1024..1100"));
+    let mut buf = vec![0u8; 1024 * BS as usize];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf == head[..buf.len()], "leaf 0's blocks");
+    let mut one = vec![0u8; BS as usize];
+    for b in [1024, 1030, 1099] {
+        let e = img.read_at(&mut one, b * BS).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("map leaf 1"), "{e}");
+    }
+    // A read across the leaves (loaded in runs) fails too.
+    let mut across = vec![0u8; 10 * BS as usize];
+    let e = img.read_at(&mut across, 1020 * BS).unwrap_err();
+    assert!(e.to_string().contains("map leaf 1"), "{e}");
+    let s1 = img.open_snapshot("s1").unwrap();
+    let mut all = vec![0u8; SIZE as usize];
+    s1.read_at(&mut all, 0).unwrap();
+    assert!(all == snap, "the snapshot reads wrong data");
+    // check names exactly the lost blocks, without reading them.
+    let report = img.check().unwrap();
+    let bad: Vec<u64> = report.bad.iter().map(|b| b.block).collect();
+    assert_eq!(bad, (1024..1100).collect::<Vec<_>>());
+    assert!(report.bad.iter().all(|b| b.reason.contains("map leaf 1")));
+    img.close().unwrap();
+    let store = Arc::new(MemStore::from_bytes(lost));
+    let e = Image::open_on(store, &opts(false)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.to_string().contains("read-only"), "{e}");
+}
+
+/// Blocks of a lost leaf written after the last checkpoint are in the log:
+/// the read-only open's roll-forward maps them again, and they read right.
+#[test]
+fn blocks_of_a_lost_leaf_written_since_the_checkpoint_read_right() {
+    let (bytes, _, _) = image(false);
+    let store = Arc::new(MemStore::from_bytes(bytes));
+    let img = Image::open_on(store.clone(), &opts(false)).unwrap();
+    img.write_at(&block(77), 1040 * BS).unwrap();
+    img.flush().unwrap();
+    // The file as a crash leaves it: the write in the log, not in a leaf.
+    let crashed = store.to_bytes();
+    drop(img);
+    let store = Arc::new(MemStore::from_bytes(without_head_leaf_one(&crashed)));
+    let img = Image::open_on(store, &opts(true)).unwrap();
+    assert_eq!(img.lost_leaves().len(), 1);
+    let mut one = vec![0u8; BS as usize];
+    img.read_at(&mut one, 1040 * BS).unwrap();
+    assert!(one == block(77), "block 1040 reads wrong data");
+    img.read_at(&mut one, 1041 * BS).unwrap_err();
+}
+
+/// Through the CLI and a real mount: a read-write mount of an image with a
+/// lost leaf is refused with the way out; a read-only one mounts with a
+/// warning, serves the other leaves' blocks, and EIO for the lost ones;
+/// `check` reports the leaf (exit 1) and `info` shows it.
+#[test]
+fn a_lost_map_leaf_mounts_read_only_with_a_warning() {
+    use common::{p, run, stderr, stdout, Mount};
+    use std::os::unix::fs::FileExt;
+    if !common::fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (bytes, head, _) = image(false);
+    let path = tmp.path().join("lost.vbd");
+    std::fs::write(&path, without_head_leaf_one(&bytes)).unwrap();
+    let dir = tmp.path().join("mnt");
+    let err = Mount::try_new(&path, &dir, None).unwrap_err();
+    assert!(
+        err.contains("map leaf 1") && err.contains("read-only (`-o ro`)"),
+        "{err}"
+    );
+    let out = run(&["mount", p(&path), p(&dir), "-o", "ro"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut m = Mount {
+        dir: dir.clone(),
+        image: path.clone(),
+        pid: None,
+    };
+    m.pid = m.status_value("pid").and_then(|v| v.parse().ok());
+    assert!(
+        stderr(&out).contains("warning: map leaf 1") && stderr(&out).contains("I/O errors"),
+        "{}",
+        stderr(&out)
+    );
+    let damage = m.status_value("log-damage").unwrap();
+    assert!(damage.contains("map leaf 1"), "{damage}");
+    let disk = std::fs::File::open(m.disk()).unwrap();
+    let mut leaf0 = vec![0u8; 1024 * BS as usize];
+    disk.read_exact_at(&mut leaf0, 0).unwrap();
+    assert!(
+        leaf0 == head[..leaf0.len()],
+        "leaf 0's blocks read wrong data"
+    );
+    let mut one = vec![0u8; BS as usize];
+    let err = disk.read_exact_at(&mut one, 1030 * BS).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(disk);
+    m.umount();
+    let out = run(&["check", p(&path)]);
+    assert!(!out.status.success());
+    let text = stdout(&out);
+    assert!(text.contains("damage: map leaf 1"), "{text}");
+    assert!(
+        text.contains("bad blocks 1024..=1099 (offsets 4194304..=4501504): its map leaf 1"),
+        "{text}"
+    );
+    let out = run(&["info", p(&path)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("damage: map leaf 1"),
+        "{}",
+        stdout(&out)
+    );
 }

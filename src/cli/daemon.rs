@@ -63,11 +63,19 @@ impl Ready {
         }
     }
 
-    fn ok(&mut self) {
+    /// Reports the mount ready, with `warnings` about the image for the
+    /// parent to print (one `WARN` line each; a foreground mount logs them).
+    fn ok(&mut self, warnings: &[String]) {
         self.lock = None;
-        if let Some(mut pipe) = self.pipe.take() {
-            let _ = pipe.write_all(b"OK\n");
+        let Some(mut pipe) = self.pipe.take() else {
+            warnings.iter().for_each(|w| log::warn!("{w}"));
+            return;
+        };
+        let mut msg = String::from("OK\n");
+        for warning in warnings {
+            msg.push_str(&format!("WARN {}\n", warning.replace('\n', " ")));
         }
+        let _ = pipe.write_all(msg.as_bytes());
     }
 
     /// Reports `err` if readiness was not reported yet.
@@ -178,7 +186,8 @@ pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
         job.image.display(),
         job.mountpoint.display()
     );
-    ready.ok();
+    // A read-only mount of an image with lost map leaves serves the rest.
+    ready.ok(&image.lost_leaves());
     for warning in warnings(job) {
         log::warn!("{warning}");
     }

@@ -65,6 +65,7 @@ pub fn info(args: &InfoArgs) -> Result<()> {
             obj.insert("backing".into(), backing);
             let snaps = serde_json::to_value(image.snapshot_list()).unwrap_or_default();
             obj.insert("snapshots".into(), snaps);
+            obj.insert("lost_map_leaves".into(), image.lost_leaves().into());
         }
         println!(
             "{}",
@@ -115,6 +116,9 @@ pub fn info(args: &InfoArgs) -> Result<()> {
     ];
     for (key, value) in lines {
         println!("{key}: {value}");
+    }
+    for lost in image.lost_leaves() {
+        println!("damage: {lost}");
     }
     Ok(())
 }
@@ -250,6 +254,38 @@ fn recheck_mounted(path: &Path, mut report: CheckReport) -> Result<CheckReport> 
     Ok(report)
 }
 
+/// One line per bad block, or per run of consecutive blocks bad for the
+/// same reason (a lost map leaf's 1024 blocks are one line).
+fn bad_block_lines(bad: &[crate::engine::BadBlock]) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut i = 0;
+    while i < bad.len() {
+        let first = &bad[i];
+        let mut end = i + 1;
+        while end < bad.len()
+            && bad[end].block == bad[end - 1].block + 1
+            && bad[end].reason == first.reason
+            && bad[end].snapshot == first.snapshot
+        {
+            end += 1;
+        }
+        let last = &bad[end - 1];
+        lines.push(if end - i == 1 {
+            format!(
+                "bad block {} (offset {}): {}",
+                first.block, first.offset, first.reason
+            )
+        } else {
+            format!(
+                "bad blocks {}..={} (offsets {}..={}): {}",
+                first.block, last.block, first.offset, last.offset, first.reason
+            )
+        });
+        i = end;
+    }
+    lines
+}
+
 /// Runs `vbdfs check`: prints the report; exit status 1 when anything is bad.
 pub fn check(args: &CheckArgs) -> Result<ExitCode> {
     let (canon, image) = open(&args.image, !args.repair)?;
@@ -264,6 +300,9 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
     for note in image.recovery_notes() {
         println!("log: {note}");
     }
+    for lost in image.lost_leaves() {
+        println!("damage: {lost}");
+    }
     let mut report = image.check().map_err(|e| with_path(e, &args.image))?;
     if !mounted.is_empty() && !report.is_ok() {
         report = recheck_mounted(&args.image, report)?;
@@ -273,11 +312,8 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
     for err in &report.errors {
         println!("error: {err}");
     }
-    for bad in &report.bad {
-        println!(
-            "bad block {} (offset {}): {}",
-            bad.block, bad.offset, bad.reason
-        );
+    for line in bad_block_lines(&report.bad) {
+        println!("{line}");
     }
     for fixed in &report.repaired {
         println!("repaired: {fixed}");

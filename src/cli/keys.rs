@@ -39,24 +39,27 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
     let key = get();
     let mut tries = 0;
     loop {
-        match Image::open_with_key(path, opts, key.as_ref()) {
-            // A mounted image read from outside: its daemon may give back
-            // the space of records (compaction, reclaim) that the durable
-            // state this open started from still replays. A newer state
-            // starts past them.
-            Err(e)
-                if e.kind() == ErrorKind::Corrupt && opts.read_only && tries < MOUNTED_RETRIES =>
-            {
-                let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-                if super::mountinfo::mount_points_of(&canon).is_empty() {
-                    return Err(e);
-                }
-                ::log::info!("{}: {e}; reading its newer state", path.display());
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            result => return result,
+        let opened = Image::open_with_key(path, opts, key.as_ref());
+        // A mounted image read from outside: its daemon may give back the
+        // space of records (compaction, reclaim) that the durable state this
+        // open started from still replays, or holds as its map (a leaf read
+        // as lost). A newer state starts past them.
+        let damage = match &opened {
+            Err(e) if e.kind() == ErrorKind::Corrupt => Some(e.to_string()),
+            Err(_) => None,
+            Ok(image) => image.lost_leaves().into_iter().next(),
+        };
+        let Some(damage) = damage.filter(|_| opts.read_only && tries < MOUNTED_RETRIES) else {
+            return opened;
+        };
+        let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        if super::mountinfo::mount_points_of(&canon).is_empty() {
+            return opened;
         }
+        ::log::info!("{}: {damage}; reading its newer state", path.display());
+        drop(opened);
+        tries += 1;
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 

@@ -163,7 +163,11 @@ fn daemonize(job: &Job, lock: Option<File>) -> Result<()> {
             let _ = reader.read_to_string(&mut msg);
             drop(lock);
             if msg.starts_with("OK") {
-                for warning in daemon::warnings(job) {
+                let image_warnings = msg.lines().filter_map(|l| l.strip_prefix("WARN "));
+                for warning in image_warnings
+                    .map(str::to_string)
+                    .chain(daemon::warnings(job))
+                {
                     eprintln!("vbdfs: warning: {warning}");
                 }
                 return Ok(());

@@ -35,7 +35,7 @@
 //! | `dirty-bytes` | written but not yet durable |
 //! | `generation` | checkpoint generation |
 //! | `snapshots` | the snapshot names, oldest first, separated by spaces; `none` without any |
-//! | `log-damage` | damaged log records the open stepped over (their blocks read as errors; `check` names them) and map records it read from their second copy (written anew), `none` normally |
+//! | `log-damage` | map leaves a read-only mount could read in neither copy (their blocks read as errors), damaged log records the open stepped over (their blocks read as errors; `check` names them) and map records it read from their second copy (written anew), `none` normally |
 //! | `last-error` | the last failed command or I/O error, `none` if nothing failed |
 //! | `stats-seconds` | the time the request statistics below cover: since the mount or the last `reset-stats` |
 //! | `read`, `write`, `flush`, `discard` | requests on `disk` of each kind (`fsync`/`fdatasync` are flushes; `fallocate` PUNCH_HOLE and ZERO_RANGE discards): `requests=N bytes=N errors=N` (no bytes for flushes; bytes of failed requests are not counted) |
@@ -224,7 +224,9 @@ impl Control {
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         let failed = self.has_failed() || st.failed.is_some();
         let last = self.last_error.lock().clone().or_else(|| st.failed.clone());
-        let damage = self.image.recovery_notes().join("; ");
+        let mut damage = self.image.lost_leaves();
+        damage.extend(self.image.recovery_notes().iter().cloned());
+        let damage = damage.join("; ");
         let adapt = match st.adapt_floor {
             Some(floor) => format!(
                 "to zstd:{floor} ({} blocks at faster levels)",

@@ -123,7 +123,9 @@ impl Inner {
                 continue;
             }
             let entry = self.map.read().get(block);
-            if !self.has_content(entry.kind) {
+            // A lost block is no record to read in a run: the read path
+            // reports its error.
+            if !self.has_content(entry.kind) || entry == super::map::LOST {
                 continue;
             }
             let (slot, created) = self.cache.get_or_insert(block);
@@ -132,7 +134,7 @@ impl Inner {
                 // discard may have unmapped it since the check above: then
                 // it is no record to read in a run.
                 let entry = self.map.read().get(block);
-                if entry.kind == EntryKind::Data {
+                if entry.kind == EntryKind::Data && entry != super::map::LOST {
                     missing.push((slot.clone(), entry));
                 } else if self.has_content(entry.kind) {
                     backed.push(slot.clone());

@@ -154,6 +154,18 @@ impl Inner {
         let mut report = CheckReport::default();
         for (block, entry) in entries {
             report.blocks_checked += 1;
+            if entry == super::map::LOST {
+                report.bad.push(BadBlock {
+                    block,
+                    offset: block << self.block_shift,
+                    reason: format!(
+                        "its map leaf {} could not be read",
+                        block / crate::format::LEAF_ENTRIES
+                    ),
+                    snapshot: None,
+                });
+                continue;
+            }
             // On a live image the block may have been rewritten since the
             // entries were taken, and its old record reclaimed (punched) after
             // a checkpoint: decode_current judges the entry the map holds now.

@@ -9,6 +9,19 @@
 use crate::format::{EntryKind, LeafPtr, MapEntry, LEAF_ENTRIES};
 use std::collections::BTreeMap;
 
+/// The entry a read-only session gives each block of a leaf whose LEAF
+/// record could be read in neither copy ([`BlockMap::lose_leaf`]). It is a
+/// DATA entry, so every path that reads stored content reads it (nothing
+/// takes the block for a hole), and it names offset 0, the superblock,
+/// where no record can be: a read of it fails even where nothing checks for
+/// it by name. [`super::Inner::decode_block`] names the cause.
+pub(crate) const LOST: MapEntry = MapEntry {
+    kind: EntryKind::Data,
+    off: 0,
+    len: 1,
+    birth: 0,
+};
+
 #[derive(Debug, Clone)]
 pub(crate) struct Leaf {
     pub entries: Box<[MapEntry]>,
@@ -46,6 +59,9 @@ pub(crate) struct BlockMap {
     /// Leaves whose LEAF record was damaged and read from its second copy
     /// when the map was loaded (a read-write open writes them anew).
     pub from_second_copy: Vec<u64>,
+    /// Leaves whose LEAF record could be read in neither copy, with why
+    /// (only a read-only session keeps a map with lost leaves).
+    pub lost: BTreeMap<u64, String>,
 }
 
 /// A record no longer referenced by the head: where it is, and its birth
@@ -162,6 +178,34 @@ impl BlockMap {
         None
     }
 
+    /// Gives every block of `leaf` below `nblocks` the [`LOST`] entry: its
+    /// LEAF record could not be read (`why`), so none of its blocks can be.
+    /// The log's roll-forward may then map some of them again.
+    pub fn lose_leaf(&mut self, leaf: u64, nblocks: u64, why: String) {
+        let first = leaf * LEAF_ENTRIES;
+        for block in first..(first + LEAF_ENTRIES).min(nblocks) {
+            self.set(block, LOST);
+        }
+        self.lost.insert(leaf, why);
+    }
+
+    /// One line per lost leaf: which blocks read as errors, and why.
+    pub fn lost_notes(&self, nblocks: u64, block_shift: u8) -> Vec<String> {
+        self.lost
+            .iter()
+            .map(|(&leaf, why)| {
+                let first = leaf * LEAF_ENTRIES;
+                let end = (first + LEAF_ENTRIES).min(nblocks);
+                format!(
+                    "{why}: blocks {first}..{end} (bytes {}..{}) read as I/O errors, \
+                     except those written after the last checkpoint",
+                    first << block_shift,
+                    end << block_shift
+                )
+            })
+            .collect()
+    }
+
     /// Every DATA entry, in block order.
     pub fn data_entries(&self) -> impl Iterator<Item = (u64, MapEntry)> + '_ {
         self.leaves.iter().flat_map(|(&leaf, l)| {
@@ -239,6 +283,20 @@ mod tests {
         // The mark goes with the entry: block 9's new record did not end one.
         m.set(9, MapEntry::default());
         assert!(!m.freed[3].ends_append);
+    }
+
+    #[test]
+    fn a_lost_leaf_reads_as_data_until_a_block_is_written_again() {
+        let mut m = BlockMap::default();
+        m.lose_leaf(1, LEAF_ENTRIES + 10, "damaged".into());
+        assert_eq!(m.get(LEAF_ENTRIES + 3), LOST);
+        assert_eq!(m.get(LEAF_ENTRIES + 10).kind, EntryKind::Unmapped);
+        assert_eq!(m.next_mapped(0), Some(LEAF_ENTRIES));
+        assert_eq!(m.data_blocks, 10);
+        m.set(LEAF_ENTRIES + 3, data(65536, 100));
+        assert_eq!(m.get(LEAF_ENTRIES + 3), data(65536, 100));
+        assert_eq!(m.get(LEAF_ENTRIES + 4), LOST);
+        assert_eq!(m.lost.keys().collect::<Vec<_>>(), [&1]);
     }
 
     #[test]

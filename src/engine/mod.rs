@@ -365,6 +365,14 @@ impl Image {
         &self.inner.recovery_notes
     }
 
+    /// One line per map leaf this read-only session could read in neither
+    /// copy: its blocks read as I/O errors (a read-write open refuses such
+    /// an image). Empty for a healthy image.
+    pub fn lost_leaves(&self) -> Vec<String> {
+        let map = self.inner.map.read();
+        map.lost_notes(self.inner.nblocks, self.inner.block_shift)
+    }
+
     /// Block compression.
     pub fn codec(&self) -> Codec {
         self.inner.codec

@@ -333,9 +333,37 @@ pub(super) fn load_map(
     file_len: u64,
     nblocks: u64,
 ) -> Result<BlockMap> {
+    load_map_losing(store, index, block_shift, file_len, nblocks, false)
+}
+
+/// [`load_map`]; with `lose`, a leaf whose record cannot be read in either
+/// copy because its bytes are damaged does not fail the load: its blocks get
+/// the [`LOST`](super::map::LOST) entry and it is listed in
+/// [`BlockMap::lost`]. A map that contradicts itself (the pointer names a
+/// sound record that is not the leaf, a sound leaf that does not decode) is
+/// refused as before: it says nothing reliable about the other leaves.
+fn load_map_losing(
+    store: &dyn Store,
+    index: RecPtr,
+    block_shift: u8,
+    file_len: u64,
+    nblocks: u64,
+    lose: bool,
+) -> Result<BlockMap> {
     let mut map = BlockMap::default();
     for ptr in read_index(store, index, file_len, nblocks)? {
-        let (entries, copy) = read_leaf_copy(store, &ptr, block_shift, file_len, nblocks)?;
+        let (entries, copy) = match read_leaf_copy(store, &ptr, block_shift, file_len, nblocks) {
+            Ok(read) => read,
+            Err(e)
+                if lose
+                    && matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Io)
+                    && super::log::read_record(store, ptr.off, ptr.len).is_err() =>
+            {
+                map.lose_leaf(ptr.leaf, nblocks, e.to_string());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         for (i, e) in entries.into_iter().enumerate() {
             if e.kind != EntryKind::Unmapped {
                 map.set(ptr.leaf * LEAF_ENTRIES + i as u64, e);
@@ -515,7 +543,21 @@ pub(super) fn load(
     let snaps = super::snaptable::load_table(store.as_ref(), &sb, file_len)?;
     let backing = super::backing::open_backing(store.as_ref(), &sb, file_len, origin)?;
     let base = backing.as_ref().map(|b| b.reader.as_ref());
-    let mut map = load_map(store.as_ref(), sb.index, sb.block_shift, file_len, nblocks)?;
+    // Read-only, a leaf lost in both copies costs its blocks, not the image.
+    let mut map = load_map_losing(
+        store.as_ref(),
+        sb.index,
+        sb.block_shift,
+        file_len,
+        nblocks,
+        true,
+    )?;
+    if let Some(why) = map.lost.values().next().filter(|_| !open.read_only) {
+        return Err(Error::corrupt(format!(
+            "{why}; mounted read-only (`-o ro`), the blocks of the other map leaves read \
+             as before (copy them out with `dd conv=noerror,sync` or ddrescue)"
+        )));
+    }
     let mut recovery_notes = Vec::new();
     let damaged = super::copies::damaged_firsts(store.as_ref(), &sb, &mut map, open.read_only);
     recovery_notes.extend(damaged.notes.iter().cloned());
