@@ -6,6 +6,7 @@
 //! Leaves changed since the last checkpoint are marked dirty; the checkpoint
 //! writes them as LEAF records and remembers where (`ptrs`).
 
+use crate::error::Error;
 use crate::format::{EntryKind, LeafPtr, MapEntry, LEAF_ENTRIES};
 use std::collections::BTreeMap;
 
@@ -40,6 +41,14 @@ impl Leaf {
             dirty: true,
         }
     }
+}
+
+/// The error of a read of a block whose entry is [`LOST`].
+pub(crate) fn lost_block(block: u64) -> Error {
+    Error::corrupt(format!(
+        "block {block}: its map leaf {} could not be read (damaged in both copies)",
+        block / LEAF_ENTRIES
+    ))
 }
 
 /// The map of one image's head.
@@ -197,8 +206,7 @@ impl BlockMap {
                 let first = leaf * LEAF_ENTRIES;
                 let end = (first + LEAF_ENTRIES).min(nblocks);
                 format!(
-                    "{why}: blocks {first}..{end} (bytes {}..{}) read as I/O errors, \
-                     except those written after the last checkpoint",
+                    "{why}: blocks {first}..{end} (bytes {}..{}) read as I/O errors",
                     first << block_shift,
                     end << block_shift
                 )

@@ -370,7 +370,10 @@ impl Image {
     /// an image). Empty for a healthy image.
     pub fn lost_leaves(&self) -> Vec<String> {
         let map = self.inner.map.read();
-        map.lost_notes(self.inner.nblocks, self.inner.block_shift)
+        let notes = map.lost_notes(self.inner.nblocks, self.inner.block_shift);
+        // The log replayed over the lost leaf maps what it wrote again.
+        let since = ", except those written after the last checkpoint";
+        notes.into_iter().map(|n| n + since).collect()
     }
 
     /// Block compression.

@@ -342,7 +342,7 @@ pub(super) fn load_map(
 /// [`BlockMap::lost`]. A map that contradicts itself (the pointer names a
 /// sound record that is not the leaf, a sound leaf that does not decode) is
 /// refused as before: it says nothing reliable about the other leaves.
-fn load_map_losing(
+pub(super) fn load_map_losing(
     store: &dyn Store,
     index: RecPtr,
     block_shift: u8,

@@ -50,6 +50,9 @@ pub(super) fn decode_data(
     entry: MapEntry,
     block_size: u64,
 ) -> Result<Vec<u8>> {
+    if entry == super::map::LOST {
+        return Err(super::map::lost_block(block));
+    }
     let (h, payload) = super::log::read_record(store, entry.off, entry.len)?;
     check_header(&h, block, entry, block_size)?;
     codec::decode_owned(h.codec, payload, block_size as usize)
@@ -132,9 +135,16 @@ impl SnapshotReader {
     ) -> Result<SnapshotReader> {
         let file_len = store.len().map_err(|e| Error::io("size of image", e))?;
         let nblocks = entry.virtual_size.div_ceil(1 << block_shift);
-        let map =
-            super::open::load_map(store.as_ref(), entry.index, block_shift, file_len, nblocks)
-                .map_err(|e| e.context(format!("snapshot '{}'", entry.name)))?;
+        // A leaf lost in both copies costs its blocks, not the snapshot.
+        let map = super::open::load_map_losing(
+            store.as_ref(),
+            entry.index,
+            block_shift,
+            file_len,
+            nblocks,
+            true,
+        )
+        .map_err(|e| e.context(format!("snapshot '{}'", entry.name)))?;
         let blocks = (READER_CACHE >> block_shift).max(4);
         Ok(SnapshotReader {
             store,
@@ -164,6 +174,12 @@ impl SnapshotReader {
     /// Block size in bytes.
     pub fn block_size(&self) -> u64 {
         1 << self.block_shift
+    }
+
+    /// One line per map leaf of the snapshot that could be read in neither
+    /// copy: its blocks read as errors. Empty for a healthy snapshot.
+    pub fn lost_leaves(&self) -> Vec<String> {
+        self.map.lost_notes(self.nblocks, self.block_shift)
     }
 
     /// Name, id, time and sizes of the snapshot.
@@ -210,7 +226,10 @@ impl SnapshotReader {
             let entry = self.map.get(block);
             match entry.kind {
                 EntryKind::Data
-                    if len > bs && n as u64 == bs && !self.cache.lock().contains(&block) =>
+                    if len > bs
+                        && n as u64 == bs
+                        && entry != super::map::LOST
+                        && !self.cache.lock().contains(&block) =>
                 {
                     whole.push((block, entry, done));
                 }

@@ -4,7 +4,7 @@ use super::Inner;
 use crate::cache::Slot;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{EntryKind, MapEntry, RecordHeader, RecordKind, LEAF_ENTRIES};
+use crate::format::{EntryKind, MapEntry, RecordHeader, RecordKind};
 use std::sync::Arc;
 
 impl Inner {
@@ -47,10 +47,7 @@ impl Inner {
     /// Reads and decodes the stored content of `block` as `entry` says.
     pub(super) fn decode_block(&self, block: u64, entry: MapEntry) -> Result<Vec<u8>> {
         if entry == super::map::LOST {
-            return Err(Error::corrupt(format!(
-                "block {block}: its map leaf {} could not be read (damaged in both copies)",
-                block / LEAF_ENTRIES
-            )));
+            return Err(super::map::lost_block(block));
         }
         if entry.kind != EntryKind::Data {
             let mut data = vec![0u8; self.block_size() as usize];

@@ -62,6 +62,9 @@ fn open_reader(
     if reader.info().id != id {
         return Err(Error::new(ErrorKind::NotFound, "snapshot replaced"));
     }
+    for lost in reader.lost_leaves() {
+        log::warn!("snapshot '{name}': {lost}");
+    }
     Ok(Arc::new(reader))
 }
 
