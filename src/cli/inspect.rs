@@ -196,11 +196,16 @@ fn backing_text(image: &Image) -> String {
 /// `N: name (created ..., clones H), ...`, or `none`.
 /// Dead space; with snapshots, it includes what only they hold.
 fn dead_text(image: &Image, dead: String) -> String {
-    if image.snapshot_list().is_empty() {
+    let mut text = if image.snapshot_list().is_empty() {
         dead
     } else {
         format!("{dead}, including the snapshots' own data")
+    };
+    if !image.lost_leaves().is_empty() {
+        // Nothing names the records of a lost leaf: they look dead.
+        text.push_str(", and the records of the lost map leaves below");
     }
+    text
 }
 
 fn snapshots_text(image: &Image) -> String {

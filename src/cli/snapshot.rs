@@ -16,7 +16,7 @@ use super::create::with_path;
 use super::mount::canonical_file;
 use super::options::format_size;
 use super::{mountinfo, CloneArgs, SnapshotArgs};
-use crate::engine::CloneOptions;
+use crate::engine::{CloneOptions, SnapshotInfo};
 use crate::{Error, ErrorKind, Image, OpenOptions, Result};
 
 /// Cache for offline snapshot commands (they read little).
@@ -126,16 +126,29 @@ fn list(args: &SnapshotArgs) -> Result<()> {
             dir.display()
         );
     }
-    let usage = image
-        .snapshot_usage()
-        .map_err(|e| with_path(e, &args.image))?;
+    // A snapshot whose map cannot be read leaves what each holds alone
+    // unknown ("?"), not the list.
+    let usage: Vec<(SnapshotInfo, Option<u64>)> = match image.snapshot_usage() {
+        Ok(usage) => usage
+            .into_iter()
+            .map(|u| (u.info, Some(u.exclusive_bytes)))
+            .collect(),
+        Err(e) => {
+            eprintln!("note: ONLY HERE is unknown: {}", with_path(e, &args.image));
+            image
+                .snapshot_list()
+                .into_iter()
+                .map(|s| (s, None))
+                .collect()
+        }
+    };
     if usage.is_empty() {
         println!("no snapshots");
         return Ok(());
     }
     let width = usage
         .iter()
-        .map(|u| u.info.name.len())
+        .map(|(info, _)| info.name.len())
         .max()
         .unwrap_or(4)
         .max(4);
@@ -143,14 +156,14 @@ fn list(args: &SnapshotArgs) -> Result<()> {
         "{:<width$}  {:<23}  {:>12}  {:>12}  CLONES",
         "NAME", "CREATED", "DATA", "ONLY HERE"
     );
-    for u in &usage {
+    for (info, exclusive) in &usage {
         println!(
             "{:<width$}  {:<23}  {:>12}  {:>12}  {}",
-            u.info.name,
-            format_time(u.info.created_ns),
-            format_size(u.info.allocated_bytes),
-            format_size(u.exclusive_bytes),
-            u.info.holds
+            info.name,
+            format_time(info.created_ns),
+            format_size(info.allocated_bytes),
+            exclusive.map_or("?".into(), format_size),
+            info.holds
         );
     }
     Ok(())

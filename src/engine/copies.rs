@@ -76,15 +76,21 @@ pub(crate) fn read_meta_record(
             Ok((h, payload, Copy::Second))
         }
         Err(second_err) => {
-            // Name the second copy's damage too when there is one.
+            // Name the second copy's damage too when there is one, or was
+            // meant to be; a record of an older release has none.
             let at = second_off(r.ptr.off, r.ptr.len);
-            match header_at(store, at) {
-                Some(h) if h.flags & RECORD_FLAG_COPY != 0 => Err(Error::new(
-                    first_err.kind(),
-                    format!("{first_err}; its second copy at {at}: {second_err}"),
-                )),
-                _ => Err(first_err),
-            }
+            let first = header_at(store, r.ptr.off);
+            let flags = |h: Option<RecordHeader>| h.map_or(0, |h| h.flags);
+            let detail = if flags(header_at(store, at)) & RECORD_FLAG_COPY != 0
+                || flags(first) & RECORD_FLAG_HAS_COPY != 0
+            {
+                format!("{first_err}; its second copy at {at}: {second_err}")
+            } else if first.is_none() {
+                format!("{first_err}; no second copy at {at} either")
+            } else {
+                return Err(first_err);
+            };
+            Err(Error::new(first_err.kind(), detail))
         }
     }
 }

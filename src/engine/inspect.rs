@@ -2,7 +2,7 @@
 
 use super::Inner;
 use crate::error::Result;
-use crate::format::EntryKind;
+use crate::format::{EntryKind, MapEntry, LEAF_ENTRIES};
 use serde::Serialize;
 
 /// Sizes, counters and state of an open image.
@@ -154,31 +154,31 @@ impl Inner {
         let mut report = CheckReport::default();
         for (block, entry) in entries {
             report.blocks_checked += 1;
-            if entry == super::map::LOST {
-                report.bad.push(BadBlock {
-                    block,
-                    offset: block << self.block_shift,
-                    reason: format!(
-                        "its map leaf {} could not be read",
-                        block / crate::format::LEAF_ENTRIES
-                    ),
-                    snapshot: None,
-                });
-                continue;
-            }
-            // On a live image the block may have been rewritten since the
-            // entries were taken, and its old record reclaimed (punched) after
-            // a checkpoint: decode_current judges the entry the map holds now.
-            if let Err(e) = self.decode_current(block, entry) {
-                report.bad.push(BadBlock {
-                    block,
-                    offset: block << self.block_shift,
-                    reason: e.to_string(),
-                    snapshot: None,
-                });
-            }
+            report.bad.extend(self.bad_block(block, entry));
         }
         Ok(report)
+    }
+
+    /// What is wrong with the head's `block`, whose map entry was `entry`,
+    /// if anything. On a live image the block may have been rewritten since
+    /// the entry was taken, and its old record reclaimed (punched) after a
+    /// checkpoint: decode_current judges the entry the map holds now. A
+    /// lost block is named without a read.
+    pub(super) fn bad_block(&self, block: u64, entry: MapEntry) -> Option<BadBlock> {
+        let reason = if entry == super::map::LOST {
+            format!(
+                "its map leaf {} could not be read in either copy",
+                block / LEAF_ENTRIES
+            )
+        } else {
+            self.decode_current(block, entry).err()?.to_string()
+        };
+        Some(BadBlock {
+            block,
+            offset: block << self.block_shift,
+            reason,
+            snapshot: None,
+        })
     }
 
     fn is_data(&self, block: u64) -> bool {

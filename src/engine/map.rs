@@ -10,12 +10,13 @@ use crate::error::Error;
 use crate::format::{EntryKind, LeafPtr, MapEntry, LEAF_ENTRIES};
 use std::collections::BTreeMap;
 
-/// The entry a read-only session gives each block of a leaf whose LEAF
-/// record could be read in neither copy ([`BlockMap::lose_leaf`]). It is a
-/// DATA entry, so every path that reads stored content reads it (nothing
-/// takes the block for a hole), and it names offset 0, the superblock,
-/// where no record can be: a read of it fails even where nothing checks for
-/// it by name. [`super::Inner::decode_block`] names the cause.
+/// The entry each block of a leaf whose LEAF record could be read in neither
+/// copy gets ([`BlockMap::lose_leaf`]; only in maps that are only read: a
+/// read-only session's head, snapshot readers). It is a DATA entry, so every
+/// path that reads stored content reads it (nothing takes the block for a
+/// hole), and it names offset 0, the superblock, where no record can be: a
+/// read of it fails even where nothing checks for it by name. The readers
+/// check for it and fail with [`lost_block`].
 pub(crate) const LOST: MapEntry = MapEntry {
     kind: EntryKind::Data,
     off: 0,
@@ -46,7 +47,7 @@ impl Leaf {
 /// The error of a read of a block whose entry is [`LOST`].
 pub(crate) fn lost_block(block: u64) -> Error {
     Error::corrupt(format!(
-        "block {block}: its map leaf {} could not be read (damaged in both copies)",
+        "block {block}: its map leaf {} could not be read in either copy",
         block / LEAF_ENTRIES
     ))
 }
@@ -204,11 +205,14 @@ impl BlockMap {
             .iter()
             .map(|(&leaf, why)| {
                 let first = leaf * LEAF_ENTRIES;
-                let end = (first + LEAF_ENTRIES).min(nblocks);
+                let last = (first + LEAF_ENTRIES)
+                    .min(nblocks)
+                    .saturating_sub(1)
+                    .max(first);
                 format!(
-                    "{why}: blocks {first}..{end} (bytes {}..{}) read as I/O errors",
+                    "{why}: blocks {first}..={last} (offsets {}..={}) read as I/O errors",
                     first << block_shift,
-                    end << block_shift
+                    last << block_shift
                 )
             })
             .collect()

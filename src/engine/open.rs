@@ -554,8 +554,9 @@ pub(super) fn load(
     )?;
     if let Some(why) = map.lost.values().next().filter(|_| !open.read_only) {
         return Err(Error::corrupt(format!(
-            "{why}; mounted read-only (`-o ro`), the blocks of the other map leaves read \
-             as before (copy them out with `dd conv=noerror,sync` or ddrescue)"
+            "{why}; refused read-write (the map would be written back without that leaf's \
+             blocks): `vbdfs mount -o ro` serves the other leaves' blocks, to copy out with \
+             `dd conv=noerror,sync` or ddrescue"
         )));
     }
     let mut recovery_notes = Vec::new();

@@ -82,14 +82,8 @@ impl Inner {
         }
         for bad in earlier.bad.iter().filter(|b| b.snapshot.is_none()) {
             let entry = self.map.read().get(bad.block);
-            if entry.kind != EntryKind::Data {
-                continue;
-            }
-            if let Err(e) = self.decode_current(bad.block, entry) {
-                report.bad.push(BadBlock {
-                    reason: e.to_string(),
-                    ..bad.clone()
-                });
+            if entry.kind == EntryKind::Data {
+                report.bad.extend(self.bad_block(bad.block, entry));
             }
         }
         let file_len = self.file_len()?;

@@ -262,9 +262,16 @@ impl RecordHeader {
         let mut crc = crc32c::crc32c(&head);
         crc = crc32c::crc32c_append(crc, payload);
         if crc != self.crc {
+            // An encrypted image's headers carry key and birth sealed (0
+            // here): naming "key 0" would contradict the caller's context.
+            let key = if self.key == 0 && self.birth == 0 {
+                String::new()
+            } else {
+                format!(", key {}", self.key)
+            };
             return Err(Error::corrupt(format!(
-                "record at {} ({:?}, key {}) checksum mismatch",
-                self.self_off, self.kind, self.key
+                "record at {} ({:?}{key}) checksum mismatch",
+                self.self_off, self.kind
             )));
         }
         Ok(())
