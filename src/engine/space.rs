@@ -157,6 +157,13 @@ impl Image {
     /// index and each distinct leaf record once.
     pub fn snapshot_usage(&self) -> Result<Vec<SnapshotUsage>> {
         let inner = &self.inner;
+        // Without a leaf of the head, what it shares with the snapshots
+        // there is unknown.
+        if let Some(leaf) = inner.map.read().lost.keys().next() {
+            return Err(Error::corrupt(format!(
+                "the head's map leaf {leaf} could not be read in either copy"
+            )));
+        }
         let snaps = inner.snapshot_entries();
         let file_len = inner.file_len()?;
         let store = inner.store.as_ref();
