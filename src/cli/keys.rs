@@ -40,10 +40,12 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
     let mut tries = 0;
     loop {
         let opened = Image::open_with_key(path, opts, key.as_ref());
-        // A mounted image read from outside: its daemon may give back the
-        // space of records (compaction, reclaim) that the durable state this
-        // open started from still replays, or holds as its map (a leaf read
-        // as lost). A newer state starts past them.
+        // An image another process has open read-write (a mount's daemon),
+        // read from outside: the writer may give back the space of records
+        // (compaction, reclaim) that the durable state this open started
+        // from still replays, or holds as its map (a leaf read as lost). A
+        // newer state starts past them. Nobody rewrites an image that no
+        // writer holds (one mounted read-only): its damage is real.
         let damage = match &opened {
             Err(e) if e.kind() == ErrorKind::Corrupt => Some(e.to_string()),
             Err(_) => None,
@@ -52,8 +54,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
         let Some(damage) = damage.filter(|_| opts.read_only && tries < MOUNTED_RETRIES) else {
             return opened;
         };
-        let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-        if super::mountinfo::mount_points_of(&canon).is_empty() {
+        if !held_by_a_writer(path) {
             return opened;
         }
         ::log::info!("{}: {damage}; reading its newer state", path.display());
@@ -66,6 +67,17 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
 /// Opens of a mounted image from outside that are tried again after a
 /// Corrupt error (see [`open`]).
 const MOUNTED_RETRIES: u32 = 5;
+
+/// True if another process holds the image at `path` open read-write (the
+/// engine's exclusive lock; read-only opens take none).
+fn held_by_a_writer(path: &Path) -> bool {
+    std::fs::File::open(path).is_ok_and(|file| {
+        matches!(
+            file.try_lock_shared(),
+            Err(std::fs::TryLockError::WouldBlock)
+        )
+    })
+}
 
 /// Creates an image, encrypted under the command's key if one was given.
 pub fn create(path: &Path, create: &CreateOptions, opts: &OpenOptions) -> Result<Image> {
