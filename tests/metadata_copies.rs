@@ -1006,7 +1006,7 @@ fn a_snapshot_leaf_lost_in_both_copies_costs_the_snapshot_its_blocks() {
     damage(&mut lost, s1_leaf.second);
     for rw in [false, true] {
         let store = Arc::new(MemStore::from_bytes(lost.clone()));
-        let img = Image::open_on(store, &opts(!rw)).unwrap();
+        let mut img = Image::open_on(store, &opts(!rw)).unwrap();
         assert!(img.lost_leaves().is_empty());
         let mut all = vec![0u8; SIZE as usize];
         img.read_at(&mut all, 0).unwrap();
@@ -1027,9 +1027,12 @@ fn a_snapshot_leaf_lost_in_both_copies_costs_the_snapshot_its_blocks() {
             "{report:?}"
         );
         if rw {
-            // Compaction would carry the snapshot's map on: refused until
-            // the snapshot is deleted, which works.
+            // A rollback and a compaction would carry the snapshot's map
+            // on: refused (compaction until the snapshot is deleted, which
+            // works).
             drop(s1);
+            let e = img.snapshot_rollback("s1").unwrap_err();
+            assert!(e.to_string().contains("map leaf 1"), "{e}");
             img.compact().unwrap_err();
             img.snapshot_delete("s1").unwrap();
             img.compact().unwrap();
