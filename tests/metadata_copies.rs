@@ -814,7 +814,7 @@ fn without_head_leaf_one(bytes: &[u8]) -> Vec<u8> {
 /// A map leaf whose record is damaged in both copies costs its 1024 blocks,
 /// not the image: a read-only open reads every other block (and the
 /// snapshot, whose leaf is another record), the lost ones — written or not —
-/// fail as Corrupt, `check` reports the leaf once, and a read-write open,
+/// fail as Corrupt, `check` names exactly them, and a read-write open,
 /// which would write the map back without them, is refused.
 #[test]
 fn a_map_leaf_lost_in_both_copies_costs_its_blocks_not_the_image() {
