@@ -48,6 +48,8 @@ impl Timed {
     }
 
     /// Counts the request as replied to, having moved `bytes` if `ok`.
+    /// Called just before the reply is sent: a caller that reads `control`
+    /// once its request has returned finds it counted.
     fn done(self, control: &Control, bytes: u64, ok: bool) {
         let stats = control.stats();
         stats.finish(self.op, self.started, bytes, self.offset, ok);
@@ -62,12 +64,11 @@ fn reply_written(
     timed: Timed,
     reply: ReplyWrite,
 ) {
-    let ok = result.is_ok();
+    timed.done(control, len as u64, result.is_ok());
     match result {
         Ok(()) => reply.written(len as u32),
         Err(e) => reply.error(failed(control, "write disk", &e)),
     }
-    timed.done(control, len as u64, ok);
 }
 
 /// Replies to a flush or a discard of `bytes` on `disk` (`what` names it in
@@ -80,12 +81,11 @@ fn reply_empty(
     timed: Timed,
     reply: ReplyEmpty,
 ) {
-    let ok = result.is_ok();
+    timed.done(control, bytes, result.is_ok());
     match result {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(failed(control, what, &e)),
     }
-    timed.done(control, bytes, ok);
 }
 
 impl Filesystem for VbdFs {
@@ -183,8 +183,8 @@ impl Filesystem for VbdFs {
             DISK => {
                 let timed = Timed::start(Op::Read, offset);
                 let Some(len) = self.clamp(offset, u64::from(size)) else {
-                    reply.data(&[]);
-                    return timed.done(&self.control, 0, true);
+                    timed.done(&self.control, 0, true);
+                    return reply.data(&[]);
                 };
                 let in_memory = !self.image.reads_disk(offset, len, false);
                 let (image, control, bufs) =
@@ -192,12 +192,12 @@ impl Filesystem for VbdFs {
                 let job = move || {
                     let mut buf = bufs.get(len as usize);
                     let result = image.read_at(&mut buf[..len as usize], offset);
+                    timed.done(&control, len, result.is_ok());
                     match &result {
                         Ok(()) => reply.data(&buf[..len as usize]),
                         Err(e) => reply.error(failed(&control, "read disk", e)),
                     }
                     bufs.put(buf);
-                    timed.done(&control, len, result.is_ok());
                 };
                 if in_memory {
                     job(); // cached: answered here, no hand-off to a worker
@@ -241,8 +241,8 @@ impl Filesystem for VbdFs {
                     return reply.error(Errno::EROFS);
                 }
                 let Some(len) = self.clamp(offset, data.len() as u64) else {
-                    reply.error(Errno::ENOSPC);
-                    return timed.done(&self.control, 0, false);
+                    timed.done(&self.control, 0, false);
+                    return reply.error(Errno::ENOSPC);
                 };
                 let len = len as usize;
                 if !self.image.reads_disk(offset, len as u64, true) {
