@@ -70,7 +70,7 @@ const MOUNTED_RETRIES: u32 = 5;
 
 /// True if another process holds the image at `path` open read-write (the
 /// engine's exclusive lock; read-only opens take none).
-fn held_by_a_writer(path: &Path) -> bool {
+pub(super) fn held_by_a_writer(path: &Path) -> bool {
     std::fs::File::open(path).is_ok_and(|file| {
         matches!(
             file.try_lock_shared(),
