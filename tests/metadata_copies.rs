@@ -52,20 +52,31 @@ fn apply(base: &mut [u8], blocks: &[(u64, u64)]) {
     }
 }
 
-/// An image with a snapshot `s1` and a head that differs from it in both
-/// leaves, closed cleanly: its bytes, and the contents of head and `s1`.
-fn image(encrypted: bool) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
-    let store = Arc::new(MemStore::new());
-    let create = CreateOptions {
+/// The options every image of these tests is created with.
+fn create_options() -> CreateOptions {
+    CreateOptions {
         size: SIZE,
         block_size: BS,
         codec: Codec::Zstd(1),
-    };
+    }
+}
+
+/// A new empty image in memory (encrypted under [`key`] if asked), open.
+fn new_image(encrypted: bool) -> (Arc<MemStore>, Image) {
+    let store = Arc::new(MemStore::new());
+    let create = create_options();
     let img = if encrypted {
         Image::create_on_encrypted(store.clone(), &create, &opts(false), &key()).unwrap()
     } else {
         Image::create_on(store.clone(), &create, &opts(false)).unwrap()
     };
+    (store, img)
+}
+
+/// An image with a snapshot `s1` and a head that differs from it in both
+/// leaves, closed cleanly: its bytes, and the contents of head and `s1`.
+fn image(encrypted: bool) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let (store, img) = new_image(encrypted);
     let mut head = vec![0u8; SIZE as usize];
     let first = [(0, 1), (5, 2), (1030, 3), (1099, 4)];
     for &(b, s) in &first {
@@ -288,12 +299,7 @@ fn every_map_record_of_an_encrypted_image_survives_one_damaged_copy() {
 /// its clone goes.
 fn base_file(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Image) {
     let (base, clone) = (dir.join("base.vbd"), dir.join("clone.vbd"));
-    let create = CreateOptions {
-        size: SIZE,
-        block_size: BS,
-        codec: Codec::Zstd(1),
-    };
-    let img = Image::create(&base, &create, &opts(false)).unwrap();
+    let img = Image::create(&base, &create_options(), &opts(false)).unwrap();
     img.write_at(&block(1), 3 * BS).unwrap();
     (base, clone, img)
 }
@@ -623,13 +629,7 @@ fn a_file_cut_after_the_first_copy_of_its_index_opens_and_is_repaired() {
 
 #[test]
 fn replaced_map_records_are_reclaimed_with_their_copies() {
-    let store = Arc::new(MemStore::new());
-    let create = CreateOptions {
-        size: SIZE,
-        block_size: BS,
-        codec: Codec::Zstd(1),
-    };
-    let img = Image::create_on(store.clone(), &create, &opts(false)).unwrap();
+    let (store, img) = new_image(false);
     for round in 0..10 {
         img.write_at(&block(round), 3 * BS).unwrap();
         img.write_at(&block(round + 50), 1050 * BS).unwrap();
@@ -711,13 +711,7 @@ fn one_flipped_bit_anywhere_in_a_map_record_costs_nothing() {
 
 #[test]
 fn a_leaf_record_snapshots_share_is_written_anew_once() {
-    let store = Arc::new(MemStore::new());
-    let create = CreateOptions {
-        size: SIZE,
-        block_size: BS,
-        codec: Codec::Zstd(1),
-    };
-    let img = Image::create_on(store.clone(), &create, &opts(false)).unwrap();
+    let (store, img) = new_image(false);
     img.write_at(&block(1), 1030 * BS).unwrap();
     img.write_at(&block(2), 0).unwrap();
     img.snapshot_create("s1").unwrap();
