@@ -186,8 +186,9 @@ pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
         job.image.display(),
         job.mountpoint.display()
     );
-    // A read-only mount of an image with lost map leaves serves the rest.
-    ready.ok(&image.lost_leaves());
+    // A read-only mount of an image with lost map leaves (or a lost
+    // snapshot table) serves the rest.
+    ready.ok(&image.damage());
     for warning in warnings(job) {
         log::warn!("{warning}");
     }

@@ -66,6 +66,10 @@ pub fn info(args: &InfoArgs) -> Result<()> {
             let snaps = serde_json::to_value(image.snapshot_list()).unwrap_or_default();
             obj.insert("snapshots".into(), snaps);
             obj.insert("lost_map_leaves".into(), image.lost_leaves().into());
+            obj.insert(
+                "lost_snapshot_table".into(),
+                image.lost_snapshot_table().into(),
+            );
         }
         println!(
             "{}",
@@ -117,7 +121,7 @@ pub fn info(args: &InfoArgs) -> Result<()> {
     for (key, value) in lines {
         println!("{key}: {value}");
     }
-    for lost in image.lost_leaves() {
+    for lost in image.damage() {
         println!("damage: {lost}");
     }
     Ok(())
@@ -201,14 +205,21 @@ fn dead_text(image: &Image, dead: String) -> String {
     } else {
         format!("{dead}, including the snapshots' own data")
     };
+    // Nothing names the records of a lost leaf or snapshot table: they
+    // look dead.
     if !image.lost_leaves().is_empty() {
-        // Nothing names the records of a lost leaf: they look dead.
         text.push_str(", and the records of the lost map leaves below");
+    }
+    if image.lost_snapshot_table().is_some() {
+        text.push_str(", and the records only the snapshots of the lost snapshot table held");
     }
     text
 }
 
 fn snapshots_text(image: &Image) -> String {
+    if image.lost_snapshot_table().is_some() {
+        return "unknown (the snapshot table is lost: see damage below)".into();
+    }
     let snaps = image.snapshot_list();
     if snaps.is_empty() {
         return "none".into();
@@ -305,7 +316,7 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
     for note in image.recovery_notes() {
         println!("log: {note}");
     }
-    for lost in image.lost_leaves() {
+    for lost in image.damage() {
         println!("damage: {lost}");
     }
     let mut report = image.check().map_err(|e| with_path(e, &args.image))?;

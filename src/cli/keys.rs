@@ -49,7 +49,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
         let damage = match &opened {
             Err(e) if e.kind() == ErrorKind::Corrupt => Some(e.to_string()),
             Err(_) => None,
-            Ok(image) => image.lost_leaves().into_iter().next(),
+            Ok(image) => image.damage().into_iter().next(),
         };
         let Some(damage) = damage.filter(|_| opts.read_only && tries < MOUNTED_RETRIES) else {
             return opened;

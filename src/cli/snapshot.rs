@@ -126,6 +126,9 @@ fn list(args: &SnapshotArgs) -> Result<()> {
             dir.display()
         );
     }
+    if let Some(why) = image.lost_snapshot_table() {
+        return Err(with_path(Error::corrupt(why), &args.image));
+    }
     // A snapshot whose map cannot be read leaves what each holds alone
     // unknown ("?"), not the list.
     let usage: Vec<(SnapshotInfo, Option<u64>)> = match image.snapshot_usage() {

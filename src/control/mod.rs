@@ -224,7 +224,7 @@ impl Control {
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         let failed = self.has_failed() || st.failed.is_some();
         let last = self.last_error.lock().clone().or_else(|| st.failed.clone());
-        let mut damage = self.image.lost_leaves();
+        let mut damage = self.image.damage();
         damage.extend(self.image.recovery_notes().iter().cloned());
         let damage = damage.join("; ");
         let adapt = match st.adapt_floor {

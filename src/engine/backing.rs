@@ -18,10 +18,12 @@
 use super::map::BlockMap;
 use super::open::read_superblock;
 use super::reader::{read_backing, SnapshotReader};
-use super::snaptable::{load_table, read_meta};
+use super::snaptable::{load_table, read_meta, Snapshots};
 use super::Inner;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{BackingRef, EntryKind, MapEntry, RecordKind, Superblock, MAX_BACKING_PATH};
+use crate::format::{
+    BackingRef, EntryKind, MapEntry, RecordKind, SnapEntry, Superblock, MAX_BACKING_PATH,
+};
 use crate::io::{FileStore, Store};
 use serde::Serialize;
 use std::os::unix::ffi::OsStrExt;
@@ -138,24 +140,16 @@ fn open_level(
         .map_err(|e| e.context(&what))?;
     let snaps =
         load_table(base_store.as_ref(), &base_sb, base_len).map_err(|e| e.context(&what))?;
-    let entry = snaps.entry_by_id(r.snap_id).ok_or_else(|| {
-        changed(
-            &what,
-            format!(
-                "its snapshot '{}' (id {}) no longer exists",
-                r.snap_name, r.snap_id
-            ),
-        )
-    })?;
-    if entry.gen != r.snap_gen
-        || entry.index != r.snap_index
-        || entry.virtual_size != r.virtual_size
-    {
-        return Err(changed(
-            &what,
-            format!("its snapshot '{}' (id {}) changed", r.snap_name, r.snap_id),
-        ));
-    }
+    let entry = match snaps.lost() {
+        Some(why) => {
+            ::log::warn!(
+                "{what}: {why}; the clone reads its snapshot '{}' through its own reference",
+                r.snap_name
+            );
+            referenced_snapshot(&r)
+        }
+        None => listed_snapshot(&snaps, &r, &what)?,
+    };
     let info = super::snaptable::plain_info(&entry, base_sb.block_size());
     let reader = SnapshotReader::load(
         base_store,
@@ -177,6 +171,51 @@ fn open_level(
         reader: Arc::new(reader),
         chain,
     }))
+}
+
+/// The base snapshot `r` names, as the base's table lists it: the same
+/// snapshot (id, generation, index and size) the clone was made from.
+fn listed_snapshot(snaps: &Snapshots, r: &BackingRef, what: &str) -> Result<SnapEntry> {
+    let entry = snaps.entry_by_id(r.snap_id).ok_or_else(|| {
+        changed(
+            what,
+            format!(
+                "its snapshot '{}' (id {}) no longer exists",
+                r.snap_name, r.snap_id
+            ),
+        )
+    })?;
+    if entry.gen != r.snap_gen
+        || entry.index != r.snap_index
+        || entry.virtual_size != r.virtual_size
+    {
+        return Err(changed(
+            what,
+            format!("its snapshot '{}' (id {}) changed", r.snap_name, r.snap_id),
+        ));
+    }
+    Ok(entry)
+}
+
+/// The base snapshot as the clone's reference names it, when the base's
+/// table is lost. Enough to read it: the pointer to its index carries the
+/// record's length and crc, and the records below it are checked in turn,
+/// so a reader gets exactly the snapshot's bytes or an error (a snapshot
+/// deleted since and reclaimed reads as damage, never as other data: the
+/// log never writes over a record's place). Nothing reclaims them meanwhile:
+/// an image whose table is lost only opens read-only.
+fn referenced_snapshot(r: &BackingRef) -> SnapEntry {
+    SnapEntry {
+        id: r.snap_id,
+        name: r.snap_name.clone(),
+        gen: r.snap_gen,
+        ctime_ns: 0,
+        virtual_size: r.virtual_size,
+        index: r.snap_index,
+        holds: 0,
+        data_blocks: 0,
+        stored_bytes: 0,
+    }
 }
 
 fn changed(what: &str, why: String) -> Error {

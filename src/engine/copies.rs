@@ -218,13 +218,15 @@ pub(crate) fn damaged_firsts(
     read_only: bool,
 ) -> Damaged {
     let anew = if read_only { "" } else { "; written anew" };
+    // A record lost in both copies (a read-only session's snapshot table)
+    // was not read from its second copy.
     let first_bad = |ptr: RecPtr, kind| {
         let r = MetaRef {
             ptr,
             kind,
             key: None,
         };
-        ptr.off != 0 && read_first(store, &r).is_err()
+        ptr.off != 0 && read_first(store, &r).is_err() && read_second(store, &r).is_ok()
     };
     let mut notes = Vec::new();
     let mut second = |what: String, off: u64| {

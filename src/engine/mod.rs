@@ -376,6 +376,22 @@ impl Image {
         notes.into_iter().map(|n| n + since).collect()
     }
 
+    /// Why this read-only session could read the snapshot table in neither
+    /// copy, if so: it lists no snapshot, and opening one names this (a
+    /// read-write open refuses such an image).
+    pub fn lost_snapshot_table(&self) -> Option<String> {
+        self.inner.snaps.lost().map(str::to_string)
+    }
+
+    /// Every part of the image this read-only session could not read in
+    /// either copy, one line each: [`Image::lost_leaves`], then
+    /// [`Image::lost_snapshot_table`]. Empty for a healthy image.
+    pub fn damage(&self) -> Vec<String> {
+        let mut notes = self.lost_leaves();
+        notes.extend(self.lost_snapshot_table());
+        notes
+    }
+
     /// Block compression.
     pub fn codec(&self) -> Codec {
         self.inner.codec

@@ -540,7 +540,14 @@ pub(super) fn load(
         )));
     }
     let nblocks = sb.virtual_size.div_ceil(sb.block_size());
+    // Read-only, a snapshot table lost in both copies costs the snapshots.
     let snaps = super::snaptable::load_table(store.as_ref(), &sb, file_len)?;
+    if let Some(why) = snaps.lost().filter(|_| !open.read_only) {
+        return Err(Error::corrupt(format!(
+            "{why}; refused read-write (their records would be reclaimed as dead): \
+             `vbdfs mount -o ro` serves the disk without its snapshots"
+        )));
+    }
     let backing = super::backing::open_backing(store.as_ref(), &sb, file_len, origin)?;
     let base = backing.as_ref().map(|b| b.reader.as_ref());
     // Read-only, a leaf lost in both copies costs its blocks, not the image.

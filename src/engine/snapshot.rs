@@ -209,7 +209,7 @@ impl Image {
         st.table
             .find(name)
             .map(|e| self.inner.snapshot_info(e))
-            .ok_or_else(|| not_found(name))
+            .ok_or_else(|| self.inner.snaps.missing(name))
     }
 
     /// Deletes snapshot `name`. `Busy` while it is open (a reader exists) or

@@ -7,7 +7,7 @@
 
 use super::checkpoint::Committed;
 use super::copies::{read_meta_record, MetaRef};
-use super::log::NewRecord;
+use super::log::{read_record, NewRecord};
 use super::snapshot::SnapshotInfo;
 use super::Inner;
 use crate::codec;
@@ -39,6 +39,9 @@ pub(crate) struct Snapshots {
     /// LEAF and INDEX offsets the snapshots reference, for the table at this
     /// pointer (space reclaim must not punch them).
     meta: Mutex<Option<(RecPtr, Arc<HashSet<u64>>)>>,
+    /// Why the table could not be read in either copy (read-only sessions
+    /// only: the table is then empty and no snapshot can be opened).
+    lost: Option<String>,
 }
 
 /// A snapshot edit run inside a commit: gets the state and what the
@@ -101,7 +104,7 @@ impl Snapshots {
             .find(name)
             .filter(|e| st.deleting != Some(e.id))
             .cloned()
-            .ok_or_else(|| not_found(name))?;
+            .ok_or_else(|| self.missing(name))?;
         *st.pins.entry(entry.id).or_insert(0) += 1;
         let pin = Pin {
             snaps: self.clone(),
@@ -115,6 +118,20 @@ impl Snapshots {
     /// The committed entries.
     pub(super) fn entries(&self) -> Vec<SnapEntry> {
         self.state.lock().table.entries.clone()
+    }
+
+    /// Why the table could not be read in either copy, if so.
+    pub(super) fn lost(&self) -> Option<&str> {
+        self.lost.as_deref()
+    }
+
+    /// The error for a snapshot `name` not in the table: not found, or
+    /// unknown when the table is lost.
+    pub(super) fn missing(&self, name: &str) -> Error {
+        match &self.lost {
+            Some(why) => Error::corrupt(format!("snapshot '{name}': {why}")),
+            None => not_found(name),
+        }
     }
 
     /// The committed entry with id `id`.
@@ -169,8 +186,13 @@ pub(super) fn read_meta(
     Ok(raw)
 }
 
-/// Loads the snapshot table the superblock names.
+/// Loads the snapshot table the superblock names. A table whose record
+/// cannot be read in either copy because its bytes are damaged loads empty,
+/// with why in [`Snapshots::lost`]: the head does not depend on it (the
+/// caller decides what else may go on without it). A sound record that does
+/// not decode is refused (the image contradicts itself).
 pub(super) fn load_table(store: &dyn Store, sb: &Superblock, file_len: u64) -> Result<Snapshots> {
+    let mut lost = None;
     let mut state = SnapState {
         table: SnapTable {
             next_id: 1,
@@ -181,13 +203,25 @@ pub(super) fn load_table(store: &dyn Store, sb: &Superblock, file_len: u64) -> R
     };
     if sb.snap_table.off != 0 {
         let max = 32 + MAX_SNAPSHOTS as u32 * 144;
-        let raw = read_meta(store, sb.snap_table, RecordKind::SnapTable, max)?;
-        state.table = SnapTable::decode(&raw, file_len)?;
+        match read_meta(store, sb.snap_table, RecordKind::SnapTable, max) {
+            Ok(raw) => state.table = SnapTable::decode(&raw, file_len)?,
+            Err(e)
+                if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Io)
+                    && read_record(store, sb.snap_table.off, sb.snap_table.len).is_err() =>
+            {
+                lost = Some(format!(
+                    "the snapshot table could not be read in either copy ({e}): its snapshots \
+                     cannot be read"
+                ));
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(Snapshots {
         state: Mutex::new(state),
         timing: Mutex::new(None),
         meta: Mutex::new(None),
+        lost,
     })
 }
 

@@ -29,6 +29,7 @@ impl Inner {
     /// Verifies every DATA record of every snapshot not already checked as
     /// part of the head (records shared by several snapshots are read once).
     pub(super) fn check_snapshots(&self, report: &mut CheckReport) -> Result<()> {
+        self.report_lost_table(report);
         let mut seen: HashSet<u64> = self.map.read().data_entries().map(|(_, e)| e.off).collect();
         // The list first: a snapshot taken after the file length was read
         // would point past it.
@@ -77,6 +78,7 @@ impl Inner {
             single_copy_records: earlier.single_copy_records,
             ..CheckReport::default()
         };
+        self.report_lost_table(&mut report);
         if !earlier.damaged_copies.is_empty() {
             self.check_copies(&mut report)?;
         }
@@ -121,6 +123,17 @@ impl Inner {
             }
         }
         Ok(report)
+    }
+
+    /// A snapshot table lost in both copies is damage: no snapshot in it
+    /// could be checked.
+    fn report_lost_table(&self, report: &mut CheckReport) {
+        if self.snaps.lost().is_some() {
+            // The open's damage notes say why ([`Image::damage`]).
+            report
+                .errors
+                .push("the snapshot table is lost: no snapshot was checked".into());
+        }
     }
 
     fn snapshot_map(&self, snap: &SnapEntry, file_len: u64) -> Result<BlockMap> {
