@@ -9,6 +9,7 @@ mod common;
 mod copies_common;
 
 use copies_common::*;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vbdfs::format::{RecordKind, LOG_UNIT, RECORD_HEADER_LEN};
 use vbdfs::io::MemStore;
@@ -137,42 +138,47 @@ fn blocks_of_a_lost_leaf_written_since_the_checkpoint_read_right() {
     img.read_at(&mut one, 1041 * BS).unwrap_err();
 }
 
+/// Writes `lost` (an image with a map record lost in both copies) to a file
+/// in `tmp`. A read-write mount of it must be refused in one line naming
+/// `what` with the way out; then it is mounted read-only, which must warn
+/// about `what` and show it in the control file's `log-damage`. The file,
+/// the mount and the mount's warning.
+fn mount_lost(tmp: &Path, lost: &[u8], what: &str) -> (PathBuf, common::Mount, String) {
+    use common::{p, run, stderr, Mount};
+    let path = tmp.join("lost.vbd");
+    std::fs::write(&path, lost).unwrap();
+    let dir = tmp.join("mnt");
+    let err = Mount::try_new(&path, &dir, None).unwrap_err();
+    assert!(
+        err.contains(what) && err.contains("refused read-write") && err.contains("-o ro"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let out = run(&["mount", p(&path), p(&dir), "-o", "ro"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = Mount::adopt(&path, &dir);
+    let warned = stderr(&out);
+    assert!(warned.contains(&format!("warning: {what}")), "{warned}");
+    let damage = m.status_value("log-damage").unwrap();
+    assert!(damage.contains(what), "{damage}");
+    (path, m, warned)
+}
+
 /// Through the CLI and a real mount: a read-write mount of an image with a
 /// lost leaf is refused with the way out; a read-only one mounts with a
 /// warning, serves the other leaves' blocks, and EIO for the lost ones;
 /// `check` reports the leaf (exit 1) and `info` shows it.
 #[test]
 fn a_lost_map_leaf_mounts_read_only_with_a_warning() {
-    use common::{p, run, stderr, stdout, Mount};
+    use common::{p, run, stderr, stdout};
     use std::os::unix::fs::FileExt;
     if !common::fuse_available() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let (bytes, head, _) = image(false);
-    let path = tmp.path().join("lost.vbd");
-    std::fs::write(&path, without_head_leaf_one(&bytes)).unwrap();
-    let dir = tmp.path().join("mnt");
-    let err = Mount::try_new(&path, &dir, None).unwrap_err();
-    assert!(
-        err.contains("map leaf 1") && err.contains("refused read-write"),
-        "{err}"
-    );
-    let out = run(&["mount", p(&path), p(&dir), "-o", "ro"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let mut m = Mount {
-        dir: dir.clone(),
-        image: path.clone(),
-        pid: None,
-    };
-    m.pid = m.status_value("pid").and_then(|v| v.parse().ok());
-    assert!(
-        stderr(&out).contains("warning: map leaf 1") && stderr(&out).contains("I/O errors"),
-        "{}",
-        stderr(&out)
-    );
-    let damage = m.status_value("log-damage").unwrap();
-    assert!(damage.contains("map leaf 1"), "{damage}");
+    let (path, m, warned) = mount_lost(tmp.path(), &without_head_leaf_one(&bytes), "map leaf 1");
+    assert!(warned.contains("I/O errors"), "{warned}");
     // Nobody writes a read-only mount's image: a check of it reports the
     // lost leaf at once (no retries for a newer state, 5 × 200 ms).
     let start = std::time::Instant::now();
@@ -536,38 +542,20 @@ fn a_clone_of_a_reclaimed_snapshot_fails_when_the_bases_table_is_lost() {
 /// IMAGE@NAME` fail, `info` and `check` show `damage:`, `check` exits 1).
 #[test]
 fn a_lost_snapshot_table_mounts_read_only_with_a_warning() {
-    use common::{p, run, stderr, stdout, Mount};
+    use common::{p, run, stderr, stdout};
     if !common::fuse_available() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let (bytes, head, _) = image(false);
-    let path = tmp.path().join("lost.vbd");
-    std::fs::write(&path, without_snapshot_table(&bytes)).unwrap();
-    let dir = tmp.path().join("mnt");
-    let err = Mount::try_new(&path, &dir, None).unwrap_err();
+    let lost = without_snapshot_table(&bytes);
+    let (path, m, warned) = mount_lost(tmp.path(), &lost, "the snapshot table");
     assert!(
-        err.contains("snapshot table") && err.contains("refused read-write"),
-        "{err}"
+        warned.contains("could not be read in either copy"),
+        "{warned}"
     );
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    let out = run(&["mount", p(&path), p(&dir), "-o", "ro"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let mut m = Mount {
-        dir: dir.clone(),
-        image: path.clone(),
-        pid: None,
-    };
-    m.pid = m.status_value("pid").and_then(|v| v.parse().ok());
-    assert!(
-        stderr(&out).contains("warning: the snapshot table could not be read"),
-        "{}",
-        stderr(&out)
-    );
-    let damage = m.status_value("log-damage").unwrap();
-    assert!(damage.contains("snapshot table"), "{damage}");
     assert_eq!(std::fs::read(m.disk()).unwrap(), head);
-    let listed = std::fs::read_dir(dir.join("snapshots")).unwrap().count();
+    let listed = std::fs::read_dir(m.dir.join("snapshots")).unwrap().count();
     assert_eq!(listed, 0);
     m.umount();
     let one_line = |args: &[&str], what: &str| {

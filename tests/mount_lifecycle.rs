@@ -476,12 +476,7 @@ fn mount_warns_when_the_image_is_on_ext4_with_online_discard() {
         std::fs::create_dir_all(&dir).expect("mkdir");
         let out = run(&["mount", p(&img), p(&dir), "-o", mount_opts]);
         assert!(out.status.success(), "{}", stderr(&out));
-        let mut m = Mount {
-            dir: dir.clone(),
-            image: img.clone(),
-            pid: None,
-        };
-        m.pid = m.status_value("pid").and_then(|v| v.parse().ok());
+        let m = Mount::adopt(&img, &dir);
         let err = stderr(&out);
         if warns {
             // A mount that fails says only why.

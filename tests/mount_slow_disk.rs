@@ -76,12 +76,7 @@ fn a_slow_host_disk_shows_in_the_statistics_and_the_log() {
         .output()
         .expect("run vbdfs mount");
     assert!(out.status.success(), "{}", common::stderr(&out));
-    let mut m = Mount {
-        dir,
-        image: img.clone(),
-        pid: None,
-    };
-    m.pid = m.status_value("pid").and_then(|v| v.parse().ok());
+    let m = Mount::adopt(&img, &dir);
     let pid = m.pid.expect("daemon pid");
 
     // 2 MiB/s for the daemon's writes to the loop device: flushing 6 MiB

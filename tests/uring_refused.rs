@@ -46,13 +46,7 @@ fn mount_logged(image: &Path, dir: &Path, log: &Path) -> Mount {
         .output()
         .expect("run vbdfs mount");
     assert!(out.status.success(), "{}", common::stderr(&out));
-    let mut m = Mount {
-        dir: dir.to_path_buf(),
-        image: image.to_path_buf(),
-        pid: None,
-    };
-    m.pid = m.status_value("pid").and_then(|v| v.parse().ok());
-    m
+    Mount::adopt(image, dir)
 }
 
 /// Writes block `b` (half `seed`'s pattern, half zeros: it compresses) and

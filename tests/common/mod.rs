@@ -177,13 +177,19 @@ impl Mount {
         if !out.status.success() {
             return Err(stderr(&out));
         }
+        Ok(Self::adopt(image, dir))
+    }
+
+    /// A guard for the mount of `image` at `dir` that a `vbdfs mount` run
+    /// by the test just made (its daemon's pid read from `control`).
+    pub fn adopt(image: &Path, dir: &Path) -> Mount {
         let mut m = Mount {
             dir: dir.to_path_buf(),
             image: image.to_path_buf(),
             pid: None,
         };
         m.pid = m.status_value("pid").and_then(|v| v.parse().ok());
-        Ok(m)
+        m
     }
 
     /// `DIR/disk`.
