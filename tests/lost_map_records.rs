@@ -554,6 +554,7 @@ fn a_lost_snapshot_table_mounts_read_only_with_a_warning() {
         warned.contains("could not be read in either copy"),
         "{warned}"
     );
+    assert_eq!(m.status_value("snapshots").as_deref(), Some("unknown"));
     assert_eq!(std::fs::read(m.disk()).unwrap(), head);
     let listed = std::fs::read_dir(m.dir.join("snapshots")).unwrap().count();
     assert_eq!(listed, 0);

@@ -287,8 +287,12 @@ impl Control {
     }
 }
 
-/// The snapshot names separated by spaces, or `none`.
+/// The snapshot names separated by spaces, `none`, or `unknown` when the
+/// snapshot table is lost (`log-damage` says why).
 fn snapshot_names(image: &Image) -> String {
+    if image.lost_snapshot_table().is_some() {
+        return "unknown".into();
+    }
     let names: Vec<String> = image.snapshot_list().into_iter().map(|s| s.name).collect();
     if names.is_empty() {
         "none".into()
