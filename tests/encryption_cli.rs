@@ -249,3 +249,56 @@ fn clone_of_an_encrypted_base_through_the_cli() {
     let out = run(&["check", p(&new), "--key-file", p(&k)]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
 }
+
+/// The export of an encrypted image is its plaintext: the new file is its
+/// owner's alone (mode 0600, whatever the umask), and an export interrupted
+/// by SIGINT or SIGTERM removes its unfinished file (which it writes under
+/// a hidden name) before it ends with 128 + the signal.
+#[test]
+fn an_interrupted_export_leaves_no_plaintext_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let k = dir.join("k");
+    key_file(&k, "export key\n", 0o600);
+    let (raw, img) = (dir.join("src.raw"), dir.join("e.vbd"));
+    std::fs::write(&raw, data(192 << 20)).unwrap();
+    let out = run(&["import", p(&raw), p(&img), "--key-file", p(&k)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_file(&raw).unwrap();
+    let full = dir.join("full.raw");
+    let out = run(&["export", p(&img), p(&full), "--key-file", p(&k)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mode = std::fs::metadata(&full).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    std::fs::remove_file(&full).unwrap();
+    for (sig, name) in [(2, "-INT"), (15, "-TERM")] {
+        let dest = dir.join("cut.raw");
+        let mut child = common::vbdfs()
+            .args(["export", p(&img), p(&dest), "--key-file", p(&k)])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let temp = dir.join(format!(".cut.raw.tmp-{}", child.id()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !temp.exists() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the export ended before its file appeared"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {}",
+                temp.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let mode = std::fs::metadata(&temp).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        common::sh("kill", &[name, &child.id().to_string()]);
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(128 + sig), "{err}");
+        assert!(err.contains("interrupted: removed the unfinished"), "{err}");
+        assert!(!temp.exists() && !dest.exists());
+    }
+}

@@ -185,18 +185,21 @@ fn offline_commands_refused_while_mounted_clones_work() {
     let a = pattern(2 * MIB, 3);
     write_direct(&m.disk(), &a, 0);
     command(&m, "snapshot gold");
-    for args in [
-        vec!["snapshot", "create", p(&img), "x"],
-        vec!["snapshot", "delete", p(&img), "gold"],
-        vec!["snapshot", "rollback", p(&img), "gold"],
+    // The control file takes snapshots and deletes them; a rollback needs
+    // the image unmounted.
+    for (args, online) in [
+        (vec!["snapshot", "create", p(&img), "x"], true),
+        (vec!["snapshot", "delete", p(&img), "gold"], true),
+        (vec!["snapshot", "rollback", p(&img), "gold"], false),
     ] {
         let out = run(&args);
         assert!(!out.status.success(), "{args:?}");
         let err = stderr(&out);
         assert!(
-            err.contains("control") && err.contains("mounted at"),
+            err.contains("mounted at") && err.contains("unmount it first"),
             "{err}"
         );
+        assert_eq!(err.contains("/control"), online, "{err}");
     }
     let out = run(&["snapshot", "list", p(&img)]);
     assert!(out.status.success(), "{}", stderr(&out));

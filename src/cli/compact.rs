@@ -15,7 +15,7 @@ pub fn run(args: &CompactArgs) -> Result<()> {
         ..OpenOptions::default()
     };
     let image =
-        super::keys::open(&canon, &opts).map_err(|e| mountinfo::explain_locked(&canon, e))?;
+        super::keys::open(&canon, &opts).map_err(|e| mountinfo::explain_locked(&canon, e, true))?;
     let report = image.compact()?;
     image.close()?;
     println!(

@@ -113,7 +113,7 @@ fn open_image(job: &Job) -> Result<Image> {
             Err(e) if e.kind() == ErrorKind::Locked => {
                 let mounted = !mountinfo::mount_points_of(&job.image).is_empty();
                 if mounted || start.elapsed() > CLOSING_WAIT {
-                    return Err(mountinfo::explain_locked(&job.image, e));
+                    return Err(mountinfo::explain_locked(&job.image, e, false));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -136,7 +136,7 @@ fn wait_unlocked(job: &Job, start: Instant) -> Result<()> {
             }
             Err(std::fs::TryLockError::WouldBlock) => {
                 let locked = Error::new(ErrorKind::Locked, "locked");
-                return Err(mountinfo::explain_locked(&job.image, locked));
+                return Err(mountinfo::explain_locked(&job.image, locked, false));
             }
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(Error::io(format!("{}: lock", job.image.display()), e))

@@ -24,7 +24,7 @@ fn open(path: &Path, read_only: bool) -> Result<(PathBuf, Image)> {
         ..OpenOptions::default()
     };
     let image = super::keys::open(&canon, &opts)
-        .map_err(|e| mountinfo::explain_locked(&canon, e))
+        .map_err(|e| mountinfo::explain_locked(&canon, e, false))
         .map_err(|e| with_path(e, path))?;
     Ok((canon, image))
 }

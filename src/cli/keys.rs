@@ -122,7 +122,7 @@ pub fn rekey(args: &super::RekeyArgs) -> Result<()> {
     let new = KeyMaterial::from_file(&args.new_key_file)?;
     let canon = super::mount::canonical_file(&args.image)?;
     crate::crypto::rekey_file(&canon, &old, &new)
-        .map_err(|e| super::mountinfo::explain_locked(&canon, e))?;
+        .map_err(|e| super::mountinfo::explain_locked(&canon, e, false))?;
     println!(
         "{}: key changed (only the keyslots were rewritten)",
         args.image.display()

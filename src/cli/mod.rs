@@ -251,6 +251,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Clone(a) => a.key_file.clone(),
         _ => None,
     };
+    // Before any thread starts (key derivation, readers, progress).
+    if matches!(cli.command, Command::Import(_) | Command::Export(_)) {
+        crate::convert::staging::remove_on_signals()?;
+    }
     keys::set(key_file.as_deref())?;
     match cli.command {
         Command::Create(a) => create::run(&a).map(|()| ExitCode::SUCCESS),

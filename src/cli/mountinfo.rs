@@ -156,24 +156,30 @@ pub fn is_dead(dir: &Path) -> bool {
 }
 
 /// Replaces an engine [`ErrorKind::Locked`] error on `image` with one that says
-/// where the image is mounted; other errors pass through.
-pub fn explain_locked(image: &Path, err: Error) -> Error {
+/// where the image is mounted (and, when the mount's control file does what
+/// was asked, `online`, to use that); other errors pass through.
+pub fn explain_locked(image: &Path, err: Error, online: bool) -> Error {
     if err.kind() != ErrorKind::Locked {
         return err;
     }
     let dirs = mount_points_of(image);
     match dirs.first() {
-        Some(dir) => Error::new(
-            ErrorKind::Locked,
-            format!(
-                "{} is mounted at {}: use {}/control while it is mounted, or unmount it first \
-                 (vbdfs umount {})",
-                image.display(),
-                dir.display(),
-                dir.display(),
-                dir.display()
-            ),
-        ),
+        Some(dir) => {
+            let control = if online {
+                format!("use {}/control while it is mounted, or ", dir.display())
+            } else {
+                String::new()
+            };
+            Error::new(
+                ErrorKind::Locked,
+                format!(
+                    "{} is mounted at {}: {control}unmount it first (vbdfs umount {})",
+                    image.display(),
+                    dir.display(),
+                    dir.display()
+                ),
+            )
+        }
         None => Error::new(
             ErrorKind::Locked,
             format!(

@@ -244,8 +244,15 @@ impl MountOptions {
                 self.adapt_floor = Some(floor);
             }
             "key-file" | "keyfile" => {
-                let v = need(value)?;
-                self.key_file = Some(std::path::PathBuf::from(v));
+                // Later options override earlier ones, as in mount(8); two
+                // different keys are a mistake in the fstab line, not that.
+                let v = std::path::PathBuf::from(need(value)?);
+                if self.key_file.as_ref().is_some_and(|k| k != &v) {
+                    return Err(Error::invalid(format!(
+                        "mount option '{key}' is given twice with different files"
+                    )));
+                }
+                self.key_file = Some(v);
             }
             _ if value.is_none() && IGNORED.contains(&key) => {}
             _ if key.starts_with("x-") || key == "comment" => {}
@@ -325,6 +332,8 @@ mod tests {
         assert_eq!(floor("adapt=-5"), Some(-5));
         assert_eq!(floor("adapt=zstd:-1"), Some(-1));
         assert_eq!(floor("cache=8M"), None);
+        let key = MountOptions::parse(&["key-file=/k", "key-file=/k"]).map(|o| o.key_file);
+        assert_eq!(key.ok().flatten(), Some("/k".into()));
         let pass = "defaults,nofail,noauto,auto,_netdev,x-systemd.automount,nodev,nosuid,\
                     noexec,dev,suid,exec,user,users,nouser,,";
         assert_eq!(
@@ -349,6 +358,7 @@ mod tests {
             ("ro=1", "ro"),
             ("nofail=yes", "nofail"),
             ("key-file", "key-file"),
+            ("key-file=/a,keyfile=/b", "given twice"),
             ("adapt=0", "adapt=0"),
             ("adapt=-8", "adapt"),
             ("adapt=fast", "adapt"),

@@ -22,7 +22,9 @@ use crate::{Error, ErrorKind, Image, OpenOptions, Result};
 /// Cache for offline snapshot commands (they read little).
 const CACHE: u64 = 32 << 20;
 
-fn open(path: &Path, read_only: bool) -> Result<(PathBuf, Image)> {
+/// Opens the image; `online`: the mount's control file does what the
+/// command does (for the message when the image is mounted).
+fn open(path: &Path, read_only: bool, online: bool) -> Result<(PathBuf, Image)> {
     let canon = canonical_file(path)?;
     let opts = OpenOptions {
         read_only,
@@ -30,7 +32,7 @@ fn open(path: &Path, read_only: bool) -> Result<(PathBuf, Image)> {
         ..OpenOptions::default()
     };
     let image = super::keys::open(&canon, &opts)
-        .map_err(|e| mountinfo::explain_locked(&canon, e))
+        .map_err(|e| mountinfo::explain_locked(&canon, e, online))
         .map_err(|e| with_path(e, path))?;
     Ok((canon, image))
 }
@@ -73,7 +75,7 @@ pub fn run(args: &SnapshotArgs) -> Result<()> {
         "list" => list(args),
         "create" => {
             let name = name_of(args)?;
-            let (_, image) = open(&args.image, false)?;
+            let (_, image) = open(&args.image, false, true)?;
             let info = image
                 .snapshot_create(name)
                 .map_err(|e| with_path(e, &args.image))?;
@@ -83,7 +85,7 @@ pub fn run(args: &SnapshotArgs) -> Result<()> {
         }
         "delete" => {
             let name = name_of(args)?;
-            let (_, image) = open(&args.image, false)?;
+            let (_, image) = open(&args.image, false, true)?;
             let deleted = if args.force {
                 image.snapshot_delete_forced(name)
             } else {
@@ -103,7 +105,7 @@ pub fn run(args: &SnapshotArgs) -> Result<()> {
         }
         "rollback" => {
             let name = name_of(args)?;
-            let (_, mut image) = open(&args.image, false)?;
+            let (_, mut image) = open(&args.image, false, false)?;
             image
                 .snapshot_rollback(name)
                 .map_err(|e| with_path(e, &args.image))?;
@@ -118,7 +120,7 @@ pub fn run(args: &SnapshotArgs) -> Result<()> {
 }
 
 fn list(args: &SnapshotArgs) -> Result<()> {
-    let (canon, image) = open(&args.image, true)?;
+    let (canon, image) = open(&args.image, true, true)?;
     if let Some(dir) = mountinfo::mount_points_of(&canon).first() {
         eprintln!(
             "note: {} is mounted at {}; listing its last committed state",
@@ -266,7 +268,7 @@ pub fn make_clone(new: &Path, base: &Path, snap: Option<&str>, opts: &CloneOptio
     let image = match mountinfo::mount_points_of(&canon).first() {
         Some(mount) => clone_mounted(new, &canon, mount, snap, opts, &open),
         None => Image::create_clone_with_key(new, &canon, snap, opts, &open, keys.as_ref())
-            .map_err(|e| mountinfo::explain_locked(&canon, e)),
+            .map_err(|e| mountinfo::explain_locked(&canon, e, true)),
     }
     .map_err(|e| with_path(e, new))?;
     let link = image.backing_chain().into_iter().next();

@@ -5,13 +5,14 @@
 //! on success; an existing regular file is refused. A block device is written
 //! in place, zeros included.
 
-use super::import::{reader_threads, TempImage};
+use super::import::reader_threads;
 use super::pipeline::{self, Plan};
 use super::progress::Progress;
+use super::staging::TempImage;
 use crate::engine::{DiskView, OpenOptions};
 use crate::{Error, ErrorKind, Result};
 use std::fs::{File, OpenOptions as FsOpen};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Output formats of [`export`].
@@ -80,7 +81,8 @@ pub fn export(
         Some(reader) => reader,
         None => &head,
     };
-    let target = Target::prepare(dest, format)?;
+    // An encrypted image's export is its plaintext: only its owner reads it.
+    let target = Target::prepare(dest, format, head.is_encrypted())?;
     let bar = Progress::new(progress, img.len(), "export");
     match format {
         ExportFormat::Raw => export_raw(img, &target, &bar),
@@ -99,7 +101,9 @@ struct Target {
 }
 
 impl Target {
-    fn prepare(dest: &Path, format: ExportFormat) -> Result<Target> {
+    /// The destination; a new file is created readable by its owner only
+    /// when `private`, else as the umask allows.
+    fn prepare(dest: &Path, format: ExportFormat, private: bool) -> Result<Target> {
         if let Ok(meta) = std::fs::metadata(dest) {
             if meta.file_type().is_block_device() && format == ExportFormat::Raw {
                 let file = FsOpen::new()
@@ -118,6 +122,7 @@ impl Target {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(if private { 0o600 } else { 0o666 })
             .open(&temp.path)
             .map_err(|e| Error::io(format!("{}: create", temp.path.display()), e))?;
         Ok(Target {

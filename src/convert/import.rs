@@ -5,10 +5,11 @@
 
 use super::pipeline::{self, Plan};
 use super::progress::Progress;
+use super::staging::TempImage;
 use super::{open_source, Format, Source};
 use crate::engine::{CreateOptions, OpenOptions};
 use crate::{Error, ErrorKind, Result};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// What an import did, for the caller to show.
 #[derive(Debug, Clone, Default)]
@@ -125,79 +126,4 @@ pub fn reader_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 8)
-}
-
-/// A file under a hidden temporary name, removed on drop unless committed.
-#[derive(Debug)]
-pub struct TempImage {
-    /// The temporary path.
-    pub path: PathBuf,
-    done: bool,
-}
-
-impl TempImage {
-    /// A temporary name in `target`'s directory.
-    pub fn new(target: &Path) -> Result<Self> {
-        let name = target
-            .file_name()
-            .ok_or_else(|| Error::invalid(format!("{}: not a file name", target.display())))?;
-        let tmp_name = format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id());
-        let path = target.with_file_name(tmp_name);
-        if path.exists() {
-            std::fs::remove_file(&path)
-                .map_err(|e| Error::io(format!("{}: remove stale file", path.display()), e))?;
-        }
-        Ok(TempImage { path, done: false })
-    }
-
-    /// Moves the file to `target`, refusing to replace a file that appeared
-    /// meanwhile, and makes the new name durable.
-    pub fn commit(mut self, target: &Path) -> Result<()> {
-        let ctx = |e| Error::io(format!("{}: rename into place", target.display()), e);
-        match std::fs::hard_link(&self.path, target) {
-            Ok(()) => {
-                std::fs::remove_file(&self.path).map_err(ctx)?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(Error::new(
-                    ErrorKind::Exists,
-                    format!(
-                        "{}: appeared while converting; not replaced",
-                        target.display()
-                    ),
-                ));
-            }
-            // File systems without hard links: check, then rename.
-            Err(_) => {
-                if target.exists() {
-                    return Err(Error::new(
-                        ErrorKind::Exists,
-                        format!(
-                            "{}: appeared while converting; not replaced",
-                            target.display()
-                        ),
-                    ));
-                }
-                std::fs::rename(&self.path, target).map_err(ctx)?;
-            }
-        }
-        self.done = true;
-        let dir = target
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if let Ok(d) = std::fs::File::open(dir) {
-            d.sync_all()
-                .map_err(|e| Error::io(format!("{}: sync", dir.display()), e))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for TempImage {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
 }

@@ -17,6 +17,7 @@ pub mod qcow2;
 mod qcow2_writer;
 pub mod raw;
 pub mod source;
+pub mod staging;
 pub mod vhd;
 
 pub use commands::{run_export, run_import};

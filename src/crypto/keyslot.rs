@@ -138,6 +138,11 @@ impl Slot {
         if crc32c::crc32c(&b[..4092]) != u32_at(b, 4092) {
             return Err(damaged("checksum mismatch"));
         }
+        // The wrap binds the fields it knows; the reserved bytes must be
+        // what the writer left there, or anyone could change them unseen.
+        if b[18..20].iter().chain(&b[184..4092]).any(|&x| x != 0) {
+            return Err(damaged("reserved bytes are not zero"));
+        }
         if b[16] != CIPHER_XCHACHA || b[17] != KDF_ARGON2ID {
             return Err(Error::new(
                 ErrorKind::Unsupported,
@@ -376,20 +381,25 @@ mod tests {
 
     #[test]
     fn tampered_wrap_with_right_key_is_damage() {
-        let store = MemStore::new();
-        let uuid = [5u8; 16];
-        create(&store, &key(b"pass"), &uuid).unwrap();
-        for which in 0..2 {
-            let at = KEYSLOT_AREA + which * KEYSLOT_SIZE;
-            let mut b = vec![0u8; KEYSLOT_SIZE as usize];
-            store.read_at(&mut b, at).unwrap();
-            b[110] ^= 1;
-            let crc = crc32c::crc32c(&b[..4092]);
-            b[4092..].copy_from_slice(&crc.to_le_bytes());
-            store.write_at(&b, at).unwrap();
+        // A byte of the wrapped key, of the reserved field after the ids,
+        // of the reserved area after the check value: each changed with the
+        // crc fixed (deliberately) in both slots.
+        for byte in [110, 18, 19, 184, 4091] {
+            let store = MemStore::new();
+            let uuid = [5u8; 16];
+            create(&store, &key(b"pass"), &uuid).unwrap();
+            for which in 0..2 {
+                let at = KEYSLOT_AREA + which * KEYSLOT_SIZE;
+                let mut b = vec![0u8; KEYSLOT_SIZE as usize];
+                store.read_at(&mut b, at).unwrap();
+                b[byte] ^= 1;
+                let crc = crc32c::crc32c(&b[..4092]);
+                b[4092..].copy_from_slice(&crc.to_le_bytes());
+                store.write_at(&b, at).unwrap();
+            }
+            let e = unlock(&store, &key(b"pass"), &uuid).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "byte {byte}: {e}");
         }
-        let e = unlock(&store, &key(b"pass"), &uuid).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     }
 
     #[test]

@@ -120,21 +120,22 @@ impl KeyMaterial {
         std::fs::File::open(path)
             .and_then(|f| {
                 use std::io::Read;
-                f.take(MAX_KEY_FILE + 1).read_to_end(&mut bytes)
+                // The key, and the line end that may follow it.
+                f.take(MAX_KEY_FILE + 3).read_to_end(&mut bytes)
             })
             .map_err(|e| Error::io(format!("read key file {}", path.display()), e))?;
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+        }
         if bytes.len() as u64 > MAX_KEY_FILE {
             return Err(Error::invalid(format!(
                 "key file {} is larger than {} KiB: is it the right file?",
                 path.display(),
                 MAX_KEY_FILE >> 10
             )));
-        }
-        if bytes.last() == Some(&b'\n') {
-            bytes.pop();
-            if bytes.last() == Some(&b'\r') {
-                bytes.pop();
-            }
         }
         KeyMaterial::from_bytes(&bytes)
             .map_err(|e| e.context(format!("key file {}", path.display())))
@@ -340,6 +341,13 @@ mod tests {
         f.set_len(MAX_KEY_FILE + 1).unwrap();
         let e = KeyMaterial::from_file(&p).unwrap_err();
         assert!(e.to_string().contains("larger than 64 KiB"), "{e}");
+        // The line end after the largest key is not part of it.
+        for end in [&b"\n"[..], b"\r\n"] {
+            use std::os::unix::fs::FileExt;
+            f.set_len(MAX_KEY_FILE).unwrap();
+            f.write_all_at(end, MAX_KEY_FILE).unwrap();
+            assert!(KeyMaterial::from_file(&p).is_ok(), "{end:?}");
+        }
         f.set_len(4 << 30).unwrap();
         let e = KeyMaterial::from_file(&p).unwrap_err();
         assert!(e.to_string().contains("larger than 64 KiB"), "{e}");

@@ -111,8 +111,12 @@ fn open_level(
                 format!("{what}: the base is encrypted but this clone is not"),
             )
         })?;
-        let sealed = crate::crypto::attach(base_store, &base_sb, Some(key))
-            .map_err(|e| e.context(format!("{what} (the base, same key as its clone)")))?;
+        let sealed = crate::crypto::attach(base_store, &base_sb, Some(key)).map_err(|e| {
+            e.context(format!(
+                "{what} (the base, unlocked with its clone's key: a base and its clones \
+                     are rekeyed together)"
+            ))
+        })?;
         let sb = read_superblock(sealed.as_ref(), base_len).map_err(|e| e.context(&what))?;
         (sealed, sb)
     } else {

@@ -399,28 +399,40 @@ fn roll_forward(
         // when the last one ended an append (format.md, "The log").
         let follows = |h: &RecordHeader| h.epoch == sb.log_epoch && h.lsn == lsn;
         let here = off;
-        let mut next = read_next(store, off, file_len)?.filter(|(h, _)| follows(h));
-        if next.is_none() && off % LOG_UNIT != 0 {
-            off = align_up(off, LOG_UNIT);
-            next = read_next(store, off, file_len)?.filter(|(h, _)| follows(h));
-        }
+        let next = match read_following(store, off, file_len, follows) {
+            Ok((at, next)) => {
+                off = at;
+                next
+            }
+            // Written whole, then altered (it passes its crc, not its
+            // authentication): only salvage goes past it.
+            Err(e) if salvage && e.kind() == ErrorKind::Corrupt => {
+                match salvage_past(store, sb.log_epoch, (here, lsn), file_len, &e, notes) {
+                    Some(at) => {
+                        (off, lsn) = at;
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            Err(e) => {
+                return Err(Error::corrupt(format!(
+                    "{e}; `vbdfs check --repair` replays the log past it (dropping what that \
+                     record held)"
+                )))
+            }
+        };
         let Some((h, payload)) = next else {
             let damaged = match logend::synced_but_damaged(store, sb.log_epoch, here, lsn, file_len)
             {
                 Err(e) if salvage && e.kind() == ErrorKind::Corrupt => {
-                    let Some((at, next)) =
-                        logend::next_readable(store, sb.log_epoch, here, lsn, file_len)
-                    else {
-                        break;
-                    };
-                    notes.push(format!(
-                        "salvage: {e}; dropped log records {lsn}..{} and replayed from the \
-                         record at {at}",
-                        next - 1
-                    ));
-                    ::log::warn!("{}", notes[notes.len() - 1]);
-                    (off, lsn) = (at, next);
-                    continue;
+                    match salvage_past(store, sb.log_epoch, (here, lsn), file_len, &e, notes) {
+                        Some(at) => {
+                            (off, lsn) = at;
+                            continue;
+                        }
+                        None => break,
+                    }
                 }
                 other => other?,
             };
@@ -475,6 +487,52 @@ fn roll_forward(
         lsn += 1;
     }
     Ok((off, lsn, max_birth))
+}
+
+/// A record read back: its header and payload.
+type Record = (RecordHeader, Vec<u8>);
+
+/// The record that continues the log at `off` — there, or when none does
+/// there, at the next log unit — and where it was looked for last.
+fn read_following(
+    store: &dyn Store,
+    off: u64,
+    file_len: u64,
+    follows: impl Fn(&RecordHeader) -> bool,
+) -> Result<(u64, Option<Record>)> {
+    let next = read_next(store, off, file_len)?.filter(|(h, _)| follows(h));
+    if next.is_some() || off.is_multiple_of(LOG_UNIT) {
+        return Ok((off, next));
+    }
+    let at = align_up(off, LOG_UNIT);
+    let next = read_next(store, at, file_len)?.filter(|(h, _)| follows(h));
+    Ok((at, next))
+}
+
+/// Salvage (`check --repair`): roll-forward cannot go on at `here`, where
+/// record `lsn` was expected, because of `why`. Notes what is dropped and
+/// returns where the log goes on: the next readable record of the run (its
+/// offset and lsn), or None when nothing readable follows.
+fn salvage_past(
+    store: &dyn Store,
+    epoch: u64,
+    (here, lsn): (u64, u64),
+    file_len: u64,
+    why: &Error,
+    notes: &mut Vec<String>,
+) -> Option<(u64, u64)> {
+    let next = logend::next_readable(store, epoch, here, lsn, file_len);
+    notes.push(match next {
+        Some((at, next)) => format!(
+            "salvage: {why}; dropped log records {lsn}..{} and replayed from the record at {at}",
+            next - 1
+        ),
+        None => {
+            format!("salvage: {why}; dropped the log from record {lsn} on (nothing after it reads)")
+        }
+    });
+    ::log::warn!("{}", notes[notes.len() - 1]);
+    next
 }
 
 /// A DATA record met in roll-forward must name a block of the disk and hold
