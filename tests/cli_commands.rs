@@ -167,6 +167,49 @@ fn bad_files_and_paths_are_one_line_errors() {
     assert_error(&["mount", p(&missing), p(tmp.path())], "missing.vbd");
 }
 
+/// Output that cannot be written is an error line, not a panic: a full
+/// disk is one `vbdfs:` line and exit 1; a reader that went away (`| head`)
+/// ends the command quietly with 141, as SIGPIPE ends other tools.
+#[test]
+fn output_that_cannot_be_written_is_one_line_or_quiet() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "1M", &[]);
+    let raw = tmp.path().join("a.raw");
+    for args in [
+        vec!["info", p(&img)],
+        vec!["check", p(&img)],
+        vec!["snapshot", "list", p(&img)],
+        vec!["export", p(&img), p(&raw)],
+    ] {
+        let _ = std::fs::remove_file(&raw);
+        let full = std::fs::File::create("/dev/full").expect("/dev/full");
+        let out = common::vbdfs()
+            .args(&args)
+            .stdout(full)
+            .output()
+            .expect("run vbdfs");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end(),
+            "vbdfs: writing to standard output: No space left on device (os error 28)",
+            "{args:?}"
+        );
+        let _ = std::fs::remove_file(&raw);
+        let mut child = common::vbdfs()
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run vbdfs");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
+}
+
 #[test]
 fn bad_mount_options_are_refused_before_mounting() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -2,6 +2,7 @@
 
 use super::options::format_size;
 use super::CompactArgs;
+use crate::cli::output::say;
 use crate::cli::{mount::canonical_file, mountinfo};
 use crate::error::Result;
 use crate::OpenOptions;
@@ -18,12 +19,12 @@ pub fn run(args: &CompactArgs) -> Result<()> {
         super::keys::open(&canon, &opts).map_err(|e| mountinfo::explain_locked(&canon, e, true))?;
     let report = image.compact()?;
     image.close()?;
-    println!(
+    say!(
         "{}: live data {}, host space {} -> {}",
         args.image.display(),
         format_size(report.live_bytes),
         format_size(report.file_allocated_before),
         format_size(report.file_allocated_after)
-    );
+    )?;
     Ok(())
 }

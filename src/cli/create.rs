@@ -5,6 +5,7 @@
 use super::options::{format_size, parse_codec, parse_size};
 use super::snapshot::{make_clone, split_at_snapshot};
 use super::CreateArgs;
+use crate::cli::output::say;
 use crate::engine::CloneOptions;
 use crate::{CreateOptions, Error, ErrorKind, OpenOptions, Result};
 
@@ -71,12 +72,12 @@ pub fn run(args: &CreateArgs) -> Result<()> {
         .map_err(|e| with_path(e, &args.image))?;
     let codec = image.codec();
     image.close().map_err(|e| with_path(e, &args.image))?;
-    println!(
+    say!(
         "created {}: {}, {} blocks, {codec}",
         args.image.display(),
         format_size(size),
         format_size(block_size)
-    );
+    )?;
     Ok(())
 }
 

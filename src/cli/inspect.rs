@@ -2,6 +2,7 @@
 //! mounted one: read-only opens take no lock), and `check --repair`, which
 //! opens read-write and so needs the image unmounted.
 
+use crate::cli::output::say;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -71,10 +72,10 @@ pub fn info(args: &InfoArgs) -> Result<()> {
                 image.lost_snapshot_table().into(),
             );
         }
-        println!(
+        say!(
             "{}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
-        );
+        )?;
         return Ok(());
     }
     let bytes = |n: u64| format!("{} ({n} bytes)", format_size(n));
@@ -119,10 +120,10 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         ("mounted at", mounted_at),
     ];
     for (key, value) in lines {
-        println!("{key}: {value}");
+        say!("{key}: {value}")?;
     }
     for lost in image.damage() {
-        println!("damage: {lost}");
+        say!("damage: {lost}")?;
     }
     Ok(())
 }
@@ -152,10 +153,10 @@ fn locked_info(args: &InfoArgs, sb: &crate::format::Superblock) -> Result<()> {
             "clean": sb.flags & crate::format::SB_FLAG_DIRTY == 0,
             "generation": sb.gen,
         });
-        println!(
+        say!(
             "{}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
-        );
+        )?;
         return Ok(());
     }
     let lines = [
@@ -178,7 +179,7 @@ fn locked_info(args: &InfoArgs, sb: &crate::format::Superblock) -> Result<()> {
         ("generation", sb.gen.to_string()),
     ];
     for (key, value) in lines {
-        println!("{key}: {value}");
+        say!("{key}: {value}")?;
     }
     Ok(())
 }
@@ -262,10 +263,10 @@ fn recheck_mounted(path: &Path, mut report: CheckReport) -> Result<CheckReport> 
     }
     let gone = found - findings(&report).min(found);
     if gone > 0 {
-        println!(
+        say!(
             "note: {gone} finding(s) were records the mount reclaimed while they were read; \
              they are fine in its newer state"
-        );
+        )?;
     }
     Ok(report)
 }
@@ -307,17 +308,17 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
     let (canon, image) = open(&args.image, !args.repair)?;
     let mounted = mountinfo::mount_points_of(&canon);
     if let Some(dir) = mounted.first() {
-        println!(
+        say!(
             "note: {} is mounted at {}; checking its last durable state",
             canon.display(),
             dir.display()
-        );
+        )?;
     }
     for note in image.recovery_notes() {
-        println!("log: {note}");
+        say!("log: {note}")?;
     }
     for lost in image.damage() {
-        println!("damage: {lost}");
+        say!("damage: {lost}")?;
     }
     let mut report = image.check().map_err(|e| with_path(e, &args.image))?;
     // Only another writer (a read-write mount) rewrites what this
@@ -325,38 +326,38 @@ pub fn check(args: &CheckArgs) -> Result<ExitCode> {
     if !report.is_ok() && !args.repair && super::keys::held_by_a_writer(&args.image) {
         report = recheck_mounted(&args.image, report)?;
     }
-    println!("blocks checked: {}", report.blocks_checked);
-    println!("snapshots checked: {}", report.snapshots_checked);
+    say!("blocks checked: {}", report.blocks_checked)?;
+    say!("snapshots checked: {}", report.snapshots_checked)?;
     for err in &report.errors {
-        println!("error: {err}");
+        say!("error: {err}")?;
     }
     for line in bad_block_lines(&report.bad) {
-        println!("{line}");
+        say!("{line}")?;
     }
     for fixed in &report.repaired {
-        println!("repaired: {fixed}");
+        say!("repaired: {fixed}")?;
     }
     for damaged in &report.damaged_copies {
-        println!("damaged copy: {damaged}");
+        say!("damaged copy: {damaged}")?;
     }
     if !report.damaged_copies.is_empty() {
-        println!(
+        say!(
             "note: nothing is lost while one copy serves; `vbdfs check --repair` writes them \
              anew (not those of a snapshot a clone is based on: export it while one copy serves)"
-        );
+        )?;
     }
     if report.single_copy_records > 0 {
-        println!(
+        say!(
             "note: {} map record(s) have no second copy (written by an older vbdfs); \
              `vbdfs compact` writes them anew (not those of a snapshot a clone is based on)",
             report.single_copy_records
-        );
+        )?;
     }
     if args.repair {
         image.close().map_err(|e| with_path(e, &args.image))?;
     }
     if report.is_ok() {
-        println!("{}: ok", canon.display());
+        say!("{}: ok", canon.display())?;
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!(

@@ -7,6 +7,7 @@
 //! refused (`chmod 600 FILE`). The key is read before the mount daemon forks,
 //! so a relative path works, and it is never logged.
 
+use crate::cli::output::say;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -123,9 +124,9 @@ pub fn rekey(args: &super::RekeyArgs) -> Result<()> {
     let canon = super::mount::canonical_file(&args.image)?;
     crate::crypto::rekey_file(&canon, &old, &new)
         .map_err(|e| super::mountinfo::explain_locked(&canon, e, false))?;
-    println!(
+    say!(
         "{}: key changed (only the keyslots were rewritten)",
         args.image.display()
-    );
+    )?;
     Ok(())
 }

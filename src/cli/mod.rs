@@ -11,6 +11,7 @@ pub mod logger;
 mod mount;
 pub mod mountinfo;
 pub mod options;
+pub(crate) mod output;
 mod snapshot;
 mod umount;
 

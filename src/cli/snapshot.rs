@@ -10,6 +10,7 @@
 //! through its control file (`snapshot`, `hold-snapshot`) and is read
 //! read-only.
 
+use crate::cli::output::say;
 use std::path::{Path, PathBuf};
 
 use super::create::with_path;
@@ -80,7 +81,7 @@ pub fn run(args: &SnapshotArgs) -> Result<()> {
                 .snapshot_create(name)
                 .map_err(|e| with_path(e, &args.image))?;
             image.close().map_err(|e| with_path(e, &args.image))?;
-            println!("created snapshot {name} of {shown} (id {})", info.id);
+            say!("created snapshot {name} of {shown} (id {})", info.id)?;
             Ok(())
         }
         "delete" => {
@@ -100,7 +101,7 @@ pub fn run(args: &SnapshotArgs) -> Result<()> {
                 with_path(Error::new(e.kind(), format!("{e}{hint}")), &args.image)
             })?;
             image.close().map_err(|e| with_path(e, &args.image))?;
-            println!("deleted snapshot {name} of {shown}");
+            say!("deleted snapshot {name} of {shown}")?;
             Ok(())
         }
         "rollback" => {
@@ -110,7 +111,7 @@ pub fn run(args: &SnapshotArgs) -> Result<()> {
                 .snapshot_rollback(name)
                 .map_err(|e| with_path(e, &args.image))?;
             image.close().map_err(|e| with_path(e, &args.image))?;
-            println!("rolled {shown} back to snapshot {name}");
+            say!("rolled {shown} back to snapshot {name}")?;
             Ok(())
         }
         other => Err(Error::invalid(format!(
@@ -148,7 +149,7 @@ fn list(args: &SnapshotArgs) -> Result<()> {
         }
     };
     if usage.is_empty() {
-        println!("no snapshots");
+        say!("no snapshots")?;
         return Ok(());
     }
     let width = usage
@@ -157,19 +158,22 @@ fn list(args: &SnapshotArgs) -> Result<()> {
         .max()
         .unwrap_or(4)
         .max(4);
-    println!(
+    say!(
         "{:<width$}  {:<23}  {:>12}  {:>12}  CLONES",
-        "NAME", "CREATED", "DATA", "ONLY HERE"
-    );
+        "NAME",
+        "CREATED",
+        "DATA",
+        "ONLY HERE"
+    )?;
     for (info, exclusive) in &usage {
-        println!(
+        say!(
             "{:<width$}  {:<23}  {:>12}  {:>12}  {}",
             info.name,
             format_time(info.created_ns),
             format_size(info.allocated_bytes),
             exclusive.map_or("?".into(), format_size),
             info.holds
-        );
+        )?;
     }
     Ok(())
 }
@@ -276,14 +280,14 @@ pub fn make_clone(new: &Path, base: &Path, snap: Option<&str>, opts: &CloneOptio
     image.close().map_err(|e| with_path(e, new))?;
     let used = link.map(|l| l.snapshot).unwrap_or_default();
     if snap.is_none() {
-        println!("took snapshot {used} of {}", base.display());
+        say!("took snapshot {used} of {}", base.display())?;
     }
-    println!(
+    say!(
         "created {}: {}, copy-on-write clone of {}@{used}",
         new.display(),
         format_size(size),
         base.display()
-    );
+    )?;
     Ok(())
 }
 

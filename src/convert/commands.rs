@@ -3,6 +3,7 @@
 //! print the notes and a one-line summary.
 
 use super::{detect, export, import_report, ExportFormat, Format};
+use crate::cli::output::say;
 use crate::engine::CreateOptions;
 use crate::Result;
 use std::path::Path;
@@ -24,12 +25,12 @@ pub fn run_import(
     for note in &report.notes {
         eprintln!("vbdfs: note: {note}");
     }
-    println!(
+    say!(
         "imported {} ({shown}, {} bytes) into {}",
         source.display(),
         report.source_size,
         image.display()
-    );
+    )?;
     Ok(())
 }
 
@@ -37,6 +38,6 @@ pub fn run_import(
 pub fn run_export(image: &str, dest: &Path, format: Option<&str>) -> Result<()> {
     let format: Option<ExportFormat> = format.map(str::parse).transpose()?;
     export(Path::new(image), dest, format, true)?;
-    println!("exported {image} to {}", dest.display());
+    say!("exported {image} to {}", dest.display())?;
     Ok(())
 }
