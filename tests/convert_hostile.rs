@@ -222,6 +222,51 @@ fn backing_loops_and_missing_backing() {
     assert!(e.to_string().contains("gone.qcow2"), "{e}");
 }
 
+/// A source, or a backing file a source names, that is a FIFO (whose open
+/// would wait for a writer forever) or a character device is refused at
+/// once, not read.
+#[test]
+fn fifos_and_character_devices_are_refused_at_once() {
+    let (_d, dir) = tmp();
+    let fifo = dir.join("pipe");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    qemu_img_in(
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "pipe",
+            "-F",
+            "raw",
+            "top.qcow2",
+            "1M",
+        ],
+    );
+    let start = std::time::Instant::now();
+    for src in [fifo.clone(), dir.join("top.qcow2")] {
+        let e = import_fails(&dir, &src, ErrorKind::Invalid);
+        assert!(e.to_string().contains("pipe: is a FIFO"), "{e}");
+    }
+    let e = import(
+        Path::new("/dev/zero"),
+        &dir.join("z.vbd"),
+        None,
+        &CreateOptions::default(),
+        false,
+    )
+    .expect_err("a character device");
+    assert!(e.to_string().contains("character device"), "{e}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+}
+
 #[test]
 fn garbage_compressed_cluster() {
     let (_d, dir) = tmp();

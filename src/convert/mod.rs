@@ -140,8 +140,12 @@ fn open_in_chain(
             )));
         }
     }
+    let child = chain.last().cloned();
     chain.push(canonical);
-    let file = FileReader::open(path)?;
+    let file = FileReader::open(path).map_err(|e| match &child {
+        Some(child) => e.context(format!("{}: backing file", child.display())),
+        None => e,
+    })?;
     let found = detect_in(&file)?;
     let format = match format {
         Some(want) if strict && want != found => {

@@ -45,22 +45,47 @@ pub struct FileReader {
 }
 
 impl FileReader {
-    /// Opens `path` read-only.
+    /// Opens `path` read-only: a regular file or a block device. Anything
+    /// else (a FIFO, whose open would wait for a writer; a socket; a
+    /// character device) is refused before it is read.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| {
-            let kind = if e.kind() == io::ErrorKind::NotFound {
-                ErrorKind::NotFound
-            } else {
-                ErrorKind::Io
-            };
-            Error::new(kind, format!("{}: cannot open: {e}", path.display()))
-        })?;
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        // Non-blocking: opening a FIFO without a writer returns at once (and
+        // is refused below) instead of waiting; files and disks ignore it.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| {
+                let kind = if e.kind() == io::ErrorKind::NotFound {
+                    ErrorKind::NotFound
+                } else {
+                    ErrorKind::Io
+                };
+                Error::new(kind, format!("{}: cannot open: {e}", path.display()))
+            })?;
         let meta = file
             .metadata()
             .map_err(|e| Error::io(format!("{}: stat", path.display()), e))?;
         if meta.is_dir() {
             return Err(Error::invalid(format!(
                 "{}: is a directory",
+                path.display()
+            )));
+        }
+        let kind = meta.file_type();
+        let odd = if kind.is_fifo() {
+            Some("a FIFO")
+        } else if kind.is_socket() {
+            Some("a socket")
+        } else if kind.is_char_device() {
+            Some("a character device")
+        } else {
+            None
+        };
+        if let Some(odd) = odd {
+            return Err(Error::invalid(format!(
+                "{}: is {odd}, not a disk file or block device",
                 path.display()
             )));
         }
