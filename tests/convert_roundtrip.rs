@@ -103,6 +103,31 @@ fn export_is_sparse_and_import_skips_zeros() {
         meta.blocks() * 512
     );
     assert_identical(&out, "raw", &src, "raw");
+
+    // 4 KiB of data in each MiB: the zeros around it inside its 64 KiB
+    // block stay holes in the raw export, as in the source.
+    let pieces = dir.join("pieces.raw");
+    let extents: Vec<(u64, u64, u8)> = (0..64u64)
+        .map(|i| ((i << 20) + 12288, 4096, 0x5a))
+        .collect();
+    make_raw(&pieces, 64 << 20, &extents);
+    let img = dir.join("pieces.vbd");
+    import(
+        &pieces,
+        &img,
+        Some(Format::Raw),
+        &CreateOptions::default(),
+        false,
+    )
+    .expect("import");
+    let out = dir.join("pieces.out");
+    export(&img, &out, Some(ExportFormat::Raw), false).expect("export");
+    let allocated = std::fs::metadata(&out).expect("stat").blocks() * 512;
+    assert!(
+        allocated <= 512 << 10,
+        "export allocates {allocated} bytes for 256 KiB of data"
+    );
+    assert_identical(&out, "raw", &pieces, "raw");
 }
 
 #[test]

@@ -15,6 +15,9 @@ use std::fs::{File, OpenOptions as FsOpen};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+/// The grid on which a raw export leaves zeros as holes.
+const PAGE: u64 = 4096;
+
 /// Output formats of [`export`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportFormat {
@@ -160,7 +163,9 @@ fn export_raw(img: &dyn DiskView, target: &Target, bar: &Progress) -> Result<()>
     }
     let plan = Plan {
         len,
-        block: img.block_size(),
+        // A new file's holes are as fine as its pages: the zeros around
+        // data inside a block stay holes (a device is written whole).
+        block: if device { img.block_size() } else { PAGE },
         threads: reader_threads(),
         write_zeros: device,
     };
