@@ -9,7 +9,7 @@ mod convert_common;
 use convert_common::{make_raw, p, qemu_img, qemu_img_in, qemu_io, run, tmp};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use vbdfs::convert::{import, open_source, Source};
+use vbdfs::convert::{import, import_report, open_source, Source};
 use vbdfs::{CreateOptions, Error, ErrorKind};
 
 fn patch(path: &Path, off: u64, bytes: &[u8]) {
@@ -220,6 +220,33 @@ fn backing_loops_and_missing_backing() {
     );
     let e = import_fails(&dir, &dir.join("orphan.qcow2"), ErrorKind::NotFound);
     assert!(e.to_string().contains("gone.qcow2"), "{e}");
+}
+
+/// A qcow2 whose header size is not a multiple of 512 shows its whole
+/// sectors, as QEMU does (it rounds down; a raw file is rounded up).
+#[test]
+fn a_qcow2_size_between_sectors_is_rounded_down_as_qemu_does() {
+    let (_d, dir) = tmp();
+    let src = qcow2_with_data(&dir, "odd.qcow2", "compat=1.1");
+    patch(&src, 24, &1000u64.to_be_bytes());
+    let img = dir.join("odd.vbd");
+    let report = import_report(&src, &img, None, &CreateOptions::default(), false).expect("import");
+    assert_eq!((report.source_size, report.image_size), (512, 512));
+    let out = dir.join("odd.raw");
+    vbdfs::convert::export(&img, &out, None, false).expect("export");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        &p(&dir, "odd.qcow2"),
+        &p(&dir, "q.raw"),
+    ]);
+    assert_eq!(
+        std::fs::read(&out).expect("out"),
+        std::fs::read(dir.join("q.raw")).expect("q")
+    );
 }
 
 /// A source, or a backing file a source names, that is a FIFO (whose open

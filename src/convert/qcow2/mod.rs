@@ -259,8 +259,10 @@ impl Source for Qcow2Source {
         self.file.path()
     }
 
+    /// Whole 512-byte sectors, as QEMU shows a qcow2 (`size / 512`): a
+    /// header size that is not a multiple of 512 drops its partial sector.
     fn len(&self) -> u64 {
-        self.h.size
+        self.h.size / 512 * 512
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
