@@ -26,7 +26,7 @@ use crossbeam_channel::{Receiver, Sender};
 use lru::LruCache;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 const SHARDS: usize = 16;
@@ -60,6 +60,8 @@ pub struct BlockCache {
     dirty: AtomicUsize,
     /// Writers waiting in [`BlockCache::throttle`].
     throttled: Mutex<usize>,
+    /// Set once write-back cannot go on ([`BlockCache::fail`]).
+    failed: AtomicBool,
     drained: Condvar,
     queue_tx: Sender<Arc<Slot>>,
     queue_rx: Receiver<Arc<Slot>>,
@@ -84,6 +86,7 @@ impl BlockCache {
             dirty_limit: (blocks / 2).max(1),
             dirty: AtomicUsize::new(0),
             throttled: Mutex::new(0),
+            failed: AtomicBool::new(false),
             drained: Condvar::new(),
             queue_tx,
             queue_rx,
@@ -295,13 +298,24 @@ impl BlockCache {
         self.expedite();
         let mut waiting = self.throttled.lock();
         *waiting += 1;
-        while self.dirty.load(Ordering::Relaxed) > self.dirty_limit {
+        while self.dirty.load(Ordering::Relaxed) > self.dirty_limit
+            && !self.failed.load(Ordering::Acquire)
+        {
             // The timeout only guards against a bug; wake-ups come from
             // `finish_writeback` under this lock.
             self.drained
                 .wait_for(&mut waiting, std::time::Duration::from_millis(50));
         }
         *waiting -= 1;
+    }
+
+    /// Write-back has failed for good (the image failed): dirty blocks stay
+    /// dirty from now on ([`BlockCache::abandon_writeback`]), so throttled
+    /// writers are let go instead of waiting for them (their writes fail).
+    pub fn fail(&self) {
+        let _waiting = self.throttled.lock();
+        self.failed.store(true, Ordering::Release);
+        self.drained.notify_all();
     }
 
     /// Lets one throttled writer go (a block was persisted below the limit).
@@ -340,6 +354,20 @@ impl BlockCache {
         if below_limit {
             self.release_one_writer();
         }
+    }
+
+    /// Called by a worker whose write-back failed (the image is failed then,
+    /// and nothing will be written back again): the slot stays dirty, so it
+    /// is never evicted and reads keep getting what was written, not its
+    /// older record; and every version of it counts as abandoned, so whoever
+    /// waits for one — now or after a write that raced with the failure —
+    /// goes on (a flush then reports the failure).
+    pub fn abandon_writeback(&self, slot: &Arc<Slot>) {
+        let mut state = slot.lock();
+        state.in_flight = false;
+        state.written = u64::MAX;
+        drop(state);
+        slot.notify();
     }
 
     /// Every dirty or in-flight slot with the version a flush must wait for;

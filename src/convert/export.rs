@@ -108,17 +108,40 @@ impl Target {
     /// when `private`, else as the umask allows.
     fn prepare(dest: &Path, format: ExportFormat, private: bool) -> Result<Target> {
         if let Ok(meta) = std::fs::metadata(dest) {
-            if meta.file_type().is_block_device() && format == ExportFormat::Raw {
+            let kind = meta.file_type();
+            if kind.is_block_device() && format == ExportFormat::Raw {
                 let file = FsOpen::new()
                     .write(true)
                     .open(dest)
                     .map_err(|e| Error::io(format!("{}: open", dest.display()), e))?;
                 return Ok(Target { file, temp: None });
             }
+            if !kind.is_file() && !kind.is_block_device() {
+                return Err(Error::invalid(format!(
+                    "{}: is not a regular file or block device",
+                    dest.display()
+                )));
+            }
             return Err(Error::new(
                 ErrorKind::Exists,
                 format!("{}: already exists; remove it first", dest.display()),
             ));
+        }
+        // Found out before the data is copied, not when it is put in place.
+        if std::fs::symlink_metadata(dest).is_ok() {
+            return Err(Error::new(
+                ErrorKind::Exists,
+                format!(
+                    "{}: is a symbolic link to nothing; remove it first",
+                    dest.display()
+                ),
+            ));
+        }
+        if dest.as_os_str().as_encoded_bytes().ends_with(b"/") {
+            return Err(Error::invalid(format!(
+                "{}: names a directory, not a file",
+                dest.display()
+            )));
         }
         let temp = TempImage::new(dest)?;
         let file = FsOpen::new()
@@ -170,6 +193,10 @@ fn export_raw(img: &dyn DiskView, target: &Target, bar: &Progress) -> Result<()>
         write_zeros: device,
     };
     let file = &target.file;
+    // A length the file system cannot hold fails now, not after the data.
+    if !device {
+        file.set_len(len).map_err(|e| Error::io("set length", e))?;
+    }
     pipeline::copy(
         plan,
         bar,
@@ -187,8 +214,5 @@ fn export_raw(img: &dyn DiskView, target: &Target, bar: &Progress) -> Result<()>
                 .map_err(|e| Error::io(format!("write at {off}"), e))
         },
     )?;
-    if !device {
-        file.set_len(len).map_err(|e| Error::io("set length", e))?;
-    }
     Ok(())
 }

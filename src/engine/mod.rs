@@ -222,6 +222,7 @@ impl Inner {
                 *failed = Some(err.to_string());
             }
             self.failed_flag.store(true, Ordering::Release);
+            self.cache.fail();
         }
         err
     }
@@ -231,7 +232,10 @@ impl Inner {
             let msg = self.failed.lock().clone().unwrap_or_default();
             return Err(Error::new(
                 ErrorKind::Failed,
-                format!("image is in a failed state after an earlier error ({msg}); reopen it"),
+                format!(
+                    "image is in a failed state after an earlier error ({msg}): nothing more is \
+                     written until it is opened again"
+                ),
             ));
         }
         Ok(())

@@ -179,7 +179,13 @@ pub(super) fn create_file(
         let _ = std::fs::remove_file(path);
         return Err(e.context(path.display()));
     }
-    Image::open_keyed(store, open, Some(path), key).map_err(|e| e.context(path.display()))
+    // The first open writes too (its checkpoint): a full disk can fail it.
+    // The file is this call's own, new and locked: a failed create leaves
+    // nothing.
+    Image::open_keyed(store, open, Some(path), key).map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        e.context(path.display())
+    })
 }
 
 pub(super) fn open_file(

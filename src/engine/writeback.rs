@@ -128,7 +128,8 @@ impl Inner {
             .iter()
             .map(|(slot, data, _)| (*slot, &data[..]))
             .collect();
-        if let Err(e) = self.persist(&blocks) {
+        let persisted = self.persist(&blocks);
+        if let Err(e) = &persisted {
             ::log::error!(
                 "write-back of {} block(s) from {} failed: {e}",
                 blocks.len(),
@@ -136,7 +137,11 @@ impl Inner {
             );
         }
         for (slot, _, version) in &taken {
-            self.cache.finish_writeback(slot, *version);
+            match persisted {
+                Ok(()) => self.cache.finish_writeback(slot, *version),
+                // Not on disk: the cache keeps the data (the image failed).
+                Err(_) => self.cache.abandon_writeback(slot),
+            }
         }
     }
 

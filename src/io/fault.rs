@@ -39,6 +39,7 @@ struct State {
     crash_at: Option<u64>,
     crashed: Option<CrashImage>,
     fail_at: Option<(u64, i32)>,
+    fail_from: Option<(u64, i32)>,
 }
 
 /// A store that keeps writes volatile until sync and injects crashes and errors.
@@ -126,6 +127,12 @@ impl FaultStore {
         self.state.lock().fail_at = Some((k, errno));
     }
 
+    /// Fail every event from number `k` on with `errno` while reads go on
+    /// working: a host disk that has filled up.
+    pub fn fail_from(&self, k: u64, errno: i32) {
+        self.state.lock().fail_from = Some((k, errno));
+    }
+
     /// How many events (mutations and syncs) happened so far.
     pub fn events(&self) -> u64 {
         self.state.lock().events
@@ -166,6 +173,11 @@ impl FaultStore {
         }
         if let Some((at, errno)) = s.fail_at {
             if at == k {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+        }
+        if let Some((from, errno)) = s.fail_from {
+            if k >= from {
                 return Err(io::Error::from_raw_os_error(errno));
             }
         }

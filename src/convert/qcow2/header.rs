@@ -259,7 +259,11 @@ fn read_backing_name(f: &FileReader, first: &[u8], fixed: &[u8]) -> Result<Optio
         return Ok(None);
     }
     let len = be32(fixed, 16);
-    if len == 0 || len > MAX_BACKING_NAME {
+    // An empty name is no backing file, as QEMU reads it.
+    if len == 0 {
+        return Ok(None);
+    }
+    if len > MAX_BACKING_NAME {
         return Err(f.corrupt(format!("qcow2 backing file name length {len} is invalid")));
     }
     f.check_range(off, len.into(), "qcow2 backing file name")?;
