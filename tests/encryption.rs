@@ -131,9 +131,12 @@ fn wrong_and_missing_key_are_refused_and_nothing_is_written() {
     assert_eq!(got, noise(1, 3 * BS));
 }
 
-/// An encrypted image with blocks 0..8 written, block 3 in its own flush;
-/// returns the store, the key and the byte range of block 3's DATA record.
-fn image_with_known_record() -> (Arc<MemStore>, KeyMaterial, u64, u64) {
+/// An encrypted uncompressed image with blocks 0..8 but 3 written and
+/// flushed, then `last` written and flushed on their own: the store, the
+/// key, the open image, and where that last flush's records start (where
+/// the bytes first changed: an append starts a log unit; the log's
+/// preallocated zeros do not count as a change).
+fn image_with_a_last_flush(last: &[u64]) -> (Arc<MemStore>, KeyMaterial, Image, usize) {
     let k = key("k");
     let (store, img) = create(Codec::None, 16, Some(&k));
     for b in (0..8u64).filter(|&b| b != 3) {
@@ -141,18 +144,26 @@ fn image_with_known_record() -> (Arc<MemStore>, KeyMaterial, u64, u64) {
     }
     img.flush().unwrap();
     let before = store.to_bytes();
-    img.write_at(&noise(3, BS), 3 * BS as u64).unwrap();
+    for &b in last {
+        img.write_at(&noise(b, BS), b * BS as u64).unwrap();
+    }
     img.flush().unwrap();
     let after = store.to_bytes();
-    img.close().unwrap();
-    // The one sealed raw DATA record this flush appended: where the bytes
-    // first changed (an append starts a log unit; the log's preallocated
-    // zeros do not count as a change).
     let start = (0..after.len())
         .find(|&i| before.get(i).copied().unwrap_or(0) != after[i])
-        .unwrap() as u64;
+        .unwrap();
     assert_eq!(start % 4096, 0);
-    assert_eq!(&after[start as usize..start as usize + 4], b"VREC");
+    assert_eq!(&after[start..start + 4], b"VREC");
+    (store, k, img, start)
+}
+
+/// An encrypted image with blocks 0..8 written, block 3 in its own flush,
+/// closed; returns the store, the key and the byte range of block 3's
+/// sealed raw DATA record.
+fn image_with_known_record() -> (Arc<MemStore>, KeyMaterial, u64, u64) {
+    let (store, k, img, start) = image_with_a_last_flush(&[3]);
+    img.close().unwrap();
+    let start = start as u64;
     (store, k, start, start + 64 + BS as u64 + 56)
 }
 
@@ -220,23 +231,10 @@ fn tampered_block_fails_alone_and_check_names_it() {
 /// other block reads its data.
 #[test]
 fn an_altered_record_in_the_replayed_log_is_salvaged_by_repair() {
-    let k = key("k");
-    let (store, img) = create(Codec::None, 16, Some(&k));
-    for b in (0..8u64).filter(|&b| b != 3) {
-        img.write_at(&noise(b, BS), b * BS as u64).unwrap();
-    }
-    img.flush().unwrap();
-    let before = store.to_bytes();
-    img.write_at(&noise(3, BS), 3 * BS as u64).unwrap();
-    img.write_at(&noise(8, BS), 8 * BS as u64).unwrap();
-    img.flush().unwrap();
+    let (store, k, img, start) = image_with_a_last_flush(&[3, 8]);
     // A crash now: the writes are only in the log after the checkpoint.
     let mut crashed = store.to_bytes();
     drop(img);
-    let start = (0..crashed.len())
-        .find(|&i| before.get(i).copied().unwrap_or(0) != crashed[i])
-        .unwrap();
-    assert_eq!(&crashed[start..start + 4], b"VREC");
     let len = 64 + BS + 56;
     crashed[start + 64 + 1000] ^= 0x20;
     fix_crc(&mut crashed, start, len);

@@ -405,22 +405,14 @@ fn roll_forward(
         // when the last one ended an append (format.md, "The log").
         let follows = |h: &RecordHeader| h.epoch == sb.log_epoch && h.lsn == lsn;
         let here = off;
-        let next = match read_following(store, off, file_len, follows) {
+        // A record written whole, then altered (it passes its crc, not its
+        // authentication): only salvage goes past it, as past damage.
+        let (next, altered) = match read_following(store, off, file_len, follows) {
             Ok((at, next)) => {
                 off = at;
-                next
+                (next, None)
             }
-            // Written whole, then altered (it passes its crc, not its
-            // authentication): only salvage goes past it.
-            Err(e) if salvage && e.kind() == ErrorKind::Corrupt => {
-                match salvage_past(store, sb.log_epoch, (here, lsn), file_len, &e, notes) {
-                    Some(at) => {
-                        (off, lsn) = at;
-                        continue;
-                    }
-                    None => break,
-                }
-            }
+            Err(e) if salvage && e.kind() == ErrorKind::Corrupt => (None, Some(e)),
             Err(e) => {
                 return Err(Error::corrupt(format!(
                     "{e}; `vbdfs check --repair` replays the log past it (dropping what that \
@@ -429,8 +421,11 @@ fn roll_forward(
             }
         };
         let Some((h, payload)) = next else {
-            let damaged = match logend::synced_but_damaged(store, sb.log_epoch, here, lsn, file_len)
-            {
+            let damaged = altered.map_or_else(
+                || logend::synced_but_damaged(store, sb.log_epoch, here, lsn, file_len),
+                Err,
+            );
+            let damaged = match damaged {
                 Err(e) if salvage && e.kind() == ErrorKind::Corrupt => {
                     match salvage_past(store, sb.log_epoch, (here, lsn), file_len, &e, notes) {
                         Some(at) => {
