@@ -52,6 +52,17 @@ fn import_fails(dir: &Path, src: &Path, kind: ErrorKind) -> Error {
     e
 }
 
+/// A 1 MiB qcow2 `name` in `dir` over the backing file `backing` of format
+/// `fmt`, which qemu-img does not open (it may be missing or hostile).
+fn qcow2_over(dir: &Path, name: &str, backing: &str, fmt: &str) {
+    qemu_img_in(
+        dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", fmt, name, "1M",
+        ],
+    );
+}
+
 fn qcow2_with_data(dir: &Path, name: &str, opts: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     qemu_img(&[
@@ -192,32 +203,12 @@ fn backing_loops_and_missing_backing() {
     qemu_img_in(&dir, &["create", "-q", "-f", "qcow2", "c0.qcow2", "1M"]);
     for i in 1..20 {
         let (b, c) = (format!("c{}.qcow2", i - 1), format!("c{i}.qcow2"));
-        qemu_img_in(
-            &dir,
-            &[
-                "create", "-q", "-f", "qcow2", "-u", "-b", &b, "-F", "qcow2", &c, "1M",
-            ],
-        );
+        qcow2_over(&dir, &c, &b, "qcow2");
     }
     let e = import_fails(&dir, &dir.join("c19.qcow2"), ErrorKind::Invalid);
     assert!(e.to_string().contains("deeper"), "{e}");
 
-    qemu_img_in(
-        &dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "gone.qcow2",
-            "-F",
-            "qcow2",
-            "orphan.qcow2",
-            "1M",
-        ],
-    );
+    qcow2_over(&dir, "orphan.qcow2", "gone.qcow2", "qcow2");
     let e = import_fails(&dir, &dir.join("orphan.qcow2"), ErrorKind::NotFound);
     assert!(e.to_string().contains("gone.qcow2"), "{e}");
 }
@@ -256,27 +247,8 @@ fn a_qcow2_size_between_sectors_is_rounded_down_as_qemu_does() {
 fn fifos_and_character_devices_are_refused_at_once() {
     let (_d, dir) = tmp();
     let fifo = dir.join("pipe");
-    let status = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo");
-    assert!(status.success());
-    qemu_img_in(
-        &dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "pipe",
-            "-F",
-            "raw",
-            "top.qcow2",
-            "1M",
-        ],
-    );
+    run("mkfifo", &[fifo.to_str().expect("utf8 path")]);
+    qcow2_over(&dir, "top.qcow2", "pipe", "raw");
     let start = std::time::Instant::now();
     for src in [fifo.clone(), dir.join("top.qcow2")] {
         let e = import_fails(&dir, &src, ErrorKind::Invalid);

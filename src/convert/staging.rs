@@ -73,29 +73,24 @@ impl TempImage {
         // the file has its final name or has failed to get it.
         let mut pending = PENDING.lock();
         let ctx = |e| Error::io(format!("{}: rename into place", target.display()), e);
+        let appeared = || {
+            Error::new(
+                ErrorKind::Exists,
+                format!(
+                    "{}: appeared while converting; not replaced",
+                    target.display()
+                ),
+            )
+        };
         match std::fs::hard_link(&self.path, target) {
             Ok(()) => {
                 std::fs::remove_file(&self.path).map_err(ctx)?;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(Error::new(
-                    ErrorKind::Exists,
-                    format!(
-                        "{}: appeared while converting; not replaced",
-                        target.display()
-                    ),
-                ));
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(appeared()),
             // File systems without hard links: check, then rename.
             Err(_) => {
                 if target.exists() {
-                    return Err(Error::new(
-                        ErrorKind::Exists,
-                        format!(
-                            "{}: appeared while converting; not replaced",
-                            target.display()
-                        ),
-                    ));
+                    return Err(appeared());
                 }
                 std::fs::rename(&self.path, target).map_err(ctx)?;
             }
