@@ -122,6 +122,20 @@ impl std::error::Error for Error {
     }
 }
 
+/// `text` with its control characters escaped (`\n`, `\u{1b}`): an error
+/// stays one line even when it quotes a name read from a file or a command.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +164,14 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::NoSpace);
         assert_eq!(e.errno(), libc::ENOSPC);
         assert!(e.to_string().starts_with("write img: "));
+    }
+
+    #[test]
+    fn errors_stay_one_line() {
+        assert_eq!(
+            printable("a.qcow2: backing file x\nvbdfs: forged\u{1b}[2J: gone"),
+            "a.qcow2: backing file x\\nvbdfs: forged\\u{1b}[2J: gone"
+        );
+        assert_eq!(printable("plain – text ✓"), "plain – text ✓");
     }
 }

@@ -14,24 +14,10 @@ fn main() -> ExitCode {
     match vbdfs::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("vbdfs: {}", printable(&err.to_string()));
+            eprintln!("vbdfs: {}", vbdfs::error::printable(&err.to_string()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// `text` with its control characters escaped (`\n`, `\u{1b}`): an error
-/// stays one line even when it quotes a name read from a file.
-fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 /// Help and version go out as clap renders them; a usage mistake becomes
@@ -69,15 +55,6 @@ fn one_line(rendered: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::one_line;
-
-    #[test]
-    fn errors_stay_one_line() {
-        assert_eq!(
-            super::printable("a.qcow2: backing file x\nvbdfs: forged\u{1b}[2J: gone"),
-            "a.qcow2: backing file x\\nvbdfs: forged\\u{1b}[2J: gone"
-        );
-        assert_eq!(super::printable("plain – text ✓"), "plain – text ✓");
-    }
 
     #[test]
     fn clap_errors_become_one_line() {

@@ -77,6 +77,12 @@ fn create_refuses_bad_arguments() {
     assert_error(&["create", i], "--size");
     assert_error(&["create", i, "--size", "12X"], "12X");
     assert_error(&["create", i, "--size", "0"], "--size");
+    // A negative size reaches the size parser (not clap's "unexpected argument").
+    assert_error(&["create", i, "--size", "-1"], "invalid size '-1'");
+    assert_error(
+        &["create", i, "--size", "1G", "--block-size", "-4K"],
+        "'-4K'",
+    );
     assert_error(
         &["create", i, "--size", "1G", "--block-size", "3K"],
         "--block-size",

@@ -6,7 +6,7 @@
 
 mod convert_common;
 
-use convert_common::{make_raw, p, qemu_img, qemu_img_in, qemu_io, run, tmp};
+use convert_common::{make_raw, p, qemu_img, qemu_img_in, qemu_io, qemu_raw, run, tmp};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use vbdfs::convert::{import, import_report, open_source, Source};
@@ -211,6 +211,68 @@ fn backing_loops_and_missing_backing() {
     qcow2_over(&dir, "orphan.qcow2", "gone.qcow2", "qcow2");
     let e = import_fails(&dir, &dir.join("orphan.qcow2"), ErrorKind::NotFound);
     assert!(e.to_string().contains("gone.qcow2"), "{e}");
+}
+
+/// A qcow2 whose backing file has no recorded format: QEMU probes only the
+/// file's start, so a fixed VHD (whose footer is only at its end) is a raw
+/// disk there, footer included. The import must read what QEMU reads.
+#[test]
+fn a_fixed_vhd_backing_without_a_format_is_raw_as_in_qemu() {
+    let (_d, dir) = tmp();
+    make_raw(&dir.join("b.raw"), 1 << 20, &[(0, 1 << 20, 0x5a)]);
+    qemu_img_in(
+        &dir,
+        &[
+            "convert",
+            "-q",
+            "-O",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+            "b.raw",
+            "fixed.vhd",
+        ],
+    );
+    qemu_img_in(
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "fixed.vhd",
+            "-F",
+            "vpc",
+            "top.qcow2",
+            "2M",
+        ],
+    );
+    // Rename the backing-format extension to an unknown one (QEMU skips it).
+    let top = dir.join("top.qcow2");
+    let head = std::fs::read(&top).expect("read");
+    let at = head
+        .windows(4)
+        .take(4096)
+        .position(|w| w == [0xe2, 0x79, 0x2a, 0xca])
+        .expect("backing format extension");
+    patch(&top, at as u64, &[0x12, 0x34, 0x56, 0x78]);
+    let img = dir.join("top.vbd");
+    import(&top, &img, None, &CreateOptions::default(), false).expect("import");
+    let out = dir.join("top.raw");
+    vbdfs::convert::export(&img, &out, None, false).expect("export");
+    let qemu = qemu_raw(&top, "qcow2");
+    let vhd_data = std::fs::metadata(dir.join("fixed.vhd")).expect("vhd").len() - 512;
+    assert_eq!(
+        &qemu[vhd_data as usize..vhd_data as usize + 8],
+        b"conectix",
+        "QEMU no longer reads the footer as data"
+    );
+    assert!(
+        std::fs::read(&out).expect("out") == qemu,
+        "import differs from QEMU"
+    );
 }
 
 /// A qcow2 whose header size is not a multiple of 512 shows its whole

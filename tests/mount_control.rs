@@ -120,6 +120,14 @@ fn status_and_commands() {
     }
     let last = m.status_value("last-error").expect("last-error");
     assert!(last.contains("pre-upgrade"), "{last}");
+    // A rejected name's control characters are escaped: the status stays
+    // one `key: value` line each.
+    let (ok, _) = echo_to(&m.control(), "delete-snapshot a\x1b[2Jb");
+    assert!(!ok, "a name with an escape character was taken");
+    let last = m.status_value("last-error").expect("last-error");
+    assert!(last.contains("a\\u{1b}[2Jb"), "{last}");
+    let status = std::fs::read_to_string(m.control()).expect("read control");
+    assert!(!status.contains('\u{1b}'), "{status:?}");
     // compact works through the control file.
     let (ok, err) = echo_to(&m.control(), "compact");
     assert!(ok, "compact failed: {err}");

@@ -65,11 +65,11 @@ pub struct CreateArgs {
     /// Path of the new image (must not exist).
     pub image: PathBuf,
     /// Virtual disk size, e.g. 10G (K, M, G, T are powers of 1024).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub size: Option<String>,
     /// Block size: a power of two from 4K to 1M (default 64K; with --backing,
     /// the base's).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub block_size: Option<String>,
     /// Compression: none, zstd (level 1, the default) or zstd:LEVEL (1..19, or -7..-1: faster, larger).
     #[arg(long, value_name = "CODEC")]

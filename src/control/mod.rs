@@ -52,6 +52,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::error::printable;
 use crate::{Error, ErrorKind, Image, Result};
 pub use stats::{Op, RequestStats};
 
@@ -208,8 +209,9 @@ impl Control {
         if err.kind() == ErrorKind::Failed {
             self.failed.store(true, Ordering::Relaxed);
         }
-        log::warn!("{}: {what}: {err}", self.image_path.display());
-        *self.last_error.lock() = Some(format!("{what}: {err}"));
+        let line = printable(&format!("{what}: {err}"));
+        log::warn!("{}: {line}", self.image_path.display());
+        *self.last_error.lock() = Some(line);
     }
 
     /// True once the engine reported a failed host write or sync: the image

@@ -77,12 +77,20 @@ pub fn detect(path: &Path) -> Result<Format> {
 }
 
 fn detect_in(f: &FileReader) -> Result<Format> {
-    let mut magic = [0u8; 4];
+    detect_magic(f, true)
+}
+
+/// `tail`: also take a VHD footer in the last sector (a fixed VHD has no
+/// header). QEMU's own probe looks only at the start, so a qcow2's backing
+/// file without a recorded format is probed without it: a fixed VHD there is
+/// the raw disk QEMU reads, footer included.
+fn detect_magic(f: &FileReader, tail: bool) -> Result<Format> {
+    let mut magic = [0u8; 8];
     f.read_at(&mut magic, 0)?;
-    if magic == qcow2::header::MAGIC {
+    if magic[..4] == qcow2::header::MAGIC {
         return Ok(Format::Qcow2);
     }
-    if vhd::footer::probe(f)? {
+    if &magic == vhd::footer::COOKIE || (tail && vhd::footer::probe(f)?) {
         return Ok(Format::Vhd);
     }
     Ok(Format::Raw)
@@ -146,7 +154,7 @@ fn open_in_chain(
         Some(child) => e.context(format!("{}: backing file", child.display())),
         None => e,
     })?;
-    let found = detect_in(&file)?;
+    let found = detect_magic(&file, child.is_none())?;
     let format = match format {
         Some(want) if strict && want != found => {
             return Err(Error::invalid(format!(

@@ -338,7 +338,7 @@ impl Image {
             image
                 .inner
                 .recovery_checkpoint()
-                .map_err(|e| e.context("recovery checkpoint"))?;
+                .map_err(|e| e.context("writing a checkpoint on open"))?;
             image.threads = writeback::spawn(&image.inner, open.workers.max(1))?;
         }
         for _ in 0..readahead::THREADS {
