@@ -54,6 +54,10 @@ fn second_mount_and_offline_changes_are_refused_with_the_mount_point() {
         "{err}"
     );
     assert!(!is_mounted(&tmp.path().join("mnt2")));
+    // Read-only too: one daemon owns an image (docs/admin.md §2).
+    let err = Mount::try_new(&img, &tmp.path().join("mnt2"), Some("ro")).expect_err("ro mount");
+    assert!(err.contains("already mounted"), "{err}");
+    assert!(!is_mounted(&tmp.path().join("mnt2")));
     // A hard link names the same image.
     let link = tmp.path().join("link.vbd");
     std::fs::hard_link(&img, &link).expect("hard link");
