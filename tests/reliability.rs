@@ -188,6 +188,66 @@ fn kill_9_under_fsyncing_writer_loses_nothing_acknowledged() {
     assert!(out.status.success(), "check after kill cycles: {out:?}");
 }
 
+/// A write through a file opened `O_DSYNC` or `O_SYNC` is durable when it
+/// returns: the kernel sends no fsync after a write to a direct-I/O file,
+/// only the flag, so the daemon must sync before it replies. A slow codec
+/// keeps write-back behind, and 4 KiB pieces wait in write-behind: without
+/// the sync the kill right after the last write loses them.
+#[test]
+fn o_dsync_and_o_sync_writes_survive_kill_9() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("d.vbd");
+    create(&img, "64M", &["--compress", "zstd:19"]);
+    let dir = tmp.path().join("mnt");
+    let mut m = Mount::new(&img, &dir, Some("cache=64M"));
+    let mut expected = Vec::new();
+    for (n, (flag, piece)) in [
+        (libc::O_DSYNC, 64 << 10),
+        (libc::O_SYNC, 64 << 10),
+        (libc::O_DSYNC, 4 << 10),
+        (libc::O_SYNC | libc::O_DIRECT, 4 << 10),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let f = OpenOptions::new()
+            .write(true)
+            .custom_flags(flag)
+            .open(m.disk())
+            .unwrap();
+        let start = n as u64 * (4 << 20);
+        let data = common::pattern(2 << 20, n as u64 + 1);
+        let mut buf = Aligned::new(piece);
+        for (i, chunk) in data.chunks(piece).enumerate() {
+            buf.as_mut_slice().copy_from_slice(chunk);
+            f.write_all_at(buf.as_slice(), start + (i * piece) as u64)
+                .unwrap();
+        }
+        expected.push((start, data));
+    }
+    let pid = m.pid.take().expect("daemon pid");
+    common::sh("kill", &["-9", &pid.to_string()]);
+    m.pid = Some(pid);
+    m.wait_daemon_exit();
+    let _ = run(&["umount", p(&dir)]);
+    let m = Mount::new(&img, &dir, Some("cache=16M"));
+    let disk = std::fs::File::open(m.disk()).unwrap();
+    for (n, (start, data)) in expected.iter().enumerate() {
+        let mut back = vec![0u8; data.len()];
+        disk.read_exact_at(&mut back, *start).unwrap();
+        let bad = back
+            .chunks(4096)
+            .zip(data.chunks(4096))
+            .position(|(a, b)| a != b);
+        assert_eq!(bad, None, "writer {n}: 4 KiB piece lost after kill -9");
+    }
+    drop(disk);
+    m.umount();
+}
+
 /// A tmpfs of `mb` MiB mounted at `dir`, unmounted on drop.
 struct Tmpfs(std::path::PathBuf);
 impl Tmpfs {

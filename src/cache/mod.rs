@@ -389,6 +389,30 @@ impl BlockCache {
         out
     }
 
+    /// The blocks in `[first, last]` that hold a change not yet written
+    /// back, each with the version to wait for; those waiting in
+    /// write-behind are queued now (a durable write waits for them).
+    pub fn unwritten_in(&self, first: u64, last: u64) -> Vec<(Arc<Slot>, u64)> {
+        let mut out = Vec::new();
+        for block in first..=last {
+            let Some(slot) = self.unwritten[shard_of(block)].lock().get(&block).cloned() else {
+                continue;
+            };
+            let mut state = slot.lock();
+            if !(state.dirty || state.in_flight) {
+                continue;
+            }
+            let version = state.version;
+            let queue_now = std::mem::take(&mut state.behind);
+            drop(state);
+            if queue_now {
+                let _ = self.queue_tx.send(slot.clone());
+            }
+            out.push((slot, version));
+        }
+        out
+    }
+
     /// Removes every cached block in `[first, last]` (discard): dirty data is
     /// dropped, and flush waiters are released.
     pub fn remove_range(&self, first: u64, last: u64) {

@@ -446,6 +446,13 @@ impl Image {
         self.inner.flush()
     }
 
+    /// Makes what was written to `len` bytes at `off` durable, like
+    /// [`Image::flush`] but waiting only for those blocks' write-back (the
+    /// second half of an `O_DSYNC` write).
+    pub fn flush_range(&self, off: u64, len: u64) -> Result<()> {
+        self.inner.flush_range(off, len)
+    }
+
     /// Flushes, writes a final checkpoint marked clean and closes.
     pub fn close(mut self) -> Result<()> {
         self.shutdown()

@@ -267,7 +267,29 @@ impl Inner {
             return Ok(());
         }
         self.check_failed()?;
-        for (slot, version) in self.cache.dirty_slots() {
+        self.make_durable(self.cache.dirty_slots())
+    }
+
+    /// Makes what was written to `[off, off + len)` durable: waits for the
+    /// write-back of those blocks only, then syncs (an `O_DSYNC` write).
+    pub(super) fn flush_range(&self, off: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.check_failed()?;
+        self.check_range(off, len)?;
+        let unwritten = match len {
+            0 => Vec::new(),
+            _ => self
+                .cache
+                .unwritten_in(off >> self.block_shift, (off + len - 1) >> self.block_shift),
+        };
+        self.make_durable(unwritten)
+    }
+
+    /// Waits until each slot has written its version, then syncs the log.
+    fn make_durable(&self, unwritten: Vec<(Arc<Slot>, u64)>) -> Result<()> {
+        for (slot, version) in unwritten {
             slot.wait_written(version);
         }
         self.check_failed()?;

@@ -230,7 +230,7 @@ impl Filesystem for VbdFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -245,7 +245,11 @@ impl Filesystem for VbdFs {
                     return reply.error(Errno::ENOSPC);
                 };
                 let len = len as usize;
-                if !self.image.reads_disk(offset, len as u64, true) {
+                // O_DSYNC or O_SYNC on the file, or RWF_DSYNC on this write
+                // (the kernel sends all as O_DSYNC and, for a direct-I/O
+                // file, no fsync after): durable before the reply.
+                let durable = flags.0 & libc::O_DSYNC != 0;
+                if !durable && !self.image.reads_disk(offset, len as u64, true) {
                     // No read-modify-write from disk: written here, straight
                     // from the request (no copy into a buffer, no hand-off).
                     let result = self.image.write_at(&data[..len], offset);
@@ -256,8 +260,11 @@ impl Filesystem for VbdFs {
                 let (image, control, bufs) =
                     (self.image.clone(), self.control.clone(), self.bufs.clone());
                 self.pool.submit(Box::new(move || {
-                    let result = image.write_at(&buf[..len], offset);
+                    let mut result = image.write_at(&buf[..len], offset);
                     bufs.put(buf);
+                    if durable && result.is_ok() {
+                        result = image.flush_range(offset, len as u64);
+                    }
                     reply_written(&control, result, len, timed, reply);
                 }));
             }
