@@ -42,6 +42,8 @@ pub struct Error {
     kind: ErrorKind,
     message: String,
     source: Option<io::Error>,
+    /// For [`ErrorKind::Failed`]: the kind of the error that failed the image.
+    cause: Option<ErrorKind>,
 }
 
 /// The crate's result type.
@@ -54,6 +56,7 @@ impl Error {
             kind,
             message: message.into(),
             source: None,
+            cause: None,
         }
     }
 
@@ -68,6 +71,15 @@ impl Error {
             kind,
             message: context.into(),
             source: Some(source),
+            cause: None,
+        }
+    }
+
+    /// The image refuses writes since an earlier error of kind `cause`.
+    pub fn failed(message: impl Into<String>, cause: ErrorKind) -> Self {
+        Error {
+            cause: Some(cause),
+            ..Self::new(ErrorKind::Failed, message)
         }
     }
 
@@ -93,8 +105,11 @@ impl Error {
     }
 
     /// The errno that stands for this error at the FUSE edge and the control file.
+    /// An image failed by a full host disk gives ENOSPC, as a raw file on
+    /// that disk would (QEMU's default `werror=enospc` then pauses the guest).
     pub fn errno(&self) -> i32 {
         match self.kind {
+            ErrorKind::Failed if self.cause == Some(ErrorKind::NoSpace) => libc::ENOSPC,
             ErrorKind::Io | ErrorKind::Corrupt | ErrorKind::Failed => libc::EIO,
             ErrorKind::NoSpace => libc::ENOSPC,
             ErrorKind::Invalid => libc::EINVAL,
@@ -156,6 +171,8 @@ mod tests {
         for (kind, errno) in cases {
             assert_eq!(Error::new(kind, "x").errno(), errno, "{kind:?}");
         }
+        assert_eq!(Error::failed("x", ErrorKind::NoSpace).errno(), libc::ENOSPC);
+        assert_eq!(Error::failed("x", ErrorKind::Io).errno(), libc::EIO);
     }
 
     #[test]

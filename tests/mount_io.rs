@@ -337,3 +337,71 @@ fn seek_data_and_seek_hole() {
     drop(f);
     m.umount();
 }
+
+/// `disk` looks like a sparse raw file to backup and copy tools: its blocks
+/// count what it holds (never 0 once written, even before write-back: `tar
+/// --sparse` skips a file without blocks), its mtime moves with writes and
+/// takes `touch`, and `df` shows the host file system the image grows in.
+#[test]
+fn times_blocks_and_space_look_like_a_sparse_raw_file() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "64M", &[]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), None);
+    let before = std::fs::metadata(m.disk()).expect("stat");
+    assert_eq!(before.blocks(), 0, "a fresh disk holds nothing");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    // 4 KiB into the middle of a block: it waits in write-behind, unwritten.
+    let f = open_disk(&m, false);
+    f.write_all_at(&pattern(4096, 1), 8 * MIB + 4096)
+        .expect("write");
+    let after = std::fs::metadata(m.disk()).expect("stat");
+    assert!(
+        after.blocks() > 0,
+        "written data not counted before write-back"
+    );
+    assert!(
+        after.modified().expect("mtime") > before.modified().expect("mtime"),
+        "a write did not move the mtime"
+    );
+    f.write_all_at(&pattern(MIB as usize, 2), 16 * MIB)
+        .expect("write");
+    f.sync_all().expect("fsync");
+    let synced = std::fs::metadata(m.disk()).expect("stat");
+    assert!(
+        synced.blocks() * 512 >= MIB && synced.blocks() * 512 < 8 * MIB,
+        "{} blocks for ~1 MiB of data",
+        synced.blocks()
+    );
+
+    let then = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    f.set_modified(then).expect("touch");
+    assert_eq!(
+        std::fs::metadata(m.disk()).expect("stat").modified().ok(),
+        Some(then)
+    );
+    drop(f);
+
+    // df: the mount reports the image's file system, not a full disk.
+    let df = |dir: &std::path::Path| -> Vec<u64> {
+        let out = common::sh("df", &["--output=size,avail", "-B1", common::p(dir)]);
+        let last = out.lines().last().unwrap_or_default().to_string();
+        last.split_whitespace()
+            .map(|v| v.parse().expect("number"))
+            .collect()
+    };
+    let (mount, host) = (df(&m.dir), df(tmp.path()));
+    assert_eq!(
+        mount[0], host[0],
+        "size: df of the mount {mount:?}, host {host:?}"
+    );
+    assert!(
+        mount[1].abs_diff(host[1]) < 1 << 30 && mount[1] > 0,
+        "available: df of the mount {mount:?}, host {host:?}"
+    );
+    m.umount();
+}

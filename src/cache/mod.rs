@@ -463,6 +463,11 @@ impl BlockCache {
         self.unwritten[shard_of(block)].lock().contains_key(&block)
     }
 
+    /// How many blocks hold a change not yet written back (dirty or in flight).
+    pub fn unwritten_count(&self) -> usize {
+        self.unwritten.iter().map(|shard| shard.lock().len()).sum()
+    }
+
     /// The first block at or after `first` that holds a change not yet
     /// written back.
     pub fn first_unwritten(&self, first: u64) -> Option<u64> {

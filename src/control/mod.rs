@@ -204,6 +204,11 @@ impl Control {
         }
     }
 
+    /// The image file's path as mounted.
+    pub fn image_path(&self) -> &std::path::Path {
+        &self.image_path
+    }
+
     /// Remembers `err` (seen while doing `what`) as the last error and logs it.
     pub fn record_error(&self, what: &str, err: &Error) {
         if err.kind() == ErrorKind::Failed {

@@ -182,6 +182,8 @@ pub(crate) struct Inner {
     sync_lock: Mutex<()>,
     failed: Mutex<Option<String>>,
     failed_flag: AtomicBool,
+    /// The error that failed the image was a full host disk.
+    failed_no_space: AtomicBool,
     kick: crossbeam_channel::Sender<()>,
     kick_rx: crossbeam_channel::Receiver<()>,
     /// One message per background thread tells it to exit.
@@ -220,6 +222,8 @@ impl Inner {
             if failed.is_none() {
                 ::log::error!("image failed, refusing further writes: {err}");
                 *failed = Some(err.to_string());
+                self.failed_no_space
+                    .store(err.kind() == ErrorKind::NoSpace, Ordering::Relaxed);
             }
             self.failed_flag.store(true, Ordering::Release);
             self.cache.fail();
@@ -230,12 +234,17 @@ impl Inner {
     fn check_failed(&self) -> Result<()> {
         if self.failed_flag.load(Ordering::Acquire) {
             let msg = self.failed.lock().clone().unwrap_or_default();
-            return Err(Error::new(
-                ErrorKind::Failed,
+            let cause = if self.failed_no_space.load(Ordering::Relaxed) {
+                ErrorKind::NoSpace
+            } else {
+                ErrorKind::Io
+            };
+            return Err(Error::failed(
                 format!(
                     "image is in a failed state after an earlier error ({msg}): nothing more is \
                      written until it is opened again"
                 ),
+                cause,
             ));
         }
         Ok(())
@@ -439,6 +448,20 @@ impl Image {
     /// cost no data space).
     pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
         self.inner.discard(off, len)
+    }
+
+    /// At least the bytes of the disk that hold data, cheap enough for every
+    /// `stat` (`st_blocks`): blocks with a record plus blocks not yet written
+    /// back; a clone's whole size (its base's blocks are not counted here).
+    /// Never 0 while anything was written: tools such as `tar --sparse` take
+    /// a file without blocks for all holes.
+    pub fn allocated_bytes(&self) -> u64 {
+        let inner = &self.inner;
+        if inner.backing.is_some() {
+            return inner.virtual_size;
+        }
+        let blocks = inner.map.read().data_blocks + inner.cache.unwritten_count() as u64;
+        (blocks * inner.block_size()).min(inner.virtual_size)
     }
 
     /// Makes everything written so far durable.

@@ -695,6 +695,7 @@ pub(super) fn load(
         sync_lock: Mutex::new(()),
         failed: Mutex::new(None),
         failed_flag: AtomicBool::new(false),
+        failed_no_space: AtomicBool::new(false),
         kick,
         kick_rx,
         stop_tx,

@@ -4,12 +4,15 @@
 //!
 //! Ownership and permission bits live here (set from `uid=`, `gid=`, `mode=`,
 //! changeable with chmod/chown while mounted, not persisted). Sizes come from
-//! the image; times are the mount time.
+//! the image. `disk`'s modification time starts at the image file's and
+//! moves with every write (backup tools that compare times see a change);
+//! `touch` sets it for the mount. The other times are the mount time.
 
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use fuser::{FileAttr, FileType, INodeNo};
+use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
 use parking_lot::Mutex;
 
 /// The root directory.
@@ -46,11 +49,35 @@ pub struct Inodes {
     disk_size: u64,
     blksize: u32,
     time: SystemTime,
+    /// `disk`'s atime, mtime and ctime in ns since the epoch (a write moves
+    /// two of them without a lock).
+    disk_times: [AtomicU64; 3],
+}
+
+const ATIME: usize = 0;
+const MTIME: usize = 1;
+const CTIME: usize = 2;
+
+fn to_ns(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn from_ns(ns: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
 impl Inodes {
-    /// A table for a disk of `disk_size` bytes, owned by `uid:gid` with `disk_mode`.
-    pub fn new(disk_size: u64, blksize: u32, uid: u32, gid: u32, disk_mode: u32) -> Inodes {
+    /// A table for a disk of `disk_size` bytes, owned by `uid:gid` with
+    /// `disk_mode`, last modified at `modified` (the image file's mtime).
+    pub fn new(
+        disk_size: u64,
+        blksize: u32,
+        uid: u32,
+        gid: u32,
+        disk_mode: u32,
+        modified: SystemTime,
+    ) -> Inodes {
         let perm = |m: u32| (m & 0o7777) as u16;
         let meta = [
             Meta {
@@ -74,12 +101,45 @@ impl Inodes {
                 gid,
             },
         ];
+        let now = SystemTime::now();
         Inodes {
             meta: Mutex::new(meta),
             disk_size,
             blksize,
-            time: SystemTime::now(),
+            time: now,
+            disk_times: [
+                AtomicU64::new(to_ns(now)),
+                AtomicU64::new(to_ns(modified)),
+                AtomicU64::new(to_ns(modified)),
+            ],
         }
+    }
+
+    /// `disk` was written: its mtime and ctime become now.
+    pub fn disk_written(&self) {
+        let now = to_ns(SystemTime::now());
+        self.disk_times[MTIME].store(now, Ordering::Relaxed);
+        self.disk_times[CTIME].store(now, Ordering::Relaxed);
+    }
+
+    /// `touch`/`utimensat` and any other change of `disk`'s attributes
+    /// (its ctime becomes now); the other inodes keep the mount time.
+    pub fn set_times(&self, ino: INodeNo, atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>) {
+        if ino != DISK {
+            return;
+        }
+        let now = SystemTime::now();
+        let at = |t: TimeOrNow| match t {
+            TimeOrNow::SpecificTime(t) => to_ns(t),
+            TimeOrNow::Now => to_ns(now),
+        };
+        if let Some(t) = atime {
+            self.disk_times[ATIME].store(at(t), Ordering::Relaxed);
+        }
+        if let Some(t) = mtime {
+            self.disk_times[MTIME].store(at(t), Ordering::Relaxed);
+        }
+        self.disk_times[CTIME].store(to_ns(now), Ordering::Relaxed);
     }
 
     fn index(ino: INodeNo) -> Option<usize> {
@@ -123,13 +183,20 @@ impl Inodes {
             ROOT => (FileType::Directory, 0, 3),
             _ => (FileType::Directory, 0, 2),
         };
+        let [atime, mtime, ctime] = match ino {
+            DISK => self
+                .disk_times
+                .each_ref()
+                .map(|t| from_ns(t.load(Ordering::Relaxed))),
+            _ => [self.time; 3],
+        };
         Some(FileAttr {
             ino,
             size,
             blocks: size.div_ceil(512),
-            atime: self.time,
-            mtime: self.time,
-            ctime: self.time,
+            atime,
+            mtime,
+            ctime,
             crtime: self.time,
             kind,
             perm: meta.perm,
@@ -197,7 +264,7 @@ mod tests {
 
     #[test]
     fn table() {
-        let t = Inodes::new(1 << 30, 65536, 7, 8, 0o640);
+        let t = Inodes::new(1 << 30, 65536, 7, 8, 0o640, SystemTime::UNIX_EPOCH);
         let disk = t.attr(DISK).map(|a| (a.size, a.perm, a.uid, a.gid, a.kind));
         assert_eq!(disk, Some((1 << 30, 0o640, 7, 8, FileType::RegularFile)));
         assert_eq!(t.attr(CONTROL).map(|a| a.perm), Some(0o600));
@@ -213,5 +280,21 @@ mod tests {
             t.attr(DISK).map(|a| (a.perm, a.uid, a.gid)),
             Some((0o644, 1, 8))
         );
+    }
+
+    #[test]
+    fn disk_times_follow_writes_and_touch() {
+        let t = Inodes::new(1 << 20, 4096, 0, 0, 0o600, SystemTime::UNIX_EPOCH);
+        let mtime = |t: &Inodes| t.attr(DISK).map(|a| a.mtime);
+        assert_eq!(mtime(&t), Some(SystemTime::UNIX_EPOCH));
+        t.disk_written();
+        assert!(mtime(&t) > Some(SystemTime::now() - Duration::from_secs(60)));
+        let then = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        t.set_times(DISK, None, Some(TimeOrNow::SpecificTime(then)));
+        assert_eq!(mtime(&t), Some(then));
+        let ctime = t.attr(DISK).map(|a| a.ctime);
+        assert!(ctime > Some(then), "a touch moves the ctime to now");
+        t.set_times(CONTROL, None, Some(TimeOrNow::SpecificTime(then)));
+        assert_ne!(t.attr(CONTROL).map(|a| a.mtime), Some(then));
     }
 }

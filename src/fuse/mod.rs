@@ -69,6 +69,9 @@ pub struct VbdFs {
     /// The reader behind each open `snapshots/NAME` handle (it pins the snapshot).
     snap_handles: Arc<snapfiles::SnapHandles>,
     next_fh: AtomicU64,
+    /// The image file, opened for `statfs`: the mount reports the room of the
+    /// host file system the image grows in.
+    host_file: std::fs::File,
 }
 
 impl VbdFs {
@@ -76,14 +79,18 @@ impl VbdFs {
     pub fn new(control: Arc<Control>, config: &FsConfig) -> io::Result<VbdFs> {
         let image = control.image().clone();
         let blksize = image.block_size().clamp(4096, u64::from(MAX_REQUEST)) as u32;
+        let host_file = std::fs::File::open(control.image_path())?;
+        let modified = host_file.metadata()?.modified()?;
         let inodes = inodes::Inodes::new(
             image.len(),
             blksize,
             config.uid,
             config.gid,
             config.disk_mode,
+            modified,
         );
         Ok(VbdFs {
+            host_file,
             image,
             control,
             pool: pool::Pool::new(config.workers, "vbdfs-io")?,

@@ -23,6 +23,17 @@ use super::{errno, failed, ino_name, VbdFs, CONTROL, DISK, SNAPSHOTS};
 use crate::control::{Control, Op};
 
 impl VbdFs {
+    /// The attributes of `ino`; `disk`'s blocks count what its blocks hold
+    /// (written back), as a sparse raw file's would (`cp`, `du` and
+    /// `qemu-img info` see the holes).
+    fn attr(&self, ino: INodeNo) -> Option<fuser::FileAttr> {
+        let mut attr = self.inodes.attr(ino)?;
+        if ino == DISK {
+            attr.blocks = self.image.allocated_bytes().div_ceil(512);
+        }
+        Some(attr)
+    }
+
     /// Clamps `[off, off+len)` to the disk; None if `off` is at or past the end.
     fn clamp(&self, off: u64, len: u64) -> Option<u64> {
         let size = self.image.len();
@@ -102,7 +113,7 @@ impl Filesystem for VbdFs {
         if parent == SNAPSHOTS {
             return self.snap_lookup(name, reply);
         }
-        match Inodes::lookup(parent, name).and_then(|ino| self.inodes.attr(ino)) {
+        match Inodes::lookup(parent, name).and_then(|ino| self.attr(ino)) {
             Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
             None => reply.error(Errno::ENOENT),
         }
@@ -112,7 +123,7 @@ impl Filesystem for VbdFs {
         if is_snapshot(ino) {
             return self.snap_getattr(ino, reply);
         }
-        match self.inodes.attr(ino) {
+        match self.attr(ino) {
             Some(attr) => reply.attr(&TTL, &attr),
             None => reply.error(Errno::ENOENT),
         }
@@ -126,8 +137,8 @@ impl Filesystem for VbdFs {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -147,7 +158,8 @@ impl Filesystem for VbdFs {
         if !self.inodes.set_owner_mode(ino, mode, uid, gid) {
             return reply.error(Errno::ENOENT);
         }
-        match self.inodes.attr(ino) {
+        self.inodes.set_times(ino, atime, mtime);
+        match self.attr(ino) {
             Some(attr) => reply.attr(&TTL, &attr),
             None => reply.error(Errno::ENOENT),
         }
@@ -245,6 +257,7 @@ impl Filesystem for VbdFs {
                     return reply.error(Errno::ENOSPC);
                 };
                 let len = len as usize;
+                self.inodes.disk_written();
                 // O_DSYNC or O_SYNC on the file, or RWF_DSYNC on this write
                 // (the kernel sends all as O_DSYNC and, for a direct-I/O
                 // file, no fsync after): durable before the reply.
@@ -369,6 +382,7 @@ impl Filesystem for VbdFs {
             libc::FALLOC_FL_ZERO_RANGE => true,
             _ => return reply.error(Errno::EOPNOTSUPP),
         };
+        self.inodes.disk_written();
         let timed = Timed::start(Op::Discard, offset);
         let (image, control) = (self.image.clone(), self.control.clone());
         self.pool.submit(Box::new(move || {
@@ -438,9 +452,25 @@ impl Filesystem for VbdFs {
         reply.ok();
     }
 
+    /// The host file system's size and room (`df DIR`): what the image can
+    /// still grow into, the figure to watch (a full host disk fails writes).
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.image.len() / 4096;
-        reply.statfs(blocks, 0, 0, 4, 0, 4096, 255, 4096);
+        match crate::sys::fs_space(&self.host_file) {
+            Ok(s) => {
+                let unit = u32::try_from(s.unit).unwrap_or(4096);
+                reply.statfs(
+                    s.blocks,
+                    s.free,
+                    s.available,
+                    s.files,
+                    s.free_files,
+                    unit,
+                    255,
+                    unit,
+                );
+            }
+            Err(e) => reply.error(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))),
+        }
     }
 
     fn getxattr(

@@ -255,6 +255,37 @@ pub fn memory_bytes() -> Option<u64> {
     (pages > 0 && page > 0).then(|| pages as u64 * page as u64)
 }
 
+/// Size and room of a file system, as `statvfs` gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsSpace {
+    /// Fragment size: the unit of `blocks`, `free` and `available`.
+    pub unit: u64,
+    pub blocks: u64,
+    pub free: u64,
+    /// Free to unprivileged users.
+    pub available: u64,
+    pub files: u64,
+    pub free_files: u64,
+}
+
+/// The space of the file system that holds `file` (`fstatvfs`).
+pub fn fs_space(file: &impl AsRawFd) -> io::Result<FsSpace> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: fstatvfs writes one `statvfs` into the buffer we own; the fd is
+    // valid while `file` is borrowed.
+    cvt(unsafe { libc::fstatvfs(file.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: zero-initialised, then filled by the successful call above.
+    let st = unsafe { st.assume_init() };
+    Ok(FsSpace {
+        unit: st.f_frsize,
+        blocks: st.f_blocks,
+        free: st.f_bfree,
+        available: st.f_bavail,
+        files: st.f_files,
+        free_files: st.f_ffree,
+    })
+}
+
 /// The effective user and group ids of this process.
 pub fn effective_ids() -> (u32, u32) {
     // SAFETY: geteuid/getegid cannot fail and take no arguments.
