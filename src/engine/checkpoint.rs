@@ -48,6 +48,21 @@ impl Inner {
         self.commit(clean, None)
     }
 
+    /// Holds off new write-back rooms and waits until those in flight are
+    /// published (the caller releases the hold once it has taken the map).
+    /// A snapshot's map then has every record born in its generation: a
+    /// record published after the map was taken would carry the snapshot's
+    /// birth without being in it, so it would be kept as the snapshot's when
+    /// it dies, and the snapshot's deletion would never find it (space held
+    /// until `compact`).
+    fn drain_rooms(&self) {
+        self.log.lock().rooms_held = true;
+        let mut published = self.publish_turn.lock();
+        while self.log.lock().has_rooms_in_flight() {
+            self.publish_cv.wait(&mut published);
+        }
+    }
+
     /// Writes a checkpoint that also commits the snapshot table `edit` returns.
     /// An error from `edit` (a duplicate name, a busy snapshot) aborts before
     /// the superblock is written: nothing is committed.
@@ -55,8 +70,17 @@ impl Inner {
         let _one = self.checkpoint_lock.lock();
         self.check_failed()?;
         let editing = edit.is_some();
+        // The newest snapshot before this commit: the records that died
+        // before it took the map were not held by a snapshot it creates.
+        let newest_before = self.snapshot_entries().iter().map(|s| s.gen).max();
+        if editing {
+            self.drain_rooms();
+        }
         let (dirty, freed, start_off, start_lsn, epoch, gen, data_blocks, stored_bytes) = {
             let mut log = self.log.lock();
+            if std::mem::take(&mut log.rooms_held) {
+                self.rooms_cv.notify_all();
+            }
             let mut map = self.map.write();
             let dirty = map.take_dirty();
             let freed = std::mem::take(&mut map.freed);
@@ -136,9 +160,14 @@ impl Inner {
                 }),
         );
         if editing {
-            // Snapshot operations must stay O(1): their dead records are
-            // judged by the next plain checkpoint, whose snapshot set is cached.
-            self.map.write().freed.extend(dead);
+            // Snapshot operations must stay O(1): their dead map records are
+            // judged by the next plain checkpoint, whose snapshot set is
+            // cached. Dead data is judged now, against the snapshots it died
+            // under (by the next checkpoint a new snapshot would claim it).
+            let (data, maps): (Vec<Dead>, Vec<Dead>) =
+                dead.into_iter().partition(|d| d.birth.is_some());
+            self.punch_dead_data(data, start_off, newest_before);
+            self.map.write().freed.extend(maps);
         } else {
             let (t, n) = (std::time::Instant::now(), dead.len());
             self.punch_dead(dead, start_off);

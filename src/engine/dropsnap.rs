@@ -106,15 +106,20 @@ impl Inner {
     }
 
     /// Judges `gone`'s leaves from `gone.next_leaf` on; returns what is left
-    /// when `until` passes first.
+    /// when `until` passes first. A leaf that cannot be judged (a record
+    /// unreadable) is skipped with a warning: nothing of it is punched, and
+    /// `compact` still finds what it held.
     fn reclaim_deleted(
         &self,
         gone: DeletedSnapshot,
         until: Option<Instant>,
     ) -> Result<Option<DeletedSnapshot>> {
-        let file_len = self.file_len()?;
-        let store = self.store.as_ref();
-        let leaves = read_index(store, gone.index, file_len, self.nblocks)?;
+        let leaves = read_index(
+            self.store.as_ref(),
+            gone.index,
+            self.file_len()?,
+            self.nblocks,
+        )?;
         let mut successors: Vec<Successor> = Vec::new();
         for (i, ptr) in leaves
             .iter()
@@ -128,55 +133,74 @@ impl Inner {
                     ..gone
                 }));
             }
-            let dead = {
-                let _one = self.checkpoint_lock.lock();
-                let snaps = self.snapshot_entries();
-                if snaps.iter().any(|s| s.index == gone.index) {
-                    return Ok(None); // not deleted after all (a stale entry)
+            match self.judge_leaf(&gone, ptr, &mut successors) {
+                Ok(Some(mut dead)) => {
+                    dead.retain(|d| self.holds_its_block(d));
+                    self.hold_dead(dead);
                 }
-                let older = snaps.iter().map(|s| s.gen).filter(|&g| g < gone.gen).max();
-                let newer: Vec<RecPtr> = snaps
-                    .iter()
-                    .filter(|s| s.gen > gone.gen)
-                    .map(|s| s.index)
-                    .chain([self.sb.lock().index])
-                    .collect();
-                if successors.len() != newer.len()
-                    || successors.iter().zip(&newer).any(|(s, n)| s.index != *n)
-                {
-                    successors = newer
-                        .iter()
-                        .map(|&index| {
-                            Ok(Successor {
-                                index,
-                                leaves: read_index(store, index, file_len, self.nblocks)?,
-                            })
-                        })
-                        .collect::<Result<_>>()?;
-                }
-                let mine = match read_leaf(store, ptr, self.block_shift, file_len, self.nblocks) {
-                    Ok(entries) => entries,
-                    Err(_) => continue, // reclaimed meanwhile (compact): nothing to judge
-                };
-                let mut dead = only_here(ptr.leaf, &mine, &[], older.unwrap_or(0));
-                for successor in &successors {
-                    let theirs = successor.leaf(self, ptr.leaf, file_len)?;
-                    dead.retain(|d| still_dead(d, ptr.leaf, &theirs));
-                }
-                // The head in memory too: a rollback sets it before the
-                // checkpoint that commits it.
-                let map = self.map.read();
-                dead.retain(|d| {
-                    let e = map.get(d.block);
-                    e.kind != EntryKind::Data || e.off != d.off
-                });
-                dead
-            };
-            let mut dead = dead;
-            dead.retain(|d| self.holds_its_block(d));
-            self.hold_dead(dead);
+                Ok(None) => return Ok(None), // not deleted after all
+                Err(e) => ::log::warn!(
+                    "space of leaf {} of a deleted snapshot not reclaimed: {e}",
+                    ptr.leaf
+                ),
+            }
         }
         Ok(None)
+    }
+
+    /// The records of leaf `ptr` of `gone` that no other map holds, judged
+    /// under the checkpoint lock; None if `gone` is a snapshot again (a
+    /// stale job). `successors` caches the newer maps' indexes.
+    fn judge_leaf(
+        &self,
+        gone: &DeletedSnapshot,
+        ptr: &LeafPtr,
+        successors: &mut Vec<Successor>,
+    ) -> Result<Option<Vec<Dead>>> {
+        let store = self.store.as_ref();
+        let _one = self.checkpoint_lock.lock();
+        // Read now: the newer maps name records appended since the job began.
+        let file_len = self.file_len()?;
+        let snaps = self.snapshot_entries();
+        if snaps.iter().any(|s| s.index == gone.index) {
+            return Ok(None);
+        }
+        let older = snaps.iter().map(|s| s.gen).filter(|&g| g < gone.gen).max();
+        let newer: Vec<RecPtr> = snaps
+            .iter()
+            .filter(|s| s.gen > gone.gen)
+            .map(|s| s.index)
+            .chain([self.sb.lock().index])
+            .collect();
+        if successors.len() != newer.len()
+            || successors.iter().zip(&newer).any(|(s, n)| s.index != *n)
+        {
+            *successors = newer
+                .iter()
+                .map(|&index| {
+                    Ok(Successor {
+                        index,
+                        leaves: read_index(store, index, file_len, self.nblocks)?,
+                    })
+                })
+                .collect::<Result<_>>()?;
+        }
+        let Ok(mine) = read_leaf(store, ptr, self.block_shift, file_len, self.nblocks) else {
+            return Ok(Some(Vec::new())); // reclaimed meanwhile (compact): nothing to judge
+        };
+        let mut dead = only_here(ptr.leaf, &mine, &[], older.unwrap_or(0));
+        for successor in successors.iter() {
+            let theirs = successor.leaf(self, ptr.leaf, file_len)?;
+            dead.retain(|d| still_dead(d, ptr.leaf, &theirs));
+        }
+        // The head in memory too: a rollback sets it before the checkpoint
+        // that commits it.
+        let map = self.map.read();
+        dead.retain(|d| {
+            let e = map.get(d.block);
+            e.kind != EntryKind::Data || e.off != d.off
+        });
+        Ok(Some(dead))
     }
 }
 

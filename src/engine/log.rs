@@ -44,6 +44,9 @@ pub(crate) struct LogTail {
     staging: AlignedBuf,
     /// The ticket the next room in flight gets.
     next_ticket: u64,
+    /// Set while a snapshot's checkpoint waits for the rooms in flight:
+    /// write-back takes no new room meanwhile ([`Inner::drain_rooms`]).
+    pub rooms_held: bool,
     /// Start offset and first lsn of each room in flight, oldest first.
     in_flight: std::collections::VecDeque<(u64, u64)>,
     /// The store is preallocated up to here: appends below it are not
@@ -110,6 +113,7 @@ impl LogTail {
             hinted: off,
             staging: AlignedBuf::default(),
             next_ticket: 0,
+            rooms_held: false,
             in_flight: Default::default(),
             allocated: file_len,
             run_start: off,
@@ -203,6 +207,11 @@ impl LogTail {
         self.next_ticket += 1;
         self.in_flight.push_back((room.start, room.lsn));
         Ok(room)
+    }
+
+    /// True while some room is written but not yet published.
+    pub fn has_rooms_in_flight(&self) -> bool {
+        !self.in_flight.is_empty()
     }
 
     /// The oldest room in flight has been written (or abandoned) and its

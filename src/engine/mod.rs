@@ -172,6 +172,8 @@ pub(crate) struct Inner {
     /// Write-back rooms published so far (see `writeback::Turn`).
     publish_turn: Mutex<u64>,
     publish_cv: parking_lot::Condvar,
+    /// Wakes write-back waiting to take a room (`LogTail::rooms_held`).
+    rooms_cv: parking_lot::Condvar,
     map: RwLock<BlockMap>,
     cache: BlockCache,
     checkpoint_lock: Mutex<()>,

@@ -686,6 +686,7 @@ pub(super) fn load(
         log: Mutex::new(LogTail::new(tail, lsn, epoch, max_birth + 1, file_len)),
         publish_turn: Mutex::new(0),
         publish_cv: parking_lot::Condvar::new(),
+        rooms_cv: parking_lot::Condvar::new(),
         map: RwLock::new(map),
         cache: BlockCache::new(block_cache, 1 << sb.block_shift),
         cache_budget: open.cache_bytes,

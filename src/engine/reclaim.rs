@@ -126,13 +126,44 @@ impl Inner {
 
     /// Hands the ranges of `dead` records (dead as of the durable checkpoint
     /// whose log starts at `start`) to the held dead space, merged into runs.
-    pub(super) fn punch_dead(&self, mut dead: Vec<Dead>, start: u64) {
+    pub(super) fn punch_dead(&self, dead: Vec<Dead>, start: u64) {
         if dead.is_empty() || self.read_only {
             return;
         }
-        let snaps = self.snapshot_entries();
-        let newest = snaps.iter().map(|s| s.gen).max();
-        let meta = if snaps.is_empty() {
+        let newest = self.snapshot_entries().iter().map(|s| s.gen).max();
+        let (data, maps): (Vec<Dead>, Vec<Dead>) =
+            dead.into_iter().partition(|d| d.birth.is_some());
+        self.punch_dead_data(data, start, newest);
+        self.punch_dead_maps(maps, start);
+    }
+
+    /// The DATA records of `dead`, which died before a checkpoint whose log
+    /// starts at `start`, while `newest` was the newest snapshot's
+    /// generation: those born after it belong to no snapshot and are given
+    /// back; the others wait for their snapshot's deletion ([`super::dropsnap`]
+    /// finds them in its map). `newest` must be the one at their death, not
+    /// a later one: a snapshot taken after a record died does not hold it,
+    /// and its deletion would never find it.
+    pub(super) fn punch_dead_data(&self, mut dead: Vec<Dead>, start: u64, newest: Option<u64>) {
+        if dead.is_empty() || self.read_only {
+            return;
+        }
+        dead.retain(|d| {
+            dead_span(d).1 <= start
+                && d.birth
+                    .is_some_and(|b| newest.is_none_or(|g| u64::from(b) > g))
+                && self.holds_its_block(d)
+        });
+        self.hold_dead(dead);
+    }
+
+    /// The map records (leaves, indexes, snapshot tables) of `dead`: given
+    /// back unless some snapshot's index still names them.
+    fn punch_dead_maps(&self, mut dead: Vec<Dead>, start: u64) {
+        if dead.is_empty() {
+            return;
+        }
+        let meta = if self.snapshot_entries().is_empty() {
             Arc::default()
         } else {
             match self.snapshot_meta() {
@@ -145,7 +176,7 @@ impl Inner {
         };
         // A map record's second copy dies with it (one span: the zeros
         // between them and after the copy are dead too).
-        for d in dead.iter_mut().filter(|d| d.birth.is_none()) {
+        for d in dead.iter_mut() {
             if let Some(end) = second_end(self.store.as_ref(), d.off, d.len) {
                 if let Ok(len) = u32::try_from(end - d.off) {
                     d.len = len;
@@ -153,15 +184,7 @@ impl Inner {
                 }
             }
         }
-        dead.retain(|d| {
-            dead_span(d).1 <= start
-                && match d.birth {
-                    Some(birth) => {
-                        newest.is_none_or(|g| u64::from(birth) > g) && self.holds_its_block(d)
-                    }
-                    None => !meta.contains(&d.off),
-                }
-        });
+        dead.retain(|d| dead_span(d).1 <= start && !meta.contains(&d.off));
         self.hold_dead(dead);
     }
 
@@ -188,20 +211,29 @@ impl Inner {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
+            // Deleted snapshots are judged between punches too: under a
+            // steady load the punching never ends, and what only they held
+            // must join the held dead space (and its brake on writes), not
+            // pile up unseen.
             self.reclaim_deleted_snapshots_slice();
             // Long runs on their own (each 16 MiB piece holds appends up
             // only while it is punched), then short runs beyond the soft
             // limit in batches (fastest), then whatever else is due.
-            while self.punch_one(DeadSpace::next_due_long) {}
+            while self.punch_one(DeadSpace::next_due_long) {
+                self.reclaim_deleted_snapshots_slice();
+            }
             while self.punch_batch_over(SOFT_LIMIT) && self.stop_rx.is_empty() {
                 // The appends' turn: a pause as long as the batch's at the
                 // soft limit, none at the hard limit.
                 let over = self.dead_space.bytes().saturating_sub(SOFT_LIMIT);
                 let room = 1.0 - over as f64 / (HARD_LIMIT - SOFT_LIMIT) as f64;
                 std::thread::sleep(PAUSE.mul_f64(room.clamp(0.0, 1.0)));
+                self.reclaim_deleted_snapshots_slice();
             }
             // A stop is received at the top of the loop.
-            while self.stop_rx.is_empty() && self.punch_one(DeadSpace::next_due) {}
+            while self.stop_rx.is_empty() && self.punch_one(DeadSpace::next_due) {
+                self.reclaim_deleted_snapshots_slice();
+            }
         }
     }
 

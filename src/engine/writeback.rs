@@ -184,6 +184,9 @@ impl Inner {
             adapt.record(level, compressed.count() as u64);
         }
         let mut log = self.log.lock();
+        while log.rooms_held {
+            self.rooms_cv.wait(&mut log);
+        }
         let mut records = Vec::with_capacity(blocks.len());
         let mut kept = Vec::with_capacity(blocks.len());
         for ((slot, data), enc) in blocks.iter().zip(&encoded) {
