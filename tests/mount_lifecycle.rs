@@ -507,3 +507,33 @@ fn mount_warns_when_the_image_is_on_ext4_with_online_discard() {
         host.umount();
     }
 }
+
+/// The daemon closes what its caller passed down: a script that mounts
+/// under `flock` must not find its lock held for the life of the mount
+/// (the next `flock` of it waited forever).
+#[test]
+fn the_daemon_keeps_nothing_its_caller_passed_down() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "8M", &[]);
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let lockf = tmp.path().join("lockf");
+    let out = Command::new("flock")
+        .arg(&lockf)
+        .arg(env!("CARGO_BIN_EXE_vbdfs"))
+        .args(["mount", p(&img), p(&dir)])
+        .output()
+        .expect("flock vbdfs mount");
+    assert!(out.status.success(), "{out:?}");
+    let m = Mount::adopt(&img, &dir);
+    let free = Command::new("flock")
+        .args(["-n", p(&lockf), "true"])
+        .status()
+        .expect("flock -n");
+    assert!(free.success(), "the daemon holds its caller's flock");
+    m.umount();
+}

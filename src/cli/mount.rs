@@ -183,6 +183,10 @@ fn daemonize(job: &Job, lock: Option<File>) -> Result<()> {
         Forked::Child => {
             drop(reader);
             drop(lock);
+            // The key was read before the fork: nothing inherited is needed.
+            if let Err(e) = sys::close_inherited_fds(&writer) {
+                log::debug!("closing inherited descriptors: {e}");
+            }
             let mut ready = Ready::pipe(writer);
             let code = match detach() {
                 Ok(()) => match daemon::serve(job, &mut ready) {

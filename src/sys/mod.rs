@@ -152,6 +152,35 @@ pub fn new_session() -> io::Result<()> {
     cvt(unsafe { libc::setsid() }).map(|_| ())
 }
 
+/// Closes every descriptor above stderr except `keep`: a daemon must not
+/// hold what its caller passed down (a `flock`ed file would stay locked for
+/// the life of the mount, a pipe would never see its end).
+pub fn close_inherited_fds(keep: &impl AsRawFd) -> io::Result<()> {
+    let keep = keep.as_raw_fd();
+    let close = |first: libc::c_int, last: libc::c_uint| -> io::Result<()> {
+        if first as libc::c_uint > last {
+            return Ok(());
+        }
+        // SAFETY: close_range only takes integers and closes descriptors in
+        // that range; nothing of ours is in it but what the caller gave up
+        // (no other thread runs in a freshly forked child).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                first as libc::c_uint,
+                last,
+                0 as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    close(3, (keep - 1) as libc::c_uint)?;
+    close(keep + 1, libc::c_uint::MAX)
+}
+
 /// Points stdin, stdout and stderr at `fd` (`dup2` onto 0, 1 and 2).
 pub fn redirect_stdio(fd: &impl AsRawFd) -> io::Result<()> {
     for target in 0..3 {
