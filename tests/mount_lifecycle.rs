@@ -537,3 +537,39 @@ fn the_daemon_keeps_nothing_its_caller_passed_down() {
     assert!(free.success(), "the daemon holds its caller's flock");
     m.umount();
 }
+
+/// `vbdfs umount` of an image moved or deleted while mounted succeeds, waits
+/// for the daemon, and checks the image where it is now (it used to fail
+/// "open: No such file" on the old path).
+#[test]
+fn umount_follows_an_image_moved_or_deleted_while_mounted() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    let moved = tmp.path().join("moved.vbd");
+    create(&img, "16M", &[]);
+    let dir = tmp.path().join("mnt");
+    let mut m = Mount::new(&img, &dir, None);
+    std::fs::rename(&img, &moved).expect("rename");
+    write_pattern(&m, 1);
+    let out = run(&["umount", p(&dir)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    m.wait_daemon_exit();
+    drop(m);
+    assert!(is_clean(&moved), "the moved image was not closed clean");
+
+    let mut m = Mount::new(&moved, &dir, None);
+    std::fs::remove_file(&moved).expect("rm");
+    write_pattern(&m, 2);
+    let out = run(&["umount", p(&dir)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("deleted while mounted"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!is_mounted(&dir));
+    m.wait_daemon_exit();
+}

@@ -21,9 +21,13 @@ pub fn run(args: &UmountArgs) -> Result<()> {
             dir.display()
         )));
     };
-    let image = entry.image().unwrap_or_default();
     let control = dir.join("control");
     let status = std::fs::read_to_string(&control).unwrap_or_default();
+    // Where the daemon has the image now (it may have been moved while
+    // mounted), else where mountinfo says it was mounted from.
+    let image = status_value(&status, "image")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| entry.image().unwrap_or_default());
     let pid: Option<u32> = status_value(&status, "pid").and_then(|v| v.parse().ok());
     // A read-only mount has nothing to flush (and refuses writes to control).
     let read_only = status_value(&status, "read-only") == Some("yes");
@@ -67,10 +71,18 @@ pub fn run(args: &UmountArgs) -> Result<()> {
         );
         return Err(Error::io(msg, e));
     }
-    if !read_only {
-        verify_clean(&image)?;
+    if read_only {
+        return Ok(());
     }
-    Ok(())
+    let shown = image.to_string_lossy().into_owned();
+    if let Some(path) = shown
+        .strip_suffix(" (deleted)")
+        .or((!image.exists()).then_some(&shown))
+    {
+        eprintln!("vbdfs: note: {path} was deleted while mounted: its state was not checked");
+        return Ok(());
+    }
+    verify_clean(&image)
 }
 
 /// After the daemon exited, the image must be marked clean.

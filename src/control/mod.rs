@@ -131,6 +131,9 @@ fn check_name(name: &str) -> Result<()> {
 pub struct Control {
     image: Arc<Image>,
     image_path: PathBuf,
+    /// The image file, to name it where it is now (moved or deleted while
+    /// mounted: `vbdfs umount` checks it there).
+    image_file: Option<std::fs::File>,
     mountpoint: PathBuf,
     last_error: Mutex<Option<String>>,
     failed: AtomicBool,
@@ -144,6 +147,7 @@ impl Control {
     pub fn new(image: Arc<Image>, image_path: PathBuf, mountpoint: PathBuf) -> Control {
         Control {
             image,
+            image_file: std::fs::File::open(&image_path).ok(),
             image_path,
             mountpoint,
             last_error: Mutex::new(None),
@@ -204,6 +208,18 @@ impl Control {
         }
     }
 
+    /// Where the image file is now: its path as mounted, or where it was
+    /// moved since, or that path with ` (deleted)`.
+    fn current_image_path(&self) -> PathBuf {
+        self.image_file
+            .as_ref()
+            .and_then(|f| {
+                use std::os::fd::AsRawFd;
+                std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).ok()
+            })
+            .unwrap_or_else(|| self.image_path.clone())
+    }
+
     /// The image file's path as mounted.
     pub fn image_path(&self) -> &std::path::Path {
         &self.image_path
@@ -243,7 +259,7 @@ impl Control {
         };
         let lines: [(&str, String); 25] = [
             ("state", if failed { "failed" } else { "mounted" }.into()),
-            ("image", self.image_path.display().to_string()),
+            ("image", self.current_image_path().display().to_string()),
             ("mountpoint", self.mountpoint.display().to_string()),
             ("pid", std::process::id().to_string()),
             ("read-only", yes_no(st.read_only).into()),
@@ -276,20 +292,17 @@ impl Control {
                 if damage.is_empty() {
                     "none".into()
                 } else {
-                    damage.replace('\n', " ")
+                    damage
                 },
             ),
-            (
-                "last-error",
-                last.unwrap_or_else(|| "none".into()).replace('\n', " "),
-            ),
+            ("last-error", last.unwrap_or_else(|| "none".into())),
         ];
         let stats = self.stats.lines();
         let stats = stats.iter().map(|(k, v)| (k.as_str(), v.clone()));
         lines
             .into_iter()
             .chain(stats)
-            .map(|(k, v)| format!("{k}: {v}\n"))
+            .map(|(k, v)| format!("{k}: {}\n", printable(&v)))
             .collect()
     }
 }
