@@ -65,7 +65,7 @@ fn mount_t_vbdfs_creates_the_mount_point_and_umount_leaves_the_image_clean() {
     assert!(out.status.success(), "mount -t vbdfs failed: {out:?}");
     let (fstype, source, opts) = mount_entry(&dir).expect("mounted");
     assert_eq!(fstype, "fuse.vbdfs");
-    assert_eq!(source, format!("vbdfs:{}", img.display()));
+    assert_eq!(source, img.display().to_string());
     assert!(opts.starts_with("rw"), "{opts}");
     let status = std::fs::read_to_string(dir.join("control")).unwrap();
     assert!(status.contains("cache-size: 67108864"), "{status}");
@@ -165,6 +165,10 @@ fn alternate_fstab_with_ro_nofail_and_systemd_options() {
     assert!(out.status.success(), "mount -a: {out:?}");
     assert!(is_mounted(&rw_dir));
     assert!(!is_mounted(&ro_dir), "noauto line was mounted by mount -a");
+    // Again (boot scripts, `mount -a` after editing fstab): what is mounted
+    // is recognised and skipped.
+    let out = mount_cmd(&["-a", "-T", path_str(&fstab), "-t", "vbdfs"]);
+    assert!(out.status.success(), "second mount -a: {out:?}");
     drop(m2);
     m1.umount();
     assert_clean(&img);

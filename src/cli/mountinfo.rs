@@ -1,7 +1,9 @@
 //! Finding vbdfs mounts in `/proc/self/mountinfo`.
 //!
-//! Every vbdfs mount has the source (fsname) `vbdfs:<canonical image path>` and
-//! the type `fuse.vbdfs` (or `fuse` when mounted through an older helper), so
+//! Every vbdfs mount has the source (fsname) `<canonical image path>` and the
+//! type `fuse.vbdfs` (the source is the path as fstab names it, so `mount -a`
+//! sees the line mounted; mounts of earlier versions have the source
+//! `vbdfs:<path>`, also under the type `fuse`), so
 //! "where is this image mounted?" and "is this directory a vbdfs mount?" are
 //! answered from the mount table alone, without talking to any daemon.
 
@@ -11,7 +13,7 @@ use crate::{Error, ErrorKind};
 
 /// The fsname of a mount of `image` (a canonical path).
 pub fn fs_name(image: &Path) -> String {
-    format!("vbdfs:{}", image.display())
+    image.display().to_string()
 }
 
 /// One line of the mount table, the fields vbdfs needs.
@@ -21,7 +23,7 @@ pub struct MountEntry {
     pub mount_point: PathBuf,
     /// The file system type (`fuse.vbdfs`).
     pub fstype: String,
-    /// The source (`vbdfs:/path/to/image.vbd`).
+    /// The source (`/path/to/image.vbd`).
     pub source: String,
     /// The device, `major:minor`.
     pub device: String,
@@ -32,11 +34,12 @@ pub struct MountEntry {
 impl MountEntry {
     /// The image path of a vbdfs mount, None for other mounts.
     pub fn image(&self) -> Option<PathBuf> {
-        let is_fuse = self.fstype == "fuse" || self.fstype.starts_with("fuse.");
-        self.source
-            .strip_prefix("vbdfs:")
-            .filter(|_| is_fuse)
-            .map(PathBuf::from)
+        let earlier = self.source.strip_prefix("vbdfs:");
+        match self.fstype.as_str() {
+            "fuse.vbdfs" => Some(PathBuf::from(earlier.unwrap_or(&self.source))),
+            "fuse" => earlier.map(PathBuf::from),
+            _ => None,
+        }
     }
 }
 
@@ -245,5 +248,18 @@ garbage line
             options: vec![],
         };
         assert_eq!(e.image(), Some(PathBuf::from("/x/y.vbd")));
+        // A mount of an earlier version, and another FUSE file system.
+        let earlier = MountEntry {
+            fstype: "fuse".into(),
+            source: "vbdfs:/x/z.vbd".into(),
+            ..e.clone()
+        };
+        assert_eq!(earlier.image(), Some(PathBuf::from("/x/z.vbd")));
+        let other = MountEntry {
+            fstype: "fuse.sshfs".into(),
+            source: "/x/y.vbd".into(),
+            ..e
+        };
+        assert_eq!(other.image(), None);
     }
 }
