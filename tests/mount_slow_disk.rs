@@ -24,7 +24,10 @@ impl Throttle {
     fn new(dev: &str, pid: u32, bytes_per_sec: u64) -> Throttle {
         let rdev = std::fs::metadata(dev).expect("stat loop device").rdev();
         let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-        let dir = Path::new(BLKIO).join(format!("vbdfs-test-{}", std::process::id()));
+        // One group per throttle: the tests of this file run in parallel.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = Path::new(BLKIO).join(format!("vbdfs-test-{}-{n}", std::process::id()));
         std::fs::create_dir(&dir).expect("create blkio cgroup");
         let t = Throttle { dir, pid };
         std::fs::write(
@@ -119,5 +122,107 @@ fn a_slow_host_disk_shows_in_the_statistics_and_the_log() {
             .any(|l| l.contains("slow request: flush") && l.contains(" took ")),
         "no slow-request line in the daemon log:\n{text}"
     );
+    fs.umount();
+}
+
+/// While writes wait for a host disk that cannot keep up, `stat disk` and
+/// reading `control` still answer: a FUSE thread is kept free of writes
+/// that wait for write-back (they used to take every FUSE thread, and the
+/// admin's own look at the mount hung with the guest).
+#[test]
+fn stat_and_control_answer_while_writes_wait_for_a_slow_disk() {
+    if !fuse_available() {
+        return;
+    }
+    if !Path::new(BLKIO)
+        .join("blkio.throttle.write_bps_device")
+        .exists()
+    {
+        eprintln!("skipped: no cgroup v1 blkio throttling at {BLKIO}");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lo = Loop::with_ext4(&tmp.path().join("fs.img"), 256 << 20);
+    let fs = FsMount::new(&lo.dev, &tmp.path().join("fs"));
+    let img = fs.dir.join("a.vbd");
+    create(&img, "128M", &["--compress", "none"]);
+    let m = Mount::new(&img, &tmp.path().join("mnt"), Some("cache=16M"));
+    let pid = m.pid.expect("daemon pid");
+    // 256 KiB/s: every MiB of write-back takes ~4 s.
+    let throttle = Throttle::new(&lo.dev, pid, 256 << 10);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (disk, stop) = (m.disk(), stop.clone());
+            std::thread::spawn(move || {
+                use std::os::unix::fs::OpenOptionsExt;
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(disk)
+                    .expect("open disk");
+                let mut buf = common::Aligned::new(1 << 20);
+                buf.as_mut_slice()
+                    .copy_from_slice(&common::pattern(1 << 20, w));
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = f.write_all_at(buf.as_slice(), (w * 32 + i % 32) << 20);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    // Long enough for the cache to fill: from then on writes wait. The
+    // probe runs in its own thread: if it hangs, the throttle is lifted
+    // (which lets it finish) and the test fails instead of hanging.
+    std::thread::sleep(Duration::from_secs(3));
+    let (disk, control) = (m.disk(), m.control());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let probe = std::thread::spawn(move || {
+        let mut slowest = Duration::ZERO;
+        for _ in 0..5 {
+            let t = Instant::now();
+            std::fs::metadata(&disk).expect("stat disk");
+            let status = std::fs::read_to_string(&control).expect("read control");
+            slowest = slowest.max(t.elapsed());
+            let dirty: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("dirty-bytes: "))
+                .and_then(|v| v.parse().ok())
+                .expect("dirty-bytes");
+            let _ = tx.send((slowest, dirty));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while seen.len() < 5 {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(v) => seen.push(v),
+            Err(_) => break,
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(throttle);
+    probe.join().expect("probe");
+    for w in writers {
+        w.join().expect("writer");
+    }
+    assert_eq!(
+        seen.len(),
+        5,
+        "stat and control hung behind held-back writes"
+    );
+    let (slowest, _) = seen[4];
+    let most_dirty = seen.iter().map(|s| s.1).max().unwrap_or(0);
+    assert!(
+        most_dirty >= 2 << 20,
+        "the writes were not held back ({most_dirty} dirty)"
+    );
+    assert!(
+        slowest < Duration::from_millis(1000),
+        "stat and control took {slowest:?} behind held-back writes"
+    );
+    m.umount();
     fs.umount();
 }

@@ -292,15 +292,25 @@ impl BlockCache {
 
     /// Blocks the caller while dirty data is over the limit (write throttling).
     pub fn throttle(&self) {
-        if self.dirty.load(Ordering::Relaxed) <= self.dirty_limit {
+        self.throttle_over(self.dirty_limit);
+    }
+
+    /// [`BlockCache::throttle`] for a writer that must not wait long (the
+    /// last FUSE thread not already waiting): it waits only past the limit
+    /// plus half as much again, which the cache still holds (the limit is
+    /// half of it).
+    pub fn throttle_late(&self) {
+        self.throttle_over(self.dirty_limit + self.dirty_limit / 2);
+    }
+
+    fn throttle_over(&self, limit: usize) {
+        if self.dirty.load(Ordering::Relaxed) <= limit {
             return;
         }
         self.expedite();
         let mut waiting = self.throttled.lock();
         *waiting += 1;
-        while self.dirty.load(Ordering::Relaxed) > self.dirty_limit
-            && !self.failed.load(Ordering::Acquire)
-        {
+        while self.dirty.load(Ordering::Relaxed) > limit && !self.failed.load(Ordering::Acquire) {
             // The timeout only guards against a bug; wake-ups come from
             // `finish_writeback` under this lock.
             self.drained

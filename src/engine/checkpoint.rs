@@ -246,8 +246,10 @@ impl Inner {
         let t = std::time::Instant::now();
         self.sync_log("sync checkpoint")?;
         let records_synced = t.elapsed();
-        let mut sb = self.sb.lock();
-        let mut next = sb.clone();
+        // Not held across the write and sync (commits are serialised by the
+        // checkpoint lock): a slow disk must not stall readers of the
+        // committed superblock (`control`'s status, `stat`).
+        let mut next = self.sb.lock().clone();
         next.seq += 1;
         next.gen = gen;
         next.flags = if clean { 0 } else { SB_FLAG_DIRTY };
@@ -273,7 +275,7 @@ impl Inner {
             "checkpoint {gen}: records synced in {records_synced:?}, superblock in {:?}",
             t.elapsed() - records_synced
         );
-        *sb = next;
+        *self.sb.lock() = next;
         Ok(())
     }
 }

@@ -441,6 +441,24 @@ impl Image {
         self.inner.reads_disk(off, len, writing)
     }
 
+    /// [`Image::write_at`] for a FUSE thread that must stay free: it waits
+    /// for write-back only once the cache's unwritten data is well past its
+    /// limit (half as much again), not at the limit.
+    pub fn write_at_late_throttle(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.inner.write_unthrottled(buf, off)?;
+        self.inner.cache.throttle_late();
+        Ok(())
+    }
+
+    /// True if a write of `len` bytes would wait for write-back (its blocks
+    /// would take the cache's unwritten data past its limit): where to run
+    /// it. Can be stale like [`Image::reads_disk`].
+    pub fn write_waits(&self, len: u64) -> bool {
+        let (dirty, limit) = self.inner.cache.backlog();
+        let blocks = (len >> self.inner.block_shift) as usize + 2;
+        dirty + blocks > limit
+    }
+
     /// Discards `[off, off+len)`: it reads as zeros and whole blocks are freed.
     pub fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.inner.discard(off, len)

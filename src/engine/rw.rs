@@ -171,6 +171,14 @@ impl Inner {
     }
 
     pub(super) fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.write_unthrottled(buf, off)?;
+        self.cache.throttle();
+        Ok(())
+    }
+
+    /// [`Inner::write_at`] without waiting for write-back afterwards: the
+    /// caller throttles ([`BlockCache::throttle`] or `throttle_late`).
+    pub(super) fn write_unthrottled(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(off, buf.len() as u64)?;
         let bs = self.block_size() as usize;
@@ -212,9 +220,7 @@ impl Inner {
                 self.cache.mark_dirty(&slot, &mut state, completes);
             }
             Ok(())
-        })?;
-        self.cache.throttle();
-        Ok(())
+        })
     }
 
     pub(super) fn discard(&self, off: u64, len: u64) -> Result<()> {

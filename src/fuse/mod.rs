@@ -24,7 +24,7 @@ mod snapfiles;
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use fuser::{Errno, INodeNo, InitFlags, KernelConfig};
@@ -72,7 +72,19 @@ pub struct VbdFs {
     /// The image file, opened for `statfs`: the mount reports the room of the
     /// host file system the image grows in.
     host_file: std::fs::File,
+    /// FUSE threads serving requests, and how many of them are in a write
+    /// that waits for write-back ([`VbdFs::hold_inline`]).
+    fuse_threads: usize,
+    held_inline: AtomicUsize,
+    /// FUSE threads inside an inline write of `disk`.
+    inline_writes: AtomicUsize,
+    /// Held-back writes handed to the workers and not yet done.
+    held_handed_off: Arc<AtomicUsize>,
 }
+
+/// At most this many held-back writes (each at most [`MAX_REQUEST`]) wait
+/// in workers: past it, FUSE threads wait with them.
+const HELD_HANDOFF_MAX: usize = 8;
 
 impl VbdFs {
     /// A file system for `control`'s image; starts the worker threads.
@@ -90,6 +102,10 @@ impl VbdFs {
             modified,
         );
         Ok(VbdFs {
+            fuse_threads: session::fuse_threads(),
+            held_inline: AtomicUsize::new(0),
+            inline_writes: AtomicUsize::new(0),
+            held_handed_off: Arc::new(AtomicUsize::new(0)),
             host_file,
             image,
             control,
@@ -112,6 +128,25 @@ impl VbdFs {
             let _ = config.set_max_write(max);
         }
         let _ = config.set_max_background(MAX_BACKGROUND);
+    }
+
+    /// Where a write that waits for write-back runs. On this FUSE thread
+    /// (true; the caller counts it in `held_inline` until done) while
+    /// another FUSE thread stays free, else on a worker while fewer than
+    /// [`HELD_HANDOFF_MAX`] wait there (false; counted in `held_handed_off`),
+    /// else here after all. A FUSE thread left free answers `stat` and
+    /// `control` while the host disk is slow or stalled.
+    fn hold_inline(&self) -> bool {
+        let free = self.fuse_threads.saturating_sub(1);
+        if self.held_inline.fetch_add(1, Ordering::AcqRel) < free {
+            return true;
+        }
+        if self.held_handed_off.fetch_add(1, Ordering::AcqRel) < HELD_HANDOFF_MAX {
+            self.held_inline.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        self.held_handed_off.fetch_sub(1, Ordering::AcqRel);
+        true
     }
 
     fn new_fh(&self) -> u64 {

@@ -8,6 +8,7 @@
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
 use fuser::{
@@ -262,12 +263,29 @@ impl Filesystem for VbdFs {
                 // (the kernel sends all as O_DSYNC and, for a direct-I/O
                 // file, no fsync after): durable before the reply.
                 let durable = flags.0 & libc::O_DSYNC != 0;
-                if !durable && !self.image.reads_disk(offset, len as u64, true) {
+                let from_memory = !durable && !self.image.reads_disk(offset, len as u64, true);
+                let held = from_memory && self.image.write_waits(len as u64);
+                let inline = from_memory && (!held || self.hold_inline());
+                if inline {
                     // No read-modify-write from disk: written here, straight
                     // from the request (no copy into a buffer, no hand-off).
-                    let result = self.image.write_at(&data[..len], offset);
+                    // The last FUSE thread not in a write waits for
+                    // write-back only well past the limit (a guess that the
+                    // write would not wait can be stale).
+                    let busy = self.inline_writes.fetch_add(1, Ordering::AcqRel) + 1;
+                    let result = if busy < self.fuse_threads {
+                        self.image.write_at(&data[..len], offset)
+                    } else {
+                        self.image.write_at_late_throttle(&data[..len], offset)
+                    };
+                    self.inline_writes.fetch_sub(1, Ordering::AcqRel);
+                    if held {
+                        self.held_inline.fetch_sub(1, Ordering::AcqRel);
+                    }
                     return reply_written(&self.control, result, len, timed, reply);
                 }
+                // `hold_inline` counted it in `held_handed_off`.
+                let handed_off = held.then(|| self.held_handed_off.clone());
                 let mut buf = self.bufs.get(len);
                 buf[..len].copy_from_slice(&data[..len]);
                 let (image, control, bufs) =
@@ -275,6 +293,9 @@ impl Filesystem for VbdFs {
                 self.pool.submit(Box::new(move || {
                     let mut result = image.write_at(&buf[..len], offset);
                     bufs.put(buf);
+                    if let Some(count) = handed_off {
+                        count.fetch_sub(1, Ordering::AcqRel);
+                    }
                     if durable && result.is_ok() {
                         result = image.flush_range(offset, len as u64);
                     }

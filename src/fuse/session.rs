@@ -1,7 +1,7 @@
 //! Mounting a [`VbdFs`] and running its FUSE session.
 //!
 //! As root, vbdfs mounts by itself: it opens `/dev/fuse`, calls `mount(2)` with
-//! type `fuse.vbdfs`, source `vbdfs:<image>` and `default_permissions` (plus
+//! type `fuse.vbdfs`, source `<image>` and `default_permissions` (plus
 //! `allow_other`, `ro` when asked), then hands the descriptor to fuser
 //! (`Session::from_fd`). fuser therefore never unmounts anything itself: the
 //! mount ends only by `umount` (plain or `vbdfs umount`) or by the daemon's
@@ -25,7 +25,7 @@ use crate::{sys, Error, Result};
 pub struct MountParams<'a> {
     /// The (empty) directory to mount on.
     pub mountpoint: &'a Path,
-    /// The source shown in the mount table (`vbdfs:<image>`).
+    /// The source shown in the mount table (the image path).
     pub fs_name: &'a str,
     /// Mount read-only.
     pub read_only: bool,
