@@ -316,3 +316,30 @@ fn check_names_a_damaged_map_record_copy_and_repair_writes_it_anew() {
     let back = std::fs::read(tmp.path().join("back")).expect("read");
     assert!(back == common::pattern(1 << 20, 3), "exported bytes differ");
 }
+
+/// A clone of a snapshot the base does not have names the base (the
+/// snapshot is its), and creates nothing.
+#[test]
+fn a_clone_of_a_missing_snapshot_names_the_base() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base = tmp.path().join("base.vbd");
+    let new = tmp.path().join("new.vbd");
+    let out = run(&["create", p(&base), "--size", "16M"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for args in [
+        vec!["clone", &format!("{}@nosuch", p(&base)), p(&new)],
+        vec![
+            "create",
+            p(&new),
+            "--backing",
+            &format!("{}@nosuch", p(&base)),
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(|s| s.as_ref()).collect();
+        assert_error(
+            &args,
+            &format!("base {}: no snapshot named 'nosuch'", p(&base)),
+        );
+        assert!(!new.exists(), "{args:?} left the new image");
+    }
+}

@@ -112,8 +112,8 @@ pub struct MountArgs {
     /// An existing directory to mount on.
     pub mountpoint: PathBuf,
     /// Options, comma-separated: cache=SIZE, ro, rw, allow_other, threads=N, uid=N,
-    /// gid=N, mode=OCTAL, adapt[=LEVEL] (mount(8)/fstab options such as nofail or
-    /// _netdev are ignored).
+    /// gid=N, mode=OCTAL, adapt[=LEVEL], key-file=PATH (mount(8)/fstab options
+    /// such as nofail or _netdev are ignored).
     ///
     /// cache=SIZE: engine buffer cache (default 256M; K, M, G, T suffixes).
     /// ro / rw: read-only or read-write (default rw).
@@ -123,6 +123,8 @@ pub struct MountArgs {
     /// mode=OCTAL: permission bits of disk (default 0600; control is always 0600).
     /// adapt[=LEVEL]: while write-back falls behind, compress at faster zstd
     ///   levels, down to LEVEL (default -3), instead of slowing writes (zstd images).
+    /// key-file=PATH: the key of an encrypted image (a file readable by its
+    ///   owner only; read before the daemon starts).
     ///
     /// Accepted and ignored (they belong to mount(8), fstab or systemd): defaults,
     /// nofail, noauto, auto, _netdev, nodev, nosuid, noexec, dev, suid, exec, user,

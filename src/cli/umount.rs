@@ -43,9 +43,9 @@ pub fn run(args: &UmountArgs) -> Result<()> {
             return Err(Error::new(
                 ErrorKind::Busy,
                 format!(
-                    "{} is busy: something still has {}/disk open (a loop device? see \
-                     `losetup -j {}/disk`); detach or close it first",
-                    dir.display(),
+                    "{} is busy: something still has a file of it open (disk: a loop \
+                     device? see `losetup -j {}/disk`; or control, or a snapshot file); \
+                     detach or close it first",
                     dir.display(),
                     dir.display()
                 ),

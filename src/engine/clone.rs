@@ -367,7 +367,8 @@ impl Image {
             if snapshot.is_none() {
                 let _ = img.snapshot_delete(&name);
             }
-            return Err(e);
+            // Name the base: the missing snapshot is its, not the new image's.
+            return Err(e.context(format!("base {}", base.display())));
         }
         let snap = img.base_snapshot(&name);
         img.close()?;
