@@ -44,6 +44,8 @@ pub(crate) struct LogTail {
     staging: AlignedBuf,
     /// The ticket the next room in flight gets.
     next_ticket: u64,
+    /// The store refused to preallocate (EOPNOTSUPP), said once.
+    no_fallocate: bool,
     /// Set while a snapshot's checkpoint waits for the rooms in flight:
     /// write-back takes no new room meanwhile ([`Inner::drain_rooms`]).
     pub rooms_held: bool,
@@ -113,6 +115,7 @@ impl LogTail {
             hinted: off,
             staging: AlignedBuf::default(),
             next_ticket: 0,
+            no_fallocate: false,
             rooms_held: false,
             in_flight: Default::default(),
             allocated: file_len,
@@ -309,12 +312,28 @@ impl LogTail {
         let ahead = align_up(end + window, LOG_UNIT);
         let to = match store.preallocate(from, ahead - from) {
             Ok(()) => ahead,
-            Err(_) => {
-                store
-                    .preallocate(from, end - from)
-                    .map_err(|e| Error::io(format!("allocate the log up to {end}"), e))?;
-                end
-            }
+            Err(_) => match store.preallocate(from, end - from) {
+                Ok(()) => end,
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    // A file system without fallocate (ext2, NFSv3): the file
+                    // is only lengthened; a full disk then fails the write
+                    // itself instead of this reservation.
+                    if !self.no_fallocate {
+                        ::log::info!(
+                            "the host file system cannot preallocate: the log grows by writes"
+                        );
+                        self.no_fallocate = true;
+                    }
+                    let len = store.len().map_err(|e| Error::io("size of image", e))?;
+                    if len < end {
+                        store
+                            .set_len(end)
+                            .map_err(|e| Error::io(format!("lengthen the log to {end}"), e))?;
+                    }
+                    end
+                }
+                Err(e) => return Err(Error::io(format!("allocate the log up to {end}"), e)),
+            },
         };
         self.allocated = to;
         Ok(())

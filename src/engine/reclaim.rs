@@ -341,8 +341,19 @@ impl Inner {
         let (mut a, b) = (align_up(start, PAGE), end & !(PAGE - 1));
         while a < b {
             let n = (b - a).min(PUNCH_PIECE);
-            if let Err(e) = self.store.punch_hole(a, n) {
-                ::log::warn!("punching {a}+{n} failed (space not reclaimed): {e}");
+            match self.store.punch_hole(a, n) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        ::log::warn!(
+                            "the host file system cannot punch holes: space of overwritten \
+                             data and deleted snapshots is not given back"
+                        )
+                    });
+                    return;
+                }
+                Err(e) => ::log::warn!("punching {a}+{n} failed (space not reclaimed): {e}"),
             }
             a += n;
         }

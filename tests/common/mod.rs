@@ -273,11 +273,16 @@ impl Loop {
     /// `file`: a host file system for images that a test can mount as it
     /// needs (options, throttling).
     pub fn with_ext4(file: &Path, size: u64) -> Loop {
+        Self::with_fs(file, size, "mkfs.ext4")
+    }
+
+    /// [`Loop::with_ext4`] with another `mkfs` (`mkfs.ext2`, ...).
+    pub fn with_fs(file: &Path, size: u64, mkfs: &str) -> Loop {
         std::fs::File::create(file)
             .and_then(|f| f.set_len(size))
             .expect("backing file");
         let lo = Loop::new(file, false);
-        sh("mkfs.ext4", &["-q", "-F", &lo.dev]);
+        sh(mkfs, &["-q", "-F", &lo.dev]);
         lo
     }
 }
