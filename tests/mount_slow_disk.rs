@@ -52,23 +52,33 @@ impl Drop for Throttle {
     }
 }
 
-#[test]
-fn a_slow_host_disk_shows_in_the_statistics_and_the_log() {
+/// An uncompressed image of `size` on a fresh ext4 on a loop device (whose
+/// writes a [`Throttle`] can slow down), or None where FUSE or cgroup v1
+/// blkio throttling is missing (the test is skipped).
+fn slow_disk_setup(size: &str) -> Option<(tempfile::TempDir, Loop, FsMount, PathBuf)> {
     if !fuse_available() {
-        return;
+        return None;
     }
     if !Path::new(BLKIO)
         .join("blkio.throttle.write_bps_device")
         .exists()
     {
         eprintln!("skipped: no cgroup v1 blkio throttling at {BLKIO}");
-        return;
+        return None;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let lo = Loop::with_ext4(&tmp.path().join("fs.img"), 256 << 20);
     let fs = FsMount::new(&lo.dev, &tmp.path().join("fs"));
     let img = fs.dir.join("a.vbd");
-    create(&img, "64M", &["--compress", "none"]);
+    create(&img, size, &["--compress", "none"]);
+    Some((tmp, lo, fs, img))
+}
+
+#[test]
+fn a_slow_host_disk_shows_in_the_statistics_and_the_log() {
+    let Some((tmp, lo, fs, img)) = slow_disk_setup("64M") else {
+        return;
+    };
 
     let log = tmp.path().join("daemon.log");
     let dir = tmp.path().join("mnt");
@@ -131,21 +141,9 @@ fn a_slow_host_disk_shows_in_the_statistics_and_the_log() {
 /// admin's own look at the mount hung with the guest).
 #[test]
 fn stat_and_control_answer_while_writes_wait_for_a_slow_disk() {
-    if !fuse_available() {
+    let Some((tmp, lo, fs, img)) = slow_disk_setup("128M") else {
         return;
-    }
-    if !Path::new(BLKIO)
-        .join("blkio.throttle.write_bps_device")
-        .exists()
-    {
-        eprintln!("skipped: no cgroup v1 blkio throttling at {BLKIO}");
-        return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let lo = Loop::with_ext4(&tmp.path().join("fs.img"), 256 << 20);
-    let fs = FsMount::new(&lo.dev, &tmp.path().join("fs"));
-    let img = fs.dir.join("a.vbd");
-    create(&img, "128M", &["--compress", "none"]);
+    };
     let m = Mount::new(&img, &tmp.path().join("mnt"), Some("cache=16M"));
     let pid = m.pid.expect("daemon pid");
     // 256 KiB/s: every MiB of write-back takes ~4 s.
