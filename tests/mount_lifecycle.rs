@@ -598,3 +598,29 @@ fn an_image_on_a_file_system_without_fallocate_works() {
     assert!(got == want, "data differs after remount");
     fs.umount();
 }
+
+/// A `VBDFS_LOG_FILE` that cannot be opened fails the mount in one line
+/// (the daemon's messages used to be dropped without a word).
+#[test]
+fn an_unusable_log_file_fails_the_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, "8M", &[]);
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let out = common::vbdfs()
+        .env("VBDFS_LOG_FILE", tmp.path().join("missing/dir/log"))
+        .args(["mount", p(&img), p(&dir)])
+        .output()
+        .expect("run vbdfs mount");
+    let err = stderr(&out);
+    assert!(
+        !out.status.success() && err.contains("VBDFS_LOG_FILE="),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(!is_mounted(&dir));
+}

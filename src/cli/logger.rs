@@ -101,6 +101,24 @@ pub fn init_daemon() {
     install(sink);
 }
 
+/// Checks, before a daemonized mount starts, that `VBDFS_LOG_FILE` (when
+/// set) can be opened: an error here, not the daemon's messages dropped.
+pub fn check_log_file() -> crate::Result<()> {
+    if let Some(path) = std::env::var_os("VBDFS_LOG_FILE") {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| {
+                crate::Error::io(
+                    format!("VBDFS_LOG_FILE={}", std::path::Path::new(&path).display()),
+                    e,
+                )
+            })?;
+    }
+    Ok(())
+}
+
 fn file_sink() -> Option<Sink> {
     let path = std::env::var_os("VBDFS_LOG_FILE")?;
     let file = std::fs::OpenOptions::new()

@@ -68,6 +68,9 @@ pub fn run(args: &MountArgs) -> Result<()> {
         mountpoint,
         options,
     };
+    if !args.foreground {
+        logger::check_log_file()?;
+    }
     if args.foreground {
         logger::init_foreground();
         return daemon::serve(&job, &mut Ready::foreground(lock));
