@@ -14,6 +14,22 @@ use common::{
     Mount,
 };
 
+/// A new image `a.vbd` of `size` and an empty mount point `mnt` in a fresh
+/// directory; None (the test is skipped) without FUSE.
+fn image_and_mount_point(
+    size: &str,
+) -> Option<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> {
+    if !fuse_available() {
+        return None;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("a.vbd");
+    create(&img, size, &[]);
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir(&dir).expect("mkdir");
+    Some((tmp, img, dir))
+}
+
 fn write_pattern(m: &Mount, seed: u64) -> Vec<u8> {
     let data = pattern(3 << 20, seed);
     let f = std::fs::OpenOptions::new()
@@ -198,14 +214,9 @@ fn an_image_inside_its_mount_point_is_refused_without_hanging() {
 
 #[test]
 fn a_cache_too_small_or_larger_than_the_host_memory_is_warned_about() {
-    if !fuse_available() {
+    let Some((_tmp, img, dir)) = image_and_mount_point("8M") else {
         return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let img = tmp.path().join("a.vbd");
-    create(&img, "8M", &[]);
-    let dir = tmp.path().join("mnt");
-    std::fs::create_dir(&dir).expect("mkdir");
+    };
     let _cleanup = UnmountAll(&dir);
     for (cache, too_large, too_small) in [
         ("64T", true, false),
@@ -317,14 +328,9 @@ fn sigterm_unmounts_and_leaves_the_image_clean() {
 
 #[test]
 fn foreground_mount_stops_on_sigint() {
-    if !fuse_available() {
+    let Some((_tmp, img, dir)) = image_and_mount_point("16M") else {
         return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let img = tmp.path().join("a.vbd");
-    create(&img, "16M", &[]);
-    let dir = tmp.path().join("mnt");
-    std::fs::create_dir(&dir).expect("mkdir");
+    };
     let child = common::vbdfs()
         .args(["mount", "-f", p(&img), p(&dir)])
         .env_remove("VBDFS_LOG_FILE")
@@ -513,14 +519,9 @@ fn mount_warns_when_the_image_is_on_ext4_with_online_discard() {
 /// (the next `flock` of it waited forever).
 #[test]
 fn the_daemon_keeps_nothing_its_caller_passed_down() {
-    if !fuse_available() {
+    let Some((tmp, img, dir)) = image_and_mount_point("8M") else {
         return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let img = tmp.path().join("a.vbd");
-    create(&img, "8M", &[]);
-    let dir = tmp.path().join("mnt");
-    std::fs::create_dir(&dir).expect("mkdir");
+    };
     let lockf = tmp.path().join("lockf");
     let out = Command::new("flock")
         .arg(&lockf)
@@ -603,14 +604,9 @@ fn an_image_on_a_file_system_without_fallocate_works() {
 /// (the daemon's messages used to be dropped without a word).
 #[test]
 fn an_unusable_log_file_fails_the_mount() {
-    if !fuse_available() {
+    let Some((tmp, img, dir)) = image_and_mount_point("8M") else {
         return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let img = tmp.path().join("a.vbd");
-    create(&img, "8M", &[]);
-    let dir = tmp.path().join("mnt");
-    std::fs::create_dir(&dir).expect("mkdir");
+    };
     let out = common::vbdfs()
         .env("VBDFS_LOG_FILE", tmp.path().join("missing/dir/log"))
         .args(["mount", p(&img), p(&dir)])
