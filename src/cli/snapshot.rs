@@ -17,7 +17,7 @@ use super::create::with_path;
 use super::mount::canonical_file;
 use super::options::format_size;
 use super::{mountinfo, CloneArgs, SnapshotArgs};
-use crate::engine::{CloneOptions, SnapshotInfo};
+use crate::engine::{CloneOptions, SnapshotInfo, UtcTime};
 use crate::{Error, ErrorKind, Image, OpenOptions, Result};
 
 /// Cache for offline snapshot commands (they read little).
@@ -40,23 +40,10 @@ fn open(path: &Path, read_only: bool, online: bool) -> Result<(PathBuf, Image)> 
 
 /// `2024-05-01 12:00:00 UTC` for ns since the epoch.
 pub fn format_time(ns: u64) -> String {
-    let secs = ns / 1_000_000_000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let t = UtcTime::from_secs(ns / 1_000_000_000);
     format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+        t.year, t.month, t.day, t.hour, t.minute, t.second
     )
 }
 

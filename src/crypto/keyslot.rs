@@ -285,6 +285,20 @@ fn read_slots(store: &dyn Store) -> Result<Slots> {
 /// slot is tried: after a rekey the old secret is refused. Errors: Invalid
 /// "wrong key", Corrupt "keyslot damaged".
 pub fn unlock(store: &dyn Store, secret: &KeyMaterial, uuid: &[u8; 16]) -> Result<Sealer> {
+    let newest = newest_master(store, secret, uuid)?;
+    Ok(Sealer::new(&newest.master, uuid).with_secret(secret))
+}
+
+/// The newest valid slot of an image: which of the two, its sequence number,
+/// and the master key its secret unwrapped.
+struct Newest {
+    which: u64,
+    seq: u64,
+    master: Zeroizing<[u8; 32]>,
+}
+
+/// The newest valid slot of image `uuid`, unwrapped with `secret`.
+fn newest_master(store: &dyn Store, secret: &KeyMaterial, uuid: &[u8; 16]) -> Result<Newest> {
     let (valid, first_err) = read_slots(store)?;
     let Some((which, slot)) = valid.first() else {
         return Err(first_err.unwrap_or_else(|| Error::corrupt("keyslots damaged")));
@@ -295,7 +309,11 @@ pub fn unlock(store: &dyn Store, secret: &KeyMaterial, uuid: &[u8; 16]) -> Resul
         )));
     }
     let master = unwrap_slot(secret, slot, *which)?;
-    Ok(Sealer::new(&master, uuid).with_secret(secret))
+    Ok(Newest {
+        which: *which,
+        seq: slot.seq,
+        master,
+    })
 }
 
 /// Replaces the secret: checks `old`, then writes the same master key wrapped
@@ -308,18 +326,12 @@ pub fn rekey(
     new: &KeyMaterial,
     uuid: &[u8; 16],
 ) -> Result<()> {
-    let (valid, first_err) = read_slots(store)?;
-    let Some((which, slot)) = valid.first() else {
-        return Err(first_err.unwrap_or_else(|| Error::corrupt("keyslots damaged")));
-    };
-    if slot.uuid != *uuid {
-        return Err(Error::corrupt(format!(
-            "keyslot {which} belongs to another image"
-        )));
-    }
-    let master = unwrap_slot(old, slot, *which)?;
-    let mut seq = slot.seq;
-    for target in [1 - which, *which] {
+    let Newest {
+        which,
+        mut seq,
+        master,
+    } = newest_master(store, old, uuid)?;
+    for target in [1 - which, which] {
         seq += 1;
         let fresh = make_slot(new, &master, uuid, seq)?;
         store

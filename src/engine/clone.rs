@@ -18,6 +18,7 @@
 //! read-only ([`Image::base_snapshot`]) and writes the clone with
 //! [`Image::create_clone_from`].
 
+use super::clock::UtcTime;
 use super::open::{now_ns, random_u64, validate};
 use super::{Image, OpenOptions};
 use crate::crypto::{KeyMaterial, SEAL_OVERHEAD};
@@ -45,23 +46,10 @@ pub struct CloneOptions {
 
 /// `clone-base-YYYYMMDD-HHMMSS` for a time in seconds since the epoch (UTC).
 fn clone_base_name(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let t = UtcTime::from_secs(secs);
     format!(
-        "clone-base-{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        "clone-base-{:04}{:02}{:02}-{:02}{:02}{:02}",
+        t.year, t.month, t.day, t.hour, t.minute, t.second
     )
 }
 

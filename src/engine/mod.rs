@@ -21,6 +21,7 @@ mod adapt;
 mod backing;
 mod batch;
 mod checkpoint;
+mod clock;
 mod clone;
 mod copies;
 mod copycheck;
@@ -41,6 +42,7 @@ mod space;
 mod writeback;
 
 pub use backing::{BackingInfo, CloneOptions};
+pub use clock::UtcTime;
 pub use clone::BaseSnapshot;
 pub use inspect::{BadBlock, CheckReport, ImageStats};
 pub use reader::{DiskView, SnapshotReader};
