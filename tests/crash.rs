@@ -9,11 +9,14 @@
 //! Each recovered image then takes more writes and is reopened (second-level
 //! crash safety of the new log epoch).
 //!
-//! `VBDFS_CRASH_SEEDS=N` runs N seeds (default 3) for a longer sweep.
+//! The same sweep runs on an encrypted image.
+//!
+//! `VBDFS_CRASH_SEEDS=N` runs N seeds (default 3; 2 encrypted) for a longer sweep.
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use vbdfs::crypto::{KdfParams, KeyMaterial};
 use vbdfs::io::{FaultStore, MemStore, Store};
 use vbdfs::{Codec, CreateOptions, Image, OpenOptions};
 
@@ -123,41 +126,56 @@ impl Oracle {
 }
 
 fn create_store() -> Arc<FaultStore> {
+    create_store_keyed(None)
+}
+
+/// A fresh image on a [`FaultStore`], encrypted with `key` if given.
+fn create_store_keyed(key: Option<&KeyMaterial>) -> Arc<FaultStore> {
     let store = Arc::new(FaultStore::new());
     let c = CreateOptions {
         size: DISK as u64,
         block_size: BS as u64,
         codec: Codec::Zstd(1),
     };
-    Image::create_on(store.clone(), &c, &open_opts())
-        .unwrap()
-        .close()
-        .unwrap();
+    match key {
+        Some(k) => Image::create_on_encrypted(store.clone(), &c, &open_opts(), k),
+        None => Image::create_on(store.clone(), &c, &open_opts()),
+    }
+    .unwrap()
+    .close()
+    .unwrap();
     store.sync().unwrap();
     store
 }
 
+fn open(store: Arc<dyn Store>, key: Option<&KeyMaterial>) -> vbdfs::Result<Image> {
+    Image::open_on_with_key(store, &open_opts(), key)
+}
+
+/// Incompressible bytes: records fill whole pages, so reclaim and
+/// compaction really punch holes next to them.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Runs `ops` until the first error; returns the oracle.
-fn run(store: &Arc<FaultStore>, ops: &[Op]) -> Oracle {
+fn run(store: &Arc<FaultStore>, ops: &[Op], key: Option<&KeyMaterial>) -> Oracle {
     let mut oracle = Oracle::new();
-    let mut img = match Image::open_on(store.clone(), &open_opts()) {
-        Ok(img) => img,
-        Err(_) => return oracle,
+    let Ok(mut img) = open(store.clone(), key) else {
+        return oracle;
     };
     for op in ops {
         let ok = match op {
             Op::Write { off, len, fill } => {
-                // Incompressible bytes: records fill whole pages, so
-                // reclaim and compaction really punch holes next to them.
-                let mut x = u64::from(*fill).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ *off as u64 | 1;
-                let data: Vec<u8> = (0..*len)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x as u8
-                    })
-                    .collect();
+                let data = noise(u64::from(*fill) ^ *off as u64, *len);
                 oracle.apply(*off, &data);
                 img.write_at(&data, *off as u64).is_ok()
             }
@@ -179,7 +197,7 @@ fn run(store: &Arc<FaultStore>, ops: &[Op]) -> Oracle {
                 if ok {
                     oracle.acked();
                 }
-                match Image::open_on(store.clone(), &open_opts()) {
+                match open(store.clone(), key) {
                     Ok(next) if ok => {
                         img = next;
                         true
@@ -196,10 +214,9 @@ fn run(store: &Arc<FaultStore>, ops: &[Op]) -> Oracle {
     oracle
 }
 
-fn check_recovered(bytes: Vec<u8>, oracle: &Oracle, what: &str) {
+fn check_recovered(bytes: Vec<u8>, oracle: &Oracle, what: &str, key: Option<&KeyMaterial>) {
     let store = Arc::new(MemStore::from_bytes(bytes));
-    let img = Image::open_on(store.clone(), &open_opts())
-        .unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
+    let img = open(store.clone(), key).unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
     oracle.verify(&img, what);
     let report = img.check().unwrap();
     assert!(report.is_ok(), "{what}: check found {:?}", report.bad);
@@ -207,45 +224,59 @@ fn check_recovered(bytes: Vec<u8>, oracle: &Oracle, what: &str) {
     let data = vec![0xEEu8; BS + 10];
     img.write_at(&data, 3 * BS as u64 - 5).unwrap();
     img.close().unwrap();
-    let img = Image::open_on(store, &open_opts()).unwrap();
+    let img = open(store, key).unwrap();
     let mut got = vec![0u8; data.len()];
     img.read_at(&mut got, 3 * BS as u64 - 5).unwrap();
     assert_eq!(got, data, "{what}: write after recovery lost");
 }
 
-#[test]
-fn crash_at_every_write_boundary() {
+/// Runs each seed's workload crashing at every event it reaches and checks
+/// `variants` crash images of each; returns how many were checked.
+fn sweep(key: Option<&KeyMaterial>, default_seeds: u64, variants: usize) -> usize {
     let seeds: u64 = std::env::var("VBDFS_CRASH_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(default_seeds);
     let mut checked = 0usize;
     for seed in 1..=seeds {
         let ops = workload(seed);
-        let full = create_store();
+        let full = create_store_keyed(key);
         let base = full.events();
-        run(&full, &ops);
+        run(&full, &ops, key);
         let total = full.events() - base;
         assert!(total > 20, "workload too small: {total} events");
         for k in 0..total + 2 {
-            let store = create_store();
+            let store = create_store_keyed(key);
             store.crash_at(store.events() + k);
-            let oracle = run(&store, &ops);
+            let oracle = run(&store, &ops, key);
             let Some(image) = store.crashed() else {
                 continue;
             };
-            for (name, bytes) in image.variants(seed * 1000 + k, 6) {
-                check_recovered(
-                    bytes,
-                    &oracle,
-                    &format!("seed {seed} event {k} variant {name}"),
-                );
+            for (name, bytes) in image.variants(seed * 1000 + k, variants) {
+                let what = format!("seed {seed} event {k} variant {name}");
+                check_recovered(bytes, &oracle, &what, key);
                 checked += 1;
             }
         }
     }
+    checked
+}
+
+#[test]
+fn crash_at_every_write_boundary() {
+    let checked = sweep(None, 3, 6);
     assert!(checked > 100, "only {checked} crash images checked");
     eprintln!("checked {checked} crash images");
+}
+
+#[test]
+fn crash_at_every_write_boundary_encrypted() {
+    let key = KeyMaterial::from_bytes(b"crash")
+        .unwrap()
+        .with_kdf(KdfParams::insecure_for_tests());
+    let checked = sweep(Some(&key), 2, 4);
+    assert!(checked > 50, "only {checked} crash images checked");
+    eprintln!("checked {checked} encrypted crash images");
 }
 
 #[test]
