@@ -147,14 +147,26 @@ fn differencing_disk() {
 }
 
 /// QEMU sizes a VHD by CHS geometry or by the footer's current size depending
-/// on the creator application; the reader must agree with qemu-img.
+/// on the creator application; the reader must agree with qemu-img (10.0,
+/// the machine's: QEMU 7.2, Debian 12's own, still sized `vbox` disks by
+/// their geometry; with it that creator is left out).
 #[test]
 fn size_rule_matches_qemu() {
     let (_d, dir) = tmp();
     make_raw(&dir.join("s.raw"), 5 * M, &[(0, 4096, 1)]);
+    let version = qemu_img(&["--version"]);
+    let major: u32 = version
+        .strip_prefix("qemu-img version ")
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
     for creator in [
         *b"qemu", *b"win ", *b"vpc ", *b"tap\0", *b"vbox", *b"qem2", *b"d2v ",
     ] {
+        if &creator == b"vbox" && major < 10 {
+            eprintln!("{version}: older than 10, 'vbox' not compared");
+            continue;
+        }
         let name = format!(
             "s-{}.vhd",
             String::from_utf8_lossy(&creator)

@@ -229,7 +229,7 @@ fn request_statistics_count_what_the_disk_served_and_reset() {
 }
 
 #[test]
-fn read_only_mount_refuses_writes() {
+fn read_only_mount_refuses_writes_and_offline_writers() {
     if !fuse_available() {
         return;
     }
@@ -245,6 +245,25 @@ fn read_only_mount_refuses_writes() {
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
     let (ok, _) = echo_to(&m.control(), "flush");
     assert!(!ok, "control write on a read-only mount succeeded");
+    // Offline writers are refused while it serves (they would change the
+    // image under it: its reads then failed); readers are not.
+    let before = std::fs::read(m.disk()).expect("read disk");
+    for args in [
+        &["snapshot", "create", p(&img), "s"][..],
+        &["compact", p(&img)],
+        &["resize", p(&img), "16M"],
+        &["check", "--repair", p(&img)],
+    ] {
+        let out = common::run(args);
+        let err = common::stderr(&out);
+        assert!(!out.status.success(), "{args:?} succeeded under a ro mount");
+        assert!(err.contains("is mounted at"), "{args:?}: {err}");
+    }
+    for args in [&["info", p(&img)][..], &["check", p(&img)]] {
+        let out = common::run(args);
+        assert!(out.status.success(), "{args:?}: {}", common::stderr(&out));
+    }
+    assert_eq!(std::fs::read(m.disk()).expect("read disk"), before);
     m.umount();
 }
 

@@ -95,9 +95,10 @@ fn cache_budget(job: &Job) -> u64 {
         .unwrap_or(OpenOptions::default().cache_bytes)
 }
 
-/// Opens the image read-write (or read-only with `ro`), waiting a little if a
-/// previous daemon is still closing it.
-fn open_image(job: &Job) -> Result<Image> {
+/// Opens the image read-write (or read-only with `ro`, then also returns the
+/// file that holds its shared lock), waiting a little if a previous daemon is
+/// still closing it.
+fn open_image(job: &Job) -> Result<(Image, Option<std::fs::File>)> {
     let mut opts = OpenOptions {
         read_only: job.options.read_only,
         adapt_floor: job.options.adapt_floor,
@@ -105,11 +106,12 @@ fn open_image(job: &Job) -> Result<Image> {
     };
     opts.cache_bytes = BufPool::budget(cache_budget(job)).1;
     let start = Instant::now();
-    if opts.read_only {
-        wait_unlocked(job, start)?;
-    }
+    let mut shared = match opts.read_only {
+        true => Some(lock_shared(job, start)?),
+        false => None,
+    };
     loop {
-        match super::keys::open(&job.image, &opts) {
+        match super::keys::open(&job.image, &opts).map(|image| (image, shared.take())) {
             Err(e) if e.kind() == ErrorKind::Locked => {
                 let mounted = !mountinfo::mount_points_of(&job.image).is_empty();
                 if mounted || start.elapsed() > CLOSING_WAIT {
@@ -122,15 +124,19 @@ fn open_image(job: &Job) -> Result<Image> {
     }
 }
 
-/// A read-only open takes no lock, so it would not wait for a previous daemon
-/// that is still closing the image: wait here while another process holds the
-/// image's lock, and refuse if that lasts (a writer is using it).
-fn wait_unlocked(job: &Job, start: Instant) -> Result<()> {
+/// A read-only open takes no lock (`info`, `check` and `export` read a
+/// mounted image), so a read-only mount takes a shared one of its own and
+/// holds it while it serves: a writer (a read-write mount, an offline
+/// `snapshot`, `compact`, `resize`, `check --repair`) is then refused
+/// instead of changing the image under it. Waits while another process
+/// holds the image's lock (a previous daemon still closing it), and refuses
+/// if that lasts (a writer is using it).
+fn lock_shared(job: &Job, start: Instant) -> Result<std::fs::File> {
     let file = std::fs::File::open(&job.image)
         .map_err(|e| Error::io(format!("cannot open {}", job.image.display()), e))?;
     loop {
         match file.try_lock_shared() {
-            Ok(()) => return file.unlock().map_err(|e| Error::io("unlock", e)),
+            Ok(()) => return Ok(file),
             Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < CLOSING_WAIT => {
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -153,7 +159,8 @@ pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
     }
     // Before any thread exists, so that every thread inherits the mask.
     sys::block_signals(&SIGNALS).map_err(|e| Error::io("blocking signals", e))?;
-    let image = Arc::new(open_image(job)?);
+    let (image, _shared_lock) = open_image(job)?;
+    let image = Arc::new(image);
     let (uid, gid) = sys::effective_ids();
     let (request_buffers, _) = BufPool::budget(cache_budget(job));
     let config = FsConfig {

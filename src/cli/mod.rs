@@ -12,6 +12,7 @@ mod mount;
 pub mod mountinfo;
 pub mod options;
 pub(crate) mod output;
+mod resize;
 mod snapshot;
 mod umount;
 
@@ -57,6 +58,8 @@ pub enum Command {
     Compact(CompactArgs),
     /// Change the key of an encrypted image (rewrites only its keyslots, not the data).
     Rekey(RekeyArgs),
+    /// Change the disk's size (offline; snapshots keep theirs).
+    Resize(ResizeArgs),
 }
 
 /// `vbdfs create`.
@@ -226,6 +229,24 @@ pub struct CompactArgs {
     pub key_file: Option<PathBuf>,
 }
 
+/// `vbdfs resize`.
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// The image (not mounted).
+    pub image: PathBuf,
+    /// The new size (e.g. 20G), or +SIZE to grow by, -SIZE to shrink by (K, M, G, T are
+    /// powers of 1024; a multiple of 512 bytes).
+    #[arg(allow_hyphen_values = true)]
+    pub size: String,
+    /// Allow a smaller size: the data past it is dropped (shrink the file system and
+    /// partitions inside first).
+    #[arg(long)]
+    pub shrink: bool,
+    /// Key file of an encrypted image.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
 /// `vbdfs rekey`.
 #[derive(Debug, Args)]
 pub struct RekeyArgs {
@@ -252,6 +273,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export(a) => a.key_file.clone(),
         Command::Compact(a) => a.key_file.clone(),
         Command::Clone(a) => a.key_file.clone(),
+        Command::Resize(a) => a.key_file.clone(),
         _ => None,
     };
     // Before any thread starts (key derivation, readers, progress).
@@ -279,5 +301,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Compact(a) => compact::run(&a).map(|()| ExitCode::SUCCESS),
         Command::Rekey(a) => keys::rekey(&a).map(|()| ExitCode::SUCCESS),
+        Command::Resize(a) => resize::run(&a).map(|()| ExitCode::SUCCESS),
     }
 }

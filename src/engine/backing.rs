@@ -339,7 +339,7 @@ impl Inner {
 
     /// The first block >= `first` whose data comes from the base.
     pub(super) fn next_backed(&self, first: u64, map: &BlockMap) -> Option<u64> {
-        next_backed(map, self.base()?, first, self.nblocks, self.block_shift)
+        next_backed(map, self.base()?, first, self.nblocks(), self.block_shift)
     }
 
     /// True if UNMAPPED `block` shows data of the base.

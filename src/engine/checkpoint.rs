@@ -258,6 +258,7 @@ impl Inner {
         next.log_epoch = epoch;
         next.log_tail = tail;
         next.index = index;
+        next.virtual_size = self.virtual_size();
         if let Some(ptr) = snap_table {
             next.snap_table = ptr;
         }

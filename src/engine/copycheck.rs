@@ -125,7 +125,8 @@ impl Inner {
             add(what, snap.index, RecordKind::Index, None, None);
             // An index that cannot be read is the snapshot check's finding.
             let store = self.store.as_ref();
-            let Ok(leaves) = read_index(store, snap.index, file_len, self.nblocks) else {
+            let nblocks = self.blocks_of(snap.virtual_size);
+            let Ok(leaves) = read_index(store, snap.index, file_len, nblocks) else {
                 continue;
             };
             for p in &leaves {
@@ -239,7 +240,8 @@ impl Inner {
         let store = self.store.as_ref();
         let file_len = self.file_len()?;
         // A map that cannot be read at all is the snapshot check's finding.
-        let Ok(mut leaves) = read_index(store, snap.index, file_len, self.nblocks) else {
+        let nblocks = self.blocks_of(snap.virtual_size);
+        let Ok(mut leaves) = read_index(store, snap.index, file_len, nblocks) else {
             return Ok(None);
         };
         let index = MetaRef {
@@ -267,7 +269,7 @@ impl Inner {
         }
         let mut loaded = Vec::with_capacity(damaged.len());
         for &i in &damaged {
-            let leaf = read_leaf(store, &leaves[i], self.block_shift, file_len, self.nblocks);
+            let leaf = read_leaf(store, &leaves[i], self.block_shift, file_len, nblocks);
             let Ok(entries) = leaf else {
                 return Ok(None);
             };

@@ -32,6 +32,8 @@ pub(super) struct DeletedSnapshot {
     pub index: RecPtr,
     /// The checkpoint generation that made it.
     pub gen: u64,
+    /// Its disk's blocks (its map maps none past them).
+    pub nblocks: u64,
     /// Leaves below this one have been judged.
     pub next_leaf: u64,
 }
@@ -43,6 +45,7 @@ const SLICE: Duration = Duration::from_millis(100);
 /// A newer map the deleted snapshot's leaves are compared with.
 struct Successor {
     index: RecPtr,
+    nblocks: u64,
     leaves: Vec<LeafPtr>,
 }
 
@@ -56,7 +59,7 @@ impl Successor {
                 &self.leaves[i],
                 inner.block_shift,
                 file_len,
-                inner.nblocks,
+                self.nblocks,
             ),
             Err(_) => Ok(Vec::new()),
         }
@@ -118,7 +121,7 @@ impl Inner {
             self.store.as_ref(),
             gone.index,
             self.file_len()?,
-            self.nblocks,
+            gone.nblocks,
         )?;
         let mut successors: Vec<Successor> = Vec::new();
         for (i, ptr) in leaves
@@ -166,26 +169,32 @@ impl Inner {
             return Ok(None);
         }
         let older = snaps.iter().map(|s| s.gen).filter(|&g| g < gone.gen).max();
-        let newer: Vec<RecPtr> = snaps
+        let committed = {
+            let sb = self.sb.lock();
+            (sb.index, sb.virtual_size)
+        };
+        let newer: Vec<(RecPtr, u64)> = snaps
             .iter()
             .filter(|s| s.gen > gone.gen)
-            .map(|s| s.index)
-            .chain([self.sb.lock().index])
+            .map(|s| (s.index, s.virtual_size))
+            .chain([committed])
             .collect();
         if successors.len() != newer.len()
-            || successors.iter().zip(&newer).any(|(s, n)| s.index != *n)
+            || successors.iter().zip(&newer).any(|(s, n)| s.index != n.0)
         {
             *successors = newer
                 .iter()
-                .map(|&index| {
+                .map(|&(index, size)| {
+                    let nblocks = self.blocks_of(size);
                     Ok(Successor {
                         index,
-                        leaves: read_index(store, index, file_len, self.nblocks)?,
+                        nblocks,
+                        leaves: read_index(store, index, file_len, nblocks)?,
                     })
                 })
                 .collect::<Result<_>>()?;
         }
-        let Ok(mine) = read_leaf(store, ptr, self.block_shift, file_len, self.nblocks) else {
+        let Ok(mine) = read_leaf(store, ptr, self.block_shift, file_len, gone.nblocks) else {
             return Ok(Some(Vec::new())); // reclaimed meanwhile (compact): nothing to judge
         };
         let mut dead = only_here(ptr.leaf, &mine, &[], older.unwrap_or(0));
@@ -262,6 +271,7 @@ mod tests {
         let job = DeletedSnapshot {
             index: entry.index,
             gen: entry.gen,
+            nblocks: img.inner.blocks_of(entry.virtual_size),
             next_leaf: 0,
         };
         // A deadline already past still judges one leaf.

@@ -124,7 +124,7 @@ impl Inner {
         let sb = self.sb.lock().clone();
         let cache = self.cache.stats();
         ImageStats {
-            virtual_size: self.virtual_size,
+            virtual_size: self.virtual_size(),
             block_size: self.block_size(),
             codec: self.codec.to_string(),
             adapt_floor: self.adapt.as_ref().map(|a| a.floor()),
@@ -192,7 +192,7 @@ impl Inner {
     }
 
     pub(super) fn next_data(&self, off: u64) -> Option<u64> {
-        if off >= self.virtual_size {
+        if off >= self.virtual_size() {
             return None;
         }
         let first = off >> self.block_shift;
@@ -216,9 +216,10 @@ impl Inner {
 
     pub(super) fn next_hole(&self, off: u64) -> u64 {
         let mut block = off >> self.block_shift;
-        while block < self.nblocks && self.is_data(block) {
+        let nblocks = self.nblocks();
+        while block < nblocks && self.is_data(block) {
             block += 1;
         }
-        (block << self.block_shift).clamp(off, self.virtual_size)
+        (block << self.block_shift).clamp(off, self.virtual_size())
     }
 }

@@ -35,6 +35,7 @@ mod open;
 mod readahead;
 mod reader;
 mod reclaim;
+mod resize;
 mod rw;
 mod snapshot;
 mod snaptable;
@@ -45,6 +46,7 @@ pub use backing::{BackingInfo, CloneOptions};
 pub use clock::UtcTime;
 pub use clone::BaseSnapshot;
 pub use inspect::{BadBlock, CheckReport, ImageStats};
+pub use open::check_disk_size;
 pub use reader::{DiskView, SnapshotReader};
 pub use reclaim::CompactReport;
 pub use snapshot::{SnapshotInfo, SnapshotTiming, SnapshotUsage};
@@ -57,7 +59,7 @@ use log::LogTail;
 use map::BlockMap;
 use parking_lot::{Mutex, RwLock};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -156,13 +158,15 @@ pub(crate) struct Inner {
     rewrite: copies::Rewrite,
     store: Arc<dyn Store>,
     read_only: bool,
-    virtual_size: u64,
+    /// The disk's size in bytes: changes only while the image is used
+    /// exclusively ([`Image::resize`], a rollback to a snapshot of another
+    /// size); read it with [`Inner::virtual_size`].
+    disk_size: AtomicU64,
     block_shift: u8,
     codec: Codec,
     /// Faster levels while write-back falls behind (read-write opens with
     /// [`OpenOptions::adapt_floor`]).
     adapt: Option<adapt::Adapt>,
-    nblocks: u64,
     /// The superblock last written (or read).
     sb: Mutex<Superblock>,
     /// Whether the image was clean when opened.
@@ -217,6 +221,22 @@ pub struct Image {
 impl Inner {
     fn block_size(&self) -> u64 {
         1 << self.block_shift
+    }
+
+    /// The disk's size in bytes.
+    fn virtual_size(&self) -> u64 {
+        self.disk_size.load(Ordering::Acquire)
+    }
+
+    /// Blocks of the disk (the last one may be partly past its end).
+    fn nblocks(&self) -> u64 {
+        self.blocks_of(self.virtual_size())
+    }
+
+    /// Blocks of a disk of `size` bytes: a map of that size maps no block
+    /// from this one on.
+    fn blocks_of(&self, size: u64) -> u64 {
+        size.div_ceil(self.block_size())
     }
 
     /// Latches the image into the failed state and returns the error.
@@ -362,12 +382,12 @@ impl Image {
 
     /// Virtual size in bytes.
     pub fn len(&self) -> u64 {
-        self.inner.virtual_size
+        self.inner.virtual_size()
     }
 
     /// True for a zero-length image (never: sizes are positive).
     pub fn is_empty(&self) -> bool {
-        self.inner.virtual_size == 0
+        self.inner.virtual_size() == 0
     }
 
     /// Block size in bytes.
@@ -387,7 +407,7 @@ impl Image {
     /// an image). Empty for a healthy image.
     pub fn lost_leaves(&self) -> Vec<String> {
         let map = self.inner.map.read();
-        let notes = map.lost_notes(self.inner.nblocks, self.inner.block_shift);
+        let notes = map.lost_notes(self.inner.nblocks(), self.inner.block_shift);
         // The log replayed over the lost leaf maps what it wrote again.
         let since = ", except those written after the last checkpoint";
         notes.into_iter().map(|n| n + since).collect()
@@ -480,10 +500,10 @@ impl Image {
     pub fn allocated_bytes(&self) -> u64 {
         let inner = &self.inner;
         if inner.backing.is_some() {
-            return inner.virtual_size;
+            return inner.virtual_size();
         }
         let blocks = inner.map.read().data_blocks + inner.cache.unwritten_count() as u64;
-        (blocks * inner.block_size()).min(inner.virtual_size)
+        (blocks * inner.block_size()).min(inner.virtual_size())
     }
 
     /// Makes everything written so far durable.

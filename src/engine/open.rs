@@ -21,7 +21,7 @@ use crate::{Codec, CreateOptions};
 use parking_lot::{Mutex, RwLock};
 use std::fs::{File, OpenOptions as FsOpen};
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,16 @@ pub(super) fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// Checks a disk size: a positive multiple of 512 bytes, at most 64 TiB.
+pub fn check_disk_size(size: u64) -> Result<()> {
+    if size == 0 || !size.is_multiple_of(512) || size > MAX_VIRTUAL_SIZE {
+        return Err(Error::invalid(format!(
+            "size {size} must be a positive multiple of 512 bytes, at most 64 TiB"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks create options; the message names the bad value.
 pub(super) fn validate(create: &CreateOptions) -> Result<u8> {
     let bs = create.block_size;
@@ -48,12 +58,7 @@ pub(super) fn validate(create: &CreateOptions) -> Result<u8> {
             "block size {bs} is not a power of two from 4 KiB to 1 MiB"
         )));
     }
-    if create.size == 0 || !create.size.is_multiple_of(512) || create.size > MAX_VIRTUAL_SIZE {
-        return Err(Error::invalid(format!(
-            "size {} must be a positive multiple of 512 bytes, at most 64 TiB",
-            create.size
-        )));
-    }
+    check_disk_size(create.size)?;
     if let Codec::Zstd(level) = create.codec {
         if !zstd_level_ok(level) {
             return Err(Error::invalid(format!(
@@ -676,11 +681,10 @@ pub(super) fn load(
         recovery_notes,
         rewrite: damaged.rewrite,
         read_only: open.read_only,
-        virtual_size: sb.virtual_size,
+        disk_size: AtomicU64::new(sb.virtual_size),
         block_shift: sb.block_shift,
         codec: sb.codec,
         adapt,
-        nblocks,
         opened_clean: sb.flags & SB_FLAG_DIRTY == 0,
         first_gen: max_birth + 1,
         log: Mutex::new(LogTail::new(tail, lsn, epoch, max_birth + 1, file_len)),

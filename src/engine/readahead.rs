@@ -110,7 +110,7 @@ impl Readahead {
 impl Inner {
     /// Queues the readahead a read of `[off, off+len)` calls for.
     pub(super) fn read_ahead(&self, off: u64, len: u64) {
-        if let Some((mut from, len)) = self.readahead.note(off, len, self.virtual_size) {
+        if let Some((mut from, len)) = self.readahead.note(off, len, self.virtual_size()) {
             // In pieces, so that the threads load them in parallel.
             let end = from + len;
             while from < end {

@@ -116,7 +116,8 @@ impl Inner {
         let file_len = self.file_len()?;
         for snap in self.snapshot_entries() {
             out.insert(snap.index.off);
-            let ptrs = read_index(self.store.as_ref(), snap.index, file_len, self.nblocks)?;
+            let nblocks = self.blocks_of(snap.virtual_size);
+            let ptrs = read_index(self.store.as_ref(), snap.index, file_len, nblocks)?;
             out.extend(ptrs.iter().map(|p| p.off));
         }
         let out = Arc::new(out);
@@ -360,7 +361,12 @@ impl Inner {
     }
 
     /// Every byte range below the committed log start that a live record uses.
-    fn live_spans(&self, committed_index: RecPtr, sb_ptrs: &[RecPtr]) -> Result<Vec<Span>> {
+    fn live_spans(
+        &self,
+        committed_index: RecPtr,
+        committed_size: u64,
+        sb_ptrs: &[RecPtr],
+    ) -> Result<Vec<Span>> {
         let file_len = self.file_len()?;
         let mut spans = Vec::new();
         let store = self.store.as_ref();
@@ -385,7 +391,7 @@ impl Inner {
             committed_index,
             self.block_shift,
             file_len,
-            self.nblocks,
+            self.blocks_of(committed_size),
         )?;
         add_map(&head, committed_index, &mut spans);
         for snap in self.snapshot_entries() {
@@ -394,7 +400,7 @@ impl Inner {
                 snap.index,
                 self.block_shift,
                 file_len,
-                self.nblocks,
+                self.blocks_of(snap.virtual_size),
             )?;
             add_map(&map, snap.index, &mut spans);
         }
@@ -416,7 +422,7 @@ impl Inner {
         let _one = self.checkpoint_lock.lock();
         let before = self.store.allocated().unwrap_or(0);
         let sb = self.sb.lock().clone();
-        let spans = self.live_spans(sb.index, &[sb.snap_table, sb.config])?;
+        let spans = self.live_spans(sb.index, sb.virtual_size, &[sb.snap_table, sb.config])?;
         let mut live_bytes = 0;
         let mut cursor = LOG_START;
         for (a, b) in spans

@@ -10,10 +10,10 @@ use std::sync::Arc;
 impl Inner {
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
         match off.checked_add(len) {
-            Some(end) if end <= self.virtual_size => Ok(()),
+            Some(end) if end <= self.virtual_size() => Ok(()),
             _ => Err(Error::invalid(format!(
                 "range {off}+{len} is outside the disk ({} bytes)",
-                self.virtual_size
+                self.virtual_size()
             ))),
         }
     }
@@ -181,6 +181,12 @@ impl Inner {
     pub(super) fn write_unthrottled(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(off, buf.len() as u64)?;
+        self.write_cached(buf, off)
+    }
+
+    /// Puts `buf` into the cached blocks at `off` (dirty); the caller checked
+    /// that the image is writable and the blocks exist.
+    pub(super) fn write_cached(&self, buf: &[u8], off: u64) -> Result<()> {
         let bs = self.block_size() as usize;
         self.pieces(off, buf.len(), |block, in_block, range| {
             let src = &buf[range];

@@ -161,7 +161,7 @@ impl Image {
                     name: name.to_string(),
                     gen: c.gen,
                     ctime_ns: now_ns(),
-                    virtual_size: inner.virtual_size,
+                    virtual_size: inner.virtual_size(),
                     index: c.index,
                     holds: 0,
                     data_blocks: c.data_blocks,
@@ -227,6 +227,7 @@ impl Image {
     fn delete(&self, name: &str, force: bool) -> Result<()> {
         check_snapshot_name(name)?;
         self.inner.check_snap_writable()?;
+        let block_size = self.inner.block_size();
         let mut gone = None;
         self.inner.commit(
             false,
@@ -253,6 +254,7 @@ impl Image {
                 gone = Some(DeletedSnapshot {
                     index: e.index,
                     gen: e.gen,
+                    nblocks: (e.virtual_size).div_ceil(block_size),
                     next_leaf: 0,
                 });
                 st.deleting = Some(id);
@@ -292,8 +294,9 @@ impl Image {
         Ok(self.inner.snapshot_info(&e))
     }
 
-    /// Makes the head equal to snapshot `name` (writes made since are lost;
-    /// the snapshot stays). Needs exclusive use of the image (`&mut`): offline.
+    /// Makes the head equal to snapshot `name`, its size too (writes made
+    /// since are lost; the snapshot stays). Needs exclusive use of the image
+    /// (`&mut`): offline.
     pub fn snapshot_rollback(&mut self, name: &str) -> Result<()> {
         let inner = &self.inner;
         check_snapshot_name(name)?;
@@ -309,7 +312,7 @@ impl Image {
             entry.index,
             inner.block_shift,
             file_len,
-            inner.nblocks,
+            inner.blocks_of(entry.virtual_size),
         )?;
         // The head's leaves read from a second copy are written anew by the
         // checkpoint below (the snapshot keeps its own records).
@@ -320,7 +323,12 @@ impl Image {
             let _one = inner.checkpoint_lock.lock();
             let _log = inner.log.lock();
             *inner.map.write() = map;
-            inner.cache.remove_range(0, inner.nblocks.saturating_sub(1));
+            inner
+                .cache
+                .remove_range(0, inner.nblocks().saturating_sub(1));
+            inner
+                .disk_size
+                .store(entry.virtual_size, std::sync::atomic::Ordering::Release);
         }
         inner.checkpoint(false)
     }

@@ -142,7 +142,7 @@ impl Inner {
             snap.index,
             self.block_shift,
             file_len,
-            self.nblocks,
+            self.blocks_of(snap.virtual_size),
         )
     }
 
@@ -182,7 +182,7 @@ impl Image {
         let store = inner.store.as_ref();
         let mut by_leaf: BTreeMap<u64, Vec<(usize, crate::format::LeafPtr)>> = BTreeMap::new();
         for (i, s) in snaps.iter().enumerate() {
-            let ptrs = read_index(store, s.index, file_len, inner.nblocks)
+            let ptrs = read_index(store, s.index, file_len, inner.blocks_of(s.virtual_size))
                 .map_err(|e| e.context(format!("snapshot '{}'", s.name)))?;
             for p in ptrs {
                 by_leaf.entry(p.leaf).or_default().push((i, p));
@@ -195,9 +195,14 @@ impl Image {
                 match distinct.iter_mut().find(|d| d.0 == p.off) {
                     Some(d) => d.1.push(i),
                     None => {
-                        let entries =
-                            read_leaf(store, &p, inner.block_shift, file_len, inner.nblocks)
-                                .map_err(|e| e.context(format!("snapshot '{}'", snaps[i].name)))?;
+                        let entries = read_leaf(
+                            store,
+                            &p,
+                            inner.block_shift,
+                            file_len,
+                            inner.blocks_of(snaps[i].virtual_size),
+                        )
+                        .map_err(|e| e.context(format!("snapshot '{}'", snaps[i].name)))?;
                         distinct.push((p.off, vec![i], entries));
                     }
                 }

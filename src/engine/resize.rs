@@ -1,0 +1,67 @@
+//! Changing the disk's size, with the image used exclusively (offline).
+//!
+//! The size is a superblock field, so one checkpoint commits it together
+//! with the map: a crash leaves the old size with the old map or the new
+//! size with the new map, never a mix. Snapshots keep the size they were
+//! taken at (each table entry records its own).
+//!
+//! Shrinking unmaps the blocks past the new end (their records are
+//! reclaimed like overwritten ones unless a snapshot holds them). The bytes
+//! past the new end inside its last block stay as they are, unseen; growing
+//! zeroes them before they come into view, so a disk grown again reads
+//! zeros there, as a raw file would — also in a clone, whose unwritten
+//! blocks would otherwise show its base past the old end.
+
+use super::open::check_disk_size;
+use super::Image;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::MapEntry;
+use std::sync::atomic::Ordering;
+
+impl Image {
+    /// Changes the disk's size to `size` bytes (a positive multiple of 512,
+    /// at most 64 TiB). Needs exclusive use of the image (`&mut`): offline.
+    /// Shrinking drops the data past `size`; the caller asks before.
+    pub fn resize(&mut self, size: u64) -> Result<()> {
+        let inner = &self.inner;
+        if inner.read_only {
+            return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
+        }
+        check_disk_size(size)?;
+        let old = inner.virtual_size();
+        if size == old {
+            return Ok(());
+        }
+        let bs = inner.block_size();
+        if size > old && !old.is_multiple_of(bs) {
+            // The unseen bytes past the old end of its last block.
+            let tail = old.next_multiple_of(bs).min(size) - old;
+            inner.write_cached(&vec![0u8; tail as usize], old)?;
+        }
+        inner.flush()?;
+        {
+            // Under the checkpoint lock: a checkpoint commits the new size
+            // with the map that goes with it, or neither.
+            let _one = inner.checkpoint_lock.lock();
+            let _log = inner.log.lock();
+            let (old_blocks, new_blocks) = (inner.nblocks(), inner.blocks_of(size));
+            let mut map = inner.map.write();
+            if new_blocks < old_blocks {
+                map.set_range(new_blocks, old_blocks - new_blocks, MapEntry::default());
+                inner.cache.remove_range(new_blocks, old_blocks - 1);
+            } else if new_blocks > old_blocks {
+                super::backing::set_holes(
+                    &mut map,
+                    inner.base(),
+                    old_blocks,
+                    new_blocks - old_blocks,
+                    inner.block_shift,
+                );
+            }
+            inner.disk_size.store(size, Ordering::Release);
+        }
+        inner.checkpoint(false)?;
+        ::log::info!("disk resized from {old} to {size} bytes");
+        Ok(())
+    }
+}
