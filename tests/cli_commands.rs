@@ -77,6 +77,8 @@ fn create_refuses_bad_arguments() {
     assert_error(&["create", i], "--size");
     assert_error(&["create", i, "--size", "12X"], "12X");
     assert_error(&["create", i, "--size", "0"], "--size");
+    assert_error(&["create", i, "--size", "1000"], "multiple of 512");
+    assert_error(&["create", i, "--size", "65T"], "at most 64 TiB");
     // A negative size reaches the size parser (not clap's "unexpected argument").
     assert_error(&["create", i, "--size", "-1"], "invalid size '-1'");
     assert_error(
@@ -217,6 +219,42 @@ fn output_that_cannot_be_written_is_one_line_or_quiet() {
 }
 
 #[test]
+fn snapshot_arguments_an_action_does_not_take_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("s.vbd");
+    create(&img, "1M", &[]);
+    let i = p(&img);
+    assert_error(&["snapshot", "list", i, "extra"], "takes no snapshot name");
+    assert_error(
+        &["snapshot", "create", i, "s", "--force"],
+        "--force is for snapshot delete",
+    );
+    assert_error(
+        &["snapshot", "list", i, "--force"],
+        "--force is for snapshot delete",
+    );
+    let out = run(&["snapshot", "list", i]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // `info` names the newest 16 snapshots and counts the rest.
+    for n in 0..20 {
+        let out = run(&["snapshot", "create", i, &format!("s{n:02}")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = run(&["info", i]);
+    let line = stdout(&out)
+        .lines()
+        .find(|l| l.starts_with("snapshots: "))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(line.starts_with("snapshots: 20: s04 ("), "{line}");
+    assert!(line.contains("s19 (") && !line.contains("s03 ("), "{line}");
+    assert!(
+        line.ends_with("and 4 older (vbdfs snapshot list shows all)"),
+        "{line}"
+    );
+}
+
+#[test]
 fn bad_mount_options_are_refused_before_mounting() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let img = tmp.path().join("d.vbd");
@@ -230,6 +268,8 @@ fn bad_mount_options_are_refused_before_mounting() {
         ("uid=alice", "uid"),
         ("ro=yes", "ro"),
         ("key-file=/nonexistent/k", "key file /nonexistent/k"),
+        ("loop", "put a loop device over MOUNTPOINT/disk"),
+        ("ro,adapt", "not with 'ro'"),
     ] {
         assert_error(&["mount", i, d, "-o", opts], needle);
     }

@@ -89,6 +89,12 @@ fn status_and_commands() {
     assert_eq!(m.status_value("cache-size").as_deref(), Some("8388608"));
     assert_eq!(m.status_value("read-only").as_deref(), Some("no"));
     assert_eq!(m.status_value("last-error").as_deref(), Some("none"));
+    // The room allocated ahead of the log is not dead space.
+    let dead: u64 = m
+        .status_value("dead-bytes")
+        .and_then(|v| v.parse().ok())
+        .expect("dead-bytes");
+    assert!(dead < 1 << 20, "a fresh mount shows {dead} dead bytes");
 
     // Data written, then flushed through the control file.
     std::fs::OpenOptions::new()

@@ -254,6 +254,22 @@ fn offline_commands_refused_while_mounted_clones_work() {
     base_mount.umount();
     let info = run(&["info", p(&clone)]);
     assert!(String::from_utf8_lossy(&info.stdout).contains("@gold"));
+
+    // A base mounted read-only cannot take a clone's hold: said so.
+    let ro = Mount::new(&img, &tmp.path().join("mnt"), Some("ro"));
+    let out = run(&[
+        "clone",
+        &format!("{}@gold", p(&img)),
+        p(&tmp.path().join("r.vbd")),
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("mounted read-only") && err.contains("unmount it first"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("r.vbd").exists());
+    ro.umount();
 }
 
 #[test]

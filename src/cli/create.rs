@@ -28,8 +28,9 @@ pub fn run(args: &CreateArgs) -> Result<()> {
         .as_deref()
         .map(|text| parse_size(text).map_err(|e| e.context("--size")))
         .transpose()?;
-    if size == Some(0) {
-        return Err(Error::invalid("--size: the size must be larger than 0"));
+    if let Some(size) = size {
+        crate::engine::check_disk_size(size)
+            .map_err(|e| with_path(e.context("--size"), &args.image))?;
     }
     let block_size = args
         .block_size

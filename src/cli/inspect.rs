@@ -88,6 +88,13 @@ pub fn info(args: &InfoArgs) -> Result<()> {
             "dirty (its mount's daemon is gone; recovered on the next read-write open)".into()
         }
         (None, false, Some(_)) => "in use (open read-write by the mount)".into(),
+        // Not mounted, but a writer holds it: an unmounted daemon still
+        // closing it, or an offline command.
+        (None, false, None) if super::keys::held_by_a_writer(&args.image) => {
+            "in use (open read-write by another process: a daemon still closing it after \
+             umount, or an offline command)"
+                .into()
+        }
         (None, false, None) => {
             "dirty (not closed cleanly; recovered on the next read-write open)".into()
         }
@@ -225,7 +232,9 @@ fn snapshots_text(image: &Image) -> String {
     if snaps.is_empty() {
         return "none".into();
     }
-    let items: Vec<String> = snaps
+    // Past a few, the newest only: `snapshot list` has them all.
+    let shown = &snaps[snaps.len().saturating_sub(SNAPSHOTS_SHOWN)..];
+    let items: Vec<String> = shown
         .iter()
         .map(|s| {
             let clones = if s.holds > 0 {
@@ -240,8 +249,15 @@ fn snapshots_text(image: &Image) -> String {
             )
         })
         .collect();
-    format!("{}: {}", snaps.len(), items.join(", "))
+    let more = match snaps.len() - shown.len() {
+        0 => String::new(),
+        older => format!(" and {older} older (vbdfs snapshot list shows all)"),
+    };
+    format!("{}: {}{more}", snaps.len(), items.join(", "))
 }
+
+/// Snapshots `info` names on its `snapshots:` line (the newest).
+const SNAPSHOTS_SHOWN: usize = 16;
 
 /// Rounds of [`recheck_mounted`] at most.
 const RECHECKS: usize = 3;

@@ -78,8 +78,10 @@ pub struct CreateArgs {
     #[arg(long, value_name = "CODEC")]
     pub compress: Option<String>,
     /// Make a copy-on-write clone of BASE at snapshot SNAP (without @SNAP, a
-    /// snapshot of the base's current state is taken first). The base must not
-    /// be mounted. --size, --block-size and --compress default to the base's.
+    /// snapshot of the base's current state is taken first). A base mounted
+    /// read-write is asked through its control file; one mounted read-only
+    /// must be unmounted. --size, --block-size and --compress default to the
+    /// base's.
     #[arg(long, value_name = "BASE[@SNAP]")]
     pub backing: Option<String>,
     /// Encrypt the image (XChaCha20-Poly1305, data key wrapped under
@@ -212,7 +214,7 @@ pub struct ImportArgs {
 pub struct ExportArgs {
     /// IMAGE or IMAGE@SNAP.
     pub image: String,
-    /// The raw file to write.
+    /// The file to write: a raw file, a qcow2 when it ends in .qcow2, or a block device.
     pub dest: PathBuf,
     /// Key file of an encrypted image.
     #[arg(long, value_name = "FILE")]

@@ -12,10 +12,37 @@ use crate::{Codec, Error, Result};
 
 /// mount(8)/fstab pass-through options that vbdfs accepts and ignores: they
 /// are meant for mount(8), systemd or the kernel's generic mount flags, which a
-/// FUSE mount sets itself (`nodev,nosuid` always).
+/// FUSE mount sets itself (`nodev,nosuid` always; access times of `disk` mean
+/// nothing to a guest). The same set `mount.vbdfs` drops (with `x-*`, `X-*`
+/// and `comment=`); `loop` is refused with advice instead.
 pub const IGNORED: &[&str] = &[
-    "nofail", "noauto", "auto", "_netdev", "nodev", "nosuid", "noexec", "dev", "suid", "exec",
-    "user", "users", "nouser", "defaults",
+    "nofail",
+    "noauto",
+    "auto",
+    "_netdev",
+    "nodev",
+    "nosuid",
+    "noexec",
+    "dev",
+    "suid",
+    "exec",
+    "user",
+    "users",
+    "nouser",
+    "defaults",
+    "owner",
+    "group",
+    "async",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "lazytime",
+    "nolazytime",
+    "diratime",
+    "nodiratime",
 ];
 
 /// Default number of I/O worker threads per mount (`threads=`).
@@ -60,7 +87,7 @@ pub fn parse_size(text: &str) -> Result<u64> {
     };
     number
         .checked_mul(1u64 << shift)
-        .ok_or_else(|| Error::invalid(format!("size '{text}' is too large")))
+        .ok_or_else(|| Error::invalid(format!("size '{text}' is too large (over 16 EiB)")))
 }
 
 /// Formats a byte count for humans: `1.5 GiB`, `64 KiB`, `512 B`.
@@ -142,6 +169,11 @@ impl MountOptions {
             {
                 opts.apply(item)?;
             }
+        }
+        if opts.read_only && opts.adapt_floor.is_some() {
+            return Err(Error::invalid(
+                "mount option 'adapt' is for writes: not with 'ro'",
+            ));
         }
         Ok(opts)
     }
@@ -255,7 +287,13 @@ impl MountOptions {
                 self.key_file = Some(v);
             }
             _ if value.is_none() && IGNORED.contains(&key) => {}
-            _ if key.starts_with("x-") || key == "comment" => {}
+            _ if key.starts_with("x-") || key.starts_with("X-") || key == "comment" => {}
+            "loop" => {
+                return Err(Error::invalid(
+                    "mount option 'loop' does not apply: the image is the source; put a loop \
+                     device over MOUNTPOINT/disk instead (losetup -f --show --direct-io=on)",
+                ));
+            }
             _ => {
                 return Err(Error::invalid(format!("unknown mount option '{item}'")));
             }
@@ -335,7 +373,8 @@ mod tests {
         let key = MountOptions::parse(&["key-file=/k", "key-file=/k"]).map(|o| o.key_file);
         assert_eq!(key.ok().flatten(), Some("/k".into()));
         let pass = "defaults,nofail,noauto,auto,_netdev,x-systemd.automount,nodev,nosuid,\
-                    noexec,dev,suid,exec,user,users,nouser,,";
+                    noexec,dev,suid,exec,user,users,nouser,,noatime,relatime,async,owner,\
+                    X-mount.mkdir";
         assert_eq!(
             MountOptions::parse(&[pass]).ok(),
             Some(MountOptions::default())
@@ -363,6 +402,9 @@ mod tests {
             ("adapt=-8", "adapt"),
             ("adapt=fast", "adapt"),
             ("adapt=", "adapt"),
+            ("loop", "put a loop device over MOUNTPOINT/disk"),
+            ("ro,adapt", "not with 'ro'"),
+            ("sync", "unknown mount option 'sync'"),
         ] {
             let err = MountOptions::parse(&[bad])
                 .err()

@@ -59,6 +59,20 @@ fn name_of(args: &SnapshotArgs) -> Result<&str> {
 /// Runs `vbdfs snapshot ACTION IMAGE [NAME]`.
 pub fn run(args: &SnapshotArgs) -> Result<()> {
     let shown = args.image.display();
+    if args.action == "list" {
+        if let Some(name) = &args.name {
+            return Err(Error::invalid(format!(
+                "snapshot list takes no snapshot name ('{}')",
+                crate::error::printable(name)
+            )));
+        }
+    }
+    if args.force && args.action != "delete" {
+        return Err(Error::invalid(format!(
+            "--force is for snapshot delete, not {}",
+            args.action
+        )));
+    }
     match args.action.as_str() {
         "list" => list(args),
         "create" => {
@@ -185,7 +199,17 @@ fn control(dir: &Path, cmd: &str) -> Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
-        .map_err(|e| Error::io(path.display().to_string(), e))?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EROFS) => Error::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "the base is mounted read-only at {}: it cannot take the clone's hold \
+                     on its snapshot; unmount it first",
+                    dir.display()
+                ),
+            ),
+            _ => Error::io(path.display().to_string(), e),
+        })?;
     std::io::Write::write_all(&mut file, cmd.as_bytes()).map_err(|e| {
         match (e.raw_os_error(), cmd.split_once(' ')) {
             (Some(libc::ENOENT), Some((_, name))) => Error::new(

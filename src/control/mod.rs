@@ -30,7 +30,7 @@
 //! | `codec` | block compression (`zstd:1`, `none`) |
 //! | `codec-adapt` | `off`, or with the mount option `adapt`, the fastest level write-back may use and how many blocks it compressed faster than `codec` since the mount: `to zstd:-3 (1234 blocks at faster levels)` |
 //! | `uuid` | image identity |
-//! | `allocated-bytes`, `stored-bytes`, `file-bytes`, `file-allocated-bytes`, `dead-bytes`, `reclaim-pending-bytes` | data held, its compressed size, the image file length, the host space it occupies, the part of it not used by live records or the map, and of that the dead records waiting to be punched |
+//! | `allocated-bytes`, `stored-bytes`, `file-bytes`, `file-allocated-bytes`, `dead-bytes`, `reclaim-pending-bytes` | data held, its compressed size, the image file length, the host space it occupies, the part of it not used by live records, the map, the superblocks or the room allocated ahead of the log, and of that the dead records waiting to be punched |
 //! | `cache-size`, `cache-used`, `cache-hits`, `cache-misses` | the engine's buffer cache |
 //! | `dirty-bytes` | written but not yet durable |
 //! | `generation` | checkpoint generation |
@@ -116,7 +116,8 @@ pub fn parse(data: &[u8]) -> Result<Command> {
         "release-snapshot" => Ok(Command::ReleaseSnapshot(one_name()?)),
         _ => Err(Error::invalid(format!(
             "unknown command '{verb}' (expected flush, snapshot NAME, \
-             delete-snapshot NAME, compact or reset-stats)"
+             delete-snapshot NAME, compact, reset-stats, hold-snapshot NAME or \
+             release-snapshot NAME)"
         ))),
     }
 }

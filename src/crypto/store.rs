@@ -135,7 +135,7 @@ pub fn attach(
             "the image is not encrypted, but a key was given",
         )),
         (_, None) => Err(Error::invalid(
-            "the image is encrypted: give its key (--key-file FILE, or -o key-file=FILE)",
+            "the image is encrypted: give its key (--key-file FILE; to mount: -o key-file=FILE)",
         )),
         (_, Some(key)) => {
             let sealer = keyslot::unlock(store.as_ref(), key, &sb.image_uuid)?;

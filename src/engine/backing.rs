@@ -35,6 +35,9 @@ pub use super::clone::CloneOptions;
 /// Deepest backing chain accepted (a clone of a clone of ... 16 levels).
 pub const MAX_DEPTH: usize = 16;
 
+/// How the error for a chain deeper than [`MAX_DEPTH`] starts.
+const TOO_DEEP: &str = "backing chain is deeper than";
+
 /// One link of a backing chain, for `info`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct BackingInfo {
@@ -91,7 +94,8 @@ fn open_level(
     let r = BackingRef::decode(&raw)?;
     if seen.len() > MAX_DEPTH {
         return Err(Error::invalid(format!(
-            "backing chain is deeper than {MAX_DEPTH} images"
+            "{TOO_DEEP} {MAX_DEPTH} images (at {})",
+            origin.map_or_else(|| "?".into(), |p| p.display().to_string())
         )));
     }
     let (path, file) = find_base(&r, origin)?;
@@ -140,8 +144,12 @@ fn open_level(
         )));
     }
     seen.push(base_sb.image_uuid);
-    let below = open_level(base_store.as_ref(), &base_sb, base_len, Some(&path), seen)
-        .map_err(|e| e.context(&what))?;
+    let below = open_level(base_store.as_ref(), &base_sb, base_len, Some(&path), seen).map_err(
+        |e| match e.to_string().starts_with(TOO_DEEP) {
+            true => e, // one line, not every image of the chain in front
+            false => e.context(&what),
+        },
+    )?;
     let snaps =
         load_table(base_store.as_ref(), &base_sb, base_len).map_err(|e| e.context(&what))?;
     let entry = match snaps.lost() {

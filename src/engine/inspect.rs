@@ -33,8 +33,9 @@ pub struct ImageStats {
     pub file_allocated_bytes: u64,
     /// Bytes of the committed map's leaf records.
     pub metadata_bytes: u64,
-    /// Host space beyond live records and the map: dead records not yet
-    /// reclaimed, snapshots' records, superblocks and partly used pages.
+    /// Host space beyond live records, the map, the superblocks (and
+    /// keyslots) and the room allocated ahead of the log: dead records not
+    /// yet reclaimed, snapshots' records and partly used pages.
     pub dead_bytes: u64,
     /// Dead bytes known and waiting to be punched (part of `dead_bytes`;
     /// see `docs/admin.md`, host space).
@@ -121,7 +122,17 @@ impl Inner {
             )
         };
         let file_allocated = self.store.allocated().unwrap_or(0);
+        let file_bytes = self.store.len().unwrap_or(0);
         let sb = self.sb.lock().clone();
+        // Neither live nor dead: the superblocks (and keyslots), and the
+        // room allocated ahead of the log for its next appends.
+        let header = crate::format::SB_SLOT_SIZE * crate::format::SB_SLOTS
+            + if sb.crypto != 0 {
+                2 * crate::crypto::KEYSLOT_SIZE
+            } else {
+                0
+            };
+        let ahead = file_bytes.saturating_sub(self.log.lock().off);
         let cache = self.cache.stats();
         ImageStats {
             virtual_size: self.virtual_size(),
@@ -132,10 +143,10 @@ impl Inner {
             uuid: sb.image_uuid.iter().map(|b| format!("{b:02x}")).collect(),
             allocated_bytes: allocated,
             stored_bytes: stored,
-            file_bytes: self.store.len().unwrap_or(0),
+            file_bytes,
             file_allocated_bytes: file_allocated,
             metadata_bytes: metadata,
-            dead_bytes: file_allocated.saturating_sub(stored + metadata),
+            dead_bytes: file_allocated.saturating_sub(stored + metadata + header + ahead),
             reclaim_pending_bytes: self.dead_space.bytes(),
             generation: sb.gen,
             clean: self.opened_clean,
