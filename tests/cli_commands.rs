@@ -172,6 +172,8 @@ fn bad_files_and_paths_are_one_line_errors() {
     let copy = tmp.path().join("b.vbd");
     assert_error(&["import", p(&vbd), p(&copy)], "is a vbd image already");
     assert!(!copy.exists());
+    let nowhere = tmp.path().join("nodir/e.raw");
+    assert_error(&["export", p(&vbd), p(&nowhere)], "e.raw: no directory");
     assert_error(&["mount", p(&missing), p(tmp.path())], "missing.vbd");
 }
 

@@ -155,7 +155,10 @@ fn lock_shared(job: &Job, start: Instant) -> Result<std::fs::File> {
 pub fn serve(job: &Job, ready: &mut Ready) -> Result<()> {
     sys::limit_malloc_retention();
     if let Err(e) = sys::set_io_flusher() {
-        log::debug!("PR_SET_IO_FLUSHER not set: {e}");
+        log::info!(
+            "PR_SET_IO_FLUSHER not set ({e}): without CAP_SYS_RESOURCE, memory reclaim may \
+             wait on this daemon (docs/admin.md §7)"
+        );
     }
     // Before any thread exists, so that every thread inherits the mask.
     sys::block_signals(&SIGNALS).map_err(|e| Error::io("blocking signals", e))?;

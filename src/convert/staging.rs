@@ -56,6 +56,16 @@ impl TempImage {
         let name = target
             .file_name()
             .ok_or_else(|| Error::invalid(format!("{}: not a file name", target.display())))?;
+        let dir = target
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("{}: no directory {}", target.display(), dir.display()),
+            ));
+        }
         let tmp_name = format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id());
         let path = target.with_file_name(tmp_name);
         if path.exists() {

@@ -208,7 +208,11 @@ pub(super) fn open_file(
                 std::io::ErrorKind::PermissionDenied => ErrorKind::ReadOnly,
                 _ => ErrorKind::Io,
             };
-            Error::new(kind, format!("{}: {e}", path.display()))
+            let hint = match e.raw_os_error() {
+                Some(libc::EROFS) if !open.read_only => " (`vbdfs mount -o ro` serves it)",
+                _ => "",
+            };
+            Error::new(kind, format!("{}: {e}{hint}", path.display()))
         })?;
     if !open.read_only {
         lock(&file, path)?;
