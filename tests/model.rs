@@ -6,7 +6,9 @@
 //! write_zeroes (partial and whole blocks), reads, flush, checkpoint, snapshot
 //! create / delete / read / rollback (each snapshot compared with a copy of the
 //! model taken when it was made), compact (hole punching of dead records, then
-//! everything compared), close + open, drop + open, and a simulated
+//! everything compared), resize (grow and shrink, off block boundaries: the
+//! model is truncated or extended with zeros; snapshots keep their size),
+//! close + open, drop + open, and a simulated
 //! kill -9 (the store's bytes are copied
 //! while the image is open, i.e. everything that reached the host page cache,
 //! and the copy is opened). After a kill every block must hold its value at the
@@ -110,6 +112,9 @@ enum Op {
     SnapRollback(usize),
     /// Give the host space of every dead record back (hole punching).
     Compact,
+    /// Resize the disk (offline): to 1..2x the configured blocks, minus a
+    /// few sectors; the model is truncated or extended with zeros.
+    Resize(u32),
 }
 
 fn place() -> impl Strategy<Value = Place> {
@@ -164,6 +169,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::SnapDelete),
         1 => any::<usize>().prop_map(Op::SnapVerify),
         1 => any::<usize>().prop_map(Op::SnapRollback),
+        1 => any::<u32>().prop_map(Op::Resize),
     ]
 }
 
@@ -378,7 +384,7 @@ impl Harness {
     }
 
     fn run(&mut self, op: Op) -> Result<(), TestCaseError> {
-        let size = self.cfg.size();
+        let size = self.model.len() as u64;
         let bs = self.cfg.block_size;
         self.log.push(format!("{op:?}"));
         match op {
@@ -467,6 +473,16 @@ impl Harness {
                 self.flushed();
             }
             Op::SnapDelete(_) | Op::SnapVerify(_) | Op::SnapRollback(_) => {}
+            Op::Resize(r) => {
+                let blocks = 1 + u64::from(r) % (2 * self.cfg.blocks);
+                let trim = u64::from(r >> 16) % (bs / 512);
+                let new = blocks * bs - trim * 512;
+                self.image.as_mut().unwrap().resize(new).unwrap();
+                self.model.resize(new as usize, 0);
+                // Committed by a checkpoint: durable.
+                self.flushed();
+                self.check_allocated()?;
+            }
         }
         Ok(())
     }

@@ -6,11 +6,12 @@
 //! taken at (each table entry records its own).
 //!
 //! Shrinking unmaps the blocks past the new end (their records are
-//! reclaimed like overwritten ones unless a snapshot holds them). The bytes
-//! past the new end inside its last block stay as they are, unseen; growing
-//! zeroes them before they come into view, so a disk grown again reads
-//! zeros there, as a raw file would — also in a clone, whose unwritten
-//! blocks would otherwise show its base past the old end.
+//! reclaimed like overwritten ones unless a snapshot holds them); once the
+//! new size is committed, the bytes past the new end inside its last block
+//! are zeroed (out of view, they would keep dropped data). Growing zeroes
+//! them again before they come into view (a crash may have come between, a
+//! clone's unwritten last block shows its base there), so a disk grown
+//! again reads zeros past the old end, as a raw file would.
 
 use super::open::check_disk_size;
 use super::Image;
@@ -61,6 +62,12 @@ impl Image {
             inner.disk_size.store(size, Ordering::Release);
         }
         inner.checkpoint(false)?;
+        if size < old && !size.is_multiple_of(bs) {
+            let tail = size.next_multiple_of(bs) - size;
+            inner.write_cached(&vec![0u8; tail as usize], size)?;
+            inner.flush()?;
+            inner.checkpoint(false)?;
+        }
         ::log::info!("disk resized from {old} to {size} bytes");
         Ok(())
     }
