@@ -81,6 +81,19 @@ fn resize_matches_truncate_on_a_raw_file() {
         format!("{}: disk size 5.86 MiB -> 5.36 MiB", p(&img))
     );
     assert_eq!(info_json(&img)["virtual_size"], 5488 * 1024);
+    // Snapshots keep their size; `snapshot list` shows it.
+    let out = run(&["snapshot", "create", p(&img), "small"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(resize(&img, &["+1M"]).status.success());
+    let out = run(&["snapshot", "list", p(&img)]);
+    let text = stdout(&out);
+    assert!(
+        text.lines().next().unwrap_or("").contains("DISK SIZE"),
+        "{text}"
+    );
+    let line = text.lines().find(|l| l.starts_with("small ")).unwrap_or("");
+    assert!(line.contains("5.36 MiB"), "{text}");
+    assert_eq!(info_json(&img)["virtual_size"], 6512 * 1024);
     let out = run(&["check", p(&img)]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
 }

@@ -160,17 +160,19 @@ fn list(args: &SnapshotArgs) -> Result<()> {
         .unwrap_or(4)
         .max(4);
     say!(
-        "{:<width$}  {:<23}  {:>12}  {:>12}  CLONES",
+        "{:<width$}  {:<23}  {:>10}  {:>12}  {:>12}  CLONES",
         "NAME",
         "CREATED",
+        "DISK SIZE",
         "DATA",
         "ONLY HERE"
     )?;
     for (info, exclusive) in &usage {
         say!(
-            "{:<width$}  {:<23}  {:>12}  {:>12}  {}",
+            "{:<width$}  {:<23}  {:>10}  {:>12}  {:>12}  {}",
             info.name,
             format_time(info.created_ns),
+            format_size(info.virtual_size),
             format_size(info.allocated_bytes),
             exclusive.map_or("?".into(), format_size),
             info.holds
