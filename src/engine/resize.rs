@@ -46,13 +46,16 @@ impl Image {
             let _one = inner.checkpoint_lock.lock();
             let _log = inner.log.lock();
             let (old_blocks, new_blocks) = (inner.nblocks(), inner.blocks_of(size));
-            let mut map = inner.map.write();
             if new_blocks < old_blocks {
-                map.set_range(new_blocks, old_blocks - new_blocks, MapEntry::default());
+                let count = old_blocks - new_blocks;
+                inner
+                    .map
+                    .write()
+                    .set_range(new_blocks, count, MapEntry::default());
                 inner.cache.remove_range(new_blocks, old_blocks - 1);
             } else if new_blocks > old_blocks {
                 super::backing::set_holes(
-                    &mut map,
+                    &mut inner.map.write(),
                     inner.base(),
                     old_blocks,
                     new_blocks - old_blocks,
