@@ -333,7 +333,7 @@ impl Inner {
         let ptrs: Vec<_> = self.map.read().ptrs.values().copied().collect();
         let leaves: Vec<u64> = ptrs
             .iter()
-            .filter(|p| read_second(store, &super::open::leaf_ref(p)).is_err())
+            .filter(|p| read_second(store, &super::mapload::leaf_ref(p)).is_err())
             .map(|p| p.leaf)
             .collect();
         let mut map = self.map.write();

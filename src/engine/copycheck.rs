@@ -9,7 +9,7 @@
 //! from: those records stay, reported).
 
 use super::copies::{read_first, read_second, MetaRef, Rewrite};
-use super::open::{leaf_ref, read_index, read_leaf};
+use super::mapload::{leaf_ref, read_index, read_leaf};
 use super::{CheckReport, Inner};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::RECORD_FLAG_HAS_COPY;

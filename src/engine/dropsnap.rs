@@ -19,7 +19,7 @@
 //! under the checkpoint lock, leaf by leaf.
 
 use super::map::Dead;
-use super::open::{read_index, read_leaf};
+use super::mapload::{read_index, read_leaf};
 use super::Inner;
 use crate::format::{EntryKind, LeafPtr, MapEntry, RecPtr, LEAF_ENTRIES};
 use crate::Result;

@@ -136,7 +136,7 @@ impl SnapshotReader {
         let file_len = store.len().map_err(|e| Error::io("size of image", e))?;
         let nblocks = entry.virtual_size.div_ceil(1 << block_shift);
         // A leaf lost in both copies costs its blocks, not the snapshot.
-        let map = super::open::load_map_losing(
+        let map = super::mapload::load_map_losing(
             store.as_ref(),
             entry.index,
             block_shift,

@@ -25,7 +25,7 @@
 
 use super::copies::{self, second_end};
 use super::map::{BlockMap, Dead};
-use super::open::{load_map, read_index};
+use super::mapload::{load_map, read_index};
 use super::{Image, Inner};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{

@@ -307,7 +307,7 @@ impl Image {
             .store
             .len()
             .map_err(|e| Error::io("size of image", e))?;
-        let mut map = super::open::load_map(
+        let mut map = super::mapload::load_map(
             inner.store.as_ref(),
             entry.index,
             inner.block_shift,

@@ -6,7 +6,7 @@
 //! read once, and only one leaf's worth of entries is in memory at a time.
 
 use super::map::BlockMap;
-use super::open::{load_map, read_index, read_leaf};
+use super::mapload::{load_map, read_index, read_leaf};
 use super::reader::decode_data;
 use super::snapshot::SnapshotUsage;
 use super::{BadBlock, CheckReport, Image, Inner};
