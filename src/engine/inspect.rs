@@ -132,7 +132,11 @@ impl Inner {
             } else {
                 0
             };
-        let ahead = file_bytes.saturating_sub(self.log.lock().off);
+        // Never waits for the log lock (held across some appends and
+        // punches: `control` must answer while the disk is slow); when it
+        // is busy, the tail the last checkpoint recorded.
+        let tail = self.log.try_lock().map_or(sb.log_tail, |log| log.off);
+        let ahead = file_bytes.saturating_sub(tail);
         let cache = self.cache.stats();
         ImageStats {
             virtual_size: self.virtual_size(),
