@@ -7,6 +7,9 @@ use clap::error::ErrorKind;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    if let Err(e) = vbdfs::sys::ignore_file_size_signal() {
+        eprintln!("vbdfs: warning: SIGXFSZ not ignored: {e}");
+    }
     let cli = match vbdfs::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),

@@ -371,6 +371,72 @@ fn full_host_disk_fails_writes_keeps_acknowledged_data_and_recovers() {
     m.umount();
 }
 
+/// A file-size limit on the daemon (`ulimit -f`, systemd `LimitFSIZE=`):
+/// once the log reaches it, writes fail (EIO) and the image is failed, as on
+/// a full disk; the daemon used to die of SIGXFSZ, leaving a dead mount.
+#[test]
+fn a_file_size_limit_fails_writes_without_killing_the_daemon() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("limited.vbd");
+    create(&img, "32M", &["--compress", "none"]);
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    // 96 MiB (ulimit -f counts 1 KiB blocks).
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f 98304 && exec {} mount {} {} -o cache=8M",
+            env!("CARGO_BIN_EXE_vbdfs"),
+            p(&img),
+            p(&dir)
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut m = Mount::adopt(&img, &dir);
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.disk())
+        .unwrap();
+    let mut buf = Aligned::new(1 << 20);
+    let mut failed = None;
+    for i in 0..512u64 {
+        buf.as_mut_slice()
+            .copy_from_slice(&common::pattern(1 << 20, i + 1));
+        let done = f
+            .write_all_at(buf.as_slice(), (i % 32) << 20)
+            .and_then(|()| f.sync_data());
+        if let Err(e) = done {
+            failed = Some(e);
+            break;
+        }
+    }
+    let err = failed.expect("the log must reach 96 MiB");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // The daemon is alive and says why.
+    assert_eq!(m.status_value("state").as_deref(), Some("failed"));
+    let last = m.status_value("last-error").unwrap_or_default();
+    assert!(last.contains("File too large"), "{last}");
+    drop(f);
+    let out = run(&["umount", p(&dir)]);
+    assert!(!is_mounted(&dir), "{out:?}");
+    m.wait_daemon_exit();
+    let out = run(&["check", p(&img)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// `vbdfs create` on a host file system with too little room left (the
 /// format fits, the first checkpoint does not): one error line, and no
 /// image file left behind (a second try used to say "already exists").

@@ -204,6 +204,21 @@ fn sigset(signals: &[libc::c_int]) -> io::Result<libc::sigset_t> {
     Ok(set)
 }
 
+/// Ignores `SIGXFSZ` for the whole process: a write past the file-size limit
+/// (`ulimit -f`, systemd `LimitFSIZE=`) then fails with `EFBIG`, which is
+/// reported, instead of killing the process (a daemon killed so leaves a
+/// dead mount).
+pub fn ignore_file_size_signal() -> io::Result<()> {
+    // SAFETY: SIG_IGN is a valid disposition for SIGXFSZ; no handler code
+    // runs, so nothing async-signal-unsafe can happen.
+    let old = unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    if old == libc::SIG_ERR {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Blocks `signals` in the calling thread; threads spawned afterwards inherit
 /// the mask, so only [`wait_signal`] receives them.
 pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
