@@ -378,6 +378,31 @@ fn times_blocks_and_space_look_like_a_sparse_raw_file() {
         synced.blocks()
     );
 
+    // A snapshot file counts what the snapshot holds too (`du` of
+    // snapshots/ showed every snapshot at the disk's full size).
+    let (ok, err) = {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo 'snapshot s1' > '{}'",
+                common::p(&m.control())
+            ))
+            .output()
+            .expect("sh");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert!(ok, "{err}");
+    let snap = std::fs::metadata(m.dir.join("snapshots/s1")).expect("stat snapshot");
+    assert_eq!(snap.len(), std::fs::metadata(m.disk()).expect("stat").len());
+    assert!(
+        snap.blocks() * 512 >= MIB && snap.blocks() * 512 < 8 * MIB,
+        "{} blocks for a snapshot of ~1 MiB of data",
+        snap.blocks()
+    );
+
     let then = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
     f.set_modified(then).expect("touch");
     assert_eq!(

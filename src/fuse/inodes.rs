@@ -210,14 +210,21 @@ impl Inodes {
     }
 
     /// The attributes of a snapshot file `ino`: owned like `disk`, its
-    /// permission bits without any write bit, times = the snapshot's creation.
-    pub fn snapshot_attr(&self, ino: INodeNo, size: u64, created_ns: u64) -> FileAttr {
+    /// permission bits without any write bit, times = the snapshot's creation,
+    /// blocks = what it holds (`allocated` bytes), as a sparse file's.
+    pub fn snapshot_attr(
+        &self,
+        ino: INodeNo,
+        size: u64,
+        allocated: u64,
+        created_ns: u64,
+    ) -> FileAttr {
         let disk = self.meta.lock()[1];
         let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(created_ns);
         FileAttr {
             ino,
             size,
-            blocks: size.div_ceil(512),
+            blocks: allocated.min(size).div_ceil(512),
             atime: time,
             mtime: time,
             ctime: time,

@@ -77,9 +77,15 @@ impl VbdFs {
             .snapshot_list()
             .into_iter()
             .find(|s| s.id == id)?;
+        // A clone's snapshot also shows its base's blocks: counted whole,
+        // as `disk`'s are.
+        let allocated = match self.image.backing_chain().is_empty() {
+            true => info.allocated_bytes,
+            false => info.virtual_size,
+        };
         Some(
             self.inodes
-                .snapshot_attr(ino, info.virtual_size, info.created_ns),
+                .snapshot_attr(ino, info.virtual_size, allocated, info.created_ns),
         )
     }
 
