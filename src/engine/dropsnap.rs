@@ -23,6 +23,7 @@ use super::mapload::{read_index, read_leaf};
 use super::Inner;
 use crate::format::{EntryKind, LeafPtr, MapEntry, RecPtr, LEAF_ENTRIES};
 use crate::Result;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// A deleted snapshot whose records are still to be judged.
@@ -34,6 +35,9 @@ pub(super) struct DeletedSnapshot {
     pub gen: u64,
     /// Its disk's blocks (its map maps none past them).
     pub nblocks: u64,
+    /// Compactions completed when it was deleted: one completed since has
+    /// given back everything only it held (and may have punched its map).
+    pub compactions: u64,
     /// Leaves below this one have been judged.
     pub next_leaf: u64,
 }
@@ -117,6 +121,11 @@ impl Inner {
         gone: DeletedSnapshot,
         until: Option<Instant>,
     ) -> Result<Option<DeletedSnapshot>> {
+        // A compaction since gave back what it held (and may have punched
+        // its map records: reading them would fail).
+        if gone.compactions < self.compactions.load(Ordering::Acquire) {
+            return Ok(None);
+        }
         let leaves = read_index(
             self.store.as_ref(),
             gone.index,
@@ -141,7 +150,7 @@ impl Inner {
                     dead.retain(|d| self.holds_its_block(d));
                     self.hold_dead(dead);
                 }
-                Ok(None) => return Ok(None), // not deleted after all
+                Ok(None) => return Ok(None), // not deleted after all, or compacted
                 Err(e) => ::log::warn!(
                     "space of leaf {} of a deleted snapshot not reclaimed: {e}",
                     ptr.leaf
@@ -153,7 +162,8 @@ impl Inner {
 
     /// The records of leaf `ptr` of `gone` that no other map holds, judged
     /// under the checkpoint lock; None if `gone` is a snapshot again (a
-    /// stale job). `successors` caches the newer maps' indexes.
+    /// stale job) or a compaction has run since it was deleted.
+    /// `successors` caches the newer maps' indexes.
     fn judge_leaf(
         &self,
         gone: &DeletedSnapshot,
@@ -165,7 +175,11 @@ impl Inner {
         // Read now: the newer maps name records appended since the job began.
         let file_len = self.file_len()?;
         let snaps = self.snapshot_entries();
-        if snaps.iter().any(|s| s.index == gone.index) {
+        // A snapshot again (a stale job), or a compaction since gave back
+        // what it held (and may have punched its map records).
+        if snaps.iter().any(|s| s.index == gone.index)
+            || gone.compactions < self.compactions.load(Ordering::Acquire)
+        {
             return Ok(None);
         }
         let older = snaps.iter().map(|s| s.gen).filter(|&g| g < gone.gen).max();
@@ -272,6 +286,7 @@ mod tests {
             index: entry.index,
             gen: entry.gen,
             nblocks: img.inner.blocks_of(entry.virtual_size),
+            compactions: 0,
             next_leaf: 0,
         };
         // A deadline already past still judges one leaf.
@@ -286,6 +301,34 @@ mod tests {
         let mut got = vec![0u8; 12 << 20];
         img.read_at(&mut got, 0).unwrap();
         assert!(got.iter().all(|&b| b == 2));
+        img.close().unwrap();
+    }
+
+    #[test]
+    fn a_deleted_snapshot_compacted_since_is_not_judged_again() {
+        let create = CreateOptions {
+            size: 16 << 20,
+            block_size: 4096,
+            codec: Codec::None,
+        };
+        let img =
+            Image::create_on(Arc::new(MemStore::new()), &create, &OpenOptions::default()).unwrap();
+        img.write_at(&vec![1u8; 8 << 20], 0).unwrap();
+        img.snapshot_create("s").unwrap();
+        img.write_at(&vec![2u8; 8 << 20], 0).unwrap();
+        let entry = img.inner.snapshot_entries().pop().unwrap();
+        img.snapshot_delete("s").unwrap();
+        let job = DeletedSnapshot {
+            index: entry.index,
+            gen: entry.gen,
+            nblocks: img.inner.blocks_of(entry.virtual_size),
+            compactions: img.inner.compactions.load(Ordering::Acquire),
+            next_leaf: 0,
+        };
+        // The compaction punches the deleted snapshot's map records: a
+        // judging afterwards would fail to read them ("no record at …").
+        img.compact().unwrap();
+        assert!(img.inner.reclaim_deleted(job, None).unwrap().is_none());
         img.close().unwrap();
     }
 

@@ -188,6 +188,9 @@ pub(crate) struct Inner {
     /// Deleted snapshots whose records only they held are still to be
     /// reclaimed ([`dropsnap`]).
     deleted_snapshots: Mutex<Vec<dropsnap::DeletedSnapshot>>,
+    /// Compactions completed in this session (deleted snapshots queued
+    /// before one need no judging of their own).
+    compactions: AtomicU64,
     judging_deleted: Mutex<()>,
     sync_lock: Mutex<()>,
     failed: Mutex<Option<String>>,

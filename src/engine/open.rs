@@ -361,6 +361,7 @@ pub(super) fn load(
         cache_budget: open.cache_bytes,
         checkpoint_lock: Mutex::new(()),
         deleted_snapshots: Mutex::new(Vec::new()),
+        compactions: AtomicU64::new(0),
         judging_deleted: Mutex::new(()),
         sync_lock: Mutex::new(()),
         failed: Mutex::new(None),

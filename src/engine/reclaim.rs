@@ -443,6 +443,10 @@ impl Inner {
         }
         // Every held dead range lies below the committed log start: punched.
         self.dead_space.clear();
+        // So is everything only a snapshot deleted before held: its queued
+        // judging would read map records punched here.
+        self.compactions
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         {
             // Under the log lock: no room can be taken in the range while it
             // is punched (every room in flight lies below the tail).

@@ -255,6 +255,10 @@ impl Image {
                     index: e.index,
                     gen: e.gen,
                     nblocks: (e.virtual_size).div_ceil(block_size),
+                    compactions: self
+                        .inner
+                        .compactions
+                        .load(std::sync::atomic::Ordering::Acquire),
                     next_leaf: 0,
                 });
                 st.deleting = Some(id);
