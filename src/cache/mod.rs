@@ -328,6 +328,40 @@ impl BlockCache {
         self.drained.notify_all();
     }
 
+    /// The image left its failed state ([`crate::Image::resume`] after a
+    /// full disk): write-back goes on.
+    pub fn unfail(&self) {
+        self.failed.store(false, Ordering::Release);
+    }
+
+    /// Gives every block whose write-back was abandoned
+    /// ([`BlockCache::abandon_writeback`]) a version to wait for again: a
+    /// flush then waits until it is written back, instead of going on.
+    /// Returns those blocks, for [`BlockCache::requeue`] once write-back may
+    /// take them (or `abandon_writeback` again if it may not after all).
+    pub fn rearm_abandoned(&self) -> Vec<Arc<Slot>> {
+        let mut out = Vec::new();
+        for shard in &self.unwritten {
+            let slots: Vec<Arc<Slot>> = shard.lock().values().cloned().collect();
+            for slot in slots {
+                let mut state = slot.lock();
+                if state.dirty && !state.in_flight && state.written == u64::MAX {
+                    state.written = 0;
+                    drop(state);
+                    out.push(slot);
+                }
+            }
+        }
+        out
+    }
+
+    /// Queues `slots` for write-back.
+    pub fn requeue(&self, slots: &[Arc<Slot>]) {
+        for slot in slots {
+            let _ = self.queue_tx.send(slot.clone());
+        }
+    }
+
     /// Lets one throttled writer go (a block was persisted below the limit).
     /// One per persisted block: waking every writer at each completion made
     /// dozens of threads spin through the scheduler for every block.

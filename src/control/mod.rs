@@ -74,6 +74,9 @@ pub enum Command {
     Compact,
     /// Start the request statistics again from zero.
     ResetStats,
+    /// Leave the failed state a full host disk caused, now that there is
+    /// room (also tried on its own before writes and fsyncs).
+    Resume,
 }
 
 /// Longest accepted command write.
@@ -110,14 +113,15 @@ pub fn parse(data: &[u8]) -> Result<Command> {
         "flush" => no_args(Command::Flush),
         "compact" => no_args(Command::Compact),
         "reset-stats" => no_args(Command::ResetStats),
+        "resume" => no_args(Command::Resume),
         "snapshot" => Ok(Command::Snapshot(one_name()?)),
         "delete-snapshot" => Ok(Command::DeleteSnapshot(one_name()?)),
         "hold-snapshot" => Ok(Command::HoldSnapshot(one_name()?)),
         "release-snapshot" => Ok(Command::ReleaseSnapshot(one_name()?)),
         _ => Err(Error::invalid(format!(
             "unknown command '{verb}' (expected flush, snapshot NAME, \
-             delete-snapshot NAME, compact, reset-stats, hold-snapshot NAME or \
-             release-snapshot NAME)"
+             delete-snapshot NAME, compact, reset-stats, resume, hold-snapshot NAME \
+             or release-snapshot NAME)"
         ))),
     }
 }
@@ -141,7 +145,17 @@ pub struct Control {
     /// Bytes of the mount's `cache=` budget kept as request buffers.
     buffer_bytes: u64,
     stats: RequestStats,
+    /// When [`Control::resume_if_room`] last tried.
+    last_resume: Mutex<Option<std::time::Instant>>,
 }
+
+/// Free space the host file system must have before a mount failed by a full
+/// disk tries to resume (its checkpoint writes the whole map anew: ~40 KiB
+/// per 64 MiB of written disk at 64 KiB blocks; a resume that finds too
+/// little room fails again, safely, and is tried again later).
+const RESUME_ROOM: u64 = 8 << 20;
+/// How often at most a mount failed by a full disk looks for room again.
+const RESUME_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Control {
     /// Control state for `image` (opened from `image_path`) mounted at `mountpoint`.
@@ -155,6 +169,7 @@ impl Control {
             failed: false.into(),
             buffer_bytes: 0,
             stats: RequestStats::default(),
+            last_resume: Mutex::new(None),
         }
     }
 
@@ -187,6 +202,7 @@ impl Control {
     fn run(&self, cmd: &Command) -> Result<()> {
         match cmd {
             Command::Flush => self.image.flush(),
+            Command::Resume => self.resume(),
             Command::Snapshot(name) => self.image.snapshot_create(name).map(|_| ()),
             Command::DeleteSnapshot(name) => self.image.snapshot_delete(name).map(|()| {
                 log::info!("{}: snapshot '{name}' deleted", self.image_path.display());
@@ -236,8 +252,49 @@ impl Control {
         *self.last_error.lock() = Some(line);
     }
 
+    /// While the image is failed by a full host disk: once the host file
+    /// system has room again, resumes it ([`Image::resume`]), at most once a
+    /// second. Called before each write and fsync of `disk`, so a guest
+    /// paused on ENOSPC goes on when it retries (QEMU's `cont`), as on a raw
+    /// file.
+    pub fn resume_if_room(&self) {
+        if !self.image.failed_for_space() {
+            return;
+        }
+        {
+            let mut last = self.last_resume.lock();
+            if last.is_some_and(|t| t.elapsed() < RESUME_EVERY) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let room = self
+            .image_file
+            .as_ref()
+            .and_then(|f| crate::sys::fs_space(f).ok())
+            .map(|s| s.available.saturating_mul(s.unit));
+        if room.is_none_or(|r| r < RESUME_ROOM) {
+            return;
+        }
+        self.resume().unwrap_or_else(|e| {
+            log::warn!("{}: not resumed: {e}", self.image_path.display());
+        });
+    }
+
+    /// [`Image::resume`], and the mount's state with it.
+    fn resume(&self) -> Result<()> {
+        self.image.resume()?;
+        self.failed.store(false, Ordering::Relaxed);
+        log::warn!(
+            "{}: resumed after a full host disk (a new log run; what write-back could not \
+             store is written again)",
+            self.image_path.display()
+        );
+        Ok(())
+    }
+
     /// True once the engine reported a failed host write or sync: the image
-    /// refuses writes until it is remounted.
+    /// refuses writes until it is remounted (or resumed after a full disk).
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
     }

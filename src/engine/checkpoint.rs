@@ -269,9 +269,11 @@ impl Inner {
                 slot * SB_SLOT_SIZE,
             )
             .map_err(|e| self.fail(Error::io("write superblock", e)))?;
-        store
-            .sync()
-            .map_err(|e| self.fail(Error::io("sync superblock", e)))?;
+        store.sync().map_err(|e| {
+            self.sync_failed
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.fail(Error::io("sync superblock", e))
+        })?;
         ::log::debug!(
             "checkpoint {gen}: records synced in {records_synced:?}, superblock in {:?}",
             t.elapsed() - records_synced

@@ -125,6 +125,21 @@ impl LogTail {
         }
     }
 
+    /// Starts a new run of the log at `off` (past everything the store
+    /// holds) with a new `epoch`, the lsns going on: what a failed append
+    /// left behind is never read as part of it. No room may be in flight.
+    /// The next checkpoint makes the new run the one replayed.
+    pub fn restart_run(&mut self, off: u64, epoch: u64, file_len: u64) {
+        debug_assert!(self.in_flight.is_empty());
+        self.off = off;
+        self.epoch = epoch;
+        self.hinted = off;
+        self.allocated = file_len;
+        self.run_start = off;
+        self.run_lsn = self.lsn;
+        self.synced_to = self.lsn;
+    }
+
     /// Once a window of appended bytes is complete, the ranges to hand to the
     /// host: the host page cache then never holds more than about two windows
     /// of an image's dirty log, and no second copy of what the engine caches.

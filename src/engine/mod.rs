@@ -38,6 +38,7 @@ mod reader;
 mod reclaim;
 mod replay;
 mod resize;
+mod resume;
 mod rw;
 mod snapshot;
 mod snaptable;
@@ -197,6 +198,9 @@ pub(crate) struct Inner {
     failed_flag: AtomicBool,
     /// The error that failed the image was a full host disk.
     failed_no_space: AtomicBool,
+    /// A sync of the image file failed: what was written since the last
+    /// good one may be lost whatever the host says later (no resume).
+    sync_failed: AtomicBool,
     kick: crossbeam_channel::Sender<()>,
     kick_rx: crossbeam_channel::Receiver<()>,
     /// One message per background thread tells it to exit.

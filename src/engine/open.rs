@@ -367,6 +367,7 @@ pub(super) fn load(
         failed: Mutex::new(None),
         failed_flag: AtomicBool::new(false),
         failed_no_space: AtomicBool::new(false),
+        sync_failed: AtomicBool::new(false),
         kick,
         kick_rx,
         stop_tx,

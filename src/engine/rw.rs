@@ -322,9 +322,11 @@ impl Inner {
             self.check_failed()?;
             log.replay_start().1
         };
-        self.store
-            .sync()
-            .map_err(|e| self.fail(Error::io(what, e)))?;
+        self.store.sync().map_err(|e| {
+            self.sync_failed
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.fail(Error::io(what, e))
+        })?;
         self.log.lock().mark_synced(written_below);
         Ok(())
     }

@@ -253,6 +253,7 @@ impl Filesystem for VbdFs {
                 if self.image.is_read_only() {
                     return reply.error(Errno::EROFS);
                 }
+                self.control.resume_if_room();
                 let Some(len) = self.clamp(offset, data.len() as u64) else {
                     timed.done(&self.control, 0, false);
                     return reply.error(Errno::ENOSPC);
@@ -364,6 +365,7 @@ impl Filesystem for VbdFs {
         let timed = Timed::start(Op::Flush, 0);
         let (image, control) = (self.image.clone(), self.control.clone());
         self.pool.submit(Box::new(move || {
+            control.resume_if_room();
             let result = image.flush();
             reply_empty(&control, "fsync disk", result, 0, timed, reply);
         }));

@@ -1,0 +1,161 @@
+//! Resuming after a full host disk (`Image::resume`): the host fails every
+//! write from event `k` on (for every `k` a workload reaches), then has room
+//! again. The image, failed with ENOSPC, resumes without a reopen: every
+//! write it took reads back, a flush then succeeds, and the image as the
+//! host holds it after that flush — also cut at any later point, or with its
+//! unsynced writes lost — opens without repair, passes `check` and holds
+//! every acknowledged write. No flush succeeds while the image is failed.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
+
+use std::sync::Arc;
+use vbdfs::io::{FaultStore, MemStore};
+use vbdfs::{Codec, CreateOptions, ErrorKind, Image, OpenOptions};
+
+const BS: usize = 4096;
+const BLOCKS: usize = 64;
+
+fn opts() -> OpenOptions {
+    OpenOptions {
+        cache_bytes: 256 * 1024,
+        workers: 2,
+        ..OpenOptions::default()
+    }
+}
+
+/// Incompressible bytes for block `b` of round `r`.
+fn block(b: usize, r: u8) -> Vec<u8> {
+    let mut x = (b as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(r) | 1;
+    (0..BS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn create(codec: Codec) -> (Arc<FaultStore>, Image) {
+    let store = Arc::new(FaultStore::new());
+    let c = CreateOptions {
+        size: (BLOCKS * BS) as u64,
+        block_size: BS as u64,
+        codec,
+    };
+    let img = Image::create_on(store.clone(), &c, &opts()).unwrap();
+    (store, img)
+}
+
+/// Round `r` writes every `step`-th block from `first`; returns the model.
+fn round(img: &Image, model: &mut [Vec<u8>], r: u8, first: usize, step: usize) -> bool {
+    for b in (first..BLOCKS).step_by(step) {
+        let data = block(b, r);
+        if img.write_at(&data, (b * BS) as u64).is_err() {
+            return false;
+        }
+        model[b] = data;
+    }
+    true
+}
+
+fn read_all(img: &Image) -> Vec<Vec<u8>> {
+    (0..BLOCKS)
+        .map(|b| {
+            let mut got = vec![0u8; BS];
+            img.read_at(&mut got, (b * BS) as u64).unwrap();
+            got
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_disk_resumes_without_a_reopen_at_every_event() {
+    let (mut checked, mut refused) = (0, 0);
+    for codec in [Codec::None, Codec::Zstd(1)] {
+        // How many events the rounds below take when nothing fails.
+        let (full, img) = create(codec);
+        let base = full.events();
+        let mut model = vec![vec![0u8; BS]; BLOCKS];
+        round(&img, &mut model, 1, 0, 1);
+        img.flush().unwrap();
+        round(&img, &mut model, 2, 0, 3);
+        img.checkpoint().unwrap();
+        round(&img, &mut model, 3, 1, 2);
+        img.flush().unwrap();
+        let total = full.events() - base;
+        drop(img);
+        for k in 0..total + 1 {
+            let (store, img) = create(codec);
+            let mut model = vec![vec![0u8; BS]; BLOCKS];
+            store.fail_from(store.events() + k, libc::ENOSPC);
+            // The workload until the disk is full: writes may be refused
+            // (the image failed), flushes and checkpoints may fail.
+            let mut failed = false;
+            for step in 0..5 {
+                let ok = match step {
+                    0 => round(&img, &mut model, 1, 0, 1),
+                    1 | 4 => img.flush().is_ok(),
+                    2 => round(&img, &mut model, 2, 0, 3),
+                    _ => img.checkpoint().is_ok() && round(&img, &mut model, 3, 1, 2),
+                };
+                if !ok {
+                    failed = true;
+                    break;
+                }
+            }
+            let what = format!("{codec:?}, full from event {k}");
+            if failed {
+                let e = img.flush().unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::Failed, "{what}: {e}");
+                // Still full: resuming fails, and leaves it failed.
+                assert!(img.resume().is_err(), "{what}: resumed on a full disk");
+                assert!(img.flush().is_err(), "{what}: flushed on a full disk");
+                if !img.failed_for_space() {
+                    // A sync failed: what was written since the last good
+                    // one may be lost, so only a reopen is safe.
+                    store.fail_from(u64::MAX, libc::ENOSPC);
+                    let e = img.resume().unwrap_err();
+                    assert!(e.to_string().contains("reopen"), "{what}: {e}");
+                    assert!(img.flush().is_err(), "{what}: flushed after a failed sync");
+                    refused += 1;
+                    continue;
+                }
+            }
+            // Room again.
+            store.fail_from(u64::MAX, libc::ENOSPC);
+            img.resume()
+                .unwrap_or_else(|e| panic!("{what}: resume: {e}"));
+            assert!(!img.failed_for_space());
+            assert!(read_all(&img) == model, "{what}: reads after resume");
+            round(&img, &mut model, 4, 2, 5);
+            img.flush()
+                .unwrap_or_else(|e| panic!("{what}: flush after resume: {e}"));
+            // Every acknowledged write is what the host holds durably.
+            let durable = store.crash_now().with(|_| false);
+            let after = Image::open_on(Arc::new(MemStore::from_bytes(durable)), &opts())
+                .unwrap_or_else(|e| panic!("{what}: open after resume: {e}"));
+            let got = read_all(&after);
+            let bad: Vec<usize> = (0..BLOCKS).filter(|&b| got[b] != model[b]).collect();
+            assert!(
+                bad.is_empty(),
+                "{what}: durable after resume: blocks {bad:?} differ"
+            );
+            assert!(after.check().unwrap().is_ok(), "{what}: check");
+            drop(after);
+            // And it goes on: a checkpoint, more writes, a clean close.
+            img.checkpoint().unwrap();
+            round(&img, &mut model, 5, 3, 7);
+            img.close().unwrap();
+            let img =
+                Image::open_on(Arc::new(MemStore::from_bytes(store.current())), &opts()).unwrap();
+            assert!(read_all(&img) == model, "{what}: after close and open");
+            assert!(img.check().unwrap().is_ok(), "{what}: check after close");
+            checked += 1;
+        }
+    }
+    eprintln!("{checked} resumed, {refused} refused after a failed sync");
+    assert!(
+        checked > 40,
+        "only {checked} cases resumed ({refused} refused)"
+    );
+}
