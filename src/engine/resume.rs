@@ -57,6 +57,13 @@ impl Inner {
                     self.publish_cv.wait(&mut published);
                 }
             }
+            // A sync that failed meanwhile (a room's records in doubt):
+            // only a reopen is safe.
+            if self.sync_failed.load(Ordering::Acquire) {
+                drop(_one);
+                self.release_rooms();
+                return self.check_failed();
+            }
             let rearmed = self.cache.rearm_abandoned();
             // A checkpoint that failed took its leaves' dirty marks with it:
             // the new run's checkpoint writes the whole map anew.
