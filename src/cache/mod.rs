@@ -406,12 +406,26 @@ impl BlockCache {
     /// older record; and every version of it counts as abandoned, so whoever
     /// waits for one — now or after a write that raced with the failure —
     /// goes on (a flush then reports the failure).
+    ///
+    /// If the image resumed meanwhile ([`BlockCache::unfail`]: the worker saw
+    /// it failed just before), the slot is queued again instead: decided
+    /// under the slot's lock, so a resume's [`BlockCache::rearm_abandoned`]
+    /// (which runs after `unfail`) finds every slot abandoned before.
     pub fn abandon_writeback(&self, slot: &Arc<Slot>) {
         let mut state = slot.lock();
         state.in_flight = false;
-        state.written = u64::MAX;
+        let failed = self.failed.load(Ordering::Acquire);
+        if failed {
+            state.written = u64::MAX;
+        }
         drop(state);
         slot.notify();
+        if !failed {
+            // The image's own failed flag goes a moment after the cache's:
+            // let the resume finish before this slot is tried again.
+            std::thread::yield_now();
+            let _ = self.queue_tx.send(slot.clone());
+        }
     }
 
     /// Every dirty or in-flight slot with the version a flush must wait for;

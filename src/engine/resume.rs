@@ -64,6 +64,11 @@ impl Inner {
                 self.release_rooms();
                 return self.check_failed();
             }
+            // Workers that saw the image failed now queue their blocks again
+            // instead of abandoning them; those abandoned before are armed
+            // again here (a flush waits for them once the image is no
+            // longer failed, below).
+            self.cache.unfail();
             let rearmed = self.cache.rearm_abandoned();
             // A checkpoint that failed took its leaves' dirty marks with it:
             // the new run's checkpoint writes the whole map anew.
@@ -82,7 +87,6 @@ impl Inner {
             *self.failed.lock() = None;
             self.failed_no_space.store(false, Ordering::Relaxed);
             self.failed_flag.store(false, Ordering::Release);
-            self.cache.unfail();
             rearmed
         };
         // Commits the new run (and releases the write-back rooms).
