@@ -179,13 +179,18 @@ impl Allowed {
     }
 }
 
+/// An image resumed after a full disk: its store, the image, the model and
+/// what a crash may leave.
+struct Resumed {
+    store: Arc<FaultStore>,
+    img: Image,
+    model: Vec<Vec<u8>>,
+    allowed: Allowed,
+}
+
 /// Runs the workload with the host full from event `k` on (as the test
-/// above), frees the space and resumes; returns the image, its store, the
-/// model and what a crash may leave. None if a sync failed (no resume).
-fn full_then_resumed(
-    codec: Codec,
-    k: u64,
-) -> Option<(Arc<FaultStore>, Image, Vec<Vec<u8>>, Allowed)> {
+/// above), frees the space and resumes. None if a sync failed (no resume).
+fn full_then_resumed(codec: Codec, k: u64) -> Option<Resumed> {
     let (store, img) = create(codec);
     let mut model = vec![vec![0u8; BS]; BLOCKS];
     let mut allowed = Allowed::new(&model);
@@ -207,7 +212,12 @@ fn full_then_resumed(
     }
     store.fail_from(u64::MAX, libc::ENOSPC);
     img.resume().ok()?;
-    Some((store, img, model, allowed))
+    Some(Resumed {
+        store,
+        img,
+        model,
+        allowed,
+    })
 }
 
 /// A crash at every event after the resume (its write-back into the new
@@ -220,7 +230,13 @@ fn a_crash_at_every_event_after_a_resume_keeps_what_was_acknowledged() {
     for codec in [Codec::None, Codec::Zstd(1)] {
         for k in (0..40).step_by(3) {
             // Events after the resume, counted on a run without a crash.
-            let Some((store, img, mut model, _)) = full_then_resumed(codec, k) else {
+            let Some(Resumed {
+                store,
+                img,
+                mut model,
+                ..
+            }) = full_then_resumed(codec, k)
+            else {
                 continue;
             };
             let base = store.events();
@@ -230,7 +246,13 @@ fn a_crash_at_every_event_after_a_resume_keeps_what_was_acknowledged() {
             drop(img);
             for j in 0..post + 1 {
                 // Thread timing may make a sync fail in this run: no resume.
-                let Some((store, img, mut model, mut allowed)) = full_then_resumed(codec, k) else {
+                let Some(Resumed {
+                    store,
+                    img,
+                    mut model,
+                    mut allowed,
+                }) = full_then_resumed(codec, k)
+                else {
                     continue;
                 };
                 store.crash_at(store.events() + j);
@@ -246,8 +268,8 @@ fn a_crash_at_every_event_after_a_resume_keeps_what_was_acknowledged() {
                     let img = Image::open_on(Arc::new(MemStore::from_bytes(bytes)), &opts())
                         .unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
                     let got = read_all(&img);
-                    for b in 0..BLOCKS {
-                        assert!(allowed.0[b].contains(&got[b]), "{what}: block {b}");
+                    for (b, (set, have)) in allowed.0.iter().zip(&got).enumerate() {
+                        assert!(set.contains(have), "{what}: block {b}");
                     }
                     let report = img.check().unwrap();
                     assert!(report.is_ok(), "{what}: check found {:?}", report.bad);
