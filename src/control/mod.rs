@@ -268,11 +268,14 @@ impl Control {
             }
             *last = Some(std::time::Instant::now());
         }
+        // All free space, the root reserve included: the daemon runs as root
+        // and writes into it (ext4's 5 %); a resume that finds too little
+        // room fails again, safely.
         let room = self
             .image_file
             .as_ref()
             .and_then(|f| crate::sys::fs_space(f).ok())
-            .map(|s| s.available.saturating_mul(s.unit));
+            .map(|s| s.free.saturating_mul(s.unit));
         if room.is_none_or(|r| r < RESUME_ROOM) {
             return;
         }
@@ -283,8 +286,17 @@ impl Control {
 
     /// [`Image::resume`], and the mount's state with it.
     fn resume(&self) -> Result<()> {
+        let was_failed = self.image.failed_for_space();
         self.image.resume()?;
         self.failed.store(false, Ordering::Relaxed);
+        if !was_failed {
+            return Ok(());
+        }
+        let mut last = self.last_error.lock();
+        if let Some(old) = last.take() {
+            *last = Some(format!("resumed after: {old}"));
+        }
+        drop(last);
         log::warn!(
             "{}: resumed after a full host disk (a new log run; what write-back could not \
              store is written again)",

@@ -272,10 +272,15 @@ impl Inner {
             } else {
                 ErrorKind::Io
             };
+            let until = if self.failed_for_space() {
+                "there is room again (or it is opened again)"
+            } else {
+                "it is opened again"
+            };
             return Err(Error::failed(
                 format!(
                     "image is in a failed state after an earlier error ({msg}): nothing more is \
-                     written until it is opened again"
+                     written until {until}"
                 ),
                 cause,
             ));
