@@ -14,6 +14,10 @@
 //! `VBDFS_CRASH_SEEDS=N` runs N seeds (default 3; 2 encrypted) for a longer sweep.
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
+mod common;
+
+use common::pattern;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use vbdfs::crypto::{KdfParams, KeyMaterial};
@@ -152,20 +156,6 @@ fn open(store: Arc<dyn Store>, key: Option<&KeyMaterial>) -> vbdfs::Result<Image
     Image::open_on_with_key(store, &open_opts(), key)
 }
 
-/// Incompressible bytes: records fill whole pages, so reclaim and
-/// compaction really punch holes next to them.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Runs `ops` until the first error; returns the oracle.
 fn run(store: &Arc<FaultStore>, ops: &[Op], key: Option<&KeyMaterial>) -> Oracle {
     let mut oracle = Oracle::new();
@@ -175,7 +165,9 @@ fn run(store: &Arc<FaultStore>, ops: &[Op], key: Option<&KeyMaterial>) -> Oracle
     for op in ops {
         let ok = match op {
             Op::Write { off, len, fill } => {
-                let data = noise(u64::from(*fill) ^ *off as u64, *len);
+                // Incompressible bytes: records fill whole pages, so
+                // reclaim and compaction really punch holes next to them.
+                let data = pattern(*len, u64::from(*fill) ^ *off as u64);
                 oracle.apply(*off, &data);
                 img.write_at(&data, *off as u64).is_ok()
             }

@@ -4,6 +4,10 @@
 //! `tests/crash.rs`.)
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
+mod common;
+
+use common::pattern;
+
 use std::sync::Arc;
 use vbdfs::crypto::{KdfParams, KeyMaterial};
 use vbdfs::io::{FaultStore, MemStore, Store};
@@ -43,19 +47,6 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Incompressible bytes (a record fills its block).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 const PATTERN: &[u8] = b"KNOWN-PLAINTEXT-PATTERN-0123456789";
 
 #[test]
@@ -67,7 +58,7 @@ fn plaintext_is_absent_from_the_file() {
             // The pattern once per block, in otherwise random bytes: zstd
             // keeps it literally, so only encryption can hide it.
             for b in 0..16u64 {
-                let mut data = noise(b, BS);
+                let mut data = pattern(BS, b);
                 data[100..100 + PATTERN.len()].copy_from_slice(PATTERN);
                 img.write_at(&data, b * BS as u64).unwrap();
             }
@@ -101,7 +92,7 @@ fn plaintext_is_absent_from_the_file() {
 fn wrong_and_missing_key_are_refused_and_nothing_is_written() {
     let k = key("right");
     let (store, img) = create(Codec::Zstd(1), 16, Some(&k));
-    img.write_at(&noise(1, 3 * BS), 0).unwrap();
+    img.write_at(&pattern(3 * BS, 1), 0).unwrap();
     img.close().unwrap();
     let before = store.to_bytes();
     for read_only in [false, true] {
@@ -128,7 +119,7 @@ fn wrong_and_missing_key_are_refused_and_nothing_is_written() {
     let img = Image::open_on_with_key(store, &opts(), Some(&k)).unwrap();
     let mut got = vec![0u8; 3 * BS];
     img.read_at(&mut got, 0).unwrap();
-    assert_eq!(got, noise(1, 3 * BS));
+    assert_eq!(got, pattern(3 * BS, 1));
 }
 
 /// An encrypted uncompressed image with blocks 0..8 but 3 written and
@@ -140,12 +131,12 @@ fn image_with_a_last_flush(last: &[u64]) -> (Arc<MemStore>, KeyMaterial, Image, 
     let k = key("k");
     let (store, img) = create(Codec::None, 16, Some(&k));
     for b in (0..8u64).filter(|&b| b != 3) {
-        img.write_at(&noise(b, BS), b * BS as u64).unwrap();
+        img.write_at(&pattern(BS, b), b * BS as u64).unwrap();
     }
     img.flush().unwrap();
     let before = store.to_bytes();
     for &b in last {
-        img.write_at(&noise(b, BS), b * BS as u64).unwrap();
+        img.write_at(&pattern(BS, b), b * BS as u64).unwrap();
     }
     img.flush().unwrap();
     let after = store.to_bytes();
@@ -203,7 +194,7 @@ fn tampered_block_fails_alone_and_check_names_it() {
             if b == 3 {
                 assert_eq!(r.as_ref().unwrap_err(), &ErrorKind::Corrupt, "fix={fix}");
             } else {
-                assert_eq!(r.as_ref().unwrap(), &noise(b as u64, BS), "block {b}");
+                assert_eq!(r.as_ref().unwrap(), &pattern(BS, b as u64), "block {b}");
             }
         }
         let report = img.check().unwrap();
@@ -267,14 +258,14 @@ fn an_altered_record_in_the_replayed_log_is_salvaged_by_repair() {
     // reads its older value (never written: zeros), the other its data.
     let dropped: Vec<u64> = [3u64, 8]
         .into_iter()
-        .filter(|&b| got[b as usize].as_ref().unwrap() != &noise(b, BS))
+        .filter(|&b| got[b as usize].as_ref().unwrap() != &pattern(BS, b))
         .collect();
     assert_eq!(dropped.len(), 1, "{dropped:?}");
     assert_eq!(got[dropped[0] as usize].as_ref().unwrap(), &vec![0u8; BS]);
     for b in (0..8u64).filter(|&b| b != 3) {
         assert_eq!(
             got[b as usize].as_ref().unwrap(),
-            &noise(b, BS),
+            &pattern(BS, b),
             "block {b}"
         );
     }
@@ -308,7 +299,7 @@ fn record_copied_over_another_is_detected() {
         // first flush (write-back workers run in parallel): exactly one fails.
         assert_eq!(bad.len(), 1, "rewrite_place={rewrite_place}: {bad:?}");
         assert_ne!(bad[0], 3);
-        assert_eq!(got[3].as_ref().unwrap(), &noise(3, BS));
+        assert_eq!(got[3].as_ref().unwrap(), &pattern(BS, 3));
     }
 }
 
@@ -316,7 +307,7 @@ fn record_copied_over_another_is_detected() {
 fn rekey_changes_the_key_not_the_data() {
     let old = key("old");
     let (store, img) = create(Codec::Zstd(1), 16, Some(&old));
-    img.write_at(&noise(9, 5 * BS), 0).unwrap();
+    img.write_at(&pattern(5 * BS, 9), 0).unwrap();
     img.close().unwrap();
     let before = store.to_bytes();
     let new = key("new");
@@ -332,24 +323,24 @@ fn rekey_changes_the_key_not_the_data() {
     let img = Image::open_on_with_key(store, &opts(), Some(&new)).unwrap();
     let mut got = vec![0u8; 5 * BS];
     img.read_at(&mut got, 0).unwrap();
-    assert_eq!(got, noise(9, 5 * BS));
+    assert_eq!(got, pattern(5 * BS, 9));
 }
 
 #[test]
 fn snapshots_on_an_encrypted_image() {
     let k = key("snap");
     let (store, img) = create(Codec::Zstd(1), 32, Some(&k));
-    img.write_at(&noise(1, 4 * BS), 0).unwrap();
+    img.write_at(&pattern(4 * BS, 1), 0).unwrap();
     img.snapshot_create("before").unwrap();
-    img.write_at(&noise(2, 4 * BS), 0).unwrap();
+    img.write_at(&pattern(4 * BS, 2), 0).unwrap();
     img.close().unwrap();
     let img = Image::open_on_with_key(store, &opts(), Some(&k)).unwrap();
     let snap = img.open_snapshot("before").unwrap();
     let mut got = vec![0u8; 4 * BS];
     snap.read_at(&mut got, 0).unwrap();
-    assert_eq!(got, noise(1, 4 * BS));
+    assert_eq!(got, pattern(4 * BS, 1));
     img.read_at(&mut got, 0).unwrap();
-    assert_eq!(got, noise(2, 4 * BS));
+    assert_eq!(got, pattern(4 * BS, 2));
     drop(snap);
     img.snapshot_delete("before").unwrap();
     img.compact().unwrap();
@@ -368,7 +359,7 @@ fn clone_of_an_encrypted_base() {
         codec: Codec::Zstd(1),
     };
     let img = Image::create_encrypted(&base, &c, &opts(), &k).unwrap();
-    let mut block = noise(1, BS);
+    let mut block = pattern(BS, 1);
     block[10..10 + PATTERN.len()].copy_from_slice(PATTERN);
     img.write_at(&block, 0).unwrap();
     img.snapshot_create("gold").unwrap();
@@ -381,7 +372,7 @@ fn clone_of_an_encrypted_base() {
     let clone =
         Image::create_clone_with_key(&new, &base, Some("gold"), &none, &opts(), Some(&k)).unwrap();
     assert!(clone.is_encrypted());
-    let mut other = noise(2, BS);
+    let mut other = pattern(BS, 2);
     other[10..10 + PATTERN.len()].copy_from_slice(PATTERN);
     clone.write_at(&other, BS as u64).unwrap();
     clone.close().unwrap();
@@ -411,7 +402,7 @@ fn rekey_is_crash_safe() {
             codec: Codec::Zstd(1),
         };
         let img = Image::create_on_encrypted(store.clone(), &c, &opts(), &old).unwrap();
-        img.write_at(&noise(4, 2 * BS), 0).unwrap();
+        img.write_at(&pattern(2 * BS, 4), 0).unwrap();
         img.close().unwrap();
         store.sync().unwrap();
         store.crash_at(store.events() + k);
@@ -431,7 +422,7 @@ fn rekey_is_crash_safe() {
                 .unwrap_or_else(|e| panic!("event {k} {name}: neither key opens: {e}"));
             let mut got = vec![0u8; 2 * BS];
             img.read_at(&mut got, 0).unwrap();
-            assert_eq!(got, noise(4, 2 * BS), "event {k} {name}");
+            assert_eq!(got, pattern(2 * BS, 4), "event {k} {name}");
             crashed += 1;
         }
     }

@@ -6,6 +6,10 @@
 //! leaves the old size with the old data or the new size with the new.
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
+mod common;
+
+use common::pattern;
+
 use std::sync::Arc;
 use vbdfs::engine::CloneOptions;
 use vbdfs::io::{FaultStore, MemStore, Store};
@@ -27,19 +31,6 @@ fn create_opts(size: usize) -> CreateOptions {
         block_size: BS as u64,
         codec: Codec::Zstd(1),
     }
-}
-
-/// Incompressible bytes: every block a record of its own.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A raw file's bytes under the same operations: the model.
@@ -79,7 +70,7 @@ fn grow_and_shrink_behave_as_truncate_on_a_raw_file() {
     let size = 40 * BS + 1536;
     let mut img = Image::create_on(store.clone(), &create_opts(size), &opts()).unwrap();
     let mut raw = Raw(vec![0; size]);
-    let data = noise(1, size);
+    let data = pattern(size, 1);
     img.write_at(&data, 0).unwrap();
     raw.write(0, &data);
     let steps: [usize; 6] = [
@@ -95,7 +86,7 @@ fn grow_and_shrink_behave_as_truncate_on_a_raw_file() {
         raw.truncate(new);
         assert_same(&img, &raw, &format!("step {i}, open"));
         // Write across the end, as a guest grows its file system.
-        let tail = noise(10 + i as u64, 2 * BS);
+        let tail = pattern(2 * BS, 10 + i as u64);
         let at = new - 2 * BS;
         img.write_at(&tail, at as u64).unwrap();
         raw.write(at, &tail);
@@ -142,16 +133,16 @@ fn snapshots_keep_their_size_and_a_rollback_takes_it_back() {
     let path = tmp.path().join("img.vbd");
     let small = 64 * BS;
     let mut img = Image::create(&path, &create_opts(small), &opts()).unwrap();
-    let first = noise(1, small);
+    let first = pattern(small, 1);
     img.write_at(&first, 0).unwrap();
     img.snapshot_create("small").unwrap();
     let big = 3000 * BS; // three map leaves
     img.resize(big as u64).unwrap();
-    let grown = noise(2, big - small);
+    let grown = pattern(big - small, 2);
     img.write_at(&grown, small as u64).unwrap();
     img.snapshot_create("big").unwrap();
     img.resize((8 * BS) as u64).unwrap();
-    img.write_at(&noise(3, 8 * BS), 0).unwrap();
+    img.write_at(&pattern(8 * BS, 3), 0).unwrap();
     assert!(img.check().unwrap().is_ok());
 
     let s = img.open_snapshot("small").unwrap();
@@ -213,7 +204,7 @@ fn a_grown_clone_reads_zeros_not_its_base_past_its_old_end() {
     let (base, new) = (tmp.path().join("base.vbd"), tmp.path().join("clone.vbd"));
     let size = 64 * BS;
     let img = Image::create(&base, &create_opts(size), &opts()).unwrap();
-    let gold = noise(7, size);
+    let gold = pattern(size, 7);
     img.write_at(&gold, 0).unwrap();
     img.snapshot_create("gold").unwrap();
     img.close().unwrap();
@@ -259,7 +250,7 @@ fn crash_store(size: usize, data: &[u8], snapshot: bool) -> Arc<FaultStore> {
 #[test]
 fn a_crash_at_every_write_of_a_resize_leaves_the_old_disk_or_the_new() {
     let old = 40 * BS + 1536;
-    let data = noise(5, old);
+    let data = pattern(old, 5);
     let mut checked = 0;
     for (new, snapshot) in [
         (1100 * BS + 512, false),
