@@ -7,6 +7,8 @@
 //! every acknowledged write. No flush succeeds while the image is failed.
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
+mod common;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use vbdfs::io::{FaultStore, MemStore};
@@ -25,15 +27,7 @@ fn opts() -> OpenOptions {
 
 /// Incompressible bytes for block `b` of round `r`.
 fn block(b: usize, r: u8) -> Vec<u8> {
-    let mut x = (b as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(r) | 1;
-    (0..BS)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::pattern(BS, (b as u64) << 8 | u64::from(r))
 }
 
 fn create(codec: Codec) -> (Arc<FaultStore>, Image) {
