@@ -264,6 +264,8 @@ fn read_only_mount_refuses_writes_and_offline_writers() {
         let err = common::stderr(&out);
         assert!(!out.status.success(), "{args:?} succeeded under a ro mount");
         assert!(err.contains("is mounted at"), "{args:?}: {err}");
+        // Its control file takes no such command: not advised.
+        assert!(!err.contains("/control"), "{args:?}: {err}");
     }
     for args in [&["info", p(&img)][..], &["check", p(&img)]] {
         let out = common::run(args);

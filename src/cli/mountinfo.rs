@@ -158,9 +158,16 @@ pub fn is_dead(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
 }
 
+/// True if the vbdfs mount at `dir` says it is read-only.
+fn mounted_read_only(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("control"))
+        .is_ok_and(|status| status.lines().any(|l| l == "read-only: yes"))
+}
+
 /// Replaces an engine [`ErrorKind::Locked`] error on `image` with one that says
 /// where the image is mounted (and, when the mount's control file does what
-/// was asked, `online`, to use that); other errors pass through.
+/// was asked, `online`, and the mount is read-write, to use that); other
+/// errors pass through.
 pub fn explain_locked(image: &Path, err: Error, online: bool) -> Error {
     if err.kind() != ErrorKind::Locked {
         return err;
@@ -168,7 +175,8 @@ pub fn explain_locked(image: &Path, err: Error, online: bool) -> Error {
     let dirs = mount_points_of(image);
     match dirs.first() {
         Some(dir) => {
-            let control = if online {
+            // A read-only mount's control file takes no such command.
+            let control = if online && !mounted_read_only(dir) {
                 format!("use {}/control while it is mounted, or ", dir.display())
             } else {
                 String::new()

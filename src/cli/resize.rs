@@ -2,6 +2,7 @@
 
 use super::options::{format_size, parse_size};
 use super::ResizeArgs;
+use crate::cli::create::with_path;
 use crate::cli::output::say;
 use crate::cli::{mount::canonical_file, mountinfo};
 use crate::error::{Error, Result};
@@ -42,27 +43,59 @@ pub fn run(args: &ResizeArgs) -> Result<()> {
     let mut image = super::keys::open(&canon, &opts)
         .map_err(|e| mountinfo::explain_locked(&canon, e, false))?;
     let old = image.len();
-    let size = new_size(&args.size, old)?;
-    crate::engine::check_disk_size(size)?;
+    let size = new_size(&args.size, old).map_err(|e| with_path(e, &args.image))?;
+    crate::engine::check_disk_size(size).map_err(|e| with_path(e, &args.image))?;
+    let (from, to) = two_sizes(old, size);
     if size < old && !args.shrink {
         return Err(Error::invalid(format!(
-            "{}: shrinking the disk from {} to {} drops the data past {}; shrink the file \
-             system and partitions inside first, then run again with --shrink",
+            "{}: shrinking the disk from {from} to {to} drops the data past {to}; shrink the \
+             file system and partitions inside first, then run again with --shrink",
             args.image.display(),
-            format_size(old),
-            format_size(size),
-            format_size(size)
         )));
     }
-    image.resize(size)?;
-    image.close()?;
-    say!(
-        "{}: disk size {} -> {}",
-        args.image.display(),
-        format_size(old),
-        format_size(size)
-    )?;
+    let done = image.resize(size).and_then(|()| image.close());
+    if let Err(e) = done {
+        // The size may be committed before what failed (the checkpoint that
+        // commits it comes first): say which, so that a relative size is
+        // not applied twice by a retry.
+        let now = super::keys::open(
+            &canon,
+            &OpenOptions {
+                read_only: true,
+                cache_bytes: 4 << 20,
+                ..OpenOptions::default()
+            },
+        )
+        .map(|img| img.len());
+        return match now {
+            Ok(now) if now == size => {
+                eprintln!(
+                    "vbdfs: warning: {}: resized, but then: {e} (the image recovers on its next \
+                     open; do not run the resize again)",
+                    args.image.display()
+                );
+                say!("{}: disk size {from} -> {to}", args.image.display())?;
+                Ok(())
+            }
+            _ => Err(with_path(
+                Error::new(e.kind(), format!("{e} (the disk keeps its size, {from})")),
+                &args.image,
+            )),
+        };
+    }
+    say!("{}: disk size {from} -> {to}", args.image.display())?;
     Ok(())
+}
+
+/// Two sizes for a message, exact in bytes when their rounded forms would
+/// read the same (10 MiB and 10 MiB less 512 bytes).
+fn two_sizes(a: u64, b: u64) -> (String, String) {
+    let (fa, fb) = (format_size(a), format_size(b));
+    if fa == fb {
+        (format!("{a} bytes"), format!("{b} bytes"))
+    } else {
+        (fa, fb)
+    }
 }
 
 #[cfg(test)]
