@@ -11,6 +11,7 @@
 //! | `hold-snapshot NAME`, `release-snapshot NAME` | one more / one less clone based on it (what `vbdfs clone` does on a mounted base); `ENOENT`, `EINVAL` when not held |
 //! | `compact` | return the host space of dead records (see `engine::reclaim`) |
 //! | `reset-stats` | start the request statistics (below) again from zero |
+//! | `resume` | after a full host disk, once there is room: leave the failed state now (tried on its own, at most once a second, before writes and fsyncs of `disk`); `ENOSPC` while there is none, `EINVAL` if the image failed otherwise |
 //!
 //! Snapshot names: 1 to 64 of `A-Z a-z 0-9 . _ -`, starting with a letter,
 //! digit or `_` ([`crate::format::check_snapshot_name`]). An unknown or

@@ -10,8 +10,8 @@
 //! record that was written (and is synced by the checkpoint), written anew
 //! leaf by leaf (a checkpoint that failed had taken its leaves' dirty
 //! marks), the gap is below it, and the abandoned blocks are written back
-//! again into the new run. This is what a reopen does after a crash, without losing the
-//! cache's unwritten blocks.
+//! again into the new run. This is what a reopen does after a crash, without
+//! losing the cache's unwritten blocks.
 //!
 //! While it runs, no flush can report success (the sync lock is held from
 //! before the failed state is lifted until the checkpoint is durable), and
