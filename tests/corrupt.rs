@@ -660,6 +660,7 @@ impl Craft {
             snap_table: RecPtr::default(),
             config: RecPtr::default(),
             created_ns: 1,
+            log_limit: 0,
             crypto: 0,
         }
     }

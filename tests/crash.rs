@@ -18,6 +18,7 @@ mod common;
 
 use common::pattern;
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::sync::Arc;
 use vbdfs::crypto::{KdfParams, KeyMaterial};
@@ -152,8 +153,26 @@ fn create_store_keyed(key: Option<&KeyMaterial>) -> Arc<FaultStore> {
     store
 }
 
+thread_local! {
+    /// The smallest hole the log moves into, for images this thread opens
+    /// (0: the default, which these small images never reach).
+    static REGION_MIN: Cell<u64> = const { Cell::new(0) };
+    /// Moves of the log into holes made by the images this thread closed.
+    static MOVES: Cell<u64> = const { Cell::new(0) };
+}
+
 fn open(store: Arc<dyn Store>, key: Option<&KeyMaterial>) -> vbdfs::Result<Image> {
-    Image::open_on_with_key(store, &open_opts(), key)
+    let img = Image::open_on_with_key(store, &open_opts(), key)?;
+    if REGION_MIN.get() > 0 {
+        img.set_log_region_min(REGION_MIN.get());
+    }
+    Ok(img)
+}
+
+/// Counts `img`'s moves of the log ([`MOVES`]) and hands it back.
+fn counted(img: Image) -> Image {
+    MOVES.set(MOVES.get() + img.log_moves());
+    img
 }
 
 /// Runs `ops` until the first error; returns the oracle.
@@ -185,7 +204,7 @@ fn run(store: &Arc<FaultStore>, ops: &[Op], key: Option<&KeyMaterial>) -> Oracle
             Op::Checkpoint => img.checkpoint().is_ok(),
             Op::Compact => img.compact().is_ok(),
             Op::Reopen => {
-                let ok = img.close().is_ok();
+                let ok = counted(img).close().is_ok();
                 if ok {
                     oracle.acked();
                 }
@@ -202,7 +221,7 @@ fn run(store: &Arc<FaultStore>, ops: &[Op], key: Option<&KeyMaterial>) -> Oracle
             break;
         }
     }
-    drop(img);
+    drop(counted(img));
     oracle
 }
 
@@ -225,6 +244,16 @@ fn check_recovered(bytes: Vec<u8>, oracle: &Oracle, what: &str, key: Option<&Key
 /// Runs each seed's workload crashing at every event it reaches and checks
 /// `variants` crash images of each; returns how many were checked.
 fn sweep(key: Option<&KeyMaterial>, default_seeds: u64, variants: usize) -> usize {
+    sweep_of(workload, key, default_seeds, variants)
+}
+
+/// [`sweep`] of the workloads `workload` makes.
+fn sweep_of(
+    workload: fn(u64) -> Vec<Op>,
+    key: Option<&KeyMaterial>,
+    default_seeds: u64,
+    variants: usize,
+) -> usize {
     let seeds: u64 = std::env::var("VBDFS_CRASH_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -259,6 +288,68 @@ fn crash_at_every_write_boundary() {
     let checked = sweep(None, 3, 6);
     assert!(checked > 100, "only {checked} crash images checked");
     eprintln!("checked {checked} crash images");
+}
+
+/// Overwrites of the whole disk with checkpoints between them: the dead
+/// records' holes grow big enough for the log to move into (regions.rs),
+/// out again when full, to the end of the file for a compaction, and a
+/// reopen starts a run at the end again.
+fn moving_workload(seed: u64) -> Vec<Op> {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut ops = Vec::new();
+    for round in 0..14u8 {
+        ops.push(Op::Write {
+            off: 0,
+            len: DISK,
+            fill: round + 1,
+        });
+        ops.push(Op::Checkpoint);
+        for _ in 0..3 {
+            let off = rng.below(DISK as u64 - 1) as usize;
+            let len = (1 + rng.below(3 * BS as u64) as usize).min(DISK - off);
+            ops.push(match rng.below(4) {
+                0 => Op::Discard { off, len },
+                1 => Op::Flush,
+                _ => Op::Write {
+                    off,
+                    len,
+                    fill: 1 + rng.below(250) as u8,
+                },
+            });
+        }
+        match round {
+            6 => ops.push(Op::Reopen),
+            10 => ops.push(Op::Compact),
+            _ => ops.push(Op::Flush),
+        }
+    }
+    ops
+}
+
+#[test]
+fn crash_at_every_write_boundary_while_the_log_moves_into_holes() {
+    REGION_MIN.set(64 << 10);
+    let store = create_store();
+    run(&store, &moving_workload(1), None);
+    assert!(MOVES.get() >= 3, "the log moved {} times", MOVES.get());
+    let checked = sweep_of(moving_workload, None, 1, 4);
+    assert!(checked > 100, "only {checked} crash images checked");
+    eprintln!("checked {checked} crash images, the log moving");
+}
+
+#[test]
+fn crash_at_every_write_boundary_while_the_log_moves_encrypted() {
+    // The superblock's MAC then covers the run's limit.
+    let key = KeyMaterial::from_bytes(b"crash")
+        .unwrap()
+        .with_kdf(KdfParams::insecure_for_tests());
+    REGION_MIN.set(64 << 10);
+    let store = create_store_keyed(Some(&key));
+    run(&store, &moving_workload(2), Some(&key));
+    assert!(MOVES.get() >= 2, "the log moved {} times", MOVES.get());
+    let checked = sweep_of(moving_workload, Some(&key), 1, 2);
+    assert!(checked > 100, "only {checked} crash images checked");
+    eprintln!("checked {checked} encrypted crash images, the log moving");
 }
 
 #[test]

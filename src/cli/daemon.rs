@@ -119,6 +119,12 @@ fn open_image(job: &Job) -> Result<(Image, Option<std::fs::File>)> {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
+            Ok((image, lock)) => {
+                if let Some(bytes) = job.options.log_region {
+                    image.set_log_region_min(bytes);
+                }
+                return Ok((image, lock));
+            }
             other => return other,
         }
     }

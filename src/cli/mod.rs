@@ -117,7 +117,7 @@ pub struct MountArgs {
     /// An existing directory to mount on.
     pub mountpoint: PathBuf,
     /// Options, comma-separated: cache=SIZE, ro, rw, allow_other, threads=N, uid=N,
-    /// gid=N, mode=OCTAL, adapt[=LEVEL], key-file=PATH (mount(8)/fstab options
+    /// gid=N, mode=OCTAL, adapt[=LEVEL], log-region=SIZE, key-file=PATH (mount(8)/fstab options
     /// such as nofail or _netdev are ignored).
     ///
     /// cache=SIZE: engine buffer cache (default 256M; K, M, G, T suffixes).
@@ -128,6 +128,8 @@ pub struct MountArgs {
     /// mode=OCTAL: permission bits of disk (default 0600; control is always 0600).
     /// adapt[=LEVEL]: while write-back falls behind, compress at faster zstd
     ///   levels, down to LEVEL (default -3), instead of slowing writes (zstd images).
+    /// log-region=SIZE: the smallest hole of the image file the log moves into
+    ///   (default 256M, at least 1M): smaller keeps the file shorter, moves more often.
     /// key-file=PATH: the key of an encrypted image (a file readable by its
     ///   owner only; read before the daemon starts).
     ///

@@ -51,6 +51,8 @@ pub const DEFAULT_THREADS: usize = 32;
 pub const MAX_THREADS: usize = 1024;
 /// The fastest zstd level plain `adapt` lets write-back fall back to.
 pub const DEFAULT_ADAPT_FLOOR: i32 = -3;
+/// Smallest accepted `log-region=` value.
+const MIN_LOG_REGION: u64 = 1 << 20;
 /// Smallest accepted `cache=` value.
 pub const MIN_CACHE: u64 = 1 << 20;
 /// Smallest `cache=` that leaves room for blocks: the FUSE request buffers
@@ -154,6 +156,9 @@ pub struct MountOptions {
     /// `adapt` or `adapt=LEVEL`: while write-back falls behind, compress at
     /// zstd levels down to LEVEL (default [`DEFAULT_ADAPT_FLOOR`]).
     pub adapt_floor: Option<i32>,
+    /// `log-region=SIZE`: the smallest hole of the image file the log moves
+    /// into (None: the engine's default, 256 MiB).
+    pub log_region: Option<u64>,
 }
 
 impl MountOptions {
@@ -170,10 +175,15 @@ impl MountOptions {
                 opts.apply(item)?;
             }
         }
-        if opts.read_only && opts.adapt_floor.is_some() {
-            return Err(Error::invalid(
-                "mount option 'adapt' is for writes: not with 'ro'",
-            ));
+        for (set, name) in [
+            (opts.adapt_floor.is_some(), "adapt"),
+            (opts.log_region.is_some(), "log-region"),
+        ] {
+            if opts.read_only && set {
+                return Err(Error::invalid(format!(
+                    "mount option '{name}' is for writes: not with 'ro'"
+                )));
+            }
         }
         Ok(opts)
     }
@@ -209,6 +219,16 @@ impl MountOptions {
                     )));
                 }
                 self.cache_bytes = Some(bytes);
+            }
+            "log-region" => {
+                let v = need(value)?;
+                let bytes = parse_size(&v).map_err(|e| e.context("mount option 'log-region'"))?;
+                if bytes < MIN_LOG_REGION {
+                    return Err(Error::invalid(format!(
+                        "mount option 'log-region={v}': at least 1M"
+                    )));
+                }
+                self.log_region = Some(bytes);
             }
             "ro" => {
                 flag(value)?;
@@ -370,6 +390,10 @@ mod tests {
         assert_eq!(floor("adapt=-5"), Some(-5));
         assert_eq!(floor("adapt=zstd:-1"), Some(-1));
         assert_eq!(floor("cache=8M"), None);
+        let region = |s: &str| MountOptions::parse(&[s]).map(|o| o.log_region);
+        assert_eq!(region("log-region=16M").ok(), Some(Some(16 << 20)));
+        assert!(region("log-region=64K").is_err());
+        assert!(region("log-region=16M,ro").is_err());
         let key = MountOptions::parse(&["key-file=/k", "key-file=/k"]).map(|o| o.key_file);
         assert_eq!(key.ok().flatten(), Some("/k".into()));
         let pass = "defaults,nofail,noauto,auto,_netdev,x-systemd.automount,nodev,nosuid,\

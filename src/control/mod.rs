@@ -9,6 +9,7 @@
 //! | `snapshot NAME` | a crash-consistent snapshot of `disk` (the writes completed before the command), durable when the write returns; `snapshots/NAME` appears at once. `EEXIST` if the name is taken, `EROFS` on a read-only mount |
 //! | `delete-snapshot NAME` | deletes it; `ENOENT` if there is none, `EBUSY` while `snapshots/NAME` is open or clones are based on it |
 //! | `hold-snapshot NAME`, `release-snapshot NAME` | one more / one less clone based on it (what `vbdfs clone` does on a mounted base); `ENOENT`, `EINVAL` when not held |
+//! | `checkpoint` | write a checkpoint now (the next mount replays less) and give back the space of what died before it; moves the image's log into a hole of the file if one is big enough (`engine::regions`) |
 //! | `compact` | return the host space of dead records (see `engine::reclaim`) |
 //! | `reset-stats` | start the request statistics (below) again from zero |
 //! | `resume` | after a full host disk, once there is room: leave the failed state now (tried on its own, at most once a second, before writes and fsyncs of `disk`); `ENOSPC` while there is none, `EINVAL` if the image failed otherwise |
@@ -71,6 +72,8 @@ pub enum Command {
     HoldSnapshot(String),
     /// Drop one such hold (a failed clone, or a clone that was removed).
     ReleaseSnapshot(String),
+    /// A checkpoint now (and the space of what died before it).
+    Checkpoint,
     /// Reclaim space.
     Compact,
     /// Start the request statistics again from zero.
@@ -113,6 +116,7 @@ pub fn parse(data: &[u8]) -> Result<Command> {
     match verb {
         "flush" => no_args(Command::Flush),
         "compact" => no_args(Command::Compact),
+        "checkpoint" => no_args(Command::Checkpoint),
         "reset-stats" => no_args(Command::ResetStats),
         "resume" => no_args(Command::Resume),
         "snapshot" => Ok(Command::Snapshot(one_name()?)),
@@ -121,7 +125,7 @@ pub fn parse(data: &[u8]) -> Result<Command> {
         "release-snapshot" => Ok(Command::ReleaseSnapshot(one_name()?)),
         _ => Err(Error::invalid(format!(
             "unknown command '{verb}' (expected flush, snapshot NAME, \
-             delete-snapshot NAME, compact, reset-stats, resume, hold-snapshot NAME \
+             delete-snapshot NAME, checkpoint, compact, reset-stats, resume, hold-snapshot NAME \
              or release-snapshot NAME)"
         ))),
     }
@@ -203,6 +207,7 @@ impl Control {
     fn run(&self, cmd: &Command) -> Result<()> {
         match cmd {
             Command::Flush => self.image.flush(),
+            Command::Checkpoint => self.image.checkpoint(),
             Command::Resume => self.resume(),
             Command::Snapshot(name) => self.image.snapshot_create(name).map(|_| ()),
             Command::DeleteSnapshot(name) => self.image.snapshot_delete(name).map(|()| {
@@ -401,6 +406,7 @@ mod tests {
         assert_eq!(parse(b"flush\n").ok(), Some(Command::Flush));
         assert_eq!(parse(b"  flush  ").ok(), Some(Command::Flush));
         assert_eq!(parse(b"compact").ok(), Some(Command::Compact));
+        assert_eq!(parse(b"checkpoint\n").ok(), Some(Command::Checkpoint));
         assert_eq!(parse(b"reset-stats\n").ok(), Some(Command::ResetStats));
         assert_eq!(
             parse(b"snapshot pre-upgrade\n").ok(),

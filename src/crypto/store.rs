@@ -4,7 +4,7 @@
 
 use super::{keyslot, KeyMaterial, Sealer};
 use crate::error::{Error, Result};
-use crate::format::{Superblock, SB_CRC_OFF, SB_MAC_OFF};
+use crate::format::{Superblock, SB_CRC_OFF, SB_LOG_LIMIT_OFF, SB_MAC_OFF};
 use crate::io::Store;
 use std::io;
 use std::sync::Arc;
@@ -78,6 +78,10 @@ impl Store for SealedStore {
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
         self.inner.punch_hole(off, len)
     }
+
+    fn find_hole(&self, from: u64, to: u64, min_len: u64) -> io::Result<Option<(u64, u64)>> {
+        self.inner.find_hole(from, to, min_len)
+    }
     fn allocated(&self) -> Option<u64> {
         self.inner.allocated()
     }
@@ -98,12 +102,24 @@ pub fn encode_superblock(sb: &Superblock, slot: u8, store: &dyn Store) -> Vec<u8
 pub fn encode_superblock_with(sb: &Superblock, slot: u8, sealer: Option<&Sealer>) -> Vec<u8> {
     let mut buf = sb.encode(slot);
     if let Some(s) = sealer {
-        let mac = s.mac(&buf[..SB_MAC_OFF]);
+        let mac = s.mac(&mac_input(&buf));
         buf[SB_MAC_OFF..SB_MAC_OFF + 32].copy_from_slice(&mac);
         let crc = crc32c::crc32c(&buf[..SB_CRC_OFF]);
         buf[SB_CRC_OFF..SB_CRC_OFF + 4].copy_from_slice(&crc.to_le_bytes());
     }
     buf
+}
+
+/// What a superblock's MAC covers: bytes `0..SB_MAC_OFF`, and the log
+/// limit after the MAC when it is set (an image whose log never reused a
+/// range keeps the MAC of the first version).
+fn mac_input(sb: &[u8]) -> Vec<u8> {
+    let limit = &sb[SB_LOG_LIMIT_OFF..SB_LOG_LIMIT_OFF + 8];
+    let mut input = sb[..SB_MAC_OFF].to_vec();
+    if limit.iter().any(|&b| b != 0) {
+        input.extend_from_slice(limit);
+    }
+    input
 }
 
 /// Checks the MAC of a superblock slot read from an encrypted image's store
@@ -112,7 +128,7 @@ pub fn verify_superblock(bytes: &[u8], slot: u8, store: &dyn Store) -> Result<()
     let Some(s) = store.sealer() else {
         return Ok(());
     };
-    let mac = s.mac(&bytes[..SB_MAC_OFF]);
+    let mac = s.mac(&mac_input(bytes));
     if !super::ct_eq(&mac, &bytes[SB_MAC_OFF..SB_MAC_OFF + 32]) {
         return Err(Error::corrupt(format!(
             "superblock slot {slot} fails authentication"
@@ -195,4 +211,59 @@ pub fn rekey_file(path: &std::path::Path, old: &KeyMaterial, new: &KeyMaterial) 
     }
     let store = crate::io::FileStore::new(file);
     rekey(&store, old, new).map_err(|e| e.context(path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Codec, RecPtr};
+
+    fn sample(log_limit: u64) -> Superblock {
+        Superblock {
+            flags: 0,
+            image_uuid: [3; 16],
+            seq: 5,
+            gen: 4,
+            block_shift: 16,
+            codec: Codec::None,
+            virtual_size: 1 << 30,
+            log_start_off: 1 << 20,
+            log_start_lsn: 9,
+            log_epoch: 77,
+            log_tail: 2 << 20,
+            index: RecPtr::default(),
+            snap_table: RecPtr::default(),
+            config: RecPtr::default(),
+            created_ns: 1,
+            log_limit,
+            crypto: 1,
+        }
+    }
+
+    #[test]
+    fn the_mac_covers_the_log_limit_once_it_is_set() {
+        let sealer = Sealer::new(&[9; 32], &[3; 16]);
+        let check = |bytes: &[u8]| {
+            let mac = sealer.mac(&mac_input(bytes));
+            crate::crypto::ct_eq(&mac, &bytes[SB_MAC_OFF..SB_MAC_OFF + 32])
+        };
+        // No limit: the MAC of the first version (bytes before it only).
+        let plain = encode_superblock_with(&sample(0), 1, Some(&sealer));
+        assert!(check(&plain));
+        assert_eq!(
+            &plain[SB_MAC_OFF..SB_MAC_OFF + 32],
+            &sealer.mac(&plain[..SB_MAC_OFF])[..]
+        );
+        // A limit is authenticated: changed (crc fixed), or cleared, it fails.
+        let bounded = encode_superblock_with(&sample(8 << 20), 1, Some(&sealer));
+        assert!(check(&bounded));
+        for forged in [4u64 << 20, 0] {
+            let mut bytes = bounded.clone();
+            bytes[SB_LOG_LIMIT_OFF..SB_LOG_LIMIT_OFF + 8].copy_from_slice(&forged.to_le_bytes());
+            let crc = crc32c::crc32c(&bytes[..SB_CRC_OFF]);
+            bytes[SB_CRC_OFF..SB_CRC_OFF + 4].copy_from_slice(&crc.to_le_bytes());
+            assert!(Superblock::decode(&bytes, 1).is_ok());
+            assert!(!check(&bytes), "a forged limit {forged} passed");
+        }
+    }
 }

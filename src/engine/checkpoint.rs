@@ -16,18 +16,39 @@
 
 use super::log::NewRecord;
 use super::map::Dead;
+use super::regions::{Move, Wish};
 use super::snaptable::SnapEdit;
 use super::Inner;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::format::{
-    encode_index, encode_leaf, Codec, LeafPtr, MapEntry, RecPtr, RecordKind, SB_FLAG_DIRTY,
-    SB_SLOT_SIZE,
+    align_up, encode_index, encode_leaf, Codec, LeafPtr, MapEntry, RecPtr, RecordKind, LOG_UNIT,
+    SB_FLAG_DIRTY, SB_SLOT_SIZE,
 };
 
 /// Dirty leaves appended (with their second copies) by one write: at most
 /// ~2.5 MiB of staging (a leaf record is at most 16 KiB and a header).
 const LEAVES_PER_APPEND: usize = 64;
+
+/// What a log run left past its tail when a checkpoint moved the log.
+#[derive(Debug, Clone, Copy)]
+struct LeftRun {
+    tail: u64,
+    /// The store was preallocated up to here.
+    allocated: u64,
+    /// The run was in a hole (else at the end of the file).
+    bounded: bool,
+}
+
+/// Write-back takes no room while this lives (a move's new run is not
+/// committed yet).
+struct RoomsHeld<'a>(&'a Inner);
+
+impl Drop for RoomsHeld<'_> {
+    fn drop(&mut self) {
+        self.0.release_rooms();
+    }
+}
 
 /// What a checkpoint committed, as seen by a snapshot edit.
 #[derive(Debug, Clone, Copy)]
@@ -67,19 +88,70 @@ impl Inner {
     /// An error from `edit` (a duplicate name, a busy snapshot) aborts before
     /// the superblock is written: nothing is committed.
     pub(super) fn commit(&self, clean: bool, edit: Option<SnapEdit<'_>>) -> Result<()> {
+        self.commit_moving(clean, edit, Wish::Stay)
+    }
+
+    /// [`Inner::commit`], starting a new log run first where `wish` says
+    /// (`super::regions`), and whenever the checkpoint would not fit in the
+    /// current run.
+    pub(super) fn commit_moving(
+        &self,
+        clean: bool,
+        edit: Option<SnapEdit<'_>>,
+        wish: Wish,
+    ) -> Result<()> {
         let _one = self.checkpoint_lock.lock();
         self.check_failed()?;
+        let Some(mut to) = self.wished_move(wish) else {
+            return Ok(()); // moved meanwhile
+        };
         let editing = edit.is_some();
         // The newest snapshot before this commit: the records that died
         // before it took the map were not held by a snapshot it creates.
         let newest_before = self.snapshot_entries().iter().map(|s| s.gen).max();
-        if editing {
+        if editing || to.is_some() {
             self.drain_rooms();
         }
+        if editing && to.is_none() && !self.checkpoint_fits() {
+            // Rooms published while draining (nothing changes now).
+            to = Some(self.leaving_move());
+        }
+        // A move holds the rooms until its superblock is durable (released
+        // when this drops, also on an error).
+        let held = to.map(|_| RoomsHeld(self));
+        let mut left = None;
+        let limit;
+        if let Some(Move::Hole(a, b)) = to {
+            self.claim_region((a, b), &self.dead_space);
+        }
+        let file_len = match to {
+            Some(Move::End) => self.file_len().map_err(|e| self.fail(e))?,
+            _ => 0,
+        };
         let (dirty, freed, start_off, start_lsn, epoch, gen, data_blocks, stored_bytes) = {
             let mut log = self.log.lock();
-            if std::mem::take(&mut log.rooms_held) {
+            if to.is_none() && std::mem::take(&mut log.rooms_held) {
                 self.rooms_cv.notify_all();
+            }
+            if let Some(to) = to {
+                // No room is in flight (drained) and none is taken until
+                // the superblock naming the new run is durable.
+                let old = (log.run_extent(), log.off);
+                let (tail, allocated) = log.release_preallocated();
+                debug_assert_eq!(tail, old.1);
+                let epoch = super::open::random_u64();
+                match to {
+                    Move::Hole(a, b) => log.restart_run(a, epoch, a, b),
+                    Move::End => {
+                        let start = align_up(file_len.max(log.off), LOG_UNIT);
+                        log.restart_run(start, epoch, file_len.max(start), u64::MAX)
+                    }
+                }
+                left = Some(LeftRun {
+                    tail,
+                    allocated,
+                    bounded: old.0 .1 != u64::MAX,
+                });
             }
             let mut map = self.map.write();
             let dirty = map.take_dirty();
@@ -91,6 +163,7 @@ impl Inner {
             // Records of write-back batches still in flight are not in the
             // map yet: replay starts at the oldest of them.
             let (off, lsn) = log.replay_start();
+            limit = log.run_extent().1;
             (dirty, freed, off, lsn, log.epoch, gen, counts.0, counts.1)
         };
         let mut dead = freed;
@@ -134,7 +207,8 @@ impl Inner {
             };
             [Some(sb.index), table]
         };
-        let published = self.publish(clean, gen, (start_off, start_lsn, epoch), index, tail, {
+        let run = (start_off, start_lsn, epoch, limit);
+        let published = self.publish(clean, gen, run, index, tail, {
             snap_table.as_ref().map(|(_, ptr)| *ptr)
         });
         match (published, snap_table) {
@@ -145,6 +219,10 @@ impl Inner {
             }
             (result, None) => result?,
         }
+        if let Some(left) = left {
+            self.trim_left_run(left, to);
+        }
+        drop(held);
         // The previous index (and snapshot table) died with this commit.
         dead.extend(
             replaced
@@ -166,17 +244,43 @@ impl Inner {
             // under (by the next checkpoint a new snapshot would claim it).
             let (data, maps): (Vec<Dead>, Vec<Dead>) =
                 dead.into_iter().partition(|d| d.birth.is_some());
-            self.punch_dead_data(data, start_off, newest_before);
+            self.punch_dead_data(data, (start_off, limit), newest_before);
             self.map.write().freed.extend(maps);
         } else {
             let (t, n) = (std::time::Instant::now(), dead.len());
-            self.punch_dead(dead, start_off);
+            self.punch_dead(dead, (start_off, limit));
             ::log::debug!(
                 "checkpoint {gen}: {n} dead records reclaimed in {:?}",
                 t.elapsed()
             );
         }
         Ok(())
+    }
+
+    /// After a move is durable: gives back what the run left held past its
+    /// tail (its preallocated range; at the end of the file, by cutting the
+    /// file there). Failure only costs space.
+    fn trim_left_run(&self, left: LeftRun, to: Option<Move>) {
+        let result = if left.bounded {
+            match left.allocated > left.tail {
+                true => self.store.punch_hole(left.tail, left.allocated - left.tail),
+                false => Ok(()),
+            }
+        } else {
+            match self.file_len() {
+                Ok(len) if len > left.tail => self.store.set_len(left.tail),
+                _ => Ok(()),
+            }
+        };
+        if let Err(e) = result {
+            ::log::warn!("giving back the log's preallocated space failed: {e}");
+        }
+        if let Some(Move::Hole(a, b)) = to {
+            self.regions
+                .moves
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ::log::info!("the log moved into a hole of the file at {a}..{b}");
+        }
     }
 
     /// Writes `leaves` (leaf number, entries) as LEAF records with their
@@ -237,7 +341,7 @@ impl Inner {
         &self,
         clean: bool,
         gen: u64,
-        (start_off, start_lsn, epoch): (u64, u64, u64),
+        (start_off, start_lsn, epoch, limit): (u64, u64, u64, u64),
         index: RecPtr,
         tail: u64,
         snap_table: Option<RecPtr>,
@@ -256,6 +360,7 @@ impl Inner {
         next.log_start_off = start_off;
         next.log_start_lsn = start_lsn;
         next.log_epoch = epoch;
+        next.log_limit = if limit == u64::MAX { 0 } else { limit };
         next.log_tail = tail;
         next.index = index;
         next.virtual_size = self.virtual_size();

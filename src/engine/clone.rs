@@ -148,6 +148,7 @@ fn format_clone(
             crc: header.crc,
         },
         created_ns: now_ns(),
+        log_limit: 0,
         crypto: if sealer.is_some() {
             crate::crypto::CRYPTO_XCHACHA20_POLY1305
         } else {

@@ -157,6 +157,11 @@ impl Inner {
     /// Checks both copies of every map record into `report`; a read-write
     /// open first writes the head's damaged ones anew (`repaired`).
     pub(super) fn check_copies(&self, report: &mut CheckReport) -> Result<()> {
+        // Rewriting snapshot maps appends outside a checkpoint's bound.
+        let _paused = match self.read_only {
+            true => None,
+            false => Some(self.pause_moves()?),
+        };
         let (mut found, mut single) = self.damaged_copies(self.map_records()?);
         let head: Vec<_> = found.iter().filter(|(n, _)| n.head.is_some()).collect();
         if !self.read_only && !head.is_empty() {

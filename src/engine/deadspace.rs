@@ -109,6 +109,28 @@ impl Runs {
         self.bytes += end - start;
     }
 
+    /// Removes `[start, end)` from the runs (parts outside it stay).
+    fn cut(&mut self, (start, end): Span) {
+        let first = self
+            .by_start
+            .range(..start)
+            .next_back()
+            .filter(|(_, &e)| e > start)
+            .map(|(&s, _)| s);
+        let inside: Vec<u64> = first
+            .into_iter()
+            .chain(self.by_start.range(start..end).map(|(&s, _)| s))
+            .collect();
+        for s in inside {
+            let (s, e) = self.remove(s).expect("listed");
+            for keep in [(s, start.min(e)), (end.max(s), e)] {
+                if keep.0 < keep.1 {
+                    self.add(keep);
+                }
+            }
+        }
+    }
+
     /// True if a run overlaps or touches `[start, end)`.
     fn touches(&self, (start, end): Span) -> bool {
         self.by_start
@@ -174,7 +196,7 @@ impl Default for DeadSpace {
 }
 
 impl DeadSpace {
-    /// Adds dead ranges (each lies below the committed log start).
+    /// Adds dead ranges (each outside the committed replay window).
     pub fn add(&self, spans: impl IntoIterator<Item = Span>) {
         let mut s = self.state.lock();
         let before = s.runs.bytes;
@@ -263,6 +285,22 @@ impl DeadSpace {
         }
     }
 
+    /// Forgets what is held in `[start, end)`, runs and crumbs (the log
+    /// moves into that hole: `super::regions`).
+    pub fn forget(&self, (start, end): Span) {
+        let mut s = self.state.lock();
+        s.runs.cut((start, end));
+        let crumbs: Vec<u64> = s
+            .crumbs
+            .range(..end)
+            .filter(|(_, &e)| e > start)
+            .map(|(&a, _)| a)
+            .collect();
+        for a in crumbs {
+            s.crumbs.remove(&a);
+        }
+    }
+
     /// Forgets every held range (a compaction punched every whole dead page).
     pub fn clear(&self) {
         let mut s = self.state.lock();
@@ -277,6 +315,18 @@ mod tests {
 
     fn runs(r: &Runs) -> Vec<Span> {
         r.by_start.iter().map(|(&s, &e)| (s, e)).collect()
+    }
+
+    #[test]
+    fn forgetting_a_range_keeps_what_lies_outside_it() {
+        let d = DeadSpace::default();
+        d.add([(0, 100), (200, 300), (400, 500)]);
+        d.punched((1000, 1100)); // a crumb inside, no whole page
+        d.forget((50, 450));
+        assert_eq!(runs(&d.state.lock().runs), vec![(0, 50), (450, 500)]);
+        assert_eq!(d.bytes(), 100);
+        d.forget((900, 1200));
+        assert!(d.state.lock().crumbs.is_empty());
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub(crate) struct LogTail {
     allocated: u64,
     /// Where this run started.
     run_start: u64,
+    /// Where this run must end: the end of the hole of the file it reuses
+    /// (`u64::MAX`: it grows at the end of the file). Write-back rooms stop
+    /// short of it by the room a checkpoint may need ([`LogTail::reserve`]).
+    limit: u64,
     /// The first lsn of this run.
     run_lsn: u64,
     /// Records of this run below this lsn are durable (a sync completed
@@ -120,22 +124,34 @@ impl LogTail {
             in_flight: Default::default(),
             allocated: file_len,
             run_start: off,
+            limit: u64::MAX,
             run_lsn: lsn,
             synced_to: lsn,
         }
     }
 
-    /// Starts a new run of the log at `off` (past everything the store
-    /// holds) with a new `epoch`, the lsns going on: what a failed append
-    /// left behind is never read as part of it. No room may be in flight.
-    /// The next checkpoint makes the new run the one replayed.
-    pub fn restart_run(&mut self, off: u64, epoch: u64, file_len: u64) {
+    /// Where this run started, and where it must end (`u64::MAX`: at the
+    /// end of the file, where it may grow).
+    pub fn run_extent(&self) -> (u64, u64) {
+        (self.run_start, self.limit)
+    }
+
+    /// Starts a new run of the log at `off` with a new `epoch`, the lsns
+    /// going on: nothing an earlier run left there (a failed append, the
+    /// records of a run that reused this range before) is ever read as part
+    /// of it. The run must end before `limit` (`u64::MAX`: it starts past
+    /// everything the store holds and may grow); the store is allocated up
+    /// to `allocated`. No room may be in flight. The next checkpoint makes
+    /// the new run the one replayed.
+    pub fn restart_run(&mut self, off: u64, epoch: u64, allocated: u64, limit: u64) {
         debug_assert!(self.in_flight.is_empty());
+
         self.off = off;
         self.epoch = epoch;
         self.hinted = off;
-        self.allocated = file_len;
+        self.allocated = allocated;
         self.run_start = off;
+        self.limit = limit;
         self.run_lsn = self.lsn;
         self.synced_to = self.lsn;
     }
@@ -194,7 +210,7 @@ impl LogTail {
                 ..first
             });
         }
-        let room = self.layout(store, &both, true)?;
+        let room = self.layout(store, &both, true, 0)?.ok_or_else(run_full)?;
         let written = room.write(store, &both, &mut self.staging, STAGING_KEEP)?;
         let firsts: Vec<Written> = written.iter().step_by(2).copied().collect();
         debug_assert!(written
@@ -207,24 +223,41 @@ impl LogTail {
     /// aligned write, zeros after them up to the following boundary, all
     /// under the log lock the caller holds. If the write fails the room stays
     /// taken (the caller fails the image).
-    pub fn append_all(
-        &mut self,
-        store: &dyn Store,
-        records: &[NewRecord<'_>],
-    ) -> Result<Vec<Written>> {
-        let room = self.layout(store, records, false)?;
+    fn append_all(&mut self, store: &dyn Store, records: &[NewRecord<'_>]) -> Result<Vec<Written>> {
+        let room = self
+            .layout(store, records, false, 0)?
+            .ok_or_else(run_full)?;
         room.write(store, records, &mut self.staging, STAGING_KEEP)
+    }
+
+    /// True if an append of one record of `len` bytes (header included)
+    /// ends `guard` bytes before the run's limit or earlier.
+    pub fn fits(&self, len: u64, guard: u64) -> bool {
+        let end = align_up(
+            align_up(self.off, LOG_UNIT) + len + u64::from(SEAL_OVERHEAD),
+            LOG_UNIT,
+        );
+        end.saturating_add(guard) <= self.limit
     }
 
     /// Takes room for `records` and registers it as in flight: the caller
     /// writes it without the log lock ([`Room::write`]), then publishes it
-    /// with [`LogTail::published`] in ticket order.
-    pub fn reserve(&mut self, store: &dyn Store, records: &[NewRecord<'_>]) -> Result<Room> {
-        let mut room = self.layout(store, records, false)?;
+    /// with [`LogTail::published`] in ticket order. `None` when the run has
+    /// no room for them with `guard` bytes left over (the room a checkpoint
+    /// may need: [`super::regions`]).
+    pub fn reserve(
+        &mut self,
+        store: &dyn Store,
+        records: &[NewRecord<'_>],
+        guard: u64,
+    ) -> Result<Option<Room>> {
+        let Some(mut room) = self.layout(store, records, false, guard)? else {
+            return Ok(None);
+        };
         room.ticket = self.next_ticket;
         self.next_ticket += 1;
         self.in_flight.push_back((room.start, room.lsn));
-        Ok(room)
+        Ok(Some(room))
     }
 
     /// True while some room is written but not yet published.
@@ -263,13 +296,16 @@ impl LogTail {
 
     /// Assigns `records` their offsets and lsns from the next unit boundary
     /// (back to back, or each at a boundary of its own if `each_unit`) and
-    /// moves the tail past them (to the next boundary after).
+    /// moves the tail past them (to the next boundary after). `None` (the
+    /// tail unchanged) if they would not end `guard` bytes before the run's
+    /// limit.
     fn layout(
         &mut self,
         store: &dyn Store,
         records: &[NewRecord<'_>],
         each_unit: bool,
-    ) -> Result<Room> {
+        guard: u64,
+    ) -> Result<Option<Room>> {
         let overhead = if store.sealer().is_some() {
             SEAL_OVERHEAD
         } else {
@@ -303,13 +339,16 @@ impl LogTail {
             offs,
         };
         let end = align_up(off, LOG_UNIT);
+        if end.saturating_add(guard) > self.limit {
+            return Ok(None);
+        }
         if end > self.allocated {
             self.preallocate(store, end)?;
         }
         self.since_checkpoint += end - self.off;
         self.off = end;
         self.lsn += records.len() as u64;
-        Ok(room)
+        Ok(Some(room))
     }
 }
 
@@ -324,7 +363,7 @@ impl LogTail {
             .min(grown.max(1 << 20))
             .max(LOG_UNIT);
         let from = self.allocated.max(self.off);
-        let ahead = align_up(end + window, LOG_UNIT);
+        let ahead = align_up(end + window, LOG_UNIT).min(self.limit);
         let to = match store.preallocate(from, ahead - from) {
             Ok(()) => ahead,
             Err(_) => match store.preallocate(from, end - from) {
@@ -353,6 +392,13 @@ impl LogTail {
         self.allocated = to;
         Ok(())
     }
+}
+
+/// A metadata append found no room before the run's limit. Checkpoints
+/// leave the run before that can happen ([`super::regions`]): this stops
+/// the image rather than writing past the limit, over live records.
+fn run_full() -> Error {
+    Error::invalid("the log run is full (internal error: no checkpoint moved the log in time)")
 }
 
 /// Room taken in the log for a batch of records: offsets, lsns, epoch and

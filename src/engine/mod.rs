@@ -36,6 +36,7 @@ mod open;
 mod readahead;
 mod reader;
 mod reclaim;
+mod regions;
 mod replay;
 mod resize;
 mod resume;
@@ -186,6 +187,8 @@ pub(crate) struct Inner {
     map: RwLock<BlockMap>,
     cache: BlockCache,
     checkpoint_lock: Mutex<()>,
+    /// Moves of the log into the file's holes ([`regions`]).
+    regions: regions::Regions,
     /// Deleted snapshots whose records only they held are still to be
     /// reclaimed ([`dropsnap`]).
     deleted_snapshots: Mutex<Vec<dropsnap::DeletedSnapshot>>,
@@ -603,12 +606,13 @@ impl Image {
     }
 
     /// Runs a checkpoint now (bounds the log replayed by the next open) and
-    /// gives back the host space of every record dead by then.
+    /// gives back the host space of every record dead by then. It also moves
+    /// the log into a hole of the file if one is big enough ([`regions`]).
     pub fn checkpoint(&self) -> Result<()> {
         if self.inner.read_only {
             return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
         }
-        self.inner.checkpoint(false)?;
+        self.inner.commit_moving(false, None, regions::Wish::Seek)?;
         self.inner.reclaim_deleted_snapshots();
         self.inner.punch_held();
         Ok(())

@@ -94,6 +94,7 @@ pub(super) fn format_store(
         snap_table: Default::default(),
         config: Default::default(),
         created_ns: now_ns(),
+        log_limit: 0,
         crypto: if key.is_some() {
             crate::crypto::CRYPTO_XCHACHA20_POLY1305
         } else {
@@ -298,11 +299,17 @@ pub(super) fn load(
     let mut recovery_notes = Vec::new();
     let damaged = super::copies::damaged_firsts(store.as_ref(), &sb, &mut map, open.read_only);
     recovery_notes.extend(damaged.notes.iter().cloned());
+    // A run in a hole of the file ends at its limit (regions.rs): the
+    // records past it are other runs'.
+    let log_end = match sb.log_limit {
+        0 => file_len,
+        limit => limit.min(file_len),
+    };
     let (end, lsn, max_birth) = roll_forward(
         store.as_ref(),
         &sb,
         &mut map,
-        file_len,
+        log_end,
         base,
         open.salvage_log,
         &mut recovery_notes,
@@ -360,6 +367,7 @@ pub(super) fn load(
         cache: BlockCache::new(block_cache, 1 << sb.block_shift),
         cache_budget: open.cache_bytes,
         checkpoint_lock: Mutex::new(()),
+        regions: Default::default(),
         deleted_snapshots: Mutex::new(Vec::new()),
         compactions: AtomicU64::new(0),
         judging_deleted: Mutex::new(()),

@@ -92,15 +92,33 @@ fn dead_span(d: &Dead) -> Span {
     )
 }
 
+/// True if `span` lies outside the replay `window` (log start to the run's
+/// limit): a record in it may be needed by roll-forward after a crash.
+fn outside(span: Span, (start, limit): Span) -> bool {
+    span.1 <= start || span.0 >= limit
+}
+
 impl Inner {
     /// After a clean close: gives back the log's preallocated space past its
-    /// tail (the next run would start past it). Failure only costs space.
+    /// tail (the next run would start past it): cuts the file there, or
+    /// punches it when the run is in a hole of the file. Failure only costs
+    /// space.
     pub(super) fn trim_preallocated(&self) {
-        let log = self.log.lock();
-        if self.file_len().is_ok_and(|len| len > log.off) {
-            if let Err(e) = self.store.set_len(log.off) {
-                ::log::warn!("trimming the preallocated log failed: {e}");
+        let mut log = self.log.lock();
+        let result = if log.run_extent().1 == u64::MAX {
+            match self.file_len() {
+                Ok(len) if len > log.off => self.store.set_len(log.off),
+                _ => Ok(()),
             }
+        } else {
+            let (tail, allocated) = log.release_preallocated();
+            match allocated > tail {
+                true => self.store.punch_hole(tail, allocated - tail),
+                false => Ok(()),
+            }
+        };
+        if let Err(e) = result {
+            ::log::warn!("trimming the preallocated log failed: {e}");
         }
     }
 
@@ -126,16 +144,17 @@ impl Inner {
     }
 
     /// Hands the ranges of `dead` records (dead as of the durable checkpoint
-    /// whose log starts at `start`) to the held dead space, merged into runs.
-    pub(super) fn punch_dead(&self, dead: Vec<Dead>, start: u64) {
+    /// whose replay `window` is given: its log start and its run's limit)
+    /// to the held dead space, merged into runs.
+    pub(super) fn punch_dead(&self, dead: Vec<Dead>, window: Span) {
         if dead.is_empty() || self.read_only {
             return;
         }
         let newest = self.snapshot_entries().iter().map(|s| s.gen).max();
         let (data, maps): (Vec<Dead>, Vec<Dead>) =
             dead.into_iter().partition(|d| d.birth.is_some());
-        self.punch_dead_data(data, start, newest);
-        self.punch_dead_maps(maps, start);
+        self.punch_dead_data(data, window, newest);
+        self.punch_dead_maps(maps, window);
     }
 
     /// The DATA records of `dead`, which died before a checkpoint whose log
@@ -145,12 +164,12 @@ impl Inner {
     /// finds them in its map). `newest` must be the one at their death, not
     /// a later one: a snapshot taken after a record died does not hold it,
     /// and its deletion would never find it.
-    pub(super) fn punch_dead_data(&self, mut dead: Vec<Dead>, start: u64, newest: Option<u64>) {
+    pub(super) fn punch_dead_data(&self, mut dead: Vec<Dead>, window: Span, newest: Option<u64>) {
         if dead.is_empty() || self.read_only {
             return;
         }
         dead.retain(|d| {
-            dead_span(d).1 <= start
+            outside(dead_span(d), window)
                 && d.birth
                     .is_some_and(|b| newest.is_none_or(|g| u64::from(b) > g))
                 && self.holds_its_block(d)
@@ -160,7 +179,7 @@ impl Inner {
 
     /// The map records (leaves, indexes, snapshot tables) of `dead`: given
     /// back unless some snapshot's index still names them.
-    fn punch_dead_maps(&self, mut dead: Vec<Dead>, start: u64) {
+    fn punch_dead_maps(&self, mut dead: Vec<Dead>, window: Span) {
         if dead.is_empty() {
             return;
         }
@@ -185,7 +204,7 @@ impl Inner {
                 }
             }
         }
-        dead.retain(|d| dead_span(d).1 <= start && !meta.contains(&d.off));
+        dead.retain(|d| outside(dead_span(d), window) && !meta.contains(&d.off));
         self.hold_dead(dead);
     }
 
@@ -241,6 +260,7 @@ impl Inner {
     /// Takes one run with `take` and punches it; false if none was due.
     fn punch_one(&self, take: fn(&DeadSpace) -> Option<Span>) -> bool {
         let _punching = self.dead_space.punching.lock();
+        let _no_move = self.regions.reuse.read();
         match take(&self.dead_space) {
             Some(run) => {
                 self.punch_run(run);
@@ -254,6 +274,7 @@ impl Inner {
     /// thread has taken to be punched.
     pub(super) fn punch_held(&self) {
         let _punching = self.dead_space.punching.lock();
+        let _no_move = self.regions.reuse.read();
         while let Some(run) = self.dead_space.take_longest_over(0) {
             self.punch_run(run);
         }
@@ -263,6 +284,7 @@ impl Inner {
     /// punches the longest runs itself before appending more (without
     /// holding appends off: several workers may brake at once).
     pub(super) fn punch_over_hard_limit(&self) {
+        let _no_move = self.regions.reuse.read();
         while let Some(run) = self.dead_space.take_longest_over(HARD_LIMIT) {
             self.punch_run(run);
         }
@@ -275,6 +297,7 @@ impl Inner {
     /// False if nothing was due (appends were not held off).
     fn punch_batch_over(&self, limit: u64) -> bool {
         let _punching = self.dead_space.punching.lock();
+        let _no_move = self.regions.reuse.read();
         let Some(first) = self.dead_space.take_short_over(limit) else {
             return false;
         };
@@ -415,6 +438,9 @@ impl Inner {
         if self.read_only {
             return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
         }
+        // Its rewrites of snapshot maps append outside a checkpoint's bound;
+        // and the rule below takes every byte past the log start as live.
+        let _paused = self.pause_moves()?;
         self.checkpoint_rewriting(self.missing_copies())?;
         self.copy_snapshot_maps()?;
         // Held while judging and punching: no checkpoint or snapshot change

@@ -10,12 +10,14 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::{align_up, MapEntry, RecordHeader, RecordKind, Superblock, LOG_UNIT};
 use crate::io::Store;
 
-/// Applies the log after the checkpoint; returns the tail after the last valid record.
+/// Applies the log after the checkpoint, up to `log_end` (the end of the
+/// file, or of the run's hole: `Superblock::log_limit`); returns the tail
+/// after the last valid record.
 pub(super) fn roll_forward(
     store: &dyn Store,
     sb: &Superblock,
     map: &mut BlockMap,
-    file_len: u64,
+    log_end: u64,
     backing: Option<&SnapshotReader>,
     salvage: bool,
     notes: &mut Vec<String>,
@@ -31,7 +33,7 @@ pub(super) fn roll_forward(
         let here = off;
         // A record written whole, then altered (it passes its crc, not its
         // authentication): only salvage goes past it, as past damage.
-        let (next, altered) = match read_following(store, off, file_len, follows) {
+        let (next, altered) = match read_following(store, off, log_end, follows) {
             Ok((at, next)) => {
                 off = at;
                 (next, None)
@@ -46,12 +48,12 @@ pub(super) fn roll_forward(
         };
         let Some((h, payload)) = next else {
             let damaged = altered.map_or_else(
-                || logend::synced_but_damaged(store, sb.log_epoch, here, lsn, file_len),
+                || logend::synced_but_damaged(store, sb.log_epoch, here, lsn, log_end),
                 Err,
             );
             let damaged = match damaged {
                 Err(e) if salvage && e.kind() == ErrorKind::Corrupt => {
-                    match salvage_past(store, sb.log_epoch, (here, lsn), file_len, &e, notes) {
+                    match salvage_past(store, sb.log_epoch, (here, lsn), log_end, &e, notes) {
                         Some(at) => {
                             (off, lsn) = at;
                             continue;

@@ -82,7 +82,7 @@ impl Inner {
             {
                 let mut log = self.log.lock();
                 let start = align_up(file_len.max(log.off), LOG_UNIT);
-                log.restart_run(start, random_u64(), file_len);
+                log.restart_run(start, random_u64(), file_len.max(start), u64::MAX);
             }
             *self.failed.lock() = None;
             self.failed_no_space.store(false, Ordering::Relaxed);
@@ -113,7 +113,7 @@ impl Inner {
     }
 
     /// Lets write-back take rooms again (a checkpoint also does).
-    fn release_rooms(&self) {
+    pub(super) fn release_rooms(&self) {
         let mut log = self.log.lock();
         if std::mem::take(&mut log.rooms_held) {
             self.rooms_cv.notify_all();

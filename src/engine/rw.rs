@@ -4,7 +4,7 @@ use super::Inner;
 use crate::cache::Slot;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{EntryKind, MapEntry, RecordHeader, RecordKind};
+use crate::format::{EntryKind, MapEntry, RecordHeader, RecordKind, RECORD_HEADER_LEN};
 use std::sync::Arc;
 
 impl Inner {
@@ -242,6 +242,17 @@ impl Inner {
         self.write_zero_bytes(end_full * bs, off + len - end_full * bs)?;
         let count = end_full - first_full;
         let mut log = self.log.lock();
+        // A record of this run, after the rooms a snapshot or a move of the
+        // log holds off; leaving a checkpoint's room (`regions`).
+        loop {
+            while log.rooms_held {
+                self.rooms_cv.wait(&mut log);
+            }
+            if log.fits(RECORD_HEADER_LEN as u64 + 16, self.checkpoint_room()) {
+                break;
+            }
+            self.wait_for_move(&mut log)?;
+        }
         // Map first, then cache, then record: a block loaded after this point
         // reads zeros, and a write-back of older data (checked under the log
         // lock) sees its slot detached and drops it.

@@ -42,6 +42,9 @@ pub(crate) struct Snapshots {
     /// Why the table could not be read in either copy (read-only sessions
     /// only: the table is then empty and no snapshot can be opened).
     lost: Option<String>,
+    /// Entries of the committed table (read without a lock under the log's:
+    /// `super::regions`).
+    count: std::sync::atomic::AtomicUsize,
 }
 
 /// A snapshot edit run inside a commit: gets the state and what the
@@ -70,9 +73,16 @@ impl Drop for Pin {
 impl Snapshots {
     pub(super) fn install(&self, table: SnapTable, ptr: RecPtr) {
         let mut st = self.state.lock();
+        self.count
+            .store(table.entries.len(), std::sync::atomic::Ordering::Release);
         st.table = table;
         st.ptr = ptr;
         st.deleting = None;
+    }
+
+    /// Entries of the committed table.
+    pub(super) fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Where the committed table is.
@@ -218,6 +228,7 @@ pub(super) fn load_table(store: &dyn Store, sb: &Superblock, file_len: u64) -> R
         }
     }
     Ok(Snapshots {
+        count: state.table.entries.len().into(),
         state: Mutex::new(state),
         timing: Mutex::new(None),
         meta: Mutex::new(None),

@@ -10,6 +10,7 @@
 //! or [`CHECKPOINT_INTERVAL`](super::CHECKPOINT_INTERVAL) passes with changes.
 
 use super::log::{LogTail, NewRecord};
+use super::regions::Wish;
 use super::{Inner, CHECKPOINT_BYTES, CHECKPOINT_INTERVAL};
 use crate::cache::Slot;
 use crate::codec;
@@ -100,7 +101,8 @@ fn checkpointer(inner: &Inner) {
         let due =
             pending >= CHECKPOINT_BYTES || (pending > 0 && last.elapsed() >= CHECKPOINT_INTERVAL);
         if due {
-            if let Err(e) = inner.checkpoint(false) {
+            // Also moves the log into a hole of the file when one is due.
+            if let Err(e) = inner.commit_moving(false, None, Wish::Planned) {
                 ::log::error!("background checkpoint failed: {e}");
             }
             last = std::time::Instant::now();
@@ -183,38 +185,46 @@ impl Inner {
             let compressed = encoded.iter().filter(|e| matches!(e, Encoded::Data(..)));
             adapt.record(level, compressed.count() as u64);
         }
-        let mut log = self.log.lock();
-        while log.rooms_held {
-            self.rooms_cv.wait(&mut log);
-        }
-        let mut records = Vec::with_capacity(blocks.len());
-        let mut kept = Vec::with_capacity(blocks.len());
-        for ((slot, data), enc) in blocks.iter().zip(&encoded) {
-            if !self.cache.is_current(slot) {
-                continue; // discarded meanwhile: the discard record supersedes it
-            }
-            let (kind, codec, raw_len, payload, payload_crc) = match enc {
-                Encoded::Zero(p) => (RecordKind::Zero, 0, 0, &p[..], None),
-                Encoded::Data(stored, p, crc) => {
-                    (RecordKind::Data, *stored, data.len() as u32, &p[..], *crc)
-                }
-            };
-            records.push(NewRecord {
-                kind,
-                key: slot.block,
-                codec,
-                raw_len,
-                payload,
-                payload_crc,
-                flags: 0,
-            });
-            kept.push(*slot);
-        }
-        if records.is_empty() {
-            return Ok(());
-        }
         let store = self.store.as_ref();
-        let room = log.reserve(store, &records).map_err(|e| self.fail(e))?;
+        let mut log = self.log.lock();
+        let (room, records, kept) = loop {
+            while log.rooms_held {
+                self.rooms_cv.wait(&mut log);
+            }
+            let mut records = Vec::with_capacity(blocks.len());
+            let mut kept = Vec::with_capacity(blocks.len());
+            for ((slot, data), enc) in blocks.iter().zip(&encoded) {
+                if !self.cache.is_current(slot) {
+                    continue; // discarded meanwhile: the discard record supersedes it
+                }
+                let (kind, codec, raw_len, payload, payload_crc) = match enc {
+                    Encoded::Zero(p) => (RecordKind::Zero, 0, 0, &p[..], None),
+                    Encoded::Data(stored, p, crc) => {
+                        (RecordKind::Data, *stored, data.len() as u32, &p[..], *crc)
+                    }
+                };
+                records.push(NewRecord {
+                    kind,
+                    key: slot.block,
+                    codec,
+                    raw_len,
+                    payload,
+                    payload_crc,
+                    flags: 0,
+                });
+                kept.push(*slot);
+            }
+            if records.is_empty() {
+                return Ok(());
+            }
+            let room = log.reserve(store, &records, self.checkpoint_room());
+            if let Some(room) = room.map_err(|e| self.fail(e))? {
+                break (room, records, kept);
+            }
+            // The run (in a hole of the file) is full: the checkpointer
+            // moves the log.
+            self.wait_for_move(&mut log)?;
+        };
         let mut turn = Turn {
             inner: self,
             ticket: room.ticket,
@@ -265,6 +275,21 @@ impl Inner {
             }
         }
         result
+    }
+}
+
+impl Inner {
+    /// Moves the log out of the run `log` is in, which has no room for an
+    /// append (the log lock is released meanwhile); Ok once the run is
+    /// another, or an error if the image failed.
+    pub(super) fn wait_for_move(&self, log: &mut MutexGuard<'_, LogTail>) -> Result<()> {
+        let run = log.run_extent();
+        // A move that fails fails the image (the writes waiting for it must
+        // not be retried forever).
+        MutexGuard::unlocked(log, || {
+            self.commit_moving(false, None, Wish::OutOf(run))
+                .map_err(|e| self.fail(e))
+        })
     }
 }
 

@@ -25,7 +25,7 @@ pub use record::{
 pub use snap::{check_snapshot_name, SnapEntry, SnapTable, MAX_SNAPSHOTS, MAX_SNAP_NAME};
 pub use superblock::{
     Codec, RecPtr, Superblock, INCOMPAT_ENCRYPTED, MAGIC as VBD_MAGIC, SB_CRC_OFF, SB_FLAG_DIRTY,
-    SB_MAC_OFF,
+    SB_LOG_LIMIT_OFF, SB_MAC_OFF,
 };
 
 /// Size of one superblock slot; slot `i` starts at `i * SB_SLOT_SIZE`.

@@ -22,6 +22,8 @@ const KNOWN_INCOMPAT: u64 = INCOMPAT_ENCRYPTED;
 /// Where an encrypted image's superblock MAC (HMAC-SHA256 of bytes
 /// `0..SB_MAC_OFF`) lives, in the reserved bytes.
 pub const SB_MAC_OFF: usize = 176;
+/// Where the superblock's `log_limit` lies (after the MAC's 32 bytes).
+pub const SB_LOG_LIMIT_OFF: usize = 208;
 /// Length of the superblock header that the crc covers (the crc follows).
 pub const SB_CRC_OFF: usize = LEN - 4;
 
@@ -98,11 +100,16 @@ struct RawSuperblock {
     snap_table: RawPtr,
     config: RawPtr,
     created_ns: U64,
-    reserved: [u8; 332],
+    /// The MAC of an encrypted image (`SB_MAC_OFF`).
+    mac: [u8; 32],
+    log_limit: U64,
+    reserved: [u8; 292],
     crc32c: U32,
 }
 
 const _: () = assert!(std::mem::size_of::<RawSuperblock>() == LEN);
+const _: () = assert!(std::mem::offset_of!(RawSuperblock, log_limit) == SB_LOG_LIMIT_OFF);
+const _: () = assert!(std::mem::offset_of!(RawSuperblock, mac) == SB_MAC_OFF);
 const _: () = assert!(std::mem::size_of::<RawPtr>() == 16);
 
 /// A decoded, validated superblock.
@@ -138,6 +145,10 @@ pub struct Superblock {
     pub config: RecPtr,
     /// Creation time, ns since the Unix epoch.
     pub created_ns: u64,
+    /// Where the current log run must end (it lies in a reused range of the
+    /// file; `docs/format.md` §5), or 0: it may grow to the end of the file.
+    /// Bounds roll-forward and the search for later records of the run.
+    pub log_limit: u64,
     /// 0 = plain, 1 = records sealed with XChaCha20-Poly1305 (`crate::crypto`).
     pub crypto: u8,
 }
@@ -204,7 +215,9 @@ impl Superblock {
             snap_table: ptr_to_raw(self.snap_table),
             config: ptr_to_raw(self.config),
             created_ns: self.created_ns.into(),
-            reserved: [0; 332],
+            mac: [0; 32],
+            log_limit: self.log_limit.into(),
+            reserved: [0; 292],
             crc32c: 0.into(),
         };
         let crc = crc32c::crc32c(&raw.as_bytes()[..LEN - 4]);
@@ -281,6 +294,12 @@ impl Superblock {
                 "log start {log_start_off} out of range"
             )));
         }
+        let log_limit = raw.log_limit.get();
+        if log_limit != 0 && !(log_start_off..=MAX_FILE_OFFSET).contains(&log_limit) {
+            return Err(Error::corrupt(format!(
+                "log limit {log_limit} out of range (log start {log_start_off})"
+            )));
+        }
         // seq and gen grow by one per checkpoint, the lsn by one per record:
         // real images stay far below these bounds, and arithmetic on larger
         // values (seq + 1, gen + 1, lsn + 1) would overflow. Births are 32-bit
@@ -312,6 +331,7 @@ impl Superblock {
             snap_table: ptr_from_raw(&raw.snap_table, "snapshot table")?,
             config: ptr_from_raw(&raw.config, "config")?,
             created_ns: raw.created_ns.get(),
+            log_limit,
             crypto: raw.crypto,
         })
     }
@@ -342,6 +362,7 @@ mod tests {
             snap_table: RecPtr::default(),
             config: RecPtr::default(),
             created_ns: 1,
+            log_limit: 0,
             crypto: 0,
         }
     }
@@ -352,6 +373,16 @@ mod tests {
         let bytes = sb.encode(1);
         assert_eq!(bytes.len(), 4096);
         assert_eq!(Superblock::decode(&bytes, 1).unwrap(), sb);
+    }
+
+    #[test]
+    fn a_log_limit_round_trips_and_must_lie_past_the_log_start() {
+        let mut sb = sample();
+        sb.log_limit = 1 << 30;
+        assert_eq!(Superblock::decode(&sb.encode(0), 0).unwrap(), sb);
+        sb.log_limit = sb.log_start_off - 1;
+        let err = Superblock::decode(&sb.encode(0), 0).unwrap_err();
+        assert!(err.to_string().contains("log limit"), "{err}");
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub enum PendingOp {
 #[derive(Debug, Default)]
 struct State {
     current: Vec<u8>,
+    /// Holes of `current` (what a host file system would report).
+    holes: super::holes::Holes,
     durable: Vec<u8>,
     pending: Vec<PendingOp>,
     events: u64,
@@ -188,6 +190,12 @@ impl FaultStore {
         let mut s = self.state.lock();
         Self::event(&mut s)?;
         apply(&mut s.current, &op);
+        let len = s.current.len() as u64;
+        match &op {
+            PendingOp::Write { off, data } => s.holes.fill(*off, off + data.len() as u64),
+            PendingOp::SetLen(len) => s.holes.truncate(*len),
+            PendingOp::Punch { off, len: n } => s.holes.punch(*off, (off + n).min(len)),
+        }
         s.pending.push(op);
         Ok(())
     }
@@ -240,6 +248,14 @@ impl Store for FaultStore {
 
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
         self.mutate(PendingOp::Punch { off, len })
+    }
+
+    fn find_hole(&self, from: u64, to: u64, min_len: u64) -> io::Result<Option<(u64, u64)>> {
+        let s = self.state.lock();
+        if s.crashed.is_some() {
+            return Err(eio());
+        }
+        Ok(s.holes.find(from, to, min_len))
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, Default)]
 pub struct MemStore {
     bytes: RwLock<Vec<u8>>,
+    holes: parking_lot::Mutex<super::holes::Holes>,
     written: AtomicU64,
 }
 
@@ -22,6 +23,7 @@ impl MemStore {
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         MemStore {
             bytes: RwLock::new(bytes),
+            holes: Default::default(),
             written: AtomicU64::new(0),
         }
     }
@@ -63,6 +65,7 @@ impl Store for MemStore {
             bytes.resize(end, 0);
         }
         bytes[start..end].copy_from_slice(buf);
+        self.holes.lock().fill(off, end as u64);
         Ok(())
     }
 
@@ -76,7 +79,9 @@ impl Store for MemStore {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let (len, _) = range(len, 0)?;
-        self.bytes.write().resize(len, 0);
+        let mut bytes = self.bytes.write();
+        bytes.resize(len, 0);
+        self.holes.lock().truncate(len as u64);
         Ok(())
     }
 
@@ -87,7 +92,12 @@ impl Store for MemStore {
         let end = end.min(bytes.len());
         if start < end {
             bytes[start..end].fill(0);
+            self.holes.lock().punch(start as u64, end as u64);
         }
         Ok(())
+    }
+
+    fn find_hole(&self, from: u64, to: u64, min_len: u64) -> io::Result<Option<(u64, u64)>> {
+        Ok(self.holes.lock().find(from, to, min_len))
     }
 }

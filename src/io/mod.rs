@@ -10,6 +10,7 @@
 mod aligned;
 mod fault;
 mod file;
+mod holes;
 mod mem;
 
 pub use aligned::{AlignedBuf, DIRECT_ALIGN};
@@ -138,6 +139,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
     /// Deallocates `[off, off+len)`; it reads back as zeros. The length is kept.
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()>;
+    /// The first hole (a range that was punched, or never written, and
+    /// holds nothing) of at least `min_len` bytes that starts in
+    /// `[from, to)`, clipped to that range; `None` if there is none or the
+    /// backend cannot tell. The log reuses such ranges.
+    fn find_hole(&self, _from: u64, _to: u64, _min_len: u64) -> io::Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
     /// Bytes of host storage the store occupies, where the backend knows.
     fn allocated(&self) -> Option<u64> {
         None

@@ -1,0 +1,305 @@
+//! Reusing the file's holes for the log, so that its length stops growing.
+//!
+//! Records are never overwritten; dead ones are punched out of the file
+//! (`reclaim`). A log that only appended at the end of the file would make
+//! the file ever longer (ext4 stops at 16 TiB) while its holes pile up
+//! below. Instead, a checkpoint can start the next **log run** in a hole of
+//! the file (`docs/format.md` §5, "Log runs"): the run is bounded by the
+//! hole's end (the superblock's `log_limit`, which also bounds roll-forward
+//! and the search for later records of the run), and the next checkpoint
+//! that finds too little room left moves the log again — into another hole,
+//! or back to the end of the file.
+//!
+//! What keeps it safe:
+//! - A hole holds nothing: every punched range was dead in the durable
+//!   state, and a run's own preallocated range is excluded from the search.
+//!   The move is a checkpoint with the write-back rooms drained and held
+//!   until its superblock is durable, so no record of the new run can be
+//!   synced (a flush reported) before the run is the one replayed.
+//! - Nothing punches the range once a run is in it: dead space held from
+//!   before is forgotten ([`DeadSpace::forget`]) under the `reuse` lock,
+//!   which every take-and-punch of held dead space holds for reading;
+//!   compaction holds the checkpoint lock, which a move needs.
+//! - The run cannot overflow the hole: write-back rooms leave room for the
+//!   largest checkpoint ([`Inner::checkpoint_room`]); a checkpoint that would
+//!   not fit moves the log first; metadata appends outside checkpoints
+//!   (compaction, `check --repair`) run with moves paused, at the end of the
+//!   file ([`Inner::pause_moves`]).
+//! - Stale records in the hole (a punch a crash undid) carry other epochs.
+
+use super::deadspace::DeadSpace;
+use super::map::BlockMap;
+use super::Inner;
+use crate::crypto::SEAL_OVERHEAD;
+use crate::error::Result;
+use crate::format::{align_up, LEAF_ENTRIES, LOG_START, LOG_UNIT, RECORD_HEADER_LEN};
+use parking_lot::{Mutex, RwLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The smallest hole a run moves into, by default (also at least four
+/// times the room of a checkpoint). A move drains the write-back rooms for
+/// the length of a checkpoint: under the heaviest writes, a run this long
+/// lasts about as long as the log between two checkpoints
+/// ([`super::CHECKPOINT_BYTES`]).
+pub(super) const REGION_MIN: u64 = 256 << 20;
+/// While the log grows at the end of the file, holes are looked for at
+/// most this often.
+const SEARCH_EVERY: Duration = Duration::from_secs(20);
+
+/// Where a checkpoint moves the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Move {
+    /// Into the hole `[start, end)`.
+    Hole(u64, u64),
+    /// Past the end of the file, where it may grow.
+    End,
+}
+
+/// What a checkpoint is asked to do with the log's run (besides moving it
+/// when the checkpoint would not fit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wish {
+    /// Nothing.
+    Stay,
+    /// What [`Inner::planned_move`] says (the background checkpoints: a
+    /// hole is looked for at most every [`SEARCH_EVERY`]).
+    Planned,
+    /// The same, looking for a hole now.
+    Seek,
+    /// Leave a run in a hole for the end of the file.
+    End,
+    /// Leave this run (write-back found it full); no checkpoint at all if
+    /// the log is in another run already.
+    OutOf((u64, u64)),
+}
+
+/// The state of log moves of one open image.
+#[derive(Debug)]
+pub(super) struct Regions {
+    /// The smallest hole a run moves into.
+    min: AtomicU64,
+    /// Compactions and repairs in progress: no move into a hole.
+    paused: AtomicU32,
+    last_search: Mutex<Option<Instant>>,
+    /// Read by whoever takes held dead space and punches it; written by a
+    /// move while it forgets what is held in its hole.
+    pub reuse: RwLock<()>,
+    /// Moves into holes so far (statistics).
+    pub moves: AtomicU64,
+}
+
+impl Default for Regions {
+    fn default() -> Self {
+        Regions {
+            min: AtomicU64::new(REGION_MIN),
+            paused: AtomicU32::new(0),
+            last_search: Mutex::new(None),
+            reuse: RwLock::new(()),
+            moves: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Log bytes of one record with a payload of `payload` bytes at most,
+/// starting at a unit boundary (as metadata records and their copies do).
+fn record_bytes(payload: u64) -> u64 {
+    align_up(
+        RECORD_HEADER_LEN as u64 + payload + u64::from(SEAL_OVERHEAD),
+        LOG_UNIT,
+    )
+}
+
+/// The most log a checkpoint appends when it writes `leaves` leaves, an
+/// index of `indexed` leaves and a snapshot table of `snapshots` entries,
+/// each with its second copy. (Payloads are stored when zstd does not make
+/// them smaller, so these are bounds.)
+fn checkpoint_bytes(leaves: u64, indexed: u64, snapshots: u64) -> u64 {
+    2 * (leaves * record_bytes(LEAF_ENTRIES * 16)
+        + record_bytes(indexed * 24)
+        + record_bytes(32 + snapshots * 144))
+        + LOG_UNIT
+}
+
+impl Inner {
+    /// The room a write-back append leaves at the end of a run: the most
+    /// log one checkpoint of the disk appends (every leaf dirty, a snapshot
+    /// added). Read under the log lock: a checkpoint changes the snapshot
+    /// count only after its records are appended.
+    pub(super) fn checkpoint_room(&self) -> u64 {
+        let leaves = self.nblocks().div_ceil(LEAF_ENTRIES);
+        checkpoint_bytes(leaves, leaves, self.snaps.count() as u64 + 1)
+    }
+
+    /// The most log a checkpoint of `map` appends now.
+    fn checkpoint_need(&self, map: &BlockMap) -> u64 {
+        let dirty = map.leaves.values().filter(|l| l.dirty).count() as u64;
+        let indexed = map.ptrs.len().max(map.leaves.len()) as u64;
+        checkpoint_bytes(dirty, indexed, self.snaps.count() as u64 + 1)
+    }
+
+    /// True if a checkpoint starting now fits in the current run: its
+    /// records end before the run's limit even if write-back takes all the
+    /// room it may meanwhile (it leaves [`Inner::checkpoint_room`]).
+    pub(super) fn checkpoint_fits(&self) -> bool {
+        let log = self.log.lock();
+        let (_, limit) = log.run_extent();
+        if limit == u64::MAX {
+            return true;
+        }
+        let need = self.checkpoint_need(&self.map.read());
+        need <= self.checkpoint_room() && log.off + need <= limit
+    }
+
+    /// Under the checkpoint lock: where the checkpoint moves the log for
+    /// `wish` (`Some(None)`: nowhere), or `None` when the checkpoint is not
+    /// needed at all.
+    pub(super) fn wished_move(&self, wish: Wish) -> Option<Option<Move>> {
+        let run = self.log.lock().run_extent();
+        Some(
+            match wish {
+                Wish::Stay => None,
+                Wish::Planned => self.planned_move(true),
+                Wish::Seek => self.planned_move(false),
+                Wish::End => (run.1 != u64::MAX).then_some(Move::End),
+                Wish::OutOf(full) if full != run => return None,
+                Wish::OutOf(_) => Some(self.leaving_move()),
+            }
+            .or_else(|| (!self.checkpoint_fits()).then(|| self.leaving_move())),
+        )
+    }
+
+    /// Out of the current run: into the first hole big enough, else to the
+    /// end of the file.
+    pub(super) fn leaving_move(&self) -> Move {
+        match self.find_region() {
+            Some((a, b)) => Move::Hole(a, b),
+            None => Move::End,
+        }
+    }
+
+    /// Where a checkpoint should move the log, if anywhere: out of a run
+    /// with less than two checkpoints' room left, into the first hole big enough, else to the end of the file;
+    /// from the end of the file into a hole when one has appeared.
+    pub(super) fn planned_move(&self, rate_limited: bool) -> Option<Move> {
+        let room = self.checkpoint_room();
+        let ((_, limit), tail) = {
+            let log = self.log.lock();
+            (log.run_extent(), log.off)
+        };
+        let must = limit != u64::MAX && tail.saturating_add(2 * room) > limit;
+        if must {
+            return Some(self.leaving_move());
+        }
+        {
+            let mut last = self.regions.last_search.lock();
+            if limit != u64::MAX
+                || self.regions.paused.load(Ordering::Acquire) > 0
+                || (rate_limited && last.is_some_and(|t| t.elapsed() < SEARCH_EVERY))
+            {
+                return None;
+            }
+            *last = Some(Instant::now());
+        }
+        self.find_region().map(|(a, b)| Move::Hole(a, b))
+    }
+
+    /// The first hole of the file long enough for a run ([`Regions::min`],
+    /// and four checkpoints' and write-back batches' room), unit-aligned, outside what the durable
+    /// superblock replays: from its log start to the current run's limit
+    /// (or the end of the file) — the run's records since the last
+    /// checkpoint and its preallocated range. None while moves are paused.
+    pub(super) fn find_region(&self) -> Option<(u64, u64)> {
+        let replayed = self.sb.lock().log_start_off;
+        let limit = self.log.lock().run_extent().1;
+        if self.regions.paused.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        // A write-back batch must fit with room to spare, or the run would
+        // be left at once.
+        let batch = super::log::batch_staging_bytes(self.block_size()) as u64;
+        let min = self
+            .regions
+            .min
+            .load(Ordering::Relaxed)
+            .max(4 * self.checkpoint_room() + 4 * batch);
+        let ranges = [(LOG_START, replayed), (limit, u64::MAX)];
+        for (from, to) in ranges.into_iter().filter(|(a, b)| a < b) {
+            match self.store.find_hole(from, to, min) {
+                Ok(Some((a, b))) => {
+                    let (a, b) = (align_up(a, LOG_UNIT), b & !(LOG_UNIT - 1));
+                    if b > a && b - a >= min {
+                        return Some((a, b));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    ::log::warn!("looking for holes to reuse failed: {e}");
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// Forgets the dead space held in `[start, end)` (a hole the log moves
+    /// into: what is held there was punched already, by a compaction) with
+    /// no punch of held dead space in progress. The caller holds the
+    /// checkpoint lock (compaction cannot punch meanwhile).
+    pub(super) fn claim_region(&self, (start, end): (u64, u64), dead: &DeadSpace) {
+        let _no_punch = self.regions.reuse.write();
+        dead.forget((start, end));
+    }
+
+    /// While the returned guard lives, the log does not move into holes,
+    /// and it has been moved to the end of the file if it was in one: for
+    /// metadata appends outside checkpoints, whose size is unbounded
+    /// (compaction and repair rewrite snapshot maps).
+    pub(super) fn pause_moves(&self) -> Result<MovesPaused<'_>> {
+        self.regions.paused.fetch_add(1, Ordering::AcqRel);
+        let paused = MovesPaused(self);
+        let bounded = self.log.lock().run_extent().1 != u64::MAX;
+        if bounded {
+            self.commit_moving(false, None, Wish::End)?;
+        }
+        Ok(paused)
+    }
+
+    /// Sets the smallest hole the log moves into ([`REGION_MIN`] by default).
+    pub(super) fn set_region_min(&self, bytes: u64) {
+        self.regions
+            .min
+            .store(bytes.max(LOG_UNIT), Ordering::Relaxed);
+        *self.regions.last_search.lock() = None;
+    }
+}
+
+impl super::Image {
+    /// Sets the smallest hole of the image file the log moves into
+    /// (default [`REGION_MIN`]; at least four times the log a checkpoint
+    /// of the disk may append is used in any case). For tests and tuning.
+    pub fn set_log_region_min(&self, bytes: u64) {
+        self.inner.set_region_min(bytes);
+    }
+
+    /// Where the log's current run started, and where it must end (`None`:
+    /// it grows at the end of the file).
+    pub fn log_run(&self) -> (u64, Option<u64>) {
+        let (start, limit) = self.inner.log.lock().run_extent();
+        (start, (limit != u64::MAX).then_some(limit))
+    }
+
+    /// How many times the log moved into a hole of the file in this session.
+    pub fn log_moves(&self) -> u64 {
+        self.inner.regions.moves.load(Ordering::Relaxed)
+    }
+}
+
+/// See [`Inner::pause_moves`].
+pub(super) struct MovesPaused<'a>(&'a Inner);
+
+impl Drop for MovesPaused<'_> {
+    fn drop(&mut self) {
+        self.0.regions.paused.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,150 @@
+//! The log reuses the holes of the image file (engine `regions`): under
+//! endless overwrites the file's length stops growing, and every byte
+//! written reads back, also after a reopen.
+#![allow(clippy::unwrap_used)] // tests panic on failure by design
+
+mod common;
+
+use common::pattern;
+use std::sync::Arc;
+use vbdfs::io::{MemStore, Store};
+use vbdfs::{Codec, CreateOptions, Image, OpenOptions};
+
+const DISK: u64 = 8 << 20;
+
+fn opts() -> OpenOptions {
+    OpenOptions {
+        cache_bytes: 4 << 20,
+        workers: 2,
+        ..OpenOptions::default()
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Overwrites random 64 KiB pieces of the disk `rounds` times (a checkpoint
+/// every 16), keeping `model` in step; returns the file's length after half
+/// the rounds and the longest it was after.
+fn overwrite(
+    img: &Image,
+    store: &dyn Store,
+    model: &mut [u8],
+    rounds: u64,
+    seed: u64,
+) -> (u64, u64) {
+    let mut rng = Rng(seed | 1);
+    let (mut half, mut longest) = (0, 0);
+    for i in 0..rounds {
+        let off = rng.below(DISK / 65536) * 65536;
+        let data = pattern(65536, seed ^ i);
+        img.write_at(&data, off).unwrap();
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        if i % 16 == 15 {
+            img.checkpoint().unwrap();
+        }
+        if i == rounds / 2 {
+            half = store.len().unwrap();
+        }
+        longest = longest.max(store.len().unwrap());
+    }
+    (half, longest)
+}
+
+fn verify(img: &Image, model: &[u8], what: &str) {
+    let mut got = vec![0u8; model.len()];
+    img.read_at(&mut got, 0).unwrap();
+    assert!(
+        got == model,
+        "{what}: the disk differs from what was written"
+    );
+}
+
+#[test]
+fn endless_overwrites_keep_the_file_length_bounded() {
+    let store = Arc::new(MemStore::new());
+    let c = CreateOptions {
+        size: DISK,
+        block_size: 4096,
+        codec: Codec::None,
+    };
+    let img = Image::create_on(store.clone(), &c, &opts()).unwrap();
+    img.set_log_region_min(1 << 20);
+    let mut model = vec![0u8; DISK as usize];
+    // 6,400 × 64 KiB = 400 MiB written over an 8 MiB disk: without reuse
+    // the file would be 400 MiB long.
+    let (half, longest) = overwrite(&img, store.as_ref(), &mut model, 6400, 7);
+    verify(&img, &model, "open");
+    assert!(
+        img.log_moves() > 10,
+        "the log moved {} times",
+        img.log_moves()
+    );
+    assert!(
+        longest <= 6 * DISK && longest - half <= DISK / 2,
+        "the file grew to {longest} bytes for a {DISK}-byte disk ({half} halfway)"
+    );
+    img.close().unwrap();
+    let img = Image::open_on(store.clone(), &opts()).unwrap();
+    verify(&img, &model, "reopened");
+    let report = img.check().unwrap();
+    assert!(report.is_ok(), "check: {:?}", report.bad);
+}
+
+/// The same on a real file: the host file system reports the holes
+/// (`SEEK_HOLE`), also the log's preallocated range, which must not be
+/// taken for one.
+#[test]
+fn a_real_file_stops_growing_and_reads_back_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reuse.vbd");
+    let c = CreateOptions {
+        size: DISK,
+        block_size: 4096,
+        codec: Codec::None,
+    };
+    let img = Image::create(&path, &c, &opts()).unwrap();
+    img.set_log_region_min(1 << 20);
+    let file = std::fs::File::open(&path).unwrap();
+    let store = vbdfs::io::FileStore::new(file);
+    let mut model = vec![0u8; DISK as usize];
+    let (half, longest) = overwrite(&img, &store, &mut model, 6400, 11);
+    verify(&img, &model, "open");
+    assert!(
+        img.log_moves() > 10,
+        "the log moved {} times",
+        img.log_moves()
+    );
+    assert!(
+        longest <= 6 * DISK && longest - half <= DISK / 2,
+        "the file grew to {longest} bytes for a {DISK}-byte disk ({half} halfway)"
+    );
+    img.close().unwrap();
+    assert!(common::written_bytes(&path) < 3 * DISK);
+    let img = Image::open(&path, &opts()).unwrap();
+    verify(&img, &model, "reopened");
+    let report = img.check().unwrap();
+    assert!(report.is_ok(), "check: {:?}", report.bad);
+    // The reopened session (its run at the end of the file) moves too.
+    img.set_log_region_min(1 << 20);
+    let (half, longest) = overwrite(&img, &store, &mut model, 6400, 12);
+    assert!(
+        img.log_moves() > 10,
+        "the log moved {} times",
+        img.log_moves()
+    );
+    assert!(
+        longest <= 10 * DISK && longest - half <= DISK / 2,
+        "the file grew to {longest} bytes for a {DISK}-byte disk ({half} halfway)"
+    );
+    img.close().unwrap();
+    let img = Image::open(&path, &opts()).unwrap();
+    verify(&img, &model, "reopened again");
+}
