@@ -15,6 +15,7 @@
 //! `VBDFS_CRASH_SEEDS=N` runs N seeds (default 3).
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use vbdfs::io::{FaultStore, MemStore, Store};
@@ -44,12 +45,44 @@ impl Rng {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { off: usize, len: usize, fill: u8 },
-    Discard { off: usize, len: usize },
+    Write {
+        off: usize,
+        len: usize,
+        fill: u8,
+    },
+    /// The whole disk, incompressible (its records fill their pages).
+    Scramble(u64),
+    Discard {
+        off: usize,
+        len: usize,
+    },
     Flush,
     Snap(String),
     Delete(String),
+    Checkpoint,
     Reopen,
+}
+
+thread_local! {
+    /// The smallest hole the log moves into, for images this thread opens
+    /// (0: the default, which these small images never reach).
+    static REGION_MIN: Cell<u64> = const { Cell::new(0) };
+    /// Moves of the log into holes by the images this thread closed.
+    static MOVES: Cell<u64> = const { Cell::new(0) };
+}
+
+fn open(store: Arc<FaultStore>) -> vbdfs::Result<Image> {
+    let img = Image::open_on(store, &open_opts())?;
+    if REGION_MIN.get() > 0 {
+        img.set_log_region_min(REGION_MIN.get());
+    }
+    Ok(img)
+}
+
+/// Counts `img`'s moves of the log ([`MOVES`]) and hands it back.
+fn counted(img: Image) -> Image {
+    MOVES.set(MOVES.get() + img.log_moves());
+    img
 }
 
 fn workload(seed: u64) -> Vec<Op> {
@@ -178,7 +211,7 @@ fn create_store() -> Arc<FaultStore> {
 /// Runs `ops` until the first error; returns the oracle.
 fn run(store: &Arc<FaultStore>, ops: &[Op]) -> Oracle {
     let mut o = Oracle::new();
-    let Ok(mut img) = Image::open_on(store.clone(), &open_opts()) else {
+    let Ok(mut img) = open(store.clone()) else {
         return o;
     };
     for op in ops {
@@ -189,6 +222,19 @@ fn run(store: &Arc<FaultStore>, ops: &[Op]) -> Oracle {
                     .collect();
                 o.apply(*off, &data);
                 img.write_at(&data, *off as u64).is_ok()
+            }
+            Op::Scramble(seed) => {
+                let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let data: Vec<u8> = (0..DISK)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                o.apply(0, &data);
+                img.write_at(&data, 0).is_ok()
             }
             Op::Discard { off, len } => {
                 o.apply(*off, &vec![0u8; *len]);
@@ -221,12 +267,13 @@ fn run(store: &Arc<FaultStore>, ops: &[Op]) -> Oracle {
                 }
                 ok
             }
+            Op::Checkpoint => img.checkpoint().is_ok(),
             Op::Reopen => {
-                let ok = img.close().is_ok();
+                let ok = counted(img).close().is_ok();
                 if ok {
                     o.acked();
                 }
-                match Image::open_on(store.clone(), &open_opts()) {
+                match open(store.clone()) {
                     Ok(next) if ok => {
                         img = next;
                         true
@@ -239,7 +286,7 @@ fn run(store: &Arc<FaultStore>, ops: &[Op]) -> Oracle {
             break;
         }
     }
-    drop(img);
+    drop(counted(img));
     o
 }
 
@@ -263,10 +310,58 @@ fn check_recovered(bytes: Vec<u8>, oracle: &Oracle, what: &str) {
 
 #[test]
 fn snapshot_create_and_delete_at_every_write_boundary() {
+    let checked = sweep(workload, 3);
+    assert!(checked > 100, "only {checked} crash images checked");
+    eprintln!("checked {checked} crash images");
+}
+
+/// Whole-disk overwrites with checkpoints, snapshots taken and deleted: the
+/// log moves into the holes the dead records and deleted snapshots leave
+/// (regions.rs) while snapshot commits run.
+fn moving_workload(seed: u64) -> Vec<Op> {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut ops = Vec::new();
+    let mut made: Vec<String> = Vec::new();
+    for round in 0..16usize {
+        for half in 0..2 {
+            ops.push(Op::Scramble(seed * 100 + (2 * round + half) as u64));
+        }
+        ops.push(Op::Checkpoint);
+        let off = rng.below(DISK as u64 - 1) as usize;
+        ops.push(Op::Write {
+            off,
+            len: (1 + rng.below(2 * BS as u64) as usize).min(DISK - off),
+            fill: 100 + round as u8,
+        });
+        if round % 3 == 1 {
+            made.push(format!("m{round}"));
+            ops.push(Op::Snap(format!("m{round}")));
+        }
+        if round % 4 == 3 && !made.is_empty() {
+            ops.push(Op::Delete(made.remove(0)));
+        }
+        ops.push(if round == 9 { Op::Reopen } else { Op::Flush });
+    }
+    ops
+}
+
+#[test]
+fn snapshots_at_every_write_boundary_while_the_log_moves() {
+    REGION_MIN.set(64 << 10);
+    run(&create_store(), &moving_workload(1));
+    assert!(MOVES.get() >= 2, "the log moved {} times", MOVES.get());
+    let checked = sweep(moving_workload, 1);
+    assert!(checked > 100, "only {checked} crash images checked");
+    eprintln!("checked {checked} crash images, the log moving");
+}
+
+/// Runs each seed's workload crashing at every event it reaches and checks
+/// the crash images of each; returns how many were checked.
+fn sweep(workload: fn(u64) -> Vec<Op>, default_seeds: u64) -> usize {
     let seeds: u64 = std::env::var("VBDFS_CRASH_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(default_seeds);
     let mut checked = 0usize;
     for seed in 1..=seeds {
         let ops = workload(seed);
@@ -292,6 +387,5 @@ fn snapshot_create_and_delete_at_every_write_boundary() {
             }
         }
     }
-    assert!(checked > 100, "only {checked} crash images checked");
-    eprintln!("checked {checked} crash images");
+    checked
 }

@@ -148,3 +148,60 @@ fn a_real_file_stops_growing_and_reads_back_after_reopen() {
     let img = Image::open(&path, &opts()).unwrap();
     verify(&img, &model, "reopened again");
 }
+
+/// Snapshots taken, deleted, compacted and rolled back to while the log
+/// keeps moving: every snapshot reads what the disk held when it was taken,
+/// the head what was written since, also after a reopen; `check` is clean.
+#[test]
+fn snapshots_rollback_and_compaction_while_the_log_moves() {
+    let store = Arc::new(MemStore::new());
+    let c = CreateOptions {
+        size: DISK,
+        block_size: 4096,
+        codec: Codec::Zstd(1),
+    };
+    let mut img = Image::create_on(store.clone(), &c, &opts()).unwrap();
+    img.set_log_region_min(1 << 20);
+    let mut model = vec![0u8; DISK as usize];
+    let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
+    for phase in 0..10u64 {
+        overwrite(&img, store.as_ref(), &mut model, 400, 100 + phase);
+        let name = format!("s{phase}");
+        img.snapshot_create(&name).unwrap();
+        snaps.push((name, model.clone()));
+        if phase % 3 == 2 {
+            let (oldest, _) = snaps.remove(0);
+            img.snapshot_delete(&oldest).unwrap();
+        }
+        if phase == 6 {
+            img.compact().unwrap();
+        }
+    }
+    assert!(
+        img.log_moves() > 10,
+        "the log moved {} times",
+        img.log_moves()
+    );
+    let verify_snapshots = |img: &Image, snaps: &[(String, Vec<u8>)], what: &str| {
+        for (name, want) in snaps {
+            let reader = img.open_snapshot(name).unwrap();
+            let mut got = vec![0u8; want.len()];
+            reader.read_at(&mut got, 0).unwrap();
+            assert!(&got == want, "{what}: snapshot {name} differs");
+        }
+    };
+    verify_snapshots(&img, &snaps, "open");
+    // Back to the second newest, and on writing (the log moving on).
+    let (name, was) = snaps[snaps.len() - 2].clone();
+    img.snapshot_rollback(&name).unwrap();
+    model = was;
+    verify(&img, &model, "rolled back");
+    overwrite(&img, store.as_ref(), &mut model, 800, 999);
+    verify(&img, &model, "written after the rollback");
+    img.close().unwrap();
+    let img = Image::open_on(store.clone(), &opts()).unwrap();
+    verify(&img, &model, "reopened");
+    verify_snapshots(&img, &snaps, "reopened");
+    let report = img.check().unwrap();
+    assert!(report.is_ok(), "check: {:?}", report.bad);
+}

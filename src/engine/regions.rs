@@ -37,8 +37,8 @@ use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// The smallest hole a run moves into, by default (also at least four
-/// times the room of a checkpoint). A move drains the write-back rooms for
+/// The smallest hole a run moves into, by default (also at least twice
+/// the room of a checkpoint and of a write-back batch). A move drains the write-back rooms for
 /// the length of a checkpoint: under the heaviest writes, a run this long
 /// lasts about as long as the log between two checkpoints
 /// ([`super::CHECKPOINT_BYTES`]).
@@ -205,7 +205,7 @@ impl Inner {
     }
 
     /// The first hole of the file long enough for a run ([`Regions::min`],
-    /// and four checkpoints' and write-back batches' room), unit-aligned, outside what the durable
+    /// and two checkpoints' and write-back batches' room), unit-aligned, outside what the durable
     /// superblock replays: from its log start to the current run's limit
     /// (or the end of the file) — the run's records since the last
     /// checkpoint and its preallocated range. None while moves are paused.
@@ -222,7 +222,7 @@ impl Inner {
             .regions
             .min
             .load(Ordering::Relaxed)
-            .max(4 * self.checkpoint_room() + 4 * batch);
+            .max(2 * self.checkpoint_room() + 2 * batch);
         let ranges = [(LOG_START, replayed), (limit, u64::MAX)];
         for (from, to) in ranges.into_iter().filter(|(a, b)| a < b) {
             match self.store.find_hole(from, to, min) {
@@ -276,8 +276,9 @@ impl Inner {
 
 impl super::Image {
     /// Sets the smallest hole of the image file the log moves into
-    /// (default [`REGION_MIN`]; at least four times the log a checkpoint
-    /// of the disk may append is used in any case). For tests and tuning.
+    /// (default [`REGION_MIN`]; at least twice the log a checkpoint of the
+    /// disk may append and two write-back batches, in any case). For tests
+    /// and tuning.
     pub fn set_log_region_min(&self, bytes: u64) {
         self.inner.set_region_min(bytes);
     }
