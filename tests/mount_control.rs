@@ -54,6 +54,7 @@ fn status_and_commands() {
             "file-allocated-bytes",
             "dead-bytes",
             "reclaim-pending-bytes",
+            "log-run",
             "cache-size",
             "cache-used",
             "cache-hits",

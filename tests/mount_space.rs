@@ -238,6 +238,12 @@ fn overwrites_reuse_the_files_holes_and_read_back() {
         drop(f);
         std::fs::write(m.control(), "checkpoint").unwrap();
     }
+    let run = m.status_value("log-run").unwrap();
+    let moves: u64 = run
+        .rsplit_once('(')
+        .and_then(|(_, n)| n.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("log-run: {run}"));
+    assert!(moves > 10, "log-run: {run}");
     let len = std::fs::metadata(&img).unwrap().len();
     // 640 MiB appended in all: without reuse the file is that long.
     assert!(len < 160 * MIB, "the image file is {len} bytes long");

@@ -33,6 +33,7 @@
 //! | `codec-adapt` | `off`, or with the mount option `adapt`, the fastest level write-back may use and how many blocks it compressed faster than `codec` since the mount: `to zstd:-3 (1234 blocks at faster levels)` |
 //! | `uuid` | image identity |
 //! | `allocated-bytes`, `stored-bytes`, `file-bytes`, `file-allocated-bytes`, `dead-bytes`, `reclaim-pending-bytes` | data held, its compressed size, the image file length, the host space it occupies, the part of it not used by live records, the map, the superblocks or the room allocated ahead of the log, and of that the dead records waiting to be punched |
+//! | `log-run` | where the log appends: `end of file`, or `hole A..B` (byte offsets of the image file it reuses: `engine::regions`), then `(N moves into holes)` since the mount |
 //! | `cache-size`, `cache-used`, `cache-hits`, `cache-misses` | the engine's buffer cache |
 //! | `dirty-bytes` | written but not yet durable |
 //! | `generation` | checkpoint generation |
@@ -333,7 +334,12 @@ impl Control {
             ),
             None => "off".into(),
         };
-        let lines: [(&str, String); 25] = [
+        let log_run = match st.log_run_limit {
+            Some(limit) => format!("hole {}..{limit}", st.log_run_start),
+            None => "end of file".to_string(),
+        };
+        let log_run = format!("{log_run} ({} moves into holes)", st.log_moves);
+        let lines: [(&str, String); 26] = [
             ("state", if failed { "failed" } else { "mounted" }.into()),
             ("image", self.current_image_path().display().to_string()),
             ("mountpoint", self.mountpoint.display().to_string()),
@@ -353,6 +359,7 @@ impl Control {
                 "reclaim-pending-bytes",
                 st.reclaim_pending_bytes.to_string(),
             ),
+            ("log-run", log_run),
             (
                 "cache-size",
                 (st.cache_bytes + self.buffer_bytes).to_string(),

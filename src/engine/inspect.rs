@@ -40,6 +40,13 @@ pub struct ImageStats {
     /// Dead bytes known and waiting to be punched (part of `dead_bytes`;
     /// see `docs/admin.md`, host space).
     pub reclaim_pending_bytes: u64,
+    /// Where the log's current run started.
+    pub log_run_start: u64,
+    /// Where it must end, when it is in a hole of the file (None: it grows
+    /// at the end of the file).
+    pub log_run_limit: Option<u64>,
+    /// Moves of the log into holes of the file in this session.
+    pub log_moves: u64,
     /// Checkpoint generation.
     pub generation: u64,
     /// True if the image was closed cleanly before this open.
@@ -134,9 +141,17 @@ impl Inner {
             };
         // Never waits for the log lock (held across some appends and
         // punches: `control` must answer while the disk is slow); when it
-        // is busy, the tail the last checkpoint recorded.
-        let tail = self.log.try_lock().map_or(sb.log_tail, |log| log.off);
-        let ahead = file_bytes.saturating_sub(tail);
+        // is busy, what the last checkpoint recorded.
+        let (ahead, (run_start, run_limit)) = match self.log.try_lock() {
+            Some(log) => (log.preallocated_ahead(), log.run_extent()),
+            None => (
+                0,
+                (
+                    sb.log_start_off,
+                    Some(sb.log_limit).filter(|&l| l != 0).unwrap_or(u64::MAX),
+                ),
+            ),
+        };
         let cache = self.cache.stats();
         ImageStats {
             virtual_size: self.virtual_size(),
@@ -152,6 +167,12 @@ impl Inner {
             metadata_bytes: metadata,
             dead_bytes: file_allocated.saturating_sub(stored + metadata + header + ahead),
             reclaim_pending_bytes: self.dead_space.bytes(),
+            log_run_start: run_start,
+            log_run_limit: (run_limit != u64::MAX).then_some(run_limit),
+            log_moves: self
+                .regions
+                .moves
+                .load(std::sync::atomic::Ordering::Relaxed),
             generation: sb.gen,
             clean: self.opened_clean,
             read_only: self.read_only,

@@ -130,6 +130,11 @@ impl LogTail {
         }
     }
 
+    /// Bytes the store is preallocated past the tail (for statistics).
+    pub fn preallocated_ahead(&self) -> u64 {
+        self.allocated.saturating_sub(self.off)
+    }
+
     /// Where this run started, and where it must end (`u64::MAX`: at the
     /// end of the file, where it may grow).
     pub fn run_extent(&self) -> (u64, u64) {
