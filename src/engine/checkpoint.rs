@@ -261,16 +261,17 @@ impl Inner {
     /// tail (its preallocated range; at the end of the file, by cutting the
     /// file there). Failure only costs space.
     fn trim_left_run(&self, left: LeftRun, to: Option<Move>) {
-        let result = if left.bounded {
-            match left.allocated > left.tail {
-                true => self.store.punch_hole(left.tail, left.allocated - left.tail),
-                false => Ok(()),
+        let result = match (left.bounded, to) {
+            (true, _) if left.allocated > left.tail => {
+                self.store.punch_hole(left.tail, left.allocated - left.tail)
             }
-        } else {
-            match self.file_len() {
+            // From the end of the file into a hole below: nothing lies past
+            // the old tail but its preallocation.
+            (false, Some(Move::Hole(..))) => match self.file_len() {
                 Ok(len) if len > left.tail => self.store.set_len(left.tail),
                 _ => Ok(()),
-            }
+            },
+            _ => Ok(()),
         };
         if let Err(e) = result {
             ::log::warn!("giving back the log's preallocated space failed: {e}");

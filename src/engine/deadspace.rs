@@ -285,6 +285,26 @@ impl DeadSpace {
         }
     }
 
+    /// True if the runs and crumbs held cover every byte of `[start, end)`
+    /// (an empty range is covered).
+    pub fn covers(&self, (start, end): Span) -> bool {
+        let s = self.state.lock();
+        let mut pos = start;
+        while pos < end {
+            let reach = |m: &BTreeMap<u64, u64>| {
+                m.range(..=pos)
+                    .next_back()
+                    .filter(|(_, &e)| e > pos)
+                    .map(|(_, &e)| e)
+            };
+            match reach(&s.runs.by_start).or_else(|| reach(&s.crumbs)) {
+                Some(e) => pos = e,
+                None => return false,
+            }
+        }
+        true
+    }
+
     /// Forgets what is held in `[start, end)`, runs and crumbs (the log
     /// moves into that hole: `super::regions`).
     pub fn forget(&self, (start, end): Span) {
@@ -327,6 +347,18 @@ mod tests {
         assert_eq!(d.bytes(), 100);
         d.forget((900, 1200));
         assert!(d.state.lock().crumbs.is_empty());
+    }
+
+    #[test]
+    fn coverage_needs_every_byte_held() {
+        let d = DeadSpace::default();
+        d.add([(0, 100), (200, 300)]);
+        d.punched((5000, 5100)); // a crumb
+        d.add([(5100, 5200)]);
+        assert!(d.covers((10, 90)) && d.covers((0, 100)) && d.covers((50, 50)));
+        assert!(!d.covers((50, 150)) && !d.covers((150, 250)));
+        assert!(d.covers((5000, 5200)), "a crumb and a run side by side");
+        assert!(!d.covers((4999, 5200)));
     }
 
     #[test]
