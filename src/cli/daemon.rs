@@ -102,6 +102,7 @@ fn open_image(job: &Job) -> Result<(Image, Option<std::fs::File>)> {
     let mut opts = OpenOptions {
         read_only: job.options.read_only,
         adapt_floor: job.options.adapt_floor,
+        log_region_min: job.options.log_region,
         ..OpenOptions::default()
     };
     opts.cache_bytes = BufPool::budget(cache_budget(job)).1;
@@ -118,12 +119,6 @@ fn open_image(job: &Job) -> Result<(Image, Option<std::fs::File>)> {
                     return Err(mountinfo::explain_locked(&job.image, e, false));
                 }
                 std::thread::sleep(Duration::from_millis(100));
-            }
-            Ok((image, lock)) => {
-                if let Some(bytes) = job.options.log_region {
-                    image.set_log_region_min(bytes);
-                }
-                return Ok((image, lock));
             }
             other => return other,
         }

@@ -342,6 +342,7 @@ impl Image {
             workers: 1,
             salvage_log: false,
             adapt_floor: None,
+            log_region_min: None,
         };
         let img = Image::open_with_key(&base, &base_opts, key)?;
         let name = match snapshot {

@@ -17,6 +17,7 @@
 use super::checkpoint::Committed;
 use super::log::{read_record, NewRecord};
 use super::map::BlockMap;
+use super::regions::Wish;
 use super::snaptable::SnapState;
 use super::Inner;
 use crate::error::{Error, Result};
@@ -264,14 +265,22 @@ pub(crate) fn damaged_firsts(
 impl Inner {
     /// The checkpoint that starts a read-write session; it also writes anew
     /// what the open read from second copies (`damaged_firsts`).
+    /// Its run starts in a hole of the file if one is big enough (else
+    /// at the end): each session would otherwise lengthen the file by what
+    /// it writes before the first move.
     pub(super) fn recovery_checkpoint(&self) -> Result<()> {
-        self.checkpoint_rewriting(self.rewrite)
+        self.checkpoint_moving(self.rewrite, Wish::Seek)
     }
 
     /// A checkpoint that also writes anew the records `rewrite` names (the
     /// head's leaves to write anew are marked dirty by the caller; every
     /// checkpoint writes a new index).
     pub(super) fn checkpoint_rewriting(&self, rewrite: Rewrite) -> Result<()> {
+        self.checkpoint_moving(rewrite, Wish::Stay)
+    }
+
+    /// [`Inner::checkpoint_rewriting`] that moves the log as `wish` says.
+    fn checkpoint_moving(&self, rewrite: Rewrite, wish: Wish) -> Result<()> {
         if rewrite.config {
             let sb = self.sb.lock().clone();
             let r = MetaRef {
@@ -302,12 +311,13 @@ impl Inner {
             };
         }
         if rewrite.snap_table {
-            self.commit(
+            self.commit_moving(
                 false,
                 Some(&mut |st: &mut SnapState, _: &Committed| Ok(st.table.clone())),
+                wish,
             )
         } else {
-            self.checkpoint(false)
+            self.commit_moving(false, None, wish)
         }
     }
 

@@ -112,6 +112,9 @@ pub struct OpenOptions {
     /// ([`adapt`]). `None`: always the image's level. Must be faster than
     /// the image's level; refused for an uncompressed image.
     pub adapt_floor: Option<i32>,
+    /// The smallest hole of the image file the log moves into ([`regions`];
+    /// None: 256 MiB). Also [`Image::set_log_region_min`].
+    pub log_region_min: Option<u64>,
 }
 
 /// The part of a cache budget of `open` that the engine holds outside the
@@ -148,6 +151,7 @@ impl Default for OpenOptions {
                     .min(8),
             salvage_log: false,
             adapt_floor: None,
+            log_region_min: None,
         }
     }
 }
@@ -562,6 +566,13 @@ impl Image {
         if self.inner.read_only {
             return flushed;
         }
+        // A compaction the log's moves wanted and the reclaim thread had no
+        // time for: the next session finds the holes it makes.
+        if flushed.is_ok() && self.inner.regions.take_compaction_due() {
+            if let Err(e) = self.inner.compact() {
+                ::log::warn!("compaction for the log's moves failed: {e}");
+            }
+        }
         let result = flushed.and_then(|()| self.inner.checkpoint(true));
         if result.is_ok() {
             self.inner.reclaim_deleted_snapshots();
@@ -639,6 +650,7 @@ mod tests {
             read_only: false,
             salvage_log: false,
             adapt_floor: None,
+            log_region_min: None,
         };
         // 8 workers x (8 blocks + 1 MiB) + 16 run buffers + reclaim.
         let run_bufs = 16 * ((1 << 20) + (128 << 10) + (8 << 10));

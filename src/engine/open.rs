@@ -367,7 +367,7 @@ pub(super) fn load(
         cache: BlockCache::new(block_cache, 1 << sb.block_shift),
         cache_budget: open.cache_bytes,
         checkpoint_lock: Mutex::new(()),
-        regions: Default::default(),
+        regions: super::regions::Regions::with_min(open.log_region_min),
         deleted_snapshots: Mutex::new(Vec::new()),
         compactions: AtomicU64::new(0),
         judging_deleted: Mutex::new(()),

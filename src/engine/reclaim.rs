@@ -101,8 +101,8 @@ fn outside(span: Span, (start, limit): Span) -> bool {
 impl Inner {
     /// After a clean close: gives back the log's preallocated space past its
     /// tail (the next run would start past it): cuts the file there, or
-    /// punches it when the run is in a hole of the file. Failure only costs
-    /// space.
+    /// punches it when the run is in a hole of the file; then cuts the
+    /// holes that end the file. Failure only costs space.
     pub(super) fn trim_preallocated(&self) {
         let mut log = self.log.lock();
         let result = if log.run_extent().1 == u64::MAX {
@@ -119,6 +119,17 @@ impl Inner {
         };
         if let Err(e) = result {
             ::log::warn!("trimming the preallocated log failed: {e}");
+        }
+        // Holes that end the file (the log moved away from there): cut
+        // them, never below the log's tail or what the superblock replays.
+        let floor = align_up(log.off.max(self.sb.lock().log_start_off), LOG_UNIT);
+        if let Some(start) = super::regions::trailing_hole(self.store.as_ref(), floor) {
+            let cut = align_up(start.max(floor), LOG_UNIT);
+            if self.file_len().is_ok_and(|len| len > cut) {
+                if let Err(e) = self.store.set_len(cut) {
+                    ::log::warn!("cutting the holes at the end of the file failed: {e}");
+                }
+            }
         }
     }
 
@@ -236,6 +247,16 @@ impl Inner {
             // must join the held dead space (and its brake on writes), not
             // pile up unseen.
             self.reclaim_deleted_snapshots_slice();
+            if self.regions.take_compaction_due() {
+                match self.compact() {
+                    Ok(r) => ::log::info!(
+                        "compacted for the log's moves: host space {} -> {} bytes",
+                        r.file_allocated_before,
+                        r.file_allocated_after
+                    ),
+                    Err(e) => ::log::warn!("compaction for the log's moves failed: {e}"),
+                }
+            }
             // Long runs on their own (each 16 MiB piece holds appends up
             // only while it is punched), then short runs beyond the soft
             // limit in batches (fastest), then whatever else is due.

@@ -71,12 +71,18 @@ pub(super) enum Wish {
     Planned,
     /// The same, looking for a hole now.
     Seek,
+    /// What [`Inner::planned_move`] says; no checkpoint at all if nowhere
+    /// (the background probe while the log grows at the end of the file).
+    Probe,
     /// Leave a run in a hole for the end of the file.
     End,
     /// Leave this run (write-back found it full); no checkpoint at all if
     /// the log is in another run already.
     OutOf((u64, u64)),
 }
+
+/// Compactions the log's moves start, at most one per this long.
+const AUTO_COMPACT_EVERY: Duration = Duration::from_secs(600);
 
 /// Holes one search looks at, at most (two `lseek` calls each on a file).
 const HOLES_LOOKED_AT: usize = 1 << 16;
@@ -94,16 +100,49 @@ pub(super) struct Regions {
     pub reuse: RwLock<()>,
     /// Moves into holes so far (statistics).
     pub moves: AtomicU64,
+    /// A compaction would make holes: the reclaim thread runs one
+    /// ([`Regions::take_compaction_due`]).
+    compaction_wanted: std::sync::atomic::AtomicBool,
+    last_compaction: Mutex<Option<Instant>>,
 }
 
-impl Default for Regions {
-    fn default() -> Self {
+impl Regions {
+    /// The log found no hole big enough: the partly dead pages the
+    /// sessions before this one left (their reclaim kept them in memory
+    /// only, waiting for their neighbours to die) and the dead space a
+    /// crash left split the holes; a compaction returns them.
+    fn want_compaction(&self) {
+        self.compaction_wanted
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// True (once) when a compaction is wanted and none ran in the last
+    /// [`AUTO_COMPACT_EVERY`].
+    pub fn take_compaction_due(&self) -> bool {
+        let mut last = self.last_compaction.lock();
+        if last.is_some_and(|t| t.elapsed() < AUTO_COMPACT_EVERY)
+            || !self
+                .compaction_wanted
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+}
+
+impl Regions {
+    /// With `min` as the smallest hole (None: [`REGION_MIN`]).
+    pub fn with_min(min: Option<u64>) -> Self {
         Regions {
-            min: AtomicU64::new(REGION_MIN),
+            min: AtomicU64::new(min.unwrap_or(REGION_MIN).max(LOG_UNIT)),
             paused: AtomicU32::new(0),
             last_search: Mutex::new(None),
             reuse: RwLock::new(()),
             moves: AtomicU64::new(0),
+            compaction_wanted: Default::default(),
+            last_compaction: Mutex::new(None),
         }
     }
 }
@@ -168,6 +207,10 @@ impl Inner {
                 Wish::Stay => None,
                 Wish::Planned => self.planned_move(true),
                 Wish::Seek => self.planned_move(false),
+                Wish::Probe => match self.planned_move(true) {
+                    None if self.checkpoint_fits() => return None,
+                    planned => planned,
+                },
                 Wish::End => (run.1 != u64::MAX).then_some(Move::End),
                 Wish::OutOf(full) if full != run => return None,
                 Wish::OutOf(_) => Some(self.leaving_move()),
@@ -177,11 +220,14 @@ impl Inner {
     }
 
     /// Out of the current run: into the first hole big enough, else to the
-    /// end of the file.
+    /// end of the file (and a compaction is wanted).
     pub(super) fn leaving_move(&self) -> Move {
         match self.find_region() {
             Some((a, b)) => Move::Hole(a, b),
-            None => Move::End,
+            None => {
+                self.regions.want_compaction();
+                Move::End
+            }
         }
     }
 
@@ -208,17 +254,42 @@ impl Inner {
             }
             *last = Some(Instant::now());
         }
-        self.find_region().map(|(a, b)| Move::Hole(a, b))
+        let found = self.find_region().map(|(a, b)| Move::Hole(a, b));
+        if found.is_none() && self.mostly_holes() {
+            self.regions.want_compaction();
+        }
+        found
+    }
+
+    /// True if the file is more than twice as long as the host space it
+    /// takes (and that is more than [`REGION_MIN`]): its holes could hold
+    /// the log, were they not split.
+    fn mostly_holes(&self) -> bool {
+        let (Ok(len), Some(allocated)) = (self.store.len(), self.store.allocated()) else {
+            return false;
+        };
+        len > 2 * allocated && len - allocated > self.regions.min.load(Ordering::Relaxed)
     }
 
     /// The first hole of the file long enough for a run ([`Regions::min`],
-    /// and two checkpoints' and write-back batches' room), unit-aligned, outside what the durable
-    /// superblock replays: from its log start to the current run's limit
-    /// (or the end of the file) — the run's records since the last
-    /// checkpoint and its preallocated range. None while moves are paused.
+    /// and two checkpoints' and write-back batches' room), unit-aligned,
+    /// outside what the durable superblock replays (from its log start to
+    /// its run's limit, or the end of the file: the records since the last
+    /// checkpoint and the run's preallocated range) and outside what the
+    /// current run may still write. None while moves are paused.
     pub(super) fn find_region(&self) -> Option<(u64, u64)> {
-        let replayed = self.sb.lock().log_start_off;
-        let limit = self.log.lock().run_extent().1;
+        // What the durable superblock replays, and where the current run
+        // may still write (from its oldest room in flight: at an open,
+        // before the first checkpoint, the two differ).
+        let replayed = {
+            let sb = self.sb.lock();
+            let end = Some(sb.log_limit).filter(|&l| l != 0);
+            (sb.log_start_off, end.unwrap_or(u64::MAX))
+        };
+        let running = {
+            let log = self.log.lock();
+            (log.replay_start().0, log.run_extent().1)
+        };
         if self.regions.paused.load(Ordering::Acquire) > 0 {
             return None;
         }
@@ -230,8 +301,7 @@ impl Inner {
             .min
             .load(Ordering::Relaxed)
             .max(2 * self.checkpoint_room() + 2 * batch);
-        let ranges = [(LOG_START, replayed), (limit, u64::MAX)];
-        for (from, to) in ranges.into_iter().filter(|(a, b)| a < b) {
+        for (from, to) in outside((LOG_START, u64::MAX), &[replayed, running]) {
             match dead_range(self.store.as_ref(), &self.dead_space, (from, to), min) {
                 Ok(Some(found)) => return Some(found),
                 Ok(None) => {}
@@ -308,6 +378,35 @@ fn dead_range(
     Ok(None)
 }
 
+/// The parts of `range` outside every one of `taken`, in order.
+fn outside(range: (u64, u64), taken: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut parts = vec![range];
+    for &(a, b) in taken {
+        parts = parts
+            .into_iter()
+            .flat_map(|(s, e)| [(s, e.min(a)), (s.max(b), e)])
+            .filter(|(s, e)| s < e)
+            .collect();
+    }
+    parts.sort_unstable();
+    parts
+}
+
+/// Where the hole that ends the file starts, if one does and starts at or
+/// after `from` (at most [`HOLES_LOOKED_AT`] holes looked at).
+pub(super) fn trailing_hole(store: &dyn Store, from: u64) -> Option<u64> {
+    let len = store.len().ok()?;
+    let mut at = from;
+    for _ in 0..HOLES_LOOKED_AT {
+        let (start, end) = store.find_hole(at, u64::MAX, 1).ok()??;
+        if end >= len {
+            return Some(start);
+        }
+        at = end;
+    }
+    None
+}
+
 impl super::Image {
     /// Sets the smallest hole of the image file the log moves into
     /// (default [`REGION_MIN`]; at least twice the log a checkpoint of the
@@ -343,6 +442,21 @@ impl Drop for MovesPaused<'_> {
 mod tests {
     use super::*;
     use crate::io::MemStore;
+
+    #[test]
+    fn searched_ranges_leave_out_the_replay_window_and_the_run() {
+        let max = u64::MAX;
+        assert_eq!(
+            outside((10, max), &[(50, 60), (100, max)]),
+            vec![(10, 50), (60, 100)]
+        );
+        assert_eq!(outside((10, max), &[(50, max), (30, 70)]), vec![(10, 30)]);
+        assert_eq!(
+            outside((10, max), &[(50, 60), (55, 80)]),
+            vec![(10, 50), (80, max)]
+        );
+        assert!(outside((10, 20), &[(0, max)]).is_empty());
+    }
 
     #[test]
     fn a_region_joins_holes_across_held_dead_space_only() {

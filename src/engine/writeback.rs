@@ -106,6 +106,12 @@ fn checkpointer(inner: &Inner) {
                 ::log::error!("background checkpoint failed: {e}");
             }
             last = std::time::Instant::now();
+        } else if pending > 0 {
+            // While the log grows at the end of the file, a hole may have
+            // become big enough before the next checkpoint is due.
+            if let Err(e) = inner.commit_moving(false, None, Wish::Probe) {
+                ::log::error!("background checkpoint failed: {e}");
+            }
         }
     }
 }
