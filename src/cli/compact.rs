@@ -17,7 +17,8 @@ pub fn run(args: &CompactArgs) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&canon).map_or(0, |m| m.blocks() * 512)
     };
-    let before = host_space();
+    let length = || std::fs::metadata(&canon).map_or(0, |m| m.len());
+    let (before, long_before) = (host_space(), length());
     let opts = OpenOptions {
         cache_bytes: 32 << 20,
         ..OpenOptions::default()
@@ -25,13 +26,18 @@ pub fn run(args: &CompactArgs) -> Result<()> {
     let image =
         super::keys::open(&canon, &opts).map_err(|e| mountinfo::explain_locked(&canon, e, true))?;
     let report = image.compact()?;
+    // The log back into the file's first hole big enough: the close then
+    // cuts the holes that end the file.
+    image.checkpoint()?;
     image.close()?;
     say!(
-        "{}: live data {}, host space {} -> {}",
+        "{}: live data {}, host space {} -> {}, file length {} -> {}",
         args.image.display(),
         format_size(report.live_bytes),
         format_size(before),
-        format_size(host_space())
+        format_size(host_space()),
+        format_size(long_before),
+        format_size(length())
     )?;
     Ok(())
 }
