@@ -16,9 +16,8 @@
 
 mod common;
 
-use common::pattern;
+use common::{moves, pattern, Rng};
 
-use std::cell::Cell;
 use std::collections::HashSet;
 use std::sync::Arc;
 use vbdfs::crypto::{KdfParams, KeyMaterial};
@@ -34,19 +33,6 @@ fn open_opts() -> OpenOptions {
         cache_bytes: 64 * 1024,
         workers: 2,
         ..OpenOptions::default()
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
@@ -153,26 +139,8 @@ fn create_store_keyed(key: Option<&KeyMaterial>) -> Arc<FaultStore> {
     store
 }
 
-thread_local! {
-    /// The smallest hole the log moves into, for images this thread opens
-    /// (0: the default, which these small images never reach).
-    static REGION_MIN: Cell<u64> = const { Cell::new(0) };
-    /// Moves of the log into holes made by the images this thread closed.
-    static MOVES: Cell<u64> = const { Cell::new(0) };
-}
-
 fn open(store: Arc<dyn Store>, key: Option<&KeyMaterial>) -> vbdfs::Result<Image> {
-    let img = Image::open_on_with_key(store, &open_opts(), key)?;
-    if REGION_MIN.get() > 0 {
-        img.set_log_region_min(REGION_MIN.get());
-    }
-    Ok(img)
-}
-
-/// Counts `img`'s moves of the log ([`MOVES`]) and hands it back.
-fn counted(img: Image) -> Image {
-    MOVES.set(MOVES.get() + img.log_moves());
-    img
+    Image::open_on_with_key(store, &open_opts(), key).map(moves::tune)
 }
 
 /// Runs `ops` until the first error; returns the oracle.
@@ -204,7 +172,7 @@ fn run(store: &Arc<FaultStore>, ops: &[Op], key: Option<&KeyMaterial>) -> Oracle
             Op::Checkpoint => img.checkpoint().is_ok(),
             Op::Compact => img.compact().is_ok(),
             Op::Reopen => {
-                let ok = counted(img).close().is_ok();
+                let ok = moves::counted(img).close().is_ok();
                 if ok {
                     oracle.acked();
                 }
@@ -221,7 +189,7 @@ fn run(store: &Arc<FaultStore>, ops: &[Op], key: Option<&KeyMaterial>) -> Oracle
             break;
         }
     }
-    drop(counted(img));
+    drop(moves::counted(img));
     oracle
 }
 
@@ -328,10 +296,14 @@ fn moving_workload(seed: u64) -> Vec<Op> {
 
 #[test]
 fn crash_at_every_write_boundary_while_the_log_moves_into_holes() {
-    REGION_MIN.set(64 << 10);
+    moves::set_region_min(64 << 10);
     let store = create_store();
     run(&store, &moving_workload(1), None);
-    assert!(MOVES.get() >= 3, "the log moved {} times", MOVES.get());
+    assert!(
+        moves::count() >= 3,
+        "the log moved {} times",
+        moves::count()
+    );
     let checked = sweep_of(moving_workload, None, 1, 4);
     assert!(checked > 100, "only {checked} crash images checked");
     eprintln!("checked {checked} crash images, the log moving");
@@ -343,10 +315,14 @@ fn crash_at_every_write_boundary_while_the_log_moves_encrypted() {
     let key = KeyMaterial::from_bytes(b"crash")
         .unwrap()
         .with_kdf(KdfParams::insecure_for_tests());
-    REGION_MIN.set(64 << 10);
+    moves::set_region_min(64 << 10);
     let store = create_store_keyed(Some(&key));
     run(&store, &moving_workload(2), Some(&key));
-    assert!(MOVES.get() >= 2, "the log moved {} times", MOVES.get());
+    assert!(
+        moves::count() >= 2,
+        "the log moved {} times",
+        moves::count()
+    );
     let checked = sweep_of(moving_workload, Some(&key), 1, 2);
     assert!(checked > 100, "only {checked} crash images checked");
     eprintln!("checked {checked} encrypted crash images, the log moving");

@@ -15,7 +15,9 @@
 //! `VBDFS_CRASH_SEEDS=N` runs N seeds (default 3).
 #![allow(clippy::unwrap_used)] // tests panic on failure by design
 
-use std::cell::Cell;
+mod common;
+
+use common::{moves, pattern, Rng};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use vbdfs::io::{FaultStore, MemStore, Store};
@@ -30,16 +32,6 @@ fn open_opts() -> OpenOptions {
         cache_bytes: 64 * 1024,
         workers: 2,
         ..OpenOptions::default()
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
     }
 }
 
@@ -63,26 +55,8 @@ enum Op {
     Reopen,
 }
 
-thread_local! {
-    /// The smallest hole the log moves into, for images this thread opens
-    /// (0: the default, which these small images never reach).
-    static REGION_MIN: Cell<u64> = const { Cell::new(0) };
-    /// Moves of the log into holes by the images this thread closed.
-    static MOVES: Cell<u64> = const { Cell::new(0) };
-}
-
 fn open(store: Arc<FaultStore>) -> vbdfs::Result<Image> {
-    let img = Image::open_on(store, &open_opts())?;
-    if REGION_MIN.get() > 0 {
-        img.set_log_region_min(REGION_MIN.get());
-    }
-    Ok(img)
-}
-
-/// Counts `img`'s moves of the log ([`MOVES`]) and hands it back.
-fn counted(img: Image) -> Image {
-    MOVES.set(MOVES.get() + img.log_moves());
-    img
+    Image::open_on(store, &open_opts()).map(moves::tune)
 }
 
 fn workload(seed: u64) -> Vec<Op> {
@@ -224,15 +198,7 @@ fn run(store: &Arc<FaultStore>, ops: &[Op]) -> Oracle {
                 img.write_at(&data, *off as u64).is_ok()
             }
             Op::Scramble(seed) => {
-                let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-                let data: Vec<u8> = (0..DISK)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x as u8
-                    })
-                    .collect();
+                let data = pattern(DISK, *seed);
                 o.apply(0, &data);
                 img.write_at(&data, 0).is_ok()
             }
@@ -269,7 +235,7 @@ fn run(store: &Arc<FaultStore>, ops: &[Op]) -> Oracle {
             }
             Op::Checkpoint => img.checkpoint().is_ok(),
             Op::Reopen => {
-                let ok = counted(img).close().is_ok();
+                let ok = moves::counted(img).close().is_ok();
                 if ok {
                     o.acked();
                 }
@@ -286,7 +252,7 @@ fn run(store: &Arc<FaultStore>, ops: &[Op]) -> Oracle {
             break;
         }
     }
-    drop(counted(img));
+    drop(moves::counted(img));
     o
 }
 
@@ -347,9 +313,13 @@ fn moving_workload(seed: u64) -> Vec<Op> {
 
 #[test]
 fn snapshots_at_every_write_boundary_while_the_log_moves() {
-    REGION_MIN.set(64 << 10);
+    moves::set_region_min(64 << 10);
     run(&create_store(), &moving_workload(1));
-    assert!(MOVES.get() >= 2, "the log moved {} times", MOVES.get());
+    assert!(
+        moves::count() >= 2,
+        "the log moved {} times",
+        moves::count()
+    );
     let checked = sweep(moving_workload, 1);
     assert!(checked > 100, "only {checked} crash images checked");
     eprintln!("checked {checked} crash images, the log moving");

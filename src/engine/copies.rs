@@ -289,6 +289,7 @@ impl Inner {
                 key: None,
             };
             let (h, payload, _) = read_meta_record(self.store.as_ref(), &r)?;
+            self.make_room(2 * super::regions::record_bytes(payload.len() as u64))?;
             let w = self
                 .log
                 .lock()

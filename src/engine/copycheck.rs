@@ -158,10 +158,7 @@ impl Inner {
     /// open first writes the head's damaged ones anew (`repaired`).
     pub(super) fn check_copies(&self, report: &mut CheckReport) -> Result<()> {
         // Rewriting snapshot maps appends outside a checkpoint's bound.
-        let _paused = match self.read_only {
-            true => None,
-            false => Some(self.pause_moves()?),
-        };
+        let _paused = (!self.read_only).then(|| self.pause_moves());
         let (mut found, mut single) = self.damaged_copies(self.map_records()?);
         let head: Vec<_> = found.iter().filter(|(n, _)| n.head.is_some()).collect();
         if !self.read_only && !head.is_empty() {
@@ -281,6 +278,10 @@ impl Inner {
             loaded.push((leaves[i].leaf, entries));
         }
         let refs: Vec<(u64, &[MapEntry])> = loaded.iter().map(|(l, e)| (*l, &e[..])).collect();
+        // The leaves and the index, each twice: outside a checkpoint's bound.
+        let leaf_bytes = super::regions::record_bytes(crate::format::LEAF_ENTRIES * 16);
+        let index_bytes = super::regions::record_bytes(leaves.len() as u64 * 24);
+        self.make_room(2 * (refs.len() as u64 * leaf_bytes + index_bytes))?;
         for (&i, new) in damaged.iter().zip(self.append_leaves(&refs)?) {
             rewritten.insert(leaves[i].off, new);
             leaves[i] = new;

@@ -92,6 +92,18 @@ fn dead_span(d: &Dead) -> Span {
     )
 }
 
+/// Bytes the sorted `spans` cover (overlaps counted once).
+fn live_total(spans: &[Span]) -> u64 {
+    let (mut total, mut cursor) = (0, 0);
+    for &(a, b) in spans {
+        if b > cursor {
+            total += b - a.max(cursor);
+            cursor = b;
+        }
+    }
+    total
+}
+
 /// True if `span` lies outside the replay `window` (log start to the run's
 /// limit): a record in it may be needed by roll-forward after a crash.
 fn outside(span: Span, (start, limit): Span) -> bool {
@@ -459,9 +471,9 @@ impl Inner {
         if self.read_only {
             return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
         }
-        // Its rewrites of snapshot maps append outside a checkpoint's bound;
-        // and the rule below takes every byte past the log start as live.
-        let _paused = self.pause_moves()?;
+        // No move into a hole while it runs (its rewrites of snapshot maps
+        // append outside a checkpoint's bound: they make room first).
+        let _paused = self.pause_moves();
         self.checkpoint_rewriting(self.missing_copies())?;
         self.copy_snapshot_maps()?;
         // Held while judging and punching: no checkpoint or snapshot change
@@ -469,26 +481,27 @@ impl Inner {
         let _one = self.checkpoint_lock.lock();
         let before = self.store.allocated().unwrap_or(0);
         let sb = self.sb.lock().clone();
-        let spans = self.live_spans(sb.index, sb.virtual_size, &[sb.snap_table, sb.config])?;
-        let mut live_bytes = 0;
+        let mut spans = self.live_spans(sb.index, sb.virtual_size, &[sb.snap_table, sb.config])?;
+        // The replay window (rule 4): the log start to the run's limit.
+        let window = (
+            sb.log_start_off,
+            Some(sb.log_limit).filter(|&l| l != 0).unwrap_or(u64::MAX),
+        );
+        let live_bytes = live_total(&spans);
+        spans.push(window);
+        spans.sort_unstable();
+        let file_len = self.file_len()?;
         let mut cursor = LOG_START;
-        for (a, b) in spans
-            .iter()
-            .copied()
-            .chain([(sb.log_start_off, sb.log_start_off)])
-        {
+        for (a, b) in spans.into_iter().chain([(file_len, file_len)]) {
             if a > cursor {
-                self.punch_interior((cursor, a.min(sb.log_start_off)));
-            }
-            if b > cursor {
-                live_bytes += b - a.max(cursor);
+                self.punch_interior((cursor, a.min(file_len)));
             }
             cursor = cursor.max(b);
-            if cursor >= sb.log_start_off {
+            if cursor >= file_len {
                 break;
             }
         }
-        // Every held dead range lies below the committed log start: punched.
+        // Every held dead range lies outside the replay window: punched.
         self.dead_space.clear();
         // So is everything only a snapshot deleted before held: its queued
         // judging would read map records punched here.

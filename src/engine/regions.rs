@@ -149,7 +149,7 @@ impl Regions {
 
 /// Log bytes of one record with a payload of `payload` bytes at most,
 /// starting at a unit boundary (as metadata records and their copies do).
-fn record_bytes(payload: u64) -> u64 {
+pub(super) fn record_bytes(payload: u64) -> u64 {
     align_up(
         RECORD_HEADER_LEN as u64 + payload + u64::from(SEAL_OVERHEAD),
         LOG_UNIT,
@@ -301,17 +301,30 @@ impl Inner {
             .min
             .load(Ordering::Relaxed)
             .max(2 * self.checkpoint_room() + 2 * batch);
-        for (from, to) in outside((LOG_START, u64::MAX), &[replayed, running]) {
-            match dead_range(self.store.as_ref(), &self.dead_space, (from, to), min) {
-                Ok(Some(found)) => return Some(found),
-                Ok(None) => {}
-                Err(e) => {
-                    ::log::warn!("looking for holes to reuse failed: {e}");
-                    return None;
+        let search = |from: u64| {
+            let mut found = None;
+            for (a, b) in outside((from, u64::MAX), &[replayed, running]) {
+                match dead_range(self.store.as_ref(), &self.dead_space, (a, b), min) {
+                    Ok(Some(range)) => {
+                        found = Some(range);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        ::log::warn!("looking for holes to reuse failed: {e}");
+                        break;
+                    }
                 }
             }
+            found
+        };
+        let found = search(LOG_START)?;
+        // The last hole big enough: a compaction now, while the log has it,
+        // joins more before the log must go back to the end of the file.
+        if search(found.1).is_none() {
+            self.regions.want_compaction();
         }
-        None
+        Some(found)
     }
 
     /// Forgets the dead space held in `[start, end)` (the log moves into
@@ -323,18 +336,31 @@ impl Inner {
         dead.forget((start, end));
     }
 
-    /// While the returned guard lives, the log does not move into holes,
-    /// and it has been moved to the end of the file if it was in one: for
-    /// metadata appends outside checkpoints, whose size is unbounded
-    /// (compaction and repair rewrite snapshot maps).
-    pub(super) fn pause_moves(&self) -> Result<MovesPaused<'_>> {
+    /// While the returned guard lives, the log does not move into holes:
+    /// for metadata appends outside checkpoints, whose size is unbounded
+    /// (compaction and repair rewrite snapshot maps); they make room first
+    /// ([`Inner::make_room`]).
+    pub(super) fn pause_moves(&self) -> MovesPaused<'_> {
         self.regions.paused.fetch_add(1, Ordering::AcqRel);
-        let paused = MovesPaused(self);
-        let bounded = self.log.lock().run_extent().1 != u64::MAX;
-        if bounded {
-            self.commit_moving(false, None, Wish::End)?;
+        MovesPaused(self)
+    }
+
+    /// Before an append of up to `bytes` outside a checkpoint: moves the
+    /// log to the end of the file if the run in a hole has not room for it
+    /// and a checkpoint after it.
+    pub(super) fn make_room(&self, bytes: u64) -> Result<()> {
+        let fits = {
+            let log = self.log.lock();
+            let (_, limit) = log.run_extent();
+            log.off
+                .saturating_add(bytes)
+                .saturating_add(self.checkpoint_room())
+                <= limit
+        };
+        match fits {
+            true => Ok(()),
+            false => self.commit_moving(false, None, Wish::End),
         }
-        Ok(paused)
     }
 
     /// Sets the smallest hole the log moves into ([`REGION_MIN`] by default).

@@ -378,3 +378,56 @@ pub fn data_records_of(bytes: &[u8], block: u64) -> Vec<usize> {
         })
         .collect()
 }
+
+/// A small deterministic generator (xorshift) for seeded workloads.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The log's moves into holes in the crash sweeps (engine `regions`): the
+/// smallest hole images opened on this thread move into, and the moves of
+/// those closed.
+pub mod moves {
+    use std::cell::Cell;
+
+    thread_local! {
+        static REGION_MIN: Cell<u64> = const { Cell::new(0) };
+        static MOVES: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// Images this thread opens move into holes from `bytes` on (0: the
+    /// default, which small test images never reach).
+    pub fn set_region_min(bytes: u64) {
+        REGION_MIN.set(bytes);
+    }
+
+    /// Applies [`set_region_min`] to a freshly opened image.
+    pub fn tune(img: vbdfs::Image) -> vbdfs::Image {
+        if REGION_MIN.get() > 0 {
+            img.set_log_region_min(REGION_MIN.get());
+        }
+        img
+    }
+
+    /// Counts `img`'s moves and hands it back (to close or drop).
+    pub fn counted(img: vbdfs::Image) -> vbdfs::Image {
+        MOVES.set(MOVES.get() + img.log_moves());
+        img
+    }
+
+    /// Moves counted on this thread so far.
+    pub fn count() -> u64 {
+        MOVES.get()
+    }
+}
