@@ -320,13 +320,6 @@ impl DeadSpace {
             s.crumbs.remove(&a);
         }
     }
-
-    /// Forgets every held range (a compaction punched every whole dead page).
-    pub fn clear(&self) {
-        let mut s = self.state.lock();
-        s.runs = Runs::default();
-        s.crumbs.clear();
-    }
 }
 
 #[cfg(test)]
@@ -456,7 +449,7 @@ mod tests {
         assert_eq!(dead.take_short_over(SOFT_LIMIT), None);
         assert_eq!(dead.take_longest_over(SOFT_LIMIT), None);
         assert!(dead.take_longest_over(SOFT_LIMIT - 1).is_some());
-        dead.clear();
+        dead.forget((0, u64::MAX));
         assert_eq!(dead.bytes(), 0);
     }
 }

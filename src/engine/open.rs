@@ -359,7 +359,14 @@ pub(super) fn load(
         adapt,
         opened_clean: sb.flags & SB_FLAG_DIRTY == 0,
         first_gen: max_birth + 1,
-        log: Mutex::new(LogTail::new(tail, lsn, epoch, max_birth + 1, file_len)),
+        // Read-only, the run found (in a hole: up to its limit) is what is
+        // allocated ahead of its tail (statistics).
+        log: Mutex::new(LogTail::new(tail, lsn, epoch, max_birth + 1, {
+            match (open.read_only, sb.log_limit) {
+                (true, limit) if limit != 0 => limit.clamp(tail, file_len.max(tail)),
+                _ => file_len,
+            }
+        })),
         publish_turn: Mutex::new(0),
         publish_cv: parking_lot::Condvar::new(),
         rooms_cv: parking_lot::Condvar::new(),

@@ -394,7 +394,7 @@ impl Inner {
     }
 
     /// Punches the whole pages inside `[start, end)`.
-    fn punch_interior(&self, (start, end): Span) {
+    pub(super) fn punch_interior(&self, (start, end): Span) {
         let (mut a, b) = (align_up(start, PAGE), end & !(PAGE - 1));
         while a < b {
             let n = (b - a).min(PUNCH_PIECE);
@@ -471,42 +471,57 @@ impl Inner {
         if self.read_only {
             return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
         }
-        // No move into a hole while it runs (its rewrites of snapshot maps
-        // append outside a checkpoint's bound: they make room first).
-        let _paused = self.pause_moves();
-        self.checkpoint_rewriting(self.missing_copies())?;
-        self.copy_snapshot_maps()?;
-        // Held while judging and punching: no checkpoint or snapshot change
-        // can move the committed state underneath.
-        let _one = self.checkpoint_lock.lock();
+        {
+            // No move into a hole while it rewrites map records (appends
+            // outside a checkpoint's bound: they make room first).
+            let _paused = self.pause_moves();
+            self.checkpoint_rewriting(self.missing_copies())?;
+            self.copy_snapshot_maps()?;
+        }
+        // Held while judging: no checkpoint or snapshot change can move the
+        // committed state underneath. Not while punching (seconds on a
+        // fragmented file): what is written meanwhile lies in the replay
+        // window judged, past the file's end as judged, or in a hole a
+        // move took since (left out: `punch_judged`); nothing else writes.
         let before = self.store.allocated().unwrap_or(0);
-        let sb = self.sb.lock().clone();
-        let mut spans = self.live_spans(sb.index, sb.virtual_size, &[sb.snap_table, sb.config])?;
-        // The replay window (rule 4): the log start to the run's limit.
-        let window = (
-            sb.log_start_off,
-            Some(sb.log_limit).filter(|&l| l != 0).unwrap_or(u64::MAX),
-        );
-        let live_bytes = live_total(&spans);
-        spans.push(window);
-        spans.sort_unstable();
-        let file_len = self.file_len()?;
-        let mut cursor = LOG_START;
-        for (a, b) in spans.into_iter().chain([(file_len, file_len)]) {
-            if a > cursor {
-                self.punch_interior((cursor, a.min(file_len)));
+        let (gaps, live_bytes, seen) = {
+            let _one = self.checkpoint_lock.lock();
+            let sb = self.sb.lock().clone();
+            let mut spans =
+                self.live_spans(sb.index, sb.virtual_size, &[sb.snap_table, sb.config])?;
+            // The replay window (rule 4): the log start to the run's limit.
+            let window = (
+                sb.log_start_off,
+                Some(sb.log_limit).filter(|&l| l != 0).unwrap_or(u64::MAX),
+            );
+            let live_bytes = live_total(&spans);
+            spans.push(window);
+            spans.sort_unstable();
+            let file_len = self.file_len()?;
+            let seen = self.claims_seen();
+            let mut gaps = Vec::new();
+            let mut cursor = LOG_START;
+            for (a, b) in spans.into_iter().chain([(file_len, file_len)]) {
+                if a > cursor {
+                    gaps.push((cursor, a.min(file_len)));
+                }
+                cursor = cursor.max(b);
+                if cursor >= file_len {
+                    break;
+                }
             }
-            cursor = cursor.max(b);
-            if cursor >= file_len {
+            // A deleted snapshot queued before ends its judging: its space
+            // is in the gaps, and its map records are punched now.
+            self.compactions
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+            (gaps, live_bytes, seen)
+        };
+        for gap in gaps {
+            if !self.punch_judged(gap, seen) {
+                ::log::info!("compaction stopped early: the log moved too often meanwhile");
                 break;
             }
         }
-        // Every held dead range lies outside the replay window: punched.
-        self.dead_space.clear();
-        // So is everything only a snapshot deleted before held: its queued
-        // judging would read map records punched here.
-        self.compactions
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
         {
             // Under the log lock: no room can be taken in the range while it
             // is punched (every room in flight lies below the tail).

@@ -84,6 +84,13 @@ pub(super) enum Wish {
 /// Compactions the log's moves start, at most one per this long.
 const AUTO_COMPACT_EVERY: Duration = Duration::from_secs(600);
 
+/// The number of the last move into a hole, and the newest moves: their
+/// numbers and the ranges they took.
+type Claims = (u64, std::collections::VecDeque<(u64, (u64, u64))>);
+
+/// Moves into holes remembered for compactions punching meanwhile.
+const CLAIMS_KEPT: usize = 4096;
+
 /// Holes one search looks at, at most (two `lseek` calls each on a file).
 const HOLES_LOOKED_AT: usize = 1 << 16;
 
@@ -103,6 +110,9 @@ pub(super) struct Regions {
     /// A compaction would make holes: the reclaim thread runs one
     /// ([`Regions::take_compaction_due`]).
     compaction_wanted: std::sync::atomic::AtomicBool,
+    /// The ranges moves took, numbered (the newest [`CLAIMS_KEPT`]): a
+    /// compaction punching ranges it judged before leaves these out.
+    claims: Mutex<Claims>,
     last_compaction: Mutex<Option<Instant>>,
 }
 
@@ -142,6 +152,7 @@ impl Regions {
             reuse: RwLock::new(()),
             moves: AtomicU64::new(0),
             compaction_wanted: Default::default(),
+            claims: Mutex::new((0, Default::default())),
             last_compaction: Mutex::new(None),
         }
     }
@@ -334,6 +345,43 @@ impl Inner {
     pub(super) fn claim_region(&self, (start, end): (u64, u64), dead: &DeadSpace) {
         let _no_punch = self.regions.reuse.write();
         dead.forget((start, end));
+        let mut claims = self.regions.claims.lock();
+        claims.0 += 1;
+        let seq = claims.0;
+        claims.1.push_back((seq, (start, end)));
+        if claims.1.len() > CLAIMS_KEPT {
+            claims.1.pop_front();
+        }
+    }
+
+    /// The number of the last move into a hole (see [`Inner::punch_judged`]).
+    pub(super) fn claims_seen(&self) -> u64 {
+        self.regions.claims.lock().0
+    }
+
+    /// Punches the whole pages of `gap`, judged dead when moves up to
+    /// `seen` had been made, leaving out the ranges moves took since
+    /// (with no move in progress); forgets what the reclaim held there.
+    /// False if too many moves were made since to know.
+    pub(super) fn punch_judged(&self, gap: (u64, u64), seen: u64) -> bool {
+        let _no_move = self.regions.reuse.read();
+        let taken: Vec<(u64, u64)> = {
+            let claims = self.regions.claims.lock();
+            if claims.0 > seen && claims.1.front().is_none_or(|(s, _)| *s > seen + 1) {
+                return false;
+            }
+            claims
+                .1
+                .iter()
+                .filter(|(s, _)| *s > seen)
+                .map(|(_, r)| *r)
+                .collect()
+        };
+        for part in outside(gap, &taken) {
+            self.punch_interior(part);
+            self.dead_space.forget(part);
+        }
+        true
     }
 
     /// While the returned guard lives, the log does not move into holes:
