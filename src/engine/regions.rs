@@ -11,20 +11,23 @@
 //! or back to the end of the file.
 //!
 //! What keeps it safe:
-//! - A hole holds nothing: every punched range was dead in the durable
-//!   state, and a run's own preallocated range is excluded from the search.
-//!   The move is a checkpoint with the write-back rooms drained and held
-//!   until its superblock is durable, so no record of the new run can be
-//!   synced (a flush reported) before the run is the one replayed.
-//! - Nothing punches the range once a run is in it: dead space held from
-//!   before is forgotten ([`DeadSpace::forget`]) under the `reuse` lock,
-//!   which every take-and-punch of held dead space holds for reading;
-//!   compaction holds the checkpoint lock, which a move needs.
-//! - The run cannot overflow the hole: write-back rooms leave room for the
+//! - The range holds nothing live: it is made of holes (every punched range
+//!   was dead in the durable state) and of dead space the reclaim still
+//!   holds, outside what the durable superblock replays and what the current
+//!   run may still write. The move is a checkpoint with the write-back rooms
+//!   drained and held until its superblock is durable, so no record of the
+//!   new run can be synced (a flush reported) before the run is the one
+//!   replayed.
+//! - Nothing punches the range once a run is in it: dead space held there is
+//!   forgotten ([`DeadSpace::forget`]) under the `reuse` lock, which every
+//!   take-and-punch of held dead space holds for reading; a compaction
+//!   punching ranges it judged before leaves out the ranges moves took since
+//!   ([`Inner::punch_judged`]).
+//! - The run cannot overflow its range: write-back rooms leave room for the
 //!   largest checkpoint ([`Inner::checkpoint_room`]); a checkpoint that would
 //!   not fit moves the log first; metadata appends outside checkpoints
-//!   (compaction, `check --repair`) run with moves paused, at the end of the
-//!   file ([`Inner::pause_moves`]).
+//!   (compaction, `check --repair`) run with moves into holes paused and make
+//!   room first ([`Inner::make_room`]).
 //! - Stale records in the hole (a punch a crash undid) carry other epochs.
 
 use super::deadspace::DeadSpace;
@@ -39,10 +42,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The smallest hole a run moves into, by default (also at least twice
-/// the room of a checkpoint and of a write-back batch). A move drains the write-back rooms for
-/// the length of a checkpoint: under the heaviest writes, a run this long
-/// lasts about as long as the log between two checkpoints
-/// ([`super::CHECKPOINT_BYTES`]).
+/// the room of a checkpoint and of a write-back batch). A move drains the
+/// write-back rooms for the length of a checkpoint: under the heaviest
+/// writes, a run this long lasts about as long as the log between two
+/// checkpoints ([`super::CHECKPOINT_BYTES`]).
 pub(super) const REGION_MIN: u64 = 256 << 20;
 /// While the log grows at the end of the file, holes are looked for at
 /// most this often (at background checkpoints: every 256 MiB of log under
