@@ -227,8 +227,8 @@ impl Inner {
             if let Some(room) = room.map_err(|e| self.fail(e))? {
                 break (room, records, kept);
             }
-            // The run (in a hole of the file) is full: the checkpointer
-            // moves the log.
+            // The run (in a hole of the file) is full: a checkpoint moves
+            // the log (run here, the log lock released).
             self.wait_for_move(&mut log)?;
         };
         let mut turn = Turn {
