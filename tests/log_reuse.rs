@@ -64,6 +64,22 @@ fn assert_settled(img: &Image, (half, longest): (u64, u64), moves: u64, limit: u
     );
 }
 
+/// The test disk: [`DISK`] bytes of 4 KiB blocks.
+fn disk(codec: Codec) -> CreateOptions {
+    CreateOptions {
+        size: DISK,
+        block_size: 4096,
+        codec,
+    }
+}
+
+/// A new image on `store` whose log moves into holes from 1 MiB on.
+fn moving_image(store: &Arc<MemStore>, c: &CreateOptions) -> Image {
+    let img = Image::create_on(store.clone(), c, &opts()).unwrap();
+    img.set_log_region_min(1 << 20);
+    img
+}
+
 fn verify(img: &Image, model: &[u8], what: &str) {
     let mut got = vec![0u8; model.len()];
     img.read_at(&mut got, 0).unwrap();
@@ -76,13 +92,8 @@ fn verify(img: &Image, model: &[u8], what: &str) {
 #[test]
 fn endless_overwrites_keep_the_file_length_bounded() {
     let store = Arc::new(MemStore::new());
-    let c = CreateOptions {
-        size: DISK,
-        block_size: 4096,
-        codec: Codec::None,
-    };
-    let img = Image::create_on(store.clone(), &c, &opts()).unwrap();
-    img.set_log_region_min(1 << 20);
+    let c = disk(Codec::None);
+    let img = moving_image(&store, &c);
     let mut model = vec![0u8; DISK as usize];
     // 6,400 × 64 KiB = 400 MiB written over an 8 MiB disk: without reuse
     // the file would be 400 MiB long.
@@ -103,11 +114,7 @@ fn endless_overwrites_keep_the_file_length_bounded() {
 fn a_real_file_stops_growing_and_reads_back_after_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("reuse.vbd");
-    let c = CreateOptions {
-        size: DISK,
-        block_size: 4096,
-        codec: Codec::None,
-    };
+    let c = disk(Codec::None);
     let img = Image::create(&path, &c, &opts()).unwrap();
     img.set_log_region_min(1 << 20);
     let file = std::fs::File::open(&path).unwrap();
@@ -137,13 +144,8 @@ fn a_real_file_stops_growing_and_reads_back_after_reopen() {
 #[test]
 fn snapshots_rollback_and_compaction_while_the_log_moves() {
     let store = Arc::new(MemStore::new());
-    let c = CreateOptions {
-        size: DISK,
-        block_size: 4096,
-        codec: Codec::Zstd(1),
-    };
-    let mut img = Image::create_on(store.clone(), &c, &opts()).unwrap();
-    img.set_log_region_min(1 << 20);
+    let c = disk(Codec::Zstd(1));
+    let mut img = moving_image(&store, &c);
     let mut model = vec![0u8; DISK as usize];
     let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
     for phase in 0..10u64 {
@@ -197,11 +199,7 @@ fn snapshots_rollback_and_compaction_while_the_log_moves() {
 #[test]
 fn sessions_do_not_lengthen_the_file() {
     let store = Arc::new(MemStore::new());
-    let c = CreateOptions {
-        size: DISK,
-        block_size: 4096,
-        codec: Codec::None,
-    };
+    let c = disk(Codec::None);
     let region = OpenOptions {
         log_region_min: Some(1 << 20),
         ..opts()
@@ -254,13 +252,8 @@ fn sessions_do_not_lengthen_the_file() {
 #[test]
 fn compactions_beside_writes_that_move_the_log() {
     let store = Arc::new(MemStore::new());
-    let c = CreateOptions {
-        size: DISK,
-        block_size: 4096,
-        codec: Codec::None,
-    };
-    let img = Arc::new(Image::create_on(store.clone(), &c, &opts()).unwrap());
-    img.set_log_region_min(1 << 20);
+    let c = disk(Codec::None);
+    let img = Arc::new(moving_image(&store, &c));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let compactor = {
         let (img, stop) = (img.clone(), stop.clone());
