@@ -279,3 +279,194 @@ fn compactions_beside_writes_that_move_the_log() {
     let report = img.check().unwrap();
     assert!(report.is_ok(), "check: {:?}", report.bad);
 }
+
+/// Writes `writes` 4 KiB blocks (patterns of `seed`), the `i`th to block `pick(i)`, keeping
+/// `model` in step, with a checkpoint every 64 (and an evacuation before
+/// it if `evacuate`); returns the file's length (MiB) every 10,000 writes.
+fn write_blocks(
+    img: &Image,
+    store: &dyn Store,
+    model: &mut [u8],
+    writes: u64,
+    mut pick: impl FnMut(u64) -> u64,
+    evacuate: bool,
+    seed: u64,
+) -> Vec<u64> {
+    let mut lengths = Vec::new();
+    for i in 0..writes {
+        let off = pick(i) * 4096;
+        let data = pattern(4096, seed << 40 ^ i << 20 ^ off);
+        img.write_at(&data, off).unwrap();
+        model[off as usize..off as usize + 4096].copy_from_slice(&data);
+        if i % 64 == 63 {
+            if evacuate {
+                img.evacuate().unwrap();
+            }
+            img.checkpoint().unwrap();
+        }
+        if i % 10_000 == 9_999 {
+            lengths.push(store.len().unwrap() >> 20);
+        }
+    }
+    lengths
+}
+
+/// [`write_blocks`] with evacuations, 15 of 16 writes into the first eighth
+/// of the disk, the others anywhere.
+fn hot_and_cold(
+    img: &Image,
+    store: &dyn Store,
+    model: &mut [u8],
+    writes: u64,
+    seed: u64,
+) -> Vec<u64> {
+    let blocks = DISK / 4096;
+    let mut rng = Rng(seed);
+    let pick = move |_| match rng.below(16) {
+        0 => rng.below(blocks),
+        _ => rng.below(blocks / 8),
+    };
+    write_blocks(img, store, model, writes, pick, true, seed)
+}
+
+/// Blocks rarely written keep the runs they lie in from ever dying whole:
+/// the file's holes stay split and the log grows at the end. Evacuation
+/// (engine `evacuate`) stores those few records elsewhere, so their ranges
+/// join holes the log moves into; every block reads back, also reopened.
+#[test]
+fn evacuation_frees_ranges_that_cold_blocks_pin() {
+    let store = Arc::new(MemStore::new());
+    let img = moving_image(&store, &disk(Codec::None));
+    let mut model = vec![0u8; DISK as usize];
+    let writes = 60_000u64;
+    let lengths = hot_and_cold(&img, store.as_ref(), &mut model, writes, 99);
+    // 234 MiB written (and ~60 MiB of checkpoints): 328 MiB long without
+    // the evacuations, ~53 MiB with them.
+    let (moved, ranges) = img.evacuated();
+    assert!(
+        store.len().unwrap() <= 12 * DISK && ranges > 100,
+        "{ranges} ranges evacuated; the file's length (MiB) every 10,000 writes: {lengths:?}"
+    );
+    // What moves is a fraction of what is written (~15 % here).
+    assert!(moved < writes * 4096 / 4, "{moved} bytes moved");
+    verify(&img, &model, "open");
+    img.close().unwrap();
+    let img = Image::open_on(store.clone(), &opts()).unwrap();
+    verify(&img, &model, "reopened");
+    let report = img.check().unwrap();
+    assert!(report.is_ok(), "check: {:?}", report.bad);
+}
+
+/// Evacuations beside a snapshot: the records it holds stay (a head block
+/// born before it is not stored anew: that would leave the snapshot alone
+/// holding the old record), the snapshot reads what it held, the head what
+/// was written; once it is deleted, the cold blocks move too.
+#[test]
+fn evacuation_leaves_what_a_snapshot_holds() {
+    let store = Arc::new(MemStore::new());
+    let img = moving_image(&store, &disk(Codec::None));
+    let mut model = vec![0u8; DISK as usize];
+    let blocks = DISK / 4096;
+    // The second half of the disk written once, one block in 64 writes,
+    // the others into the first eighth: each cold record lies alone among
+    // dead ones. Then a snapshot holds them.
+    let mut rng = Rng(40);
+    let spread = move |i: u64| match i % 64 {
+        0 => blocks / 2 + i / 64,
+        _ => rng.below(blocks / 8),
+    };
+    write_blocks(
+        &img,
+        store.as_ref(),
+        &mut model,
+        blocks / 2 * 64,
+        spread,
+        false,
+        40,
+    );
+    let held = model.clone();
+    img.snapshot_create("mid").unwrap();
+    let mut rng = Rng(41);
+    let hot = move |_| rng.below(blocks / 8);
+    write_blocks(&img, store.as_ref(), &mut model, 20_000, hot, true, 41);
+    let (moved_under_snapshot, _) = img.evacuated();
+    // What the snapshot alone holds: the blocks written since, no more.
+    let changed = held
+        .chunks(4096)
+        .zip(model.chunks(4096))
+        .filter(|(a, b)| a != b)
+        .count() as u64;
+    let usage = img.snapshot_usage().unwrap();
+    assert!(
+        usage[0].exclusive_bytes <= changed * (4096 + 64),
+        "the snapshot alone holds {} bytes; {changed} blocks were written since",
+        usage[0].exclusive_bytes
+    );
+    let snap = img.open_snapshot("mid").unwrap();
+    let mut got = vec![0u8; DISK as usize];
+    snap.read_at(&mut got, 0).unwrap();
+    assert!(got == held, "the snapshot differs from what it held");
+    drop(snap);
+    verify(&img, &model, "under the snapshot");
+    img.snapshot_delete("mid").unwrap();
+    hot_and_cold(&img, store.as_ref(), &mut model, 20_000, 42);
+    let (moved, ranges) = img.evacuated();
+    assert!(
+        ranges > 10 && moved > moved_under_snapshot,
+        "{ranges} ranges, {moved} bytes moved ({moved_under_snapshot} under the snapshot)"
+    );
+    verify(&img, &model, "after the deletion");
+    img.close().unwrap();
+    let img = Image::open_on(store.clone(), &opts()).unwrap();
+    verify(&img, &model, "reopened");
+    let report = img.check().unwrap();
+    assert!(report.is_ok(), "check: {:?}", report.bad);
+}
+
+/// A compaction punches the whole pages of the dead ranges it finds and
+/// keeps what it knows of the pages it cannot punch (shared with a live
+/// record): once that record dies too, the page is punched. (Forgotten,
+/// every such page stayed allocated for good, splitting the holes the log
+/// moves into.)
+#[test]
+fn pages_a_compaction_shares_with_live_records_are_punched_when_those_die() {
+    let store = Arc::new(MemStore::new());
+    let img = Image::create_on(store.clone(), &disk(Codec::None), &opts()).unwrap();
+    let blocks = DISK / 4096;
+    // Records of 4 KiB blocks and their headers: every page is shared.
+    for b in 0..blocks {
+        img.write_at(&pattern(4096, b), b * 4096).unwrap();
+    }
+    img.checkpoint().unwrap();
+    let fill_end = store.len().unwrap();
+    // Every other block dies, and a compaction punches its pages.
+    for b in (1..blocks).step_by(2) {
+        img.write_at(&pattern(4096, b + 7), b * 4096).unwrap();
+    }
+    img.checkpoint().unwrap();
+    img.compact().unwrap();
+    // Then the others, and the reclaim punches what is held.
+    for b in (0..blocks).step_by(2) {
+        img.write_at(&pattern(4096, b + 7), b * 4096).unwrap();
+    }
+    img.checkpoint().unwrap();
+    img.checkpoint().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let allocated = loop {
+        let (mut at, mut holes) = (65536, 0);
+        while let Some((a, b)) = store.find_hole(at, fill_end, 1).unwrap() {
+            holes += b - a;
+            at = b;
+        }
+        let allocated = fill_end - 65536 - holes;
+        if allocated < DISK / 64 || std::time::Instant::now() > deadline {
+            break allocated;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        allocated < DISK / 64,
+        "{allocated} bytes of the first {fill_end} stay allocated, all of it dead"
+    );
+    img.close().unwrap();
+}

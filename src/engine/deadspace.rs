@@ -305,6 +305,32 @@ impl DeadSpace {
         true
     }
 
+    /// The parts of `[start, end)` that the runs and crumbs held do not
+    /// cover, in order.
+    pub fn uncovered(&self, (start, end): Span) -> Vec<Span> {
+        let s = self.state.lock();
+        let mut held: Vec<Span> = [&s.runs.by_start, &s.crumbs]
+            .iter()
+            .flat_map(|m| {
+                let first = m.range(..=start).next_back().map_or(start, |(&a, _)| a);
+                m.range(first..end).map(|(&a, &b)| (a, b))
+            })
+            .collect();
+        held.sort_unstable();
+        let (mut out, mut pos) = (Vec::new(), start);
+        for (a, b) in held {
+            if a > pos {
+                out.push((pos, a.min(end)));
+            }
+            pos = pos.max(b);
+            if pos >= end {
+                return out;
+            }
+        }
+        out.push((pos, end));
+        out
+    }
+
     /// Forgets what is held in `[start, end)`, runs and crumbs (the log
     /// moves into that hole: `super::regions`).
     pub fn forget(&self, (start, end): Span) {
@@ -340,6 +366,20 @@ mod tests {
         assert_eq!(d.bytes(), 100);
         d.forget((900, 1200));
         assert!(d.state.lock().crumbs.is_empty());
+    }
+
+    #[test]
+    fn uncovered_parts_are_what_nothing_holds() {
+        let d = DeadSpace::default();
+        assert_eq!(d.uncovered((100, 200)), vec![(100, 200)]);
+        d.add([(120, 140), (160, 170)]);
+        assert_eq!(
+            d.uncovered((100, 200)),
+            vec![(100, 120), (140, 160), (170, 200)]
+        );
+        assert_eq!(d.uncovered((130, 165)), vec![(140, 160)]);
+        assert!(d.uncovered((125, 135)).is_empty());
+        assert_eq!(d.uncovered((0, 50)), vec![(0, 50)]);
     }
 
     #[test]

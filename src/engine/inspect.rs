@@ -47,6 +47,11 @@ pub struct ImageStats {
     pub log_run_limit: Option<u64>,
     /// Moves of the log into holes of the file in this session.
     pub log_moves: u64,
+    /// Bytes of records stored elsewhere to empty mostly dead ranges of
+    /// the file for the log, in this session (`engine::evacuate`).
+    pub evacuated_bytes: u64,
+    /// Such ranges emptied in this session.
+    pub evacuated_ranges: u64,
     /// Checkpoint generation.
     pub generation: u64,
     /// True if the image was closed cleanly before this open.
@@ -172,6 +177,16 @@ impl Inner {
             log_moves: self
                 .regions
                 .moves
+                .load(std::sync::atomic::Ordering::Relaxed),
+            evacuated_bytes: self
+                .regions
+                .evacuation
+                .moved
+                .load(std::sync::atomic::Ordering::Relaxed),
+            evacuated_ranges: self
+                .regions
+                .evacuation
+                .ranges
                 .load(std::sync::atomic::Ordering::Relaxed),
             generation: sb.gen,
             clean: self.opened_clean,

@@ -27,6 +27,7 @@ mod copies;
 mod copycheck;
 mod deadspace;
 mod dropsnap;
+mod evacuate;
 mod inspect;
 mod log;
 mod logend;

@@ -148,7 +148,7 @@ impl Inner {
     /// Leaf and index records referenced by some snapshot. Only the INDEX
     /// records are read (not the leaves), and the set is kept until the
     /// snapshot table changes: checkpoints must not cost O(snapshots).
-    fn snapshot_meta(&self) -> Result<Arc<HashSet<u64>>> {
+    pub(super) fn snapshot_meta(&self) -> Result<Arc<HashSet<u64>>> {
         let table = self.snaps.table_ptr();
         if let Some(meta) = self.snaps.cached_meta(table) {
             return Ok(meta);
@@ -254,11 +254,7 @@ impl Inner {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
-            // Deleted snapshots are judged between punches too: under a
-            // steady load the punching never ends, and what only they held
-            // must join the held dead space (and its brake on writes), not
-            // pile up unseen.
-            self.reclaim_deleted_snapshots_slice();
+            self.between_punches();
             if self.regions.take_compaction_due() {
                 match self.compact() {
                     Ok(r) => ::log::info!(
@@ -273,7 +269,7 @@ impl Inner {
             // only while it is punched), then short runs beyond the soft
             // limit in batches (fastest), then whatever else is due.
             while self.punch_one(DeadSpace::next_due_long) {
-                self.reclaim_deleted_snapshots_slice();
+                self.between_punches();
             }
             while self.punch_batch_over(SOFT_LIMIT) && self.stop_rx.is_empty() {
                 // The appends' turn: a pause as long as the batch's at the
@@ -281,13 +277,23 @@ impl Inner {
                 let over = self.dead_space.bytes().saturating_sub(SOFT_LIMIT);
                 let room = 1.0 - over as f64 / (HARD_LIMIT - SOFT_LIMIT) as f64;
                 std::thread::sleep(PAUSE.mul_f64(room.clamp(0.0, 1.0)));
-                self.reclaim_deleted_snapshots_slice();
+                self.between_punches();
             }
             // A stop is received at the top of the loop.
             while self.stop_rx.is_empty() && self.punch_one(DeadSpace::next_due) {
-                self.reclaim_deleted_snapshots_slice();
+                self.between_punches();
             }
         }
+    }
+
+    /// What the reclaim thread does between punches too (under a steady
+    /// load the punching never ends): judging deleted snapshots, whose
+    /// space must join the held dead space (and its brake on writes), not
+    /// pile up unseen; a step of evacuation, which makes the holes the log
+    /// needs ([`super::evacuate`]).
+    fn between_punches(&self) {
+        self.reclaim_deleted_snapshots_slice();
+        self.evacuate_step();
     }
 
     /// Takes one run with `take` and punches it; false if none was due.

@@ -117,6 +117,8 @@ pub(super) struct Regions {
     /// compaction punching ranges it judged before leaves these out.
     claims: Mutex<Claims>,
     last_compaction: Mutex<Option<Instant>>,
+    /// Emptying mostly dead ranges of the file ([`super::evacuate`]).
+    pub evacuation: super::evacuate::Evacuation,
 }
 
 impl Regions {
@@ -124,9 +126,12 @@ impl Regions {
     /// sessions before this one left (their reclaim kept them in memory
     /// only, waiting for their neighbours to die) and the dead space a
     /// crash left split the holes; a compaction returns them.
-    fn want_compaction(&self) {
+    /// An evacuation is wanted too: the last live records of mostly dead
+    /// ranges keep those from ever joining a hole ([`super::evacuate`]).
+    fn short_of_holes(&self) {
         self.compaction_wanted
             .store(true, std::sync::atomic::Ordering::Release);
+        self.evacuation.want();
     }
 
     /// True (once) when a compaction is wanted and none ran in the last
@@ -157,6 +162,7 @@ impl Regions {
             compaction_wanted: Default::default(),
             claims: Mutex::new((0, Default::default())),
             last_compaction: Mutex::new(None),
+            evacuation: Default::default(),
         }
     }
 }
@@ -239,7 +245,7 @@ impl Inner {
         match self.find_region() {
             Some((a, b)) => Move::Hole(a, b),
             None => {
-                self.regions.want_compaction();
+                self.regions.short_of_holes();
                 Move::End
             }
         }
@@ -270,7 +276,7 @@ impl Inner {
         }
         let found = self.find_region().map(|(a, b)| Move::Hole(a, b));
         if found.is_none() && self.mostly_holes() {
-            self.regions.want_compaction();
+            self.regions.short_of_holes();
         }
         found
     }
@@ -292,32 +298,11 @@ impl Inner {
     /// checkpoint and the run's preallocated range) and outside what the
     /// current run may still write. None while moves are paused.
     pub(super) fn find_region(&self) -> Option<(u64, u64)> {
-        // What the durable superblock replays, and where the current run
-        // may still write (from its oldest room in flight: at an open,
-        // before the first checkpoint, the two differ).
-        let replayed = {
-            let sb = self.sb.lock();
-            let end = Some(sb.log_limit).filter(|&l| l != 0);
-            (sb.log_start_off, end.unwrap_or(u64::MAX))
-        };
-        let running = {
-            let log = self.log.lock();
-            (log.replay_start().0, log.run_extent().1)
-        };
-        if self.regions.paused.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        // A write-back batch must fit with room to spare, or the run would
-        // be left at once.
-        let batch = super::log::batch_staging_bytes(self.block_size()) as u64;
-        let min = self
-            .regions
-            .min
-            .load(Ordering::Relaxed)
-            .max(2 * self.checkpoint_room() + 2 * batch);
+        let in_use = self.log_in_use()?;
+        let min = self.smallest_region();
         let search = |from: u64| {
             let mut found = None;
-            for (a, b) in outside((from, u64::MAX), &[replayed, running]) {
+            for (a, b) in outside((from, u64::MAX), &in_use) {
                 match dead_range(self.store.as_ref(), &self.dead_space, (a, b), min) {
                     Ok(Some(range)) => {
                         found = Some(range);
@@ -335,10 +320,43 @@ impl Inner {
         let found = search(LOG_START)?;
         // The last hole big enough: a compaction now, while the log has it,
         // joins more before the log must go back to the end of the file.
-        if search(found.1).is_none() {
-            self.regions.want_compaction();
+        // The last but one: an evacuation makes more (it takes a
+        // checkpoint or two before its range is dead).
+        match search(found.1) {
+            None => self.regions.short_of_holes(),
+            Some(next) if search(next.1).is_none() => self.regions.evacuation.want(),
+            Some(_) => {}
         }
         Some(found)
+    }
+
+    /// What the log may still need, as two ranges of the file: what the
+    /// durable superblock replays (its log start to its run's limit, or the
+    /// end of the file), and where the current run may still write (from
+    /// its oldest room in flight: at an open, before the first checkpoint,
+    /// the two differ). None while moves are paused.
+    pub(super) fn log_in_use(&self) -> Option<[(u64, u64); 2]> {
+        let replayed = {
+            let sb = self.sb.lock();
+            let end = Some(sb.log_limit).filter(|&l| l != 0);
+            (sb.log_start_off, end.unwrap_or(u64::MAX))
+        };
+        let running = {
+            let log = self.log.lock();
+            (log.replay_start().0, log.run_extent().1)
+        };
+        (self.regions.paused.load(Ordering::Acquire) == 0).then_some([replayed, running])
+    }
+
+    /// The smallest hole a run moves into: [`Regions::min`], and room for
+    /// two checkpoints and two write-back batches (a batch must fit with
+    /// room to spare, or the run would be left at once).
+    pub(super) fn smallest_region(&self) -> u64 {
+        let batch = super::log::batch_staging_bytes(self.block_size()) as u64;
+        self.regions
+            .min
+            .load(Ordering::Relaxed)
+            .max(2 * self.checkpoint_room() + 2 * batch)
     }
 
     /// Forgets the dead space held in `[start, end)` (the log moves into
@@ -382,7 +400,12 @@ impl Inner {
         };
         for part in outside(gap, &taken) {
             self.punch_interior(part);
+            // What was held there is punched now, but for the partly dead
+            // pages at the two ends: kept (crumbs), they join the
+            // neighbours' ranges when those die (forgotten, each such page
+            // stayed allocated for good and split the holes the log needs).
             self.dead_space.forget(part);
+            self.dead_space.punched(part);
         }
         true
     }
@@ -456,7 +479,7 @@ fn dead_range(
 }
 
 /// The parts of `range` outside every one of `taken`, in order.
-fn outside(range: (u64, u64), taken: &[(u64, u64)]) -> Vec<(u64, u64)> {
+pub(super) fn outside(range: (u64, u64), taken: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut parts = vec![range];
     for &(a, b) in taken {
         parts = parts

@@ -229,6 +229,22 @@ impl Inner {
         })
     }
 
+    /// Marks `block` dirty with its own content, so that write-back stores
+    /// it anew ([`super::evacuate`]); nothing if the map no longer gives it
+    /// `entry` (written or discarded meanwhile).
+    pub(super) fn rewrite_block(&self, block: u64, entry: MapEntry) -> Result<()> {
+        self.check_writable()?;
+        let (slot, created) = self.cache.get_or_insert(block);
+        if created {
+            self.load(&slot)?;
+        }
+        let mut state = slot.wait_ready()?;
+        if self.map.read().get(block) == entry {
+            self.cache.mark_dirty(&slot, &mut state, true);
+        }
+        Ok(())
+    }
+
     pub(super) fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(off, len)?;

@@ -404,6 +404,7 @@ pub mod moves {
     thread_local! {
         static REGION_MIN: Cell<u64> = const { Cell::new(0) };
         static MOVES: Cell<u64> = const { Cell::new(0) };
+        static EVACUATED: Cell<u64> = const { Cell::new(0) };
     }
 
     /// Images this thread opens move into holes from `bytes` on (0: the
@@ -420,10 +421,17 @@ pub mod moves {
         img
     }
 
-    /// Counts `img`'s moves and hands it back (to close or drop).
+    /// Counts `img`'s moves and evacuated ranges and hands it back (to
+    /// close or drop).
     pub fn counted(img: vbdfs::Image) -> vbdfs::Image {
         MOVES.set(MOVES.get() + img.log_moves());
+        EVACUATED.set(EVACUATED.get() + img.evacuated().1);
         img
+    }
+
+    /// Ranges evacuated on this thread so far (engine `evacuate`).
+    pub fn evacuated() -> u64 {
+        EVACUATED.get()
     }
 
     /// Moves counted on this thread so far.
