@@ -471,41 +471,35 @@ fn concurrent_flushes_survive_a_crash_at_every_event() {
     eprintln!("checked {checked} crash images of {total} events");
 }
 
-/// The disk written once, then its first eighth over and over (the log
-/// moving into the holes the dead records leave), with an evacuation after
-/// each round: the cold blocks' records are stored anew, and their range of
-/// the file joins a hole (engine `evacuate`).
+/// The disk's first eighth written over and over (the log moving into the
+/// holes the dead records leave), the rest a block at a time between
+/// them, with an evacuation after each round: the cold blocks' records,
+/// alone among dead ones, are stored anew and their ranges of the file
+/// join holes (engine `evacuate`).
 fn evacuating_workload(seed: u64) -> Vec<Op> {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut ops = vec![
-        Op::Write {
-            off: 0,
-            len: DISK,
-            fill: 1,
-        },
-        Op::Checkpoint,
-    ];
-    for round in 0..12u8 {
-        for _ in 0..4 {
+    let mut ops = Vec::new();
+    for round in 0..16u8 {
+        for i in 0..4 {
             ops.push(Op::Write {
                 off: rng.below(5 * BS as u64) as usize,
-                len: BS + rng.below(2 * BS as u64) as usize,
+                len: BS + rng.below(BS as u64) as usize,
                 fill: 2 + rng.below(250) as u8,
             });
+            if i % 2 == 1 {
+                let cold = 6 + (2 * round as usize + i / 2) % (BLOCKS - 6);
+                ops.push(Op::Write {
+                    off: cold * BS,
+                    len: BS,
+                    fill: 2 + rng.below(250) as u8,
+                });
+            }
             ops.push(Op::Checkpoint);
-        }
-        if round % 4 == 3 {
-            let off = 8 * BS + rng.below((DISK - 9 * BS) as u64) as usize;
-            ops.push(Op::Write {
-                off,
-                len: BS,
-                fill: 2 + rng.below(250) as u8,
-            });
         }
         ops.push(Op::Evacuate);
         match round {
-            6 => ops.push(Op::Reopen),
-            9 => ops.push(Op::Compact),
+            8 => ops.push(Op::Reopen),
+            12 => ops.push(Op::Compact),
             _ => ops.push(Op::Flush),
         }
     }

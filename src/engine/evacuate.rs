@@ -67,8 +67,8 @@ pub(super) struct Evacuation {
     wanted: AtomicBool,
     /// No look for a window before this (the last found none, or failed).
     not_before: Mutex<Option<Instant>>,
-    /// The range being emptied.
-    target: Mutex<Option<Span>>,
+    /// The range being emptied, and the bytes moved out of it so far.
+    target: Mutex<Option<(Span, u64)>>,
     /// Bytes of records stored elsewhere (statistics).
     pub moved: AtomicU64,
     /// Ranges emptied (statistics).
@@ -190,13 +190,13 @@ impl Inner {
         }
         let ev = &self.regions.evacuation;
         let current = *ev.target.lock();
-        let target = match current {
+        let (target, moved_before) = match current {
             Some(t) => t,
             None if ev.take_due() => match self.pick_window() {
                 Ok(Some(t)) => {
                     ::log::debug!("emptying {}..{} of the image file for the log", t.0, t.1);
-                    *ev.target.lock() = Some(t);
-                    t
+                    *ev.target.lock() = Some((t, 0));
+                    (t, 0)
                 }
                 Ok(None) => {
                     ev.pause(PICK_AGAIN_AFTER);
@@ -217,10 +217,12 @@ impl Inner {
             return;
         }
         match self.move_out(target, STEP_BLOCKS, false) {
-            Ok(false) => {}
-            Ok(true) => {
+            Ok((false, moved)) => *ev.target.lock() = Some((target, moved_before + moved)),
+            Ok((true, moved)) => {
                 *ev.target.lock() = None;
-                ev.ranges.fetch_add(1, Ordering::Relaxed);
+                if moved_before + moved > 0 {
+                    ev.ranges.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err(e) => {
                 *ev.target.lock() = None;
@@ -237,13 +239,14 @@ impl Inner {
         let Some(target) = self.pick_window()? else {
             return Ok(0);
         };
-        let before = self.regions.evacuation.moved.load(Ordering::Relaxed);
-        self.move_out(target, usize::MAX, true)?;
-        self.regions
-            .evacuation
-            .ranges
-            .fetch_add(1, Ordering::Relaxed);
-        Ok(self.regions.evacuation.moved.load(Ordering::Relaxed) - before)
+        let (_, moved) = self.move_out(target, usize::MAX, true)?;
+        if moved > 0 {
+            self.regions
+                .evacuation
+                .ranges
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(moved)
     }
 
     /// The window to empty: see the module docs. None if none qualifies.
@@ -380,18 +383,18 @@ impl Inner {
 
     /// Stores elsewhere at most `budget` blocks of what the head keeps in
     /// `stretch` (blocks written since are on their way already), waiting
-    /// for write-back after each as writes do if `wait`; true when nothing
-    /// is left there (or the log itself moved in: a hole formed there
-    /// meanwhile).
-    fn move_out(&self, stretch: Span, budget: usize, wait: bool) -> Result<bool> {
+    /// for write-back after each as writes do if `wait`. Returns whether
+    /// nothing is left there (or the log itself moved in: a hole formed
+    /// there meanwhile), and the bytes of records moved.
+    fn move_out(&self, stretch: Span, budget: usize, wait: bool) -> Result<(bool, u64)> {
         let Some(in_use) = self.log_in_use() else {
-            return Ok(false); // a compaction or repair: later
+            return Ok((false, 0)); // a compaction or repair: later
         };
         if outside(stretch, &in_use) != [stretch] {
-            return Ok(true);
+            return Ok((true, 0));
         }
         let Some(mut movable) = self.movable_in(&[stretch])?.pop() else {
-            return Ok(true);
+            return Ok((true, 0));
         };
         if !movable.leaves.is_empty() {
             let mut map = self.map.write();
@@ -420,7 +423,7 @@ impl Inner {
             .evacuation
             .moved
             .fetch_add(bytes, Ordering::Relaxed);
-        Ok(blocks < budget)
+        Ok((blocks < budget, bytes))
     }
 }
 
