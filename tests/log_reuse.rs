@@ -281,7 +281,7 @@ fn compactions_beside_writes_that_move_the_log() {
 }
 
 /// Writes `writes` 4 KiB blocks (patterns of `seed`), the `i`th to block `pick(i)`, keeping
-/// `model` in step, with a checkpoint every 64 (and an evacuation before
+/// `model` in step, with a flush and a checkpoint every 64 (and an evacuation before
 /// it if `evacuate`); returns the file's length (MiB) every 10,000 writes.
 fn write_blocks(
     img: &Image,
@@ -299,6 +299,9 @@ fn write_blocks(
         img.write_at(&data, off).unwrap();
         model[off as usize..off as usize + 4096].copy_from_slice(&data);
         if i % 64 == 63 {
+            // Written back first: what died is judged at the checkpoint
+            // however far behind write-back is on a loaded machine.
+            img.flush().unwrap();
             if evacuate {
                 img.evacuate().unwrap();
             }
@@ -341,14 +344,19 @@ fn evacuation_frees_ranges_that_cold_blocks_pin() {
     let writes = 60_000u64;
     let lengths = hot_and_cold(&img, store.as_ref(), &mut model, writes, 99);
     // 234 MiB written (and ~60 MiB of checkpoints): 328 MiB long without
-    // the evacuations, ~53 MiB with them.
+    // the evacuations, ~32 MiB with them.
     let (moved, ranges) = img.evacuated();
     assert!(
-        store.len().unwrap() <= 12 * DISK && ranges > 100,
+        store.len().unwrap() <= 8 * DISK && ranges > 100,
         "{ranges} ranges evacuated; the file's length (MiB) every 10,000 writes: {lengths:?}"
     );
-    // What moves is a fraction of what is written (~15 % here).
-    assert!(moved < writes * 4096 / 4, "{moved} bytes moved");
+    // What moves is a fraction of what is written (~1/3 here: each range
+    // moves at most a quarter of what it frees, and the log fills what is
+    // freed).
+    assert!(
+        moved < writes * 4096 / 2,
+        "{moved} bytes moved; {ranges} ranges, lengths {lengths:?}"
+    );
     verify(&img, &model, "open");
     img.close().unwrap();
     let img = Image::open_on(store.clone(), &opts()).unwrap();
@@ -443,13 +451,14 @@ fn pages_a_compaction_shares_with_live_records_are_punched_when_those_die() {
     for b in (1..blocks).step_by(2) {
         img.write_at(&pattern(4096, b + 7), b * 4096).unwrap();
     }
+    img.flush().unwrap(); // written back: dead at the checkpoint
     img.checkpoint().unwrap();
     img.compact().unwrap();
     // Then the others, and the reclaim punches what is held.
     for b in (0..blocks).step_by(2) {
         img.write_at(&pattern(4096, b + 7), b * 4096).unwrap();
     }
-    img.checkpoint().unwrap();
+    img.flush().unwrap();
     img.checkpoint().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let allocated = loop {
@@ -469,4 +478,42 @@ fn pages_a_compaction_shares_with_live_records_are_punched_when_those_die() {
         "{allocated} bytes of the first {fill_end} stay allocated, all of it dead"
     );
     img.close().unwrap();
+}
+
+/// Offline, the end of the file is emptied into the holes below it and
+/// cut (`vbdfs compact`): a file grown long under overwrites shrinks to a
+/// small multiple of its data; every block reads back, and `check` is
+/// clean.
+#[test]
+fn the_end_of_the_file_is_emptied_into_holes_below_and_cut() {
+    let store = Arc::new(MemStore::new());
+    let img = Image::create_on(store.clone(), &disk(Codec::None), &opts()).unwrap();
+    let mut model = vec![0u8; DISK as usize];
+    let blocks = DISK / 4096;
+    let mut rng = Rng(77);
+    let pick = move |_| match rng.below(16) {
+        0 => rng.below(blocks),
+        _ => rng.below(blocks / 8),
+    };
+    write_blocks(&img, store.as_ref(), &mut model, 20_000, pick, false, 77);
+    img.close().unwrap();
+    let long = store.len().unwrap();
+    let region = OpenOptions {
+        log_region_min: Some(1 << 20),
+        ..opts()
+    };
+    let img = Image::open_on(store.clone(), &region).unwrap();
+    img.compact().unwrap();
+    let moved = img.evacuate_tail().unwrap();
+    img.close().unwrap();
+    let short = store.len().unwrap();
+    eprintln!("{long} -> {short}, moved {moved}");
+    assert!(
+        short < 3 * DISK && moved < DISK * 2,
+        "the file: {long} -> {short} bytes, {moved} bytes moved"
+    );
+    let img = Image::open_on(store.clone(), &opts()).unwrap();
+    verify(&img, &model, "shrunk");
+    let report = img.check().unwrap();
+    assert!(report.is_ok(), "check: {:?}", report.bad);
 }

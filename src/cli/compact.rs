@@ -1,4 +1,5 @@
-//! `vbdfs compact IMAGE`: return the host space of dead records offline.
+//! `vbdfs compact IMAGE`: return the host space of dead records offline,
+//! and shorten the file (its end emptied into the holes below).
 
 use super::options::format_size;
 use super::CompactArgs;
@@ -29,18 +30,20 @@ pub fn run(args: &CompactArgs) -> Result<()> {
     let image =
         super::keys::open(&canon, &opts).map_err(|e| mountinfo::explain_locked(&canon, e, true))?;
     let report = image.compact()?;
-    // The log back into the file's first hole big enough: the close then
-    // cuts the holes that end the file.
-    image.checkpoint()?;
+    // The end of the file emptied into the holes below it and cut, the log
+    // in the first hole big enough: the close then cuts the holes that end
+    // the file.
+    let moved = image.evacuate_tail()?;
     image.close()?;
     say!(
-        "{}: live data {}, host space {} -> {}, file length {} -> {}",
+        "{}: live data {}, host space {} -> {}, file length {} -> {} ({} of records moved)",
         args.image.display(),
         format_size(report.live_bytes),
         format_size(before),
         format_size(host_space()),
         format_size(long_before),
-        format_size(length())
+        format_size(length()),
+        format_size(moved)
     )?;
     Ok(())
 }

@@ -54,7 +54,7 @@ pub enum Command {
     Import(ImportArgs),
     /// Convert an image into a raw file (or qcow2 when DEST ends in .qcow2).
     Export(ExportArgs),
-    /// Reclaim space held by overwritten blocks and deleted snapshots (offline; mounted: MOUNTPOINT/control).
+    /// Reclaim space held by overwritten blocks and deleted snapshots, and shorten the file (offline; mounted: MOUNTPOINT/control).
     Compact(CompactArgs),
     /// Change the key of an encrypted image (rewrites only its keyslots, not the data).
     Rekey(RekeyArgs),

@@ -279,6 +279,13 @@ impl DeadSpace {
             if s.runs.touches((a, b)) {
                 // A neighbour died while this run was being punched.
                 s.runs.add((a, b));
+                continue;
+            }
+            // The crumb of a neighbour punched before (runs apart, taken
+            // in one batch) may complete the page: then it is due.
+            let (a, b) = s.with_crumbs((a, b));
+            if a.next_multiple_of(PAGE) < b & !(PAGE - 1) {
+                s.runs.add((a, b));
             } else if s.crumbs.len() < MAX_CRUMBS {
                 s.crumbs.insert(a, b);
             }
@@ -366,6 +373,18 @@ mod tests {
         assert_eq!(d.bytes(), 100);
         d.forget((900, 1200));
         assert!(d.state.lock().crumbs.is_empty());
+    }
+
+    #[test]
+    fn crumbs_that_complete_a_page_are_punched() {
+        let d = DeadSpace::default();
+        // Two runs that end and start in the page 12288..16384, punched
+        // apart: their crumbs meet and the page is due.
+        d.punched((8192 - 64, 12288 + 100));
+        assert!(d.next_due().is_none() || d.bytes() == 0);
+        d.punched((12288 + 100, 20480 + 50));
+        assert_eq!(d.take_longest_over(0), Some((12288, 16384)));
+        assert!(d.covers((8128, 8192)) && d.covers((20480, 20530)));
     }
 
     #[test]

@@ -45,9 +45,23 @@ use std::time::{Duration, Instant};
 
 /// After a look for a window that found none, the next waits this long.
 const PICK_AGAIN_AFTER: Duration = Duration::from_secs(2);
-/// What a window's evacuation moves is at most 1/`MOVE_SHARE` of the hole
-/// it makes.
-const MOVE_SHARE: u64 = 4;
+/// What a window's evacuation moves is at most this share of the hole it
+/// makes (in quarters).
+const MOVE_SHARE: Quarters = Quarters(1);
+/// The same for `evacuate_tail` (offline, making room below the end of the
+/// file: dearer, but nothing else waits).
+const MOVE_SHARE_OFFLINE: Quarters = Quarters(3);
+
+/// A share, in quarters.
+#[derive(Debug, Clone, Copy)]
+struct Quarters(u64);
+
+impl Quarters {
+    /// True if `part` is at most this share of `whole`.
+    fn allows(self, part: u64, whole: u64) -> bool {
+        part.saturating_mul(4) <= whole.saturating_mul(self.0)
+    }
+}
 /// Blocks one step moves at most (a step runs between two punches of the
 /// reclaim thread: each block is read and decoded).
 const STEP_BLOCKS: usize = 64;
@@ -57,6 +71,9 @@ const WINDOWS_WEIGHED: usize = 4;
 /// After a failure (a block that cannot be read), the next pick waits this
 /// long.
 const AFTER_FAILURE: Duration = Duration::from_secs(60);
+/// Mostly dead ranges `evacuate_tail` empties to make a hole below the end
+/// of the file for the log, at most.
+const MAKE_ROOM_TRIES: u32 = 8;
 /// Holes one pick looks at, at most (two `lseek` calls each on a file).
 const HOLES_LOOKED_AT: usize = 1 << 16;
 
@@ -65,6 +82,8 @@ const HOLES_LOOKED_AT: usize = 1 << 16;
 pub(super) struct Evacuation {
     /// The log found no hole big enough since the last pick.
     wanted: AtomicBool,
+    /// `evacuate_tail` runs: no step of the reclaim thread's.
+    offline: AtomicBool,
     /// No look for a window before this (the last found none, or failed).
     not_before: Mutex<Option<Instant>>,
     /// The range being emptied, and the bytes moved out of it so far.
@@ -185,14 +204,14 @@ impl Inner {
     /// One step of the reclaim thread: goes on emptying the range being
     /// emptied, or picks one when the log found no hole big enough.
     pub(super) fn evacuate_step(&self) {
-        if self.read_only || self.check_failed().is_err() {
+        let ev = &self.regions.evacuation;
+        if self.read_only || self.check_failed().is_err() || ev.offline.load(Ordering::Acquire) {
             return;
         }
-        let ev = &self.regions.evacuation;
         let current = *ev.target.lock();
         let (target, moved_before) = match current {
             Some(t) => t,
-            None if ev.take_due() => match self.pick_window() {
+            None if ev.take_due() => match self.pick_window(MOVE_SHARE) {
                 Ok(Some(t)) => {
                     ::log::debug!("emptying {}..{} of the image file for the log", t.0, t.1);
                     *ev.target.lock() = Some((t, 0));
@@ -236,7 +255,12 @@ impl Inner {
     /// (waiting for write-back as writes do); the bytes moved (0: no window
     /// qualifies). For tests and offline tools.
     pub(super) fn evacuate_now(&self) -> Result<u64> {
-        let Some(target) = self.pick_window()? else {
+        self.evacuate_share(MOVE_SHARE)
+    }
+
+    /// [`Inner::evacuate_now`], moving at most `share` of what it frees.
+    fn evacuate_share(&self, share: Quarters) -> Result<u64> {
+        let Some(target) = self.pick_window(share)? else {
             return Ok(0);
         };
         let (_, moved) = self.move_out(target, usize::MAX, true)?;
@@ -250,7 +274,7 @@ impl Inner {
     }
 
     /// The window to empty: see the module docs. None if none qualifies.
-    fn pick_window(&self) -> Result<Option<Span>> {
+    fn pick_window(&self, share: Quarters) -> Result<Option<Span>> {
         let Some(in_use) = self.log_in_use() else {
             return Ok(None);
         };
@@ -269,7 +293,7 @@ impl Inner {
             }
             let occupied = self.occupied(window, &mut looked)?;
             let bytes: u64 = occupied.iter().map(|(a, b)| b - a).sum();
-            if bytes > 0 && bytes * MOVE_SHARE <= window.1 - window.0 {
+            if bytes > 0 && share.allows(bytes, window.1 - window.0) {
                 windows.push((window, occupied));
             }
         }
@@ -294,7 +318,7 @@ impl Inner {
                 .sum();
             if stretch.1 - stretch.0 >= min + 2 * LOG_UNIT
                 && cost > 0
-                && cost * MOVE_SHARE <= stretch.1 - stretch.0
+                && share.allows(cost, stretch.1 - stretch.0)
                 && best.is_none_or(|(c, _)| cost < c)
             {
                 best = Some((cost, stretch));
@@ -428,6 +452,100 @@ impl Inner {
 }
 
 impl super::Image {
+    /// Offline (`vbdfs compact`): empties the end of the image file, window
+    /// by window, into the holes below it, cutting the file as it goes.
+    /// While the log's run is not below the last window (no hole below was
+    /// big enough), mostly dead ranges are emptied first to make one. Stops
+    /// when a round gains nothing (at a record that cannot move: one a
+    /// snapshot holds, the snapshot table), when no room can be made, or
+    /// after moving twice the file's length. Returns the bytes of records
+    /// moved.
+    pub fn evacuate_tail(&self) -> Result<u64> {
+        let inner = &self.inner;
+        // Runs in holes at most two windows long: the run the log is in
+        // then never reaches far above what it fills.
+        let longest = &inner.regions.longest_run;
+        longest.store(4 * inner.smallest_region(), Ordering::Relaxed);
+        let offline = &inner.regions.evacuation.offline;
+        offline.store(true, Ordering::Release);
+        let moved = self.evacuate_tail_with_short_runs();
+        offline.store(false, Ordering::Release);
+        longest.store(u64::MAX, Ordering::Relaxed);
+        moved
+    }
+
+    fn evacuate_tail_with_short_runs(&self) -> Result<u64> {
+        let inner = &self.inner;
+        // Bounds: what moves is at most twice the file's length, and at
+        // most MAKE_ROOM_TRIES rounds in a row make room.
+        let budget = 2 * inner.file_len()?;
+        let (mut total, mut last_end, mut tries, mut compacted) = (0, u64::MAX, 0, false);
+        loop {
+            // The last round's records dead and punched, the log in the
+            // first hole big enough (`Image::checkpoint`).
+            self.checkpoint()?;
+            inner.cut_trailing_holes(&inner.log.lock());
+            let end = inner.file_len()?;
+            let Some(in_use) = inner.log_in_use() else {
+                // A compaction (the reclaim thread's) holds moves off.
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            let width = 2 * inner.smallest_region();
+            let window = (end.saturating_sub(width).max(LOG_START), end);
+            if window.0 >= window.1 || total > budget {
+                break;
+            }
+            let run = inner.log.lock().run_extent();
+            if run.1 > window.0 || outside(window, &in_use) != [window] {
+                // The log into the first hole big enough if it lies below
+                // the window; without one, a mostly dead range emptied to
+                // make one.
+                tries += 1;
+                last_end = u64::MAX;
+                if tries > MAKE_ROOM_TRIES {
+                    break;
+                }
+                if inner.find_region().is_some_and(|(_, b)| b <= window.0) {
+                    inner.commit_moving(false, None, super::regions::Wish::OutOf(run))?;
+                    continue;
+                }
+                match inner.evacuate_share(MOVE_SHARE_OFFLINE)? {
+                    0 => break,
+                    moved => total += moved,
+                }
+                self.flush()?;
+                continue;
+            }
+            tries = 0;
+            if end >= last_end {
+                // The last round gained nothing: records dead but not
+                // judged (those that died above the log's start while it
+                // ran at the end of the file) are found by a compaction,
+                // once; else nothing more can go.
+                if compacted {
+                    break;
+                }
+                compacted = true;
+                inner.compact()?;
+                last_end = u64::MAX;
+                continue;
+            }
+            compacted = false;
+            last_end = end;
+            let occupied = inner.occupied(window, &mut 0)?;
+            let movable = inner.movable_in(&[window])?.pop().unwrap_or_default();
+            let blockers = less(&occupied, &movable.leaving());
+            let stretch = (blockers.last().map_or(window.0, |b| b.1.max(window.0)), end);
+            // Above the last record that cannot move (yet: one dead since
+            // the last checkpoint is judged at the next).
+            let (_, moved) = inner.move_out(stretch, usize::MAX, true)?;
+            total += moved;
+            self.flush()?;
+        }
+        Ok(total)
+    }
+
     /// Empties one mostly dead range of the image file for the log to move
     /// into, if one qualifies ([`super::evacuate`]); returns the bytes of
     /// records stored elsewhere. The reclaim thread does this on its own

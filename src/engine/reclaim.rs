@@ -132,8 +132,13 @@ impl Inner {
         if let Err(e) = result {
             ::log::warn!("trimming the preallocated log failed: {e}");
         }
-        // Holes that end the file (the log moved away from there): cut
-        // them, never below the log's tail or what the superblock replays.
+        self.cut_trailing_holes(&log);
+    }
+
+    /// Cuts the holes that end the file (the log moved away from there),
+    /// never below the log's tail or what the superblock replays; `log` is
+    /// the log, locked (no append meanwhile).
+    pub(super) fn cut_trailing_holes(&self, log: &super::log::LogTail) {
         let floor = align_up(log.off.max(self.sb.lock().log_start_off), LOG_UNIT);
         if let Some(start) = super::regions::trailing_hole(self.store.as_ref(), floor) {
             let cut = align_up(start.max(floor), LOG_UNIT);

@@ -104,6 +104,10 @@ pub(super) struct Regions {
     min: AtomicU64,
     /// Compactions and repairs in progress: no move into a hole.
     paused: AtomicU32,
+    /// The longest run a move into a hole takes (the hole's start to its
+    /// end by default; shorter while `evacuate_tail` fills the holes low
+    /// in the file, so that a run does not keep the file from being cut).
+    pub longest_run: AtomicU64,
     last_search: Mutex<Option<Instant>>,
     /// Read by whoever takes held dead space and punches it; written by a
     /// move while it forgets what is held in its hole.
@@ -156,6 +160,7 @@ impl Regions {
         Regions {
             min: AtomicU64::new(min.unwrap_or(REGION_MIN).max(LOG_UNIT)),
             paused: AtomicU32::new(0),
+            longest_run: AtomicU64::new(u64::MAX),
             last_search: Mutex::new(None),
             reuse: RwLock::new(()),
             moves: AtomicU64::new(0),
@@ -327,7 +332,8 @@ impl Inner {
             Some(next) if search(next.1).is_none() => self.regions.evacuation.want(),
             Some(_) => {}
         }
-        Some(found)
+        let longest = self.regions.longest_run.load(Ordering::Relaxed);
+        Some((found.0, found.1.min(found.0.saturating_add(longest))))
     }
 
     /// What the log may still need, as two ranges of the file: what the
