@@ -517,3 +517,42 @@ fn the_end_of_the_file_is_emptied_into_holes_below_and_cut() {
     let report = img.check().unwrap();
     assert!(report.is_ok(), "check: {:?}", report.bad);
 }
+
+/// An open that finds far more host space than the head's data (what a
+/// crash left held, what earlier sessions could not punch, a copy that
+/// filled the holes) compacts it away in the background, unasked.
+#[test]
+fn an_open_over_much_dead_space_compacts_it() {
+    let store = Arc::new(MemStore::new());
+    let img = Image::create_on(store.clone(), &disk(Codec::None), &opts()).unwrap();
+    let mut rng = Rng(5);
+    for i in 0..30_000u64 {
+        let off = rng.below(DISK / 4096) * 4096;
+        img.write_at(&pattern(4096, i), off).unwrap();
+    }
+    img.close().unwrap();
+    // Copied without its holes: every byte allocated, ~125 MB for 8 MiB.
+    let copied = Arc::new(MemStore::from_bytes(store.to_bytes()));
+    let before = copied.allocated().unwrap();
+    assert!(before > 100 << 20, "{before} bytes allocated");
+    // Holes the log can move into (several: the last one would ask for a
+    // compaction on its own), as earlier punches leave them.
+    let len = copied.len().unwrap();
+    for i in 0..4 {
+        let at = len + i * (9 << 20);
+        copied.write_at(&[1u8; 4096], at + (8 << 20)).unwrap();
+        copied.punch_hole(at, 8 << 20).unwrap();
+    }
+    let region = OpenOptions {
+        log_region_min: Some(1 << 20),
+        ..opts()
+    };
+    let img = Image::open_on(copied.clone(), &region).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while copied.allocated().unwrap() > 4 * DISK && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let after = copied.allocated().unwrap();
+    assert!(after <= 4 * DISK, "{before} -> {after} bytes allocated");
+    img.close().unwrap();
+}

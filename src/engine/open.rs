@@ -349,7 +349,14 @@ pub(super) fn load(
     let block_cache = open.cache_bytes - super::threads_reserve(open, 1 << sb.block_shift);
     let (kick, kick_rx) = crossbeam_channel::bounded(1);
     let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
-    Ok(Inner {
+    // Host space far beyond the head's data: dead space earlier sessions
+    // left (their reclaim held the partly dead pages in memory only, a
+    // crash its held runs). The reclaim thread compacts it away.
+    let left_dead = !open.read_only
+        && store
+            .allocated()
+            .is_some_and(|held| held > 2 * map.stored_bytes + LEFT_DEAD_MIN);
+    let inner = Inner {
         recovery_notes,
         rewrite: damaged.rewrite,
         read_only: open.read_only,
@@ -394,5 +401,13 @@ pub(super) fn load(
         run_bufs: Default::default(),
         sb: Mutex::new(sb),
         store,
-    })
+    };
+    if left_dead {
+        inner.regions.want_compaction();
+    }
+    Ok(inner)
 }
+
+/// Host space beyond twice the head's data that makes an open ask for a
+/// compaction.
+const LEFT_DEAD_MIN: u64 = 64 << 20;

@@ -126,11 +126,18 @@ pub(super) struct Regions {
 }
 
 impl Regions {
+    /// A compaction is wanted (the reclaim thread runs it; the close does,
+    /// if the session ends first).
+    pub fn want_compaction(&self) {
+        self.compaction_wanted
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// The log found no hole big enough: the partly dead pages the
     /// sessions before this one left (their reclaim kept them in memory
     /// only, waiting for their neighbours to die) and the dead space a
-    /// crash left split the holes; a compaction returns them.
-    /// An evacuation is wanted too: the last live records of mostly dead
+    /// crash left split the holes; a compaction returns them. An
+    /// evacuation is wanted too: the last live records of mostly dead
     /// ranges keep those from ever joining a hole ([`super::evacuate`]).
     fn short_of_holes(&self) {
         self.compaction_wanted

@@ -60,6 +60,14 @@ impl Holes {
         self.fill(len, u64::MAX);
     }
 
+    /// Bytes of `[0, len)` in holes.
+    pub fn bytes_below(&self, len: u64) -> u64 {
+        self.0
+            .iter()
+            .map(|(&s, &e)| e.min(len).saturating_sub(s))
+            .sum()
+    }
+
     /// The first hole of at least `min_len` bytes in `[from, to)`, clipped
     /// to it.
     pub fn find(&self, from: u64, to: u64, min_len: u64) -> Option<(u64, u64)> {

@@ -100,4 +100,10 @@ impl Store for MemStore {
     fn find_hole(&self, from: u64, to: u64, min_len: u64) -> io::Result<Option<(u64, u64)>> {
         Ok(self.holes.lock().find(from, to, min_len))
     }
+
+    /// What is not in holes, to the byte (a host file system counts pages).
+    fn allocated(&self) -> Option<u64> {
+        let len = self.bytes.read().len() as u64;
+        Some(len - self.holes.lock().bytes_below(len))
+    }
 }
