@@ -80,6 +80,16 @@ fn moving_image(store: &Arc<MemStore>, c: &CreateOptions) -> Image {
     img
 }
 
+/// Closes `img`, reopens its store and requires every byte of `model`
+/// and a clean `check`.
+fn close_reopen_check(img: Image, store: &Arc<MemStore>, model: &[u8]) {
+    img.close().unwrap();
+    let img = Image::open_on(store.clone(), &opts()).unwrap();
+    verify(&img, model, "reopened");
+    let report = img.check().unwrap();
+    assert!(report.is_ok(), "check: {:?}", report.bad);
+}
+
 fn verify(img: &Image, model: &[u8], what: &str) {
     let mut got = vec![0u8; model.len()];
     img.read_at(&mut got, 0).unwrap();
@@ -100,11 +110,7 @@ fn endless_overwrites_keep_the_file_length_bounded() {
     let grown = overwrite(&img, store.as_ref(), &mut model, 6400, 7);
     verify(&img, &model, "open");
     assert_settled(&img, grown, 10, 6 * DISK);
-    img.close().unwrap();
-    let img = Image::open_on(store.clone(), &opts()).unwrap();
-    verify(&img, &model, "reopened");
-    let report = img.check().unwrap();
-    assert!(report.is_ok(), "check: {:?}", report.bad);
+    close_reopen_check(img, &store, &model);
 }
 
 /// The same on a real file: the host file system reports the holes
@@ -358,11 +364,7 @@ fn evacuation_frees_ranges_that_cold_blocks_pin() {
         "{moved} bytes moved; {ranges} ranges, lengths {lengths:?}"
     );
     verify(&img, &model, "open");
-    img.close().unwrap();
-    let img = Image::open_on(store.clone(), &opts()).unwrap();
-    verify(&img, &model, "reopened");
-    let report = img.check().unwrap();
-    assert!(report.is_ok(), "check: {:?}", report.bad);
+    close_reopen_check(img, &store, &model);
 }
 
 /// Evacuations beside a snapshot: the records it holds stay (a head block
@@ -424,11 +426,7 @@ fn evacuation_leaves_what_a_snapshot_holds() {
         "{ranges} ranges, {moved} bytes moved ({moved_under_snapshot} under the snapshot)"
     );
     verify(&img, &model, "after the deletion");
-    img.close().unwrap();
-    let img = Image::open_on(store.clone(), &opts()).unwrap();
-    verify(&img, &model, "reopened");
-    let report = img.check().unwrap();
-    assert!(report.is_ok(), "check: {:?}", report.bad);
+    close_reopen_check(img, &store, &model);
 }
 
 /// A compaction punches the whole pages of the dead ranges it finds and

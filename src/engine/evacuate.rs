@@ -8,8 +8,8 @@
 //! writes to a 512 MiB zstd disk: after two minutes the file was 5.4 GB
 //! long, ten times the disk, in ~4,500 holes none of them 256 MiB long).
 //!
-//! When the log finds no hole big enough, the reclaim thread **evacuates**
-//! a range: among windows of twice the smallest run's length it picks one
+//! When the log takes its last hole big enough but one, or finds none, the
+//! reclaim thread **evacuates** a range: among windows of twice the smallest run's length it picks one
 //! whose every occupied byte (allocated in the file and not held as dead
 //! space) belongs to a record it can store elsewhere, with the fewest such
 //! bytes (at most a quarter of what it frees), and stores them elsewhere:
@@ -31,7 +31,8 @@
 //! A step moves at most [`STEP_BLOCKS`] blocks, beside the guest's writes
 //! (under a steady load write-back never catches up) but never past the
 //! dirty level where the last writers wait: what it moves is at most a
-//! quarter of what it frees.
+//! quarter of what it frees. Offline, [`super::shrink`] empties the end of
+//! the file the same way.
 
 use super::copies::second_off;
 use super::deadspace::{Span, PAGE};
@@ -48,13 +49,10 @@ const PICK_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// What a window's evacuation moves is at most this share of the hole it
 /// makes (in quarters).
 const MOVE_SHARE: Quarters = Quarters(1);
-/// The same for `evacuate_tail` (offline, making room below the end of the
-/// file: dearer, but nothing else waits).
-const MOVE_SHARE_OFFLINE: Quarters = Quarters(3);
 
 /// A share, in quarters.
 #[derive(Debug, Clone, Copy)]
-struct Quarters(u64);
+pub(super) struct Quarters(pub u64);
 
 impl Quarters {
     /// True if `part` is at most this share of `whole`.
@@ -71,9 +69,6 @@ const WINDOWS_WEIGHED: usize = 4;
 /// After a failure (a block that cannot be read), the next pick waits this
 /// long.
 const AFTER_FAILURE: Duration = Duration::from_secs(60);
-/// Mostly dead ranges `evacuate_tail` empties to make a hole below the end
-/// of the file for the log, at most.
-const MAKE_ROOM_TRIES: u32 = 8;
 /// Holes one pick looks at, at most (two `lseek` calls each on a file).
 const HOLES_LOOKED_AT: usize = 1 << 16;
 
@@ -83,7 +78,7 @@ pub(super) struct Evacuation {
     /// The log found no hole big enough since the last pick.
     wanted: AtomicBool,
     /// `evacuate_tail` runs: no step of the reclaim thread's.
-    offline: AtomicBool,
+    pub offline: AtomicBool,
     /// No look for a window before this (the last found none, or failed).
     not_before: Mutex<Option<Instant>>,
     /// The range being emptied, and the bytes moved out of it so far.
@@ -114,7 +109,7 @@ impl Evacuation {
 
 /// What lies in a window that can be stored elsewhere.
 #[derive(Debug, Default)]
-struct Movable {
+pub(super) struct Movable {
     blocks: Vec<(u64, MapEntry)>,
     leaves: Vec<(u64, LeafPtr)>,
     /// Records the head stopped referencing since the last checkpoint:
@@ -136,7 +131,7 @@ impl Movable {
     }
 
     /// The byte ranges that will not stay: what moves, and what is dying.
-    fn leaving(&self) -> Vec<Span> {
+    pub(super) fn leaving(&self) -> Vec<Span> {
         let mut spans = self.spans();
         spans.extend(&self.dying);
         spans.sort_unstable();
@@ -162,7 +157,7 @@ fn overlaps((a, b): Span, (c, d): Span) -> bool {
 /// `spans` (sorted, disjoint) less `minus` (sorted, disjoint), each of
 /// `minus` widened to whole pages (holes are whole pages: a page a record
 /// ends in is allocated for it).
-fn less(spans: &[Span], minus: &[Span]) -> Vec<Span> {
+pub(super) fn less(spans: &[Span], minus: &[Span]) -> Vec<Span> {
     let widen = |&(c, d): &Span| (c & !(PAGE - 1), align_up(d, PAGE));
     let (mut out, mut first) = (Vec::new(), 0);
     for &(a, b) in spans {
@@ -259,7 +254,7 @@ impl Inner {
     }
 
     /// [`Inner::evacuate_now`], moving at most `share` of what it frees.
-    fn evacuate_share(&self, share: Quarters) -> Result<u64> {
+    pub(super) fn evacuate_share(&self, share: Quarters) -> Result<u64> {
         let Some(target) = self.pick_window(share)? else {
             return Ok(0);
         };
@@ -330,7 +325,7 @@ impl Inner {
     /// The parts of `window` allocated in the file and not held as dead
     /// space. Counts the holes looked at in `looked`; past the limit the
     /// rest counts as occupied.
-    fn occupied(&self, (start, end): Span, looked: &mut usize) -> Result<Vec<Span>> {
+    pub(super) fn occupied(&self, (start, end): Span, looked: &mut usize) -> Result<Vec<Span>> {
         let mut data = Vec::new();
         let mut at = start;
         while at < end {
@@ -362,7 +357,7 @@ impl Inner {
     /// What the head keeps in each of `windows` (sorted, disjoint) that can
     /// be stored elsewhere: DATA records no snapshot holds, LEAF records no
     /// snapshot's index names.
-    fn movable_in(&self, windows: &[Span]) -> Result<Vec<Movable>> {
+    pub(super) fn movable_in(&self, windows: &[Span]) -> Result<Vec<Movable>> {
         let newest = self.snapshot_entries().iter().map(|s| s.gen).max();
         let meta = match newest {
             Some(_) => self.snapshot_meta()?,
@@ -410,7 +405,7 @@ impl Inner {
     /// for write-back after each as writes do if `wait`. Returns whether
     /// nothing is left there (or the log itself moved in: a hole formed
     /// there meanwhile), and the bytes of records moved.
-    fn move_out(&self, stretch: Span, budget: usize, wait: bool) -> Result<(bool, u64)> {
+    pub(super) fn move_out(&self, stretch: Span, budget: usize, wait: bool) -> Result<(bool, u64)> {
         let Some(in_use) = self.log_in_use() else {
             return Ok((false, 0)); // a compaction or repair: later
         };
@@ -452,100 +447,6 @@ impl Inner {
 }
 
 impl super::Image {
-    /// Offline (`vbdfs compact`): empties the end of the image file, window
-    /// by window, into the holes below it, cutting the file as it goes.
-    /// While the log's run is not below the last window (no hole below was
-    /// big enough), mostly dead ranges are emptied first to make one. Stops
-    /// when a round gains nothing (at a record that cannot move: one a
-    /// snapshot holds, the snapshot table), when no room can be made, or
-    /// after moving twice the file's length. Returns the bytes of records
-    /// moved.
-    pub fn evacuate_tail(&self) -> Result<u64> {
-        let inner = &self.inner;
-        // Runs in holes at most two windows long: the run the log is in
-        // then never reaches far above what it fills.
-        let longest = &inner.regions.longest_run;
-        longest.store(4 * inner.smallest_region(), Ordering::Relaxed);
-        let offline = &inner.regions.evacuation.offline;
-        offline.store(true, Ordering::Release);
-        let moved = self.evacuate_tail_with_short_runs();
-        offline.store(false, Ordering::Release);
-        longest.store(u64::MAX, Ordering::Relaxed);
-        moved
-    }
-
-    fn evacuate_tail_with_short_runs(&self) -> Result<u64> {
-        let inner = &self.inner;
-        // Bounds: what moves is at most twice the file's length, and at
-        // most MAKE_ROOM_TRIES rounds in a row make room.
-        let budget = 2 * inner.file_len()?;
-        let (mut total, mut last_end, mut tries, mut compacted) = (0, u64::MAX, 0, false);
-        loop {
-            // The last round's records dead and punched, the log in the
-            // first hole big enough (`Image::checkpoint`).
-            self.checkpoint()?;
-            inner.cut_trailing_holes(&inner.log.lock());
-            let end = inner.file_len()?;
-            let Some(in_use) = inner.log_in_use() else {
-                // A compaction (the reclaim thread's) holds moves off.
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            };
-            let width = 2 * inner.smallest_region();
-            let window = (end.saturating_sub(width).max(LOG_START), end);
-            if window.0 >= window.1 || total > budget {
-                break;
-            }
-            let run = inner.log.lock().run_extent();
-            if run.1 > window.0 || outside(window, &in_use) != [window] {
-                // The log into the first hole big enough if it lies below
-                // the window; without one, a mostly dead range emptied to
-                // make one.
-                tries += 1;
-                last_end = u64::MAX;
-                if tries > MAKE_ROOM_TRIES {
-                    break;
-                }
-                if inner.find_region().is_some_and(|(_, b)| b <= window.0) {
-                    inner.commit_moving(false, None, super::regions::Wish::OutOf(run))?;
-                    continue;
-                }
-                match inner.evacuate_share(MOVE_SHARE_OFFLINE)? {
-                    0 => break,
-                    moved => total += moved,
-                }
-                self.flush()?;
-                continue;
-            }
-            tries = 0;
-            if end >= last_end {
-                // The last round gained nothing: records dead but not
-                // judged (those that died above the log's start while it
-                // ran at the end of the file) are found by a compaction,
-                // once; else nothing more can go.
-                if compacted {
-                    break;
-                }
-                compacted = true;
-                inner.compact()?;
-                last_end = u64::MAX;
-                continue;
-            }
-            compacted = false;
-            last_end = end;
-            let occupied = inner.occupied(window, &mut 0)?;
-            let movable = inner.movable_in(&[window])?.pop().unwrap_or_default();
-            let blockers = less(&occupied, &movable.leaving());
-            let stretch = (blockers.last().map_or(window.0, |b| b.1.max(window.0)), end);
-            // Above the last record that cannot move (yet: one dead since
-            // the last checkpoint is judged at the next).
-            let (_, moved) = inner.move_out(stretch, usize::MAX, true)?;
-            total += moved;
-            self.flush()?;
-        }
-        Ok(total)
-    }
-
     /// Empties one mostly dead range of the image file for the log to move
     /// into, if one qualifies ([`super::evacuate`]); returns the bytes of
     /// records stored elsewhere. The reclaim thread does this on its own

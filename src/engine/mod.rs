@@ -42,6 +42,7 @@ mod replay;
 mod resize;
 mod resume;
 mod rw;
+mod shrink;
 mod snapshot;
 mod snaptable;
 mod space;
