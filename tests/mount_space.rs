@@ -266,3 +266,66 @@ fn overwrites_reuse_the_files_holes_and_read_back() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Through the mount: blocks written once beside a hot eighth of the disk
+/// keep old ranges of the file from dying whole; the daemon moves them out
+/// on its own (`log-run` counts the ranges) and every byte reads back.
+/// Offline, `vbdfs compact` then cuts the file near its data.
+#[test]
+fn cold_blocks_are_moved_out_and_compact_shortens_the_file() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("e.vbd");
+    create(&img, "16M", &["--compress", "none", "--block-size", "4K"]);
+    let mnt = tmp.path().join("mnt");
+    let m = Mount::new(&img, &mnt, Some("cache=32M,log-region=1M"));
+    let mut model = vec![0u8; 16 * MIB as usize];
+    let f = OpenOptions::new().write(true).open(m.disk()).unwrap();
+    let mut write = |at: u64, seed: u64| {
+        let data = pattern(65536, seed);
+        f.write_all_at(&data, at).unwrap();
+        model[at as usize..at as usize + data.len()].copy_from_slice(&data);
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut ranges = 0;
+    for round in 0..400u64 {
+        // The first eighth over and over, one cold piece a round.
+        for k in 0..32u64 {
+            write(((k * 7 + round) % 32) * 65536, round * 100 + k);
+        }
+        write((32 + round % 224) * 65536, round * 100 + 99);
+        f.sync_data().unwrap();
+        std::fs::write(m.control(), "checkpoint").unwrap();
+        let run = m.status_value("log-run").unwrap();
+        ranges = run
+            .rsplit_once("out of ")
+            .and_then(|(_, n)| n.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("log-run: {run}"));
+        if (round > 250 && ranges > 2) || std::time::Instant::now() > deadline {
+            break;
+        }
+    }
+    assert!(ranges > 2, "{ranges} ranges moved out");
+    drop(f);
+    let got = std::fs::read(m.disk()).unwrap();
+    assert!(got == model, "the disk differs from what was written");
+    drop(m);
+    let long = std::fs::metadata(&img).unwrap().len();
+    let out = common::run(&["compact", p(&img)]);
+    assert!(out.status.success(), "compact: {out:?}");
+    let short = std::fs::metadata(&img).unwrap().len();
+    assert!(
+        short < 40 * MIB && short < long,
+        "compact: the file {long} -> {short} bytes"
+    );
+    let out = common::run(&["check", p(&img)]);
+    assert!(out.status.success(), "check: {out:?}");
+    let m = Mount::new(&img, &mnt, Some("cache=32M"));
+    let got = std::fs::read(m.disk()).unwrap();
+    assert!(
+        got == model,
+        "compacted: the disk differs from what was written"
+    );
+}
