@@ -90,6 +90,7 @@ pub(super) struct Evacuation {
 }
 
 impl Evacuation {
+    /// The log is short of holes: the reclaim thread looks for a window.
     pub fn want(&self) {
         self.wanted.store(true, Ordering::Release);
     }
@@ -307,8 +308,8 @@ impl Inner {
             let stretch = longest_free(*window, &less(occupied, &movable.leaving()));
             let cost: u64 = movable
                 .spans()
-                .iter()
-                .filter(|&&s| overlaps(s, stretch))
+                .into_iter()
+                .filter(|&s| overlaps(s, stretch))
                 .map(|(a, b)| b - a)
                 .sum();
             if stretch.1 - stretch.0 >= min + 2 * LOG_UNIT

@@ -339,7 +339,7 @@ impl Inner {
             Some(next) if search(next.1).is_none() => self.regions.evacuation.want(),
             Some(_) => {}
         }
-        let longest = self.regions.longest_run.load(Ordering::Relaxed);
+        let longest = self.regions.longest_run.load(Ordering::Relaxed) & !(LOG_UNIT - 1);
         Some((found.0, found.1.min(found.0.saturating_add(longest))))
     }
 
