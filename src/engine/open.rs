@@ -351,8 +351,10 @@ pub(super) fn load(
     let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
     // Host space far beyond the head's data: dead space earlier sessions
     // left (their reclaim held the partly dead pages in memory only, a
-    // crash its held runs). The reclaim thread compacts it away.
+    // crash its held runs). The reclaim thread compacts it away. (Not with
+    // snapshots, whose data the head's does not count: every mount would.)
     let left_dead = !open.read_only
+        && snaps.count() == 0
         && store
             .allocated()
             .is_some_and(|held| held > 2 * map.stored_bytes + LEFT_DEAD_MIN);
