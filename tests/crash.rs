@@ -38,10 +38,20 @@ fn open_opts() -> OpenOptions {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { off: usize, len: usize, fill: u8 },
-    Discard { off: usize, len: usize },
+    Write {
+        off: usize,
+        len: usize,
+        fill: u8,
+    },
+    Discard {
+        off: usize,
+        len: usize,
+    },
     Flush,
     Checkpoint,
+    /// A checkpoint that holds the dead space it finds (as the background
+    /// one does), so the log's moves overwrite it.
+    BackgroundCheckpoint,
     Compact,
     Reopen,
     Evacuate,
@@ -171,6 +181,7 @@ fn run(store: &Arc<FaultStore>, ops: &[Op], key: Option<&KeyMaterial>) -> Oracle
                 ok
             }
             Op::Checkpoint => img.checkpoint().is_ok(),
+            Op::BackgroundCheckpoint => img.background_checkpoint().is_ok(),
             Op::Compact => img.compact().is_ok(),
             Op::Evacuate => img.evacuate().is_ok(),
             Op::Reopen => {
@@ -265,6 +276,18 @@ fn crash_at_every_write_boundary() {
 /// out again when full, to the end of the file for a compaction, and a
 /// reopen starts a run at the end again.
 fn moving_workload(seed: u64) -> Vec<Op> {
+    overwriting_workload(seed, Op::Checkpoint)
+}
+
+/// [`moving_workload`] with checkpoints that hold the dead records instead
+/// of punching them: the log's runs overwrite them, no hole in between.
+fn recycling_workload(seed: u64) -> Vec<Op> {
+    overwriting_workload(seed, Op::BackgroundCheckpoint)
+}
+
+/// Whole-disk overwrites, each followed by `checkpoint` and a few small
+/// writes, discards and flushes; a reopen and a compaction on the way.
+fn overwriting_workload(seed: u64, checkpoint: Op) -> Vec<Op> {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut ops = Vec::new();
     for round in 0..14u8 {
@@ -273,7 +296,7 @@ fn moving_workload(seed: u64) -> Vec<Op> {
             len: DISK,
             fill: round + 1,
         });
-        ops.push(Op::Checkpoint);
+        ops.push(checkpoint.clone());
         for _ in 0..3 {
             let off = rng.below(DISK as u64 - 1) as usize;
             let len = (1 + rng.below(3 * BS as u64) as usize).min(DISK - off);
@@ -309,6 +332,22 @@ fn crash_at_every_write_boundary_while_the_log_moves_into_holes() {
     let checked = sweep_of(moving_workload, None, 1, 4);
     assert!(checked > 100, "only {checked} crash images checked");
     eprintln!("checked {checked} crash images, the log moving");
+}
+
+#[test]
+fn crash_at_every_write_boundary_while_the_log_overwrites_dead_records() {
+    moves::set_region_min(64 << 10);
+    let store = create_store();
+    run(&store, &recycling_workload(1), None);
+    assert!(
+        moves::count() >= 3 && moves::recycled() >= 4 * DISK as u64,
+        "the log moved {} times over {} dead bytes",
+        moves::count(),
+        moves::recycled()
+    );
+    let checked = sweep_of(recycling_workload, None, 1, 4);
+    assert!(checked > 100, "only {checked} crash images checked");
+    eprintln!("checked {checked} crash images, the log overwriting dead records");
 }
 
 #[test]

@@ -113,6 +113,55 @@ fn endless_overwrites_keep_the_file_length_bounded() {
     close_reopen_check(img, &store, &model);
 }
 
+/// Whole-disk sequential overwrites with background checkpoints (which
+/// hold the dead records instead of punching them): the dead runs are long,
+/// kept for the log, and its runs overwrite them, no punch and no hole in
+/// between; every byte reads back, also after a reopen, and the close gives
+/// back what is still held.
+#[test]
+fn sequential_overwrites_are_written_over_dead_records_not_into_holes() {
+    let store = Arc::new(MemStore::new());
+    let c = disk(Codec::None);
+    let img = moving_image(&store, &c);
+    let mut model = vec![0u8; DISK as usize];
+    let (mut half, mut longest) = (0, 0);
+    let passes = 16u64;
+    for pass in 0..passes {
+        for piece in 0..DISK >> 20 {
+            let data = pattern(1 << 20, pass << 8 | piece);
+            let off = piece << 20;
+            img.write_at(&data, off).unwrap();
+            model[off as usize..][..data.len()].copy_from_slice(&data);
+        }
+        img.background_checkpoint().unwrap();
+        // Time for the reclaim thread to punch what is due.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        if pass == passes / 2 {
+            half = store.len().unwrap();
+        }
+        longest = longest.max(store.len().unwrap());
+    }
+    verify(&img, &model, "open");
+    // Written: 16 disks. Without dead space kept for the log, the runs
+    // went into the holes its punches left (nothing was overwritten):
+    // with dead runs punched as they came, 0.
+    assert!(
+        img.log_recycled() >= passes / 2 * DISK,
+        "the log overwrote {} dead bytes of {} written",
+        img.log_recycled(),
+        passes * DISK
+    );
+    assert_settled(&img, (half, longest), 10, 6 * DISK);
+    img.close().unwrap();
+    assert!(
+        store.allocated().unwrap() < 2 * DISK,
+        "{} bytes held after the close",
+        store.allocated().unwrap()
+    );
+    let img = Image::open_on(store.clone(), &opts()).unwrap();
+    close_reopen_check(img, &store, &model);
+}
+
 /// The same on a real file: the host file system reports the holes
 /// (`SEEK_HOLE`), also the log's preallocated range, which must not be
 /// taken for one.

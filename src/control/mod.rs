@@ -33,7 +33,7 @@
 //! | `codec-adapt` | `off`, or with the mount option `adapt`, the fastest level write-back may use and how many blocks it compressed faster than `codec` since the mount: `to zstd:-3 (1234 blocks at faster levels)` |
 //! | `uuid` | image identity |
 //! | `allocated-bytes`, `stored-bytes`, `file-bytes`, `file-allocated-bytes`, `dead-bytes`, `reclaim-pending-bytes` | data held, its compressed size, the image file length, the host space it occupies, the part of it not used by live records, the map, the superblocks or the room allocated ahead of the log, and of that the dead records waiting to be punched |
-//! | `log-run` | where the log appends: `end of file`, or `hole A..B` (byte offsets of the image file it reuses: `engine::regions`), then `(N moves into holes; B bytes moved out of R mostly dead ranges)` since the mount (`engine::evacuate`) |
+//! | `log-run` | where the log appends: `end of file`, or `hole A..B` (byte offsets of the image file it reuses: `engine::regions`), then `(N moves into holes, D bytes of dead records overwritten; B bytes moved out of R mostly dead ranges)` since the mount (`engine::regions`, `engine::evacuate`) |
 //! | `cache-size`, `cache-used`, `cache-hits`, `cache-misses` | the engine's buffer cache |
 //! | `dirty-bytes` | written but not yet durable |
 //! | `generation` | checkpoint generation |
@@ -339,8 +339,9 @@ impl Control {
             None => "end of file".to_string(),
         };
         let log_run = format!(
-            "{log_run} ({} moves into holes; {} bytes moved out of {} mostly dead ranges)",
-            st.log_moves, st.evacuated_bytes, st.evacuated_ranges
+            "{log_run} ({} moves into holes, {} bytes of dead records overwritten; \
+             {} bytes moved out of {} mostly dead ranges)",
+            st.log_moves, st.log_recycled_bytes, st.evacuated_bytes, st.evacuated_ranges
         );
         let lines: [(&str, String); 26] = [
             ("state", if failed { "failed" } else { "mounted" }.into()),

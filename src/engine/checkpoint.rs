@@ -34,10 +34,9 @@ const LEAVES_PER_APPEND: usize = 64;
 #[derive(Debug, Clone, Copy)]
 struct LeftRun {
     tail: u64,
-    /// The store was preallocated up to here.
-    allocated: u64,
-    /// The run was in a hole (else at the end of the file).
-    bounded: bool,
+    /// The run's limit: it was in a hole (or dead space the log
+    /// overwrites) up to there; `u64::MAX` at the end of the file.
+    limit: u64,
 }
 
 /// Write-back takes no room while this lives (a move's new run is not
@@ -137,7 +136,7 @@ impl Inner {
                 // No room is in flight (drained) and none is taken until
                 // the superblock naming the new run is durable.
                 let old = (log.run_extent(), log.off);
-                let (tail, allocated) = log.release_preallocated();
+                let (tail, _) = log.release_preallocated();
                 debug_assert_eq!(tail, old.1);
                 let epoch = super::open::random_u64();
                 match to {
@@ -149,8 +148,7 @@ impl Inner {
                 }
                 left = Some(LeftRun {
                     tail,
-                    allocated,
-                    bounded: old.0 .1 != u64::MAX,
+                    limit: old.0 .1,
                 });
             }
             let mut map = self.map.write();
@@ -258,12 +256,14 @@ impl Inner {
     }
 
     /// After a move is durable: gives back what the run left held past its
-    /// tail (its preallocated range; at the end of the file, by cutting the
-    /// file there). Failure only costs space.
+    /// tail: in a hole, everything to its limit (its preallocated range,
+    /// and the dead records of the range it did not overwrite); at the end
+    /// of the file, by cutting the file there. Failure only costs space.
     fn trim_left_run(&self, left: LeftRun, to: Option<Move>) {
-        let result = match (left.bounded, to) {
-            (true, _) if left.allocated > left.tail => {
-                self.store.punch_hole(left.tail, left.allocated - left.tail)
+        let bounded = left.limit != u64::MAX;
+        let result = match (bounded, to) {
+            (true, _) if left.limit > left.tail => {
+                self.store.punch_hole(left.tail, left.limit - left.tail)
             }
             // From the end of the file into a hole below: nothing lies past
             // the old tail but its preallocation.

@@ -47,6 +47,9 @@ pub struct ImageStats {
     pub log_run_limit: Option<u64>,
     /// Moves of the log into holes of the file in this session.
     pub log_moves: u64,
+    /// Bytes of dead records those moves overwrote (held for the log
+    /// instead of punched) in this session.
+    pub log_recycled_bytes: u64,
     /// Bytes of records stored elsewhere to empty mostly dead ranges of
     /// the file for the log, in this session (`engine::evacuate`).
     pub evacuated_bytes: u64,
@@ -177,6 +180,10 @@ impl Inner {
             log_moves: self
                 .regions
                 .moves
+                .load(std::sync::atomic::Ordering::Relaxed),
+            log_recycled_bytes: self
+                .regions
+                .recycled
                 .load(std::sync::atomic::Ordering::Relaxed),
             evacuated_bytes: self
                 .regions

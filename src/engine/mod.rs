@@ -618,6 +618,17 @@ impl Image {
         self.inner.next_hole(off)
     }
 
+    /// Runs a checkpoint as the background thread does: it may move the log
+    /// (into a hole, or dead space held for it), and the dead space it
+    /// finds is held as the reclaim's policy says (`deadspace`), not
+    /// punched now. For tests and tuning; [`Image::checkpoint`] punches.
+    pub fn background_checkpoint(&self) -> Result<()> {
+        if self.inner.read_only {
+            return Err(Error::new(ErrorKind::ReadOnly, "image is open read-only"));
+        }
+        self.inner.commit_moving(false, None, regions::Wish::Seek)
+    }
+
     /// Runs a checkpoint now (bounds the log replayed by the next open) and
     /// gives back the host space of every record dead by then. It also moves
     /// the log into a hole of the file if one is big enough ([`regions`]).

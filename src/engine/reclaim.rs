@@ -112,20 +112,23 @@ fn outside(span: Span, (start, limit): Span) -> bool {
 
 impl Inner {
     /// After a clean close: gives back the log's preallocated space past its
-    /// tail (the next run would start past it): cuts the file there, or
-    /// punches it when the run is in a hole of the file; then cuts the
-    /// holes that end the file. Failure only costs space.
+    /// tail (the next run would start past it): cuts the file there, or,
+    /// when the run is in a hole of the file, punches everything past the
+    /// tail to the run's limit (the dead records the run did not overwrite
+    /// too); then cuts the holes that end the file. Failure only costs
+    /// space.
     pub(super) fn trim_preallocated(&self) {
         let mut log = self.log.lock();
-        let result = if log.run_extent().1 == u64::MAX {
+        let limit = log.run_extent().1;
+        let result = if limit == u64::MAX {
             match self.file_len() {
                 Ok(len) if len > log.off => self.store.set_len(log.off),
                 _ => Ok(()),
             }
         } else {
-            let (tail, allocated) = log.release_preallocated();
-            match allocated > tail {
-                true => self.store.punch_hole(tail, allocated - tail),
+            let (tail, _) = log.release_preallocated();
+            match limit > tail {
+                true => self.store.punch_hole(tail, limit - tail),
                 false => Ok(()),
             }
         };

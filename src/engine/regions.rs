@@ -114,6 +114,9 @@ pub(super) struct Regions {
     pub reuse: RwLock<()>,
     /// Moves into holes so far (statistics).
     pub moves: AtomicU64,
+    /// Bytes of held dead space the moves took, overwritten by the log
+    /// instead of punched (statistics).
+    pub recycled: AtomicU64,
     /// A compaction would make holes: the reclaim thread runs one
     /// ([`Regions::take_compaction_due`]).
     compaction_wanted: std::sync::atomic::AtomicBool,
@@ -171,6 +174,7 @@ impl Regions {
             last_search: Mutex::new(None),
             reuse: RwLock::new(()),
             moves: AtomicU64::new(0),
+            recycled: AtomicU64::new(0),
             compaction_wanted: Default::default(),
             claims: Mutex::new((0, Default::default())),
             last_compaction: Mutex::new(None),
@@ -278,9 +282,13 @@ impl Inner {
         }
         {
             let mut last = self.regions.last_search.lock();
+            // Dead space held for the log is looked at in memory: a run
+            // of it long enough is taken at once.
+            let waited = last.is_none_or(|t| t.elapsed() >= SEARCH_EVERY)
+                || self.dead_space.longest_run() >= self.smallest_region();
             if limit != u64::MAX
                 || self.regions.paused.load(Ordering::Acquire) > 0
-                || (rate_limited && last.is_some_and(|t| t.elapsed() < SEARCH_EVERY))
+                || (rate_limited && !waited)
             {
                 return None;
             }
@@ -378,7 +386,8 @@ impl Inner {
     /// checkpoint lock (compaction cannot punch meanwhile).
     pub(super) fn claim_region(&self, (start, end): (u64, u64), dead: &DeadSpace) {
         let _no_punch = self.regions.reuse.write();
-        dead.forget((start, end));
+        let recycled = dead.forget((start, end));
+        self.regions.recycled.fetch_add(recycled, Ordering::Relaxed);
         let mut claims = self.regions.claims.lock();
         claims.0 += 1;
         let seq = claims.0;
@@ -460,35 +469,45 @@ impl Inner {
 }
 
 /// The first range of `[from, to)` at least `min` long (unit-aligned)
-/// that holds only holes and dead space the reclaim still holds (runs
-/// of records too short to punch on their own wait between holes for
-/// a long time under a steady load: 1 GiB of them measured, the holes
-/// between them ~2 MB). Looks at most at [`HOLES_LOOKED_AT`] holes.
+/// that holds only holes and dead space the reclaim still holds: the long
+/// dead runs it keeps for the log ([`super::deadspace::KEEP_FOR_LOG`]),
+/// and runs of records too short to punch on their own, which wait between
+/// holes for a long time under a steady load (1 GiB of them measured, the
+/// holes between them ~2 MB). Looks at most at [`HOLES_LOOKED_AT`] holes
+/// and held runs.
 fn dead_range(
     store: &dyn Store,
     dead: &DeadSpace,
     (from, to): (u64, u64),
     min: u64,
 ) -> std::io::Result<Option<(u64, u64)>> {
+    // The range unit-aligned, if it is long enough.
+    let fit = |(a, b): (u64, u64)| {
+        let (a, b) = (align_up(a, LOG_UNIT), b & !(LOG_UNIT - 1));
+        (b > a && b - a >= min).then_some((a, b))
+    };
     let mut at = from;
     let mut range: Option<(u64, u64)> = None;
     for _ in 0..HOLES_LOOKED_AT {
-        let Some((h0, h1)) = store.find_hole(at, to, 1)? else {
-            return Ok(None);
+        let hole = store.find_hole(at, to, 1)?;
+        let held = dead.first_run_in((at, to));
+        // The nearer of the two (a part of the other one that overlaps it
+        // is found again from its end, touching it).
+        let (s0, s1) = match (hole, held) {
+            (None, None) => break,
+            (Some(h), None) | (None, Some(h)) => h,
+            (Some(h), Some(r)) => h.min(r),
         };
         range = match range {
-            Some((a, b)) if dead.covers((b, h0)) => Some((a, h1)),
-            _ => Some((h0, h1)),
+            Some((a, b)) if s0 <= b || dead.covers((b, s0)) => Some((a, b.max(s1))),
+            // Live bytes end the range: the first long enough is taken
+            // whole (the longer the run, the fewer moves).
+            Some(done) if fit(done).is_some() => return Ok(fit(done)),
+            _ => Some((s0, s1)),
         };
-        if let Some((a, b)) = range {
-            let (a, b) = (align_up(a, LOG_UNIT), b & !(LOG_UNIT - 1));
-            if b > a && b - a >= min {
-                return Ok(Some((a, b)));
-            }
-        }
-        at = h1;
+        at = s1.max(at + 1);
     }
-    Ok(None)
+    Ok(range.and_then(fit))
 }
 
 /// The parts of `range` outside every one of `taken`, in order.
@@ -540,6 +559,12 @@ impl super::Image {
     pub fn log_moves(&self) -> u64 {
         self.inner.regions.moves.load(Ordering::Relaxed)
     }
+
+    /// Bytes of dead records the log's moves overwrote in this session
+    /// (held for it, never punched: `deadspace::KEEP_FOR_LOG`).
+    pub fn log_recycled(&self) -> u64 {
+        self.inner.regions.recycled.load(Ordering::Relaxed)
+    }
 }
 
 /// See [`Inner::pause_moves`].
@@ -585,15 +610,39 @@ mod tests {
         // The data between the first two holes is dead, held unpunched.
         dead.add([(12288, 16384)]);
         assert_eq!(find(12288), Some((4096, 24576)));
-        // Between the second and third, only in part.
+        // Between the second and third, only in part: its whole pages
+        // count, the page with live bytes ends the range.
         dead.add([(24576, 30000)]);
-        assert_eq!(find(24576), None);
+        assert_eq!(find(24576), Some((4096, 28672)));
+        assert_eq!(find(28672), None);
         dead.add([(30000, 32768)]);
-        assert_eq!(find(24576), Some((4096, 40960)));
+        assert_eq!(find(28672), Some((4096, 40960)));
         // Never outside the range asked about.
         assert_eq!(
             dead_range(&store, &dead, (0, 20000), 1).unwrap(),
-            Some((4096, 12288))
+            Some((4096, 16384))
         );
+    }
+
+    #[test]
+    fn dead_space_held_for_the_log_is_a_region_without_a_hole() {
+        let store = MemStore::new();
+        store.write_at(&vec![1u8; 128 << 10], 0).unwrap();
+        let dead = DeadSpace::default();
+        let find = |min| dead_range(&store, &dead, (0, 128 << 10), min).unwrap();
+        assert_eq!(find(4096), None, "all live");
+        // Dead from a record starting inside a page: whole pages only.
+        dead.add([(5000, 70000)]);
+        assert_eq!(find(61440), Some((8192, 69632)));
+        assert_eq!(find(65536), None);
+        // A hole right after it (its page's live bytes died and were
+        // punched) joins it.
+        dead.add([(70000, 73728)]);
+        store.punch_hole(73728, 8192).unwrap();
+        assert_eq!(find(65536), Some((8192, 81920)));
+        // A hole before the held run, with live bytes between: apart.
+        store.punch_hole(0, 4096).unwrap();
+        assert_eq!(find(81920), None);
+        assert_eq!(find(4096), Some((0, 4096)), "the first range found");
     }
 }

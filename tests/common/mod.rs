@@ -405,6 +405,7 @@ pub mod moves {
         static REGION_MIN: Cell<u64> = const { Cell::new(0) };
         static MOVES: Cell<u64> = const { Cell::new(0) };
         static EVACUATED: Cell<u64> = const { Cell::new(0) };
+        static RECYCLED: Cell<u64> = const { Cell::new(0) };
     }
 
     /// Images this thread opens move into holes from `bytes` on (0: the
@@ -421,10 +422,11 @@ pub mod moves {
         img
     }
 
-    /// Counts `img`'s moves and evacuated ranges and hands it back (to
-    /// close or drop).
+    /// Counts `img`'s moves, the dead bytes they overwrote and the
+    /// evacuated ranges and hands it back (to close or drop).
     pub fn counted(img: vbdfs::Image) -> vbdfs::Image {
         MOVES.set(MOVES.get() + img.log_moves());
+        RECYCLED.set(RECYCLED.get() + img.log_recycled());
         EVACUATED.set(EVACUATED.get() + img.evacuated().1);
         img
     }
@@ -432,6 +434,11 @@ pub mod moves {
     /// Ranges evacuated on this thread so far (engine `evacuate`).
     pub fn evacuated() -> u64 {
         EVACUATED.get()
+    }
+
+    /// Held dead bytes the moves on this thread overwrote so far.
+    pub fn recycled() -> u64 {
+        RECYCLED.get()
     }
 
     /// Moves counted on this thread so far.
