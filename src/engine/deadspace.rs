@@ -260,15 +260,22 @@ impl DeadSpace {
         self.state.lock().runs.longest().map_or(0, |(s, e)| e - s)
     }
 
-    /// The first run held that reaches into `[at, to)`, cut to it.
-    pub fn first_run_in(&self, (at, to): Span) -> Option<Span> {
+    /// The first run of `long` bytes or more held that reaches into
+    /// `[at, to)`, cut to it (shorter runs are passed over: in memory, no
+    /// more than the runs held).
+    pub fn first_long_run_in(&self, (at, to): Span, long: u64) -> Option<Span> {
         let s = self.state.lock();
-        let before = s.runs.by_start.range(..=at).next_back();
-        let after = s.runs.by_start.range(at..).next();
-        [before, after]
-            .map(|run| run.map(|(&a, &b)| (a.max(at), b.min(to))))
-            .into_iter()
-            .flatten()
+        let from = s
+            .runs
+            .by_start
+            .range(..=at)
+            .next_back()
+            .map_or(at, |(&a, _)| a);
+        s.runs
+            .by_start
+            .range(from..to)
+            .filter(|(&a, &b)| b - a >= long)
+            .map(|(&a, &b)| (a.max(at), b.min(to)))
             .find(|(a, b)| a < b)
     }
 
@@ -509,8 +516,13 @@ mod tests {
         assert_eq!(dead.next_due(), None, "both wait for the log");
         assert_eq!(dead.next_due_long(), None);
         assert_eq!(dead.longest_run(), BIG_RUN);
-        assert_eq!(dead.first_run_in((4096, u64::MAX)), Some(long));
-        assert_eq!(dead.first_run_in((100, 8192)), Some((100, 4096)));
+        let first_long = |span| dead.first_long_run_in(span, BIG_RUN);
+        assert_eq!(first_long((0, u64::MAX)), Some(long));
+        assert_eq!(first_long((0, 8192)), None, "short: passed over");
+        assert_eq!(dead.first_long_run_in((0, 8192), 4096), Some((0, 4096)));
+        let inside = (long.0 + 100, long.1 - 100);
+        assert_eq!(first_long(inside), Some(inside));
+        assert_eq!(first_long((long.1, u64::MAX)), None);
         // Beyond the log's share, the long run goes on its own.
         let far = 1 << 40;
         dead.add([(far, far + KEEP_FOR_LOG)]);

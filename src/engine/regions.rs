@@ -30,7 +30,7 @@
 //!   room first ([`Inner::make_room`]).
 //! - Stale records in the hole (a punch a crash undid) carry other epochs.
 
-use super::deadspace::DeadSpace;
+use super::deadspace::{DeadSpace, BIG_RUN};
 use super::map::BlockMap;
 use super::Inner;
 use crate::crypto::SEAL_OVERHEAD;
@@ -471,10 +471,11 @@ impl Inner {
 /// The first range of `[from, to)` at least `min` long (unit-aligned)
 /// that holds only holes and dead space the reclaim still holds: the long
 /// dead runs it keeps for the log ([`super::deadspace::KEEP_FOR_LOG`]),
-/// and runs of records too short to punch on their own, which wait between
-/// holes for a long time under a steady load (1 GiB of them measured, the
-/// holes between them ~2 MB). Looks at most at [`HOLES_LOOKED_AT`] holes
-/// and held runs.
+/// and, between those and holes, runs of records too short to punch on
+/// their own, which wait for a long time under a steady load (1 GiB of
+/// them measured, the holes between them ~2 MB). Looks at most at
+/// [`HOLES_LOOKED_AT`] holes and long runs (of [`BIG_RUN`], or `min`
+/// if less: the short ones, up to ~100k of them, only join those).
 fn dead_range(
     store: &dyn Store,
     dead: &DeadSpace,
@@ -488,12 +489,28 @@ fn dead_range(
     };
     let mut at = from;
     let mut range: Option<(u64, u64)> = None;
+    // The next hole and long held run found (None inside: no more), asked
+    // for again once passed.
+    let (mut hole, mut held): (Option<Option<(u64, u64)>>, Option<Option<(u64, u64)>>) =
+        (None, None);
+    let passed = |next: &Option<Option<(u64, u64)>>, at: u64| match next {
+        None => true,
+        Some(None) => false,
+        Some(Some((_, end))) => *end <= at,
+    };
+    let clip = |next: Option<Option<(u64, u64)>>, at: u64| {
+        next.flatten().map(|(start, end)| (start.max(at), end))
+    };
     for _ in 0..HOLES_LOOKED_AT {
-        let hole = store.find_hole(at, to, 1)?;
-        let held = dead.first_run_in((at, to));
+        if passed(&hole, at) {
+            hole = Some(store.find_hole(at, to, 1)?);
+        }
+        if passed(&held, at) {
+            held = Some(dead.first_long_run_in((at, to), BIG_RUN.min(min)));
+        }
         // The nearer of the two (a part of the other one that overlaps it
         // is found again from its end, touching it).
-        let (s0, s1) = match (hole, held) {
+        let (s0, s1) = match (clip(hole, at), clip(held, at)) {
             (None, None) => break,
             (Some(h), None) | (None, Some(h)) => h,
             (Some(h), Some(r)) => h.min(r),
@@ -610,13 +627,11 @@ mod tests {
         // The data between the first two holes is dead, held unpunched.
         dead.add([(12288, 16384)]);
         assert_eq!(find(12288), Some((4096, 24576)));
-        // Between the second and third, only in part: its whole pages
-        // count, the page with live bytes ends the range.
+        // Between the second and third, only in part.
         dead.add([(24576, 30000)]);
-        assert_eq!(find(24576), Some((4096, 28672)));
-        assert_eq!(find(28672), None);
+        assert_eq!(find(24576), None);
         dead.add([(30000, 32768)]);
-        assert_eq!(find(28672), Some((4096, 40960)));
+        assert_eq!(find(24576), Some((4096, 40960)));
         // Never outside the range asked about.
         assert_eq!(
             dead_range(&store, &dead, (0, 20000), 1).unwrap(),
@@ -626,23 +641,34 @@ mod tests {
 
     #[test]
     fn dead_space_held_for_the_log_is_a_region_without_a_hole() {
+        const M: u64 = 1 << 20;
         let store = MemStore::new();
-        store.write_at(&vec![1u8; 128 << 10], 0).unwrap();
+        store.write_at(&vec![1u8; 4 << 20], 0).unwrap();
         let dead = DeadSpace::default();
-        let find = |min| dead_range(&store, &dead, (0, 128 << 10), min).unwrap();
+        let find = |min| dead_range(&store, &dead, (0, 4 * M), min).unwrap();
         assert_eq!(find(4096), None, "all live");
-        // Dead from a record starting inside a page: whole pages only.
+        // A dead run shorter than the range asked for is no piece of one
+        // on its own (it joins pieces).
         dead.add([(5000, 70000)]);
-        assert_eq!(find(61440), Some((8192, 69632)));
         assert_eq!(find(65536), None);
-        // A hole right after it (its page's live bytes died and were
-        // punched) joins it.
-        dead.add([(70000, 73728)]);
-        store.punch_hole(73728, 8192).unwrap();
-        assert_eq!(find(65536), Some((8192, 81920)));
-        // A hole before the held run, with live bytes between: apart.
+        // A long one is, from a record starting inside a page: whole
+        // pages only.
+        let long = (M + 5000, 2 * M + 5000);
+        dead.add([long]);
+        assert_eq!(find(M - 4096), Some((M + 8192, 2 * M + 4096)));
+        assert_eq!(find(M), None);
+        // A hole after it joins it across dead bytes held (the page
+        // between them), not across live ones.
+        store.punch_hole(2 * M + 8192, 8192).unwrap();
+        assert_eq!(find(M), None);
+        dead.add([(2 * M + 5000, 2 * M + 8192)]);
+        assert_eq!(find(M), Some((M + 8192, 2 * M + 16384)));
+        // A hole before it, with live bytes between: apart; the first range
+        // long enough is taken, whole.
         store.punch_hole(0, 4096).unwrap();
-        assert_eq!(find(81920), None);
-        assert_eq!(find(4096), Some((0, 4096)), "the first range found");
+        assert_eq!(find(M + 16384), None);
+        assert_eq!(find(4096), Some((0, 4096)));
+        assert_eq!(find(8192), Some((8192, 69632)));
+        assert_eq!(find(65536), Some((M + 8192, 2 * M + 16384)));
     }
 }
