@@ -267,6 +267,55 @@ fn overwrites_reuse_the_files_holes_and_read_back() {
     );
 }
 
+/// Through the mount, with no checkpoint asked for: sequential overwrites
+/// of the whole disk leave long runs of dead records, which the daemon
+/// keeps for the log instead of punching them; its runs overwrite them
+/// (`log-run` counts the bytes), and every byte reads back, remounted too.
+#[test]
+fn sequential_overwrites_are_written_over_dead_records() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("q.vbd");
+    create(&img, "32M", &["--compress", "none"]);
+    let mnt = tmp.path().join("mnt");
+    let mut m = Mount::new(&img, &mnt, Some("cache=32M,log-region=8M"));
+    let mut model = vec![0u8; 32 * MIB as usize];
+    // 24 passes, 768 MiB: background checkpoints every 256 MiB of log.
+    for pass in 0..24u64 {
+        write_data(&m.disk(), 0, 32, pass << 8);
+        for i in 0..32u64 {
+            let at = (i * MIB) as usize;
+            model[at..at + MIB as usize].copy_from_slice(&pattern(MIB as usize, (pass << 8) + i));
+        }
+    }
+    let run = m.status_value("log-run").unwrap();
+    let overwritten: u64 = run
+        .split_once("moves into holes, ")
+        .and_then(|(_, n)| n.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("log-run: {run}"));
+    assert!(overwritten >= 64 * MIB, "log-run: {run}");
+    let read_back = |disk: &Path, what: &str| {
+        let got = std::fs::read(disk).unwrap();
+        assert!(
+            got == model,
+            "{what}: the disk differs from what was written"
+        );
+    };
+    read_back(&m.disk(), "mounted");
+    drop(m);
+    m = Mount::new(&img, &mnt, Some("cache=32M"));
+    read_back(&m.disk(), "remounted");
+    drop(m);
+    let out = common::run(&["check", p(&img)]);
+    assert!(
+        out.status.success(),
+        "check: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// Through the mount: blocks written once beside a hot eighth of the disk
 /// keep old ranges of the file from dying whole; the daemon moves them out
 /// on its own (`log-run` counts the ranges) and every byte reads back.
