@@ -491,16 +491,14 @@ fn dead_range(
     let mut range: Option<(u64, u64)> = None;
     // The next hole and long held run found (None inside: no more), asked
     // for again once passed.
-    let (mut hole, mut held): (Option<Option<(u64, u64)>>, Option<Option<(u64, u64)>>) =
-        (None, None);
-    let passed = |next: &Option<Option<(u64, u64)>>, at: u64| match next {
+    type Next = Option<Option<(u64, u64)>>;
+    let (mut hole, mut held): (Next, Next) = (None, None);
+    let passed = |next: &Next, at: u64| match next {
         None => true,
         Some(None) => false,
         Some(Some((_, end))) => *end <= at,
     };
-    let clip = |next: Option<Option<(u64, u64)>>, at: u64| {
-        next.flatten().map(|(start, end)| (start.max(at), end))
-    };
+    let clip = |next: Next, at: u64| next.flatten().map(|(start, end)| (start.max(at), end));
     for _ in 0..HOLES_LOOKED_AT {
         if passed(&hole, at) {
             hole = Some(store.find_hole(at, to, 1)?);
