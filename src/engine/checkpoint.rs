@@ -34,6 +34,8 @@ const LEAVES_PER_APPEND: usize = 64;
 #[derive(Debug, Clone, Copy)]
 struct LeftRun {
     tail: u64,
+    /// The store was preallocated up to here.
+    allocated: u64,
     /// The run's limit: it was in a hole (or dead space the log
     /// overwrites) up to there; `u64::MAX` at the end of the file.
     limit: u64,
@@ -136,7 +138,7 @@ impl Inner {
                 // No room is in flight (drained) and none is taken until
                 // the superblock naming the new run is durable.
                 let old = (log.run_extent(), log.off);
-                let (tail, _) = log.release_preallocated();
+                let (tail, allocated) = log.release_preallocated();
                 debug_assert_eq!(tail, old.1);
                 let epoch = super::open::random_u64();
                 match to {
@@ -148,6 +150,7 @@ impl Inner {
                 }
                 left = Some(LeftRun {
                     tail,
+                    allocated,
                     limit: old.0 .1,
                 });
             }
@@ -256,14 +259,21 @@ impl Inner {
     }
 
     /// After a move is durable: gives back what the run left held past its
-    /// tail: in a hole, everything to its limit (its preallocated range,
-    /// and the dead records of the range it did not overwrite); at the end
-    /// of the file, by cutting the file there. Failure only costs space.
+    /// tail: in a hole, its preallocated range now, and the dead records
+    /// of the range it did not overwrite as held dead space (punched by the
+    /// reclaim, or overwritten by a later run: a punch of gigabytes here
+    /// would hold the writes up for seconds); at the end of the file, by
+    /// cutting the file there. Failure only costs space.
     fn trim_left_run(&self, left: LeftRun, to: Option<Move>) {
         let bounded = left.limit != u64::MAX;
+        if bounded {
+            let rest = (left.allocated.max(left.tail), left.limit);
+            self.dead_space
+                .add(super::regions::data_in(self.store.as_ref(), rest));
+        }
         let result = match (bounded, to) {
-            (true, _) if left.limit > left.tail => {
-                self.store.punch_hole(left.tail, left.limit - left.tail)
+            (true, _) if left.allocated > left.tail => {
+                self.store.punch_hole(left.tail, left.allocated - left.tail)
             }
             // From the end of the file into a hole below: nothing lies past
             // the old tail but its preallocation.

@@ -525,6 +525,30 @@ fn dead_range(
     Ok(range.and_then(fit))
 }
 
+/// The parts of `[from, to)` that are not holes of `store`, in order (the
+/// rest whole after [`HOLES_LOOKED_AT`] holes).
+pub(super) fn data_in(store: &dyn Store, (from, to): (u64, u64)) -> Vec<(u64, u64)> {
+    let (mut out, mut at) = (Vec::new(), from);
+    for _ in 0..HOLES_LOOKED_AT {
+        match store.find_hole(at, to, 1) {
+            Ok(Some((h0, h1))) => {
+                if h0 > at {
+                    out.push((at, h0));
+                }
+                at = h1;
+            }
+            Ok(None) | Err(_) => break,
+        }
+        if at >= to {
+            return out;
+        }
+    }
+    if at < to {
+        out.push((at, to));
+    }
+    out
+}
+
 /// The parts of `range` outside every one of `taken`, in order.
 pub(super) fn outside(range: (u64, u64), taken: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut parts = vec![range];
