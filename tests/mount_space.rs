@@ -28,6 +28,29 @@ fn compact(m: &Mount) {
     std::fs::write(m.control(), "compact").unwrap();
 }
 
+/// Requires `model` on the mounted disk, again after a remount, and a clean
+/// `check` of the image once unmounted.
+fn read_back_remounted_checked(m: Mount, img: &Path, mnt: &Path, model: &[u8]) {
+    let read_back = |disk: &Path, what: &str| {
+        let got = std::fs::read(disk).unwrap();
+        assert!(
+            got == model,
+            "{what}: the disk differs from what was written"
+        );
+    };
+    read_back(&m.disk(), "mounted");
+    drop(m);
+    let m = Mount::new(img, mnt, Some("cache=32M"));
+    read_back(&m.disk(), "remounted");
+    drop(m);
+    let out = common::run(&["check", p(img)]);
+    assert!(
+        out.status.success(),
+        "check: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 #[test]
 fn zeros_cost_nothing_and_discards_return_host_space() {
     if !fuse_available() {
@@ -221,7 +244,7 @@ fn overwrites_reuse_the_files_holes_and_read_back() {
     let img = tmp.path().join("r.vbd");
     create(&img, "16M", &["--compress", "none", "--block-size", "4K"]);
     let mnt = tmp.path().join("mnt");
-    let mut m = Mount::new(&img, &mnt, Some("cache=32M,log-region=1M"));
+    let m = Mount::new(&img, &mnt, Some("cache=32M,log-region=1M"));
     let mut model = vec![0u8; 16 * MIB as usize];
     for round in 0..40u64 {
         // Each round rewrites the whole disk in 64 KiB pieces, in an order
@@ -247,24 +270,7 @@ fn overwrites_reuse_the_files_holes_and_read_back() {
     let len = std::fs::metadata(&img).unwrap().len();
     // 640 MiB appended in all: without reuse the file is that long.
     assert!(len < 160 * MIB, "the image file is {len} bytes long");
-    let read_back = |disk: &Path, what: &str| {
-        let got = std::fs::read(disk).unwrap();
-        assert!(
-            got == model,
-            "{what}: the disk differs from what was written"
-        );
-    };
-    read_back(&m.disk(), "mounted");
-    drop(m);
-    m = Mount::new(&img, &mnt, Some("cache=32M"));
-    read_back(&m.disk(), "remounted");
-    drop(m);
-    let out = common::run(&["check", p(&img)]);
-    assert!(
-        out.status.success(),
-        "check: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    read_back_remounted_checked(m, &img, &mnt, &model);
 }
 
 /// Through the mount, with no checkpoint asked for: sequential overwrites
@@ -280,7 +286,7 @@ fn sequential_overwrites_are_written_over_dead_records() {
     let img = tmp.path().join("q.vbd");
     create(&img, "32M", &["--compress", "none"]);
     let mnt = tmp.path().join("mnt");
-    let mut m = Mount::new(&img, &mnt, Some("cache=32M,log-region=8M"));
+    let m = Mount::new(&img, &mnt, Some("cache=32M,log-region=8M"));
     let mut model = vec![0u8; 32 * MIB as usize];
     // 24 passes, 768 MiB: background checkpoints every 256 MiB of log.
     for pass in 0..24u64 {
@@ -296,24 +302,7 @@ fn sequential_overwrites_are_written_over_dead_records() {
         .and_then(|(_, n)| n.split(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("log-run: {run}"));
     assert!(overwritten >= 64 * MIB, "log-run: {run}");
-    let read_back = |disk: &Path, what: &str| {
-        let got = std::fs::read(disk).unwrap();
-        assert!(
-            got == model,
-            "{what}: the disk differs from what was written"
-        );
-    };
-    read_back(&m.disk(), "mounted");
-    drop(m);
-    m = Mount::new(&img, &mnt, Some("cache=32M"));
-    read_back(&m.disk(), "remounted");
-    drop(m);
-    let out = common::run(&["check", p(&img)]);
-    assert!(
-        out.status.success(),
-        "check: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    read_back_remounted_checked(m, &img, &mnt, &model);
 }
 
 /// Through the mount: blocks written once beside a hot eighth of the disk
