@@ -622,3 +622,46 @@ fn an_unusable_log_file_fails_the_mount() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(!is_mounted(&dir));
 }
+
+/// Without `/dev/log` (a container, this machine) a daemonized mount's
+/// warnings reach the kernel's log (they used to be dropped), each at once
+/// and whole; its news (info) stays out of that shared log.
+#[test]
+fn without_syslog_the_daemons_warnings_go_to_the_kernel_log() {
+    let no_syslog = !std::path::Path::new("/dev/log").exists()
+        && std::env::var_os("VBDFS_LOG_FILE").is_none()
+        && std::env::var_os("VBDFS_LOG").is_none();
+    if !no_syslog || Command::new("dmesg").output().is_err() {
+        return;
+    }
+    let Some((_tmp, img, dir)) = image_and_mount_point("8M") else {
+        return;
+    };
+    let m = Mount::new(&img, &dir, Some("cache=2M"));
+    let pid = m.status_value("pid").expect("pid in control");
+    let ours = |log: &str| -> Vec<String> {
+        let tag = format!("vbdfs[{pid}]: ");
+        log.lines()
+            .filter_map(|l| Some(l.split_once(&tag)?.1.to_string()))
+            .collect()
+    };
+    let mut lines = Vec::new();
+    let seen = wait_for(Duration::from_secs(5), || {
+        lines = ours(&common::sh("dmesg", &[]));
+        lines
+            .iter()
+            .any(|l| l.starts_with("cache= of 2 MiB leaves no room"))
+    });
+    m.umount();
+    assert!(
+        seen,
+        "the daemon's warning is in the kernel's log: {lines:?}"
+    );
+    let closed = ours(&common::sh("dmesg", &[]));
+    assert!(
+        !closed
+            .iter()
+            .any(|l| l.starts_with("mounted ") || l.contains("closed clean")),
+        "info messages stay out of the kernel's log: {closed:?}"
+    );
+}

@@ -356,7 +356,8 @@ fn cold_blocks_are_moved_out_and_compact_shortens_the_file() {
     let short = std::fs::metadata(&img).unwrap().len();
     assert!(
         short < 40 * MIB && short < long,
-        "compact: the file {long} -> {short} bytes"
+        "compact: the file {long} -> {short} bytes ({})",
+        String::from_utf8_lossy(&out.stdout).trim()
     );
     let out = common::run(&["check", p(&img)]);
     assert!(out.status.success(), "check: {out:?}");

@@ -1,8 +1,9 @@
-//! The daemon's logger (a small `log::Log`): to stderr in the foreground
+//! The logger (a small `log::Log`): for commands other than `mount`, warnings
+//! to stderr; the daemon's to stderr in the foreground
 //! (`vbdfs mount -f`), and when daemonized to syslog through the `/dev/log`
-//! datagram socket (facility daemon, ident `vbdfs`). Without `/dev/log` the
-//! daemon's messages are dropped, except the last error, which the control
-//! file shows. For debugging, `VBDFS_LOG_FILE=PATH` appends to a file instead,
+//! datagram socket (facility daemon, ident `vbdfs`). Without `/dev/log` (a
+//! container, a minimal host) its warnings and errors go to the kernel's log
+//! through `/dev/kmsg` (`dmesg`); the last error is also in the control file. For debugging, `VBDFS_LOG_FILE=PATH` appends to a file instead,
 //! and `VBDFS_LOG=error|warn|info|debug|trace` sets the level (default info;
 //! fuser's own messages are shown from warn, or everything at debug/trace).
 
@@ -15,6 +16,8 @@ use parking_lot::Mutex;
 enum Sink {
     Stderr,
     Syslog(UnixDatagram),
+    /// The kernel's log (`/dev/kmsg`), when there is no `/dev/log`.
+    Kmsg(Mutex<std::fs::File>),
     File(Mutex<std::fs::File>),
     Discard,
 }
@@ -49,14 +52,15 @@ impl Log for Logger {
                 );
             }
             Sink::Syslog(sock) => {
-                let severity = match record.level() {
-                    Level::Error => 3,
-                    Level::Warn => 4,
-                    Level::Info => 6,
-                    Level::Debug | Level::Trace => 7,
-                };
-                let msg = format!("<{}>vbdfs[{pid}]: {}", 3 * 8 + severity, record.args());
+                let msg = format!("{}vbdfs[{pid}]: {}", priority(record), record.args());
                 let _ = sock.send_to(msg.as_bytes(), "/dev/log");
+            }
+            Sink::Kmsg(kmsg) => {
+                // One write is one line of the kernel's log; without its
+                // newline the kernel holds it back for a continuation.
+                let text = record.args().to_string().replace('\n', " ");
+                let msg = format!("{}vbdfs[{pid}]: {text}\n", priority(record));
+                let _ = kmsg.lock().write_all(msg.as_bytes());
             }
             Sink::File(file) => {
                 let _ = writeln!(
@@ -73,15 +77,26 @@ impl Log for Logger {
     fn flush(&self) {}
 }
 
-fn level_from_env() -> LevelFilter {
+/// The syslog priority prefix: facility daemon, the record's severity.
+fn priority(record: &Record<'_>) -> String {
+    let severity = match record.level() {
+        Level::Error => 3,
+        Level::Warn => 4,
+        Level::Info => 6,
+        Level::Debug | Level::Trace => 7,
+    };
+    format!("<{}>", 3 * 8 + severity)
+}
+
+fn level_from_env(default: LevelFilter) -> LevelFilter {
     std::env::var("VBDFS_LOG")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(LevelFilter::Info)
+        .unwrap_or(default)
 }
 
-fn install(sink: Sink) {
-    let level = level_from_env();
+fn install(sink: Sink, default: LevelFilter) {
+    let level = level_from_env(default);
     if log::set_logger(Box::leak(Box::new(Logger { sink, level }))).is_ok() {
         log::set_max_level(level);
     }
@@ -89,16 +104,33 @@ fn install(sink: Sink) {
 
 /// Logs to stderr (foreground), or to `VBDFS_LOG_FILE` when set.
 pub fn init_foreground() {
-    install(file_sink().unwrap_or(Sink::Stderr));
+    install(file_sink().unwrap_or(Sink::Stderr), LevelFilter::Info);
 }
 
-/// Logs to `VBDFS_LOG_FILE` when set, else to syslog if `/dev/log` exists.
+/// For the commands other than `mount`: the engine's warnings (a compaction
+/// that stopped early, space that could not be given back) to stderr, or to
+/// `VBDFS_LOG_FILE` when set; `VBDFS_LOG` sets the level (default warn: a
+/// command's own output says what it did).
+pub fn init_command() {
+    install(file_sink().unwrap_or(Sink::Stderr), LevelFilter::Warn);
+}
+
+/// Logs to `VBDFS_LOG_FILE` when set, else to syslog if `/dev/log` exists,
+/// else warnings and errors (`VBDFS_LOG` sets the level) to the kernel's log
+/// (`dmesg`; a log shared with the whole host: not the daemon's news).
 pub fn init_daemon() {
-    let sink = file_sink().unwrap_or_else(|| match UnixDatagram::unbound() {
-        Ok(sock) if std::path::Path::new("/dev/log").exists() => Sink::Syslog(sock),
-        _ => Sink::Discard,
-    });
-    install(sink);
+    if let Some(sink) = file_sink() {
+        return install(sink, LevelFilter::Info);
+    }
+    if let Ok(sock) = UnixDatagram::unbound() {
+        if std::path::Path::new("/dev/log").exists() {
+            return install(Sink::Syslog(sock), LevelFilter::Info);
+        }
+    }
+    match std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+        Ok(kmsg) => install(Sink::Kmsg(Mutex::new(kmsg)), LevelFilter::Warn),
+        Err(_) => install(Sink::Discard, LevelFilter::Warn),
+    }
 }
 
 /// Checks, before a daemonized mount starts, that `VBDFS_LOG_FILE` (when

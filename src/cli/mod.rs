@@ -285,6 +285,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         crate::convert::staging::remove_on_signals()?;
     }
     keys::set(key_file.as_deref())?;
+    if !matches!(cli.command, Command::Mount(_)) {
+        logger::init_command();
+    }
     match cli.command {
         Command::Create(a) => create::run(&a).map(|()| ExitCode::SUCCESS),
         Command::Info(a) => inspect::info(&a).map(|()| ExitCode::SUCCESS),

@@ -104,6 +104,8 @@ pub(super) struct Regions {
     min: AtomicU64,
     /// Compactions and repairs in progress: no move into a hole.
     paused: AtomicU32,
+    /// +1 whenever a pause starts or ends ([`Inner::pause_mark`]).
+    pause_changes: AtomicU64,
     /// The longest run a move into a hole takes (the hole's start to its
     /// end by default; shorter while `evacuate_tail` fills the holes low
     /// in the file, so that a run does not keep the file from being cut).
@@ -170,6 +172,7 @@ impl Regions {
         Regions {
             min: AtomicU64::new(min.unwrap_or(REGION_MIN).max(LOG_UNIT)),
             paused: AtomicU32::new(0),
+            pause_changes: AtomicU64::new(0),
             longest_run: AtomicU64::new(u64::MAX),
             last_search: Mutex::new(None),
             reuse: RwLock::new(()),
@@ -438,7 +441,21 @@ impl Inner {
     /// ([`Inner::make_room`]).
     pub(super) fn pause_moves(&self) -> MovesPaused<'_> {
         self.regions.paused.fetch_add(1, Ordering::AcqRel);
+        self.regions.pause_changes.fetch_add(1, Ordering::AcqRel);
         MovesPaused(self)
+    }
+
+    /// A mark to tell, with [`Inner::paused_since`], whether moves were
+    /// paused at any moment from now on (None: they are paused now). A
+    /// search that found no hole then says nothing about the file.
+    pub(super) fn pause_mark(&self) -> Option<u64> {
+        let mark = self.regions.pause_changes.load(Ordering::Acquire);
+        (self.regions.paused.load(Ordering::Acquire) == 0).then_some(mark)
+    }
+
+    /// True if moves were paused at some moment since `mark` was taken.
+    pub(super) fn paused_since(&self, mark: Option<u64>) -> bool {
+        mark.is_none_or(|m| self.regions.pause_changes.load(Ordering::Acquire) != m)
     }
 
     /// Before an append of up to `bytes` outside a checkpoint: moves the
@@ -612,6 +629,7 @@ pub(super) struct MovesPaused<'a>(&'a Inner);
 impl Drop for MovesPaused<'_> {
     fn drop(&mut self) {
         self.0.regions.paused.fetch_sub(1, Ordering::AcqRel);
+        self.0.regions.pause_changes.fetch_add(1, Ordering::AcqRel);
     }
 }
 

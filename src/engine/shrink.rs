@@ -66,6 +66,7 @@ impl super::Image {
             let width = 2 * inner.smallest_region();
             let window = (end.saturating_sub(width).max(LOG_START), end);
             if window.0 >= window.1 || total > budget {
+                ::log::debug!("shortening: done at {end} ({total} bytes moved)");
                 break;
             }
             let run = inner.log.lock().run_extent();
@@ -76,14 +77,26 @@ impl super::Image {
                 tries += 1;
                 last_end = u64::MAX;
                 if tries > MAKE_ROOM_TRIES {
+                    ::log::info!("shortening stopped at {end}: no room below it for the log");
                     break;
                 }
+                // Both searches find nothing while a compaction (the
+                // reclaim thread's) pauses moves: then they are asked again.
+                let mark = inner.pause_mark();
                 if inner.find_region().is_some_and(|(_, b)| b <= window.0) {
                     inner.commit_moving(false, None, Wish::OutOf(run))?;
                     continue;
                 }
                 match inner.evacuate_share(MOVE_SHARE_OFFLINE)? {
-                    0 => break,
+                    0 if inner.paused_since(mark) => {
+                        tries -= 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                    0 => {
+                        ::log::info!("shortening stopped at {end}: the log in {run:?}, no range to empty below");
+                        break;
+                    }
                     moved => total += moved,
                 }
                 self.flush()?;
@@ -96,6 +109,7 @@ impl super::Image {
                 // ran at the end of the file) are found by a compaction,
                 // once; else nothing more can go.
                 if compacted {
+                    ::log::debug!("shortening: nothing more moves out of {window:?}");
                     break;
                 }
                 compacted = true;
