@@ -385,3 +385,30 @@ fn a_clone_of_a_missing_snapshot_names_the_base() {
         assert!(!new.exists(), "{args:?} left the new image");
     }
 }
+
+/// What the engine logs during a command reaches stderr, one `vbdfs: …`
+/// line each, once the command has succeeded (it used to be dropped: the
+/// commands other than `mount` had no logger); a normal run says nothing
+/// there at the default level.
+#[test]
+fn a_commands_engine_messages_reach_stderr_when_it_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("a.vbd");
+    create(&img, "8M", &[]);
+    let out = common::vbdfs()
+        .env("VBDFS_LOG", "info")
+        .args(["compact", p(&img)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = stderr(&out);
+    assert!(err.contains("vbdfs: info: shortening stopped at"), "{err}");
+    assert!(err.lines().all(|l| l.starts_with("vbdfs: ")), "{err}");
+    let out = common::vbdfs()
+        .env_remove("VBDFS_LOG")
+        .args(["compact", p(&img)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stderr(&out), "", "nothing at the default level");
+}

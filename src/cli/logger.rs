@@ -19,6 +19,9 @@ enum Sink {
     /// The kernel's log (`/dev/kmsg`), when there is no `/dev/log`.
     Kmsg(Mutex<std::fs::File>),
     File(Mutex<std::fs::File>),
+    /// A command's (not a mount's): kept until it ends, shown if it
+    /// succeeded ([`show_held`]; a failed one says why in one line).
+    Held(Mutex<Vec<(Level, String)>>),
     Discard,
 }
 
@@ -70,6 +73,9 @@ impl Log for Logger {
                     record.args()
                 );
             }
+            Sink::Held(held) => held
+                .lock()
+                .push((record.level(), record.args().to_string())),
             Sink::Discard => {}
         }
     }
@@ -95,10 +101,17 @@ fn level_from_env(default: LevelFilter) -> LevelFilter {
         .unwrap_or(default)
 }
 
+/// The logger installed, if any.
+static LOGGER: std::sync::OnceLock<Logger> = std::sync::OnceLock::new();
+
 fn install(sink: Sink, default: LevelFilter) {
     let level = level_from_env(default);
-    if log::set_logger(Box::leak(Box::new(Logger { sink, level }))).is_ok() {
-        log::set_max_level(level);
+    if LOGGER.set(Logger { sink, level }).is_ok() {
+        if let Some(logger) = LOGGER.get() {
+            if log::set_logger(logger).is_ok() {
+                log::set_max_level(level);
+            }
+        }
     }
 }
 
@@ -108,11 +121,31 @@ pub fn init_foreground() {
 }
 
 /// For the commands other than `mount`: the engine's warnings (a compaction
-/// that stopped early, space that could not be given back) to stderr, or to
-/// `VBDFS_LOG_FILE` when set; `VBDFS_LOG` sets the level (default warn: a
+/// that stopped early, space that could not be given back) are kept and
+/// shown on stderr when the command succeeds ([`show_held`]), or appended
+/// to `VBDFS_LOG_FILE` when set; `VBDFS_LOG` sets the level (default warn: a
 /// command's own output says what it did).
 pub fn init_command() {
-    install(file_sink().unwrap_or(Sink::Stderr), LevelFilter::Warn);
+    let held = Sink::Held(Mutex::new(Vec::new()));
+    install(file_sink().unwrap_or(held), LevelFilter::Warn);
+}
+
+/// Shows on stderr what the engine logged during a command that succeeded,
+/// one line each (`vbdfs: warning: …`). A command that failed shows only its
+/// error: the engine's messages on the way there would repeat it.
+pub fn show_held() {
+    let Some(Logger {
+        sink: Sink::Held(held),
+        ..
+    }) = LOGGER.get()
+    else {
+        return;
+    };
+    for (level, message) in held.lock().drain(..) {
+        let level = level.as_str().to_lowercase();
+        let message = crate::error::printable(&message);
+        let _ = writeln!(std::io::stderr(), "vbdfs: {level}: {message}");
+    }
 }
 
 /// Logs to `VBDFS_LOG_FILE` when set, else to syslog if `/dev/log` exists,

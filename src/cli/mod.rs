@@ -288,7 +288,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     if !matches!(cli.command, Command::Mount(_)) {
         logger::init_command();
     }
-    match cli.command {
+    let result = match cli.command {
         Command::Create(a) => create::run(&a).map(|()| ExitCode::SUCCESS),
         Command::Info(a) => inspect::info(&a).map(|()| ExitCode::SUCCESS),
         Command::Check(a) => inspect::check(&a),
@@ -309,5 +309,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Compact(a) => compact::run(&a).map(|()| ExitCode::SUCCESS),
         Command::Rekey(a) => keys::rekey(&a).map(|()| ExitCode::SUCCESS),
         Command::Resize(a) => resize::run(&a).map(|()| ExitCode::SUCCESS),
+    };
+    if result.is_ok() {
+        logger::show_held();
     }
+    result
 }
