@@ -1,5 +1,5 @@
 //! The logger (a small `log::Log`): for commands other than `mount`, warnings
-//! to stderr; the daemon's to stderr in the foreground
+//! to stderr once the command succeeded; the daemon's to stderr in the foreground
 //! (`vbdfs mount -f`), and when daemonized to syslog through the `/dev/log`
 //! datagram socket (facility daemon, ident `vbdfs`). Without `/dev/log` (a
 //! container, a minimal host) its warnings and errors go to the kernel's log
