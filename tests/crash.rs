@@ -271,6 +271,52 @@ fn crash_at_every_write_boundary() {
     eprintln!("checked {checked} crash images");
 }
 
+/// Checkpoints and sessions with nothing new between them name the index
+/// they have (only the superblock is written); a discard that empties the
+/// disk's one leaf drops it from the index.
+fn idle_workload(_seed: u64) -> Vec<Op> {
+    let write = |fill| Op::Write {
+        off: BS / 2,
+        len: DISK - BS,
+        fill,
+    };
+    let all = Op::Discard { off: 0, len: DISK };
+    use Op::{Checkpoint, Compact, Flush, Reopen};
+    vec![
+        write(1),
+        Flush,
+        Checkpoint,
+        Checkpoint,
+        Reopen,
+        Reopen,
+        Checkpoint,
+        all.clone(),
+        Checkpoint,
+        Checkpoint,
+        Reopen,
+        Checkpoint,
+        write(2),
+        Flush,
+        Reopen,
+        Reopen,
+        Compact,
+        Reopen,
+        all,
+        Reopen,
+        Checkpoint,
+        write(3),
+        Checkpoint,
+        Reopen,
+    ]
+}
+
+#[test]
+fn crash_at_every_write_boundary_of_sessions_with_nothing_new() {
+    let checked = sweep_of(idle_workload, None, 1, 6);
+    assert!(checked > 100, "only {checked} crash images checked");
+    eprintln!("checked {checked} crash images, idle sessions");
+}
+
 /// Overwrites of the whole disk with checkpoints between them: the dead
 /// records' holes grow big enough for the log to move into (regions.rs),
 /// out again when full, to the end of the file for a compaction, and a

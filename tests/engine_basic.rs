@@ -610,3 +610,59 @@ fn a_recheck_keeps_real_damage_and_drops_what_a_newer_state_no_longer_holds() {
     assert!(img.recheck(&report).unwrap().is_ok());
     assert!(img.check().unwrap().is_ok());
 }
+
+/// Sessions and checkpoints with nothing new name the index they have: the
+/// file keeps its length (each used to append an index, 8 KiB or more: a
+/// tiny image's file grew with every mount and every `compact`). What
+/// changes the index's leaves still commits a new one: a leaf emptied by a
+/// discard, a rollback (which replaces the map without dirtying a leaf).
+#[test]
+fn checkpoints_with_nothing_new_keep_the_file_and_changes_still_commit() {
+    let (_d, path, img) = create(64 << 20, 4096, Codec::Zstd(1));
+    let len = || std::fs::metadata(&path).unwrap().len();
+    let read = |img: &Image, off: u64, n: usize| {
+        let mut buf = vec![0u8; n];
+        img.read_at(&mut buf, off).unwrap();
+        buf
+    };
+    // 4 KiB blocks: a leaf maps 4 MiB. Leaves 0 and 1 written.
+    let (a, b) = (pattern(1 << 20, 1), pattern(4 << 20, 2));
+    img.write_at(&a, 0).unwrap();
+    img.write_at(&b, 4 << 20).unwrap();
+    img.close().unwrap();
+    let before = len();
+    for _ in 0..3 {
+        let img = Image::open(&path, &opts()).unwrap();
+        for _ in 0..3 {
+            img.checkpoint().unwrap();
+        }
+        img.close().unwrap();
+        assert_eq!(
+            len(),
+            before,
+            "a session that changed nothing lengthened the file"
+        );
+    }
+
+    // Leaf 1 emptied: it leaves the index (its records are reclaimed).
+    let img = Image::open(&path, &opts()).unwrap();
+    img.snapshot_create("s").unwrap();
+    img.discard(4 << 20, 4 << 20).unwrap();
+    img.checkpoint().unwrap();
+    img.close().unwrap();
+    let img = Image::open(&path, &opts()).unwrap();
+    assert!(read(&img, 4 << 20, 4 << 20).iter().all(|&x| x == 0));
+    assert!(read(&img, 0, a.len()) == a);
+    assert!(img.check().unwrap().is_ok());
+    img.close().unwrap();
+
+    // A rollback to the snapshot brings leaf 1 back, also after a reopen.
+    let mut img = Image::open(&path, &opts()).unwrap();
+    img.snapshot_rollback("s").unwrap();
+    img.close().unwrap();
+    let img = Image::open(&path, &opts()).unwrap();
+    assert!(read(&img, 4 << 20, 4 << 20) == b);
+    assert!(read(&img, 0, a.len()) == a);
+    assert!(img.check().unwrap().is_ok());
+    img.close().unwrap();
+}

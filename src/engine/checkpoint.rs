@@ -185,7 +185,26 @@ impl Inner {
             }
             map.ptrs.values().copied().collect()
         };
-        let index = self.append_index(&ptrs)?;
+        // A checkpoint that moves nothing and edits no snapshot, with the
+        // leaf pointers the superblock's index lists, names that index: an
+        // idle session, a `compact` that moves nothing, do not lengthen the
+        // file. Asked for (a damaged or single copy, an evacuation of its
+        // range: `index_listed` forgotten), a new one is written anyway, and
+        // when the log starts past the end of the file (a file cut short of
+        // a unit): its records keep the log start inside the file.
+        let named = self.sb.lock().index;
+        let fresh_index = editing
+            || to.is_some()
+            || !self.file_len().is_ok_and(|len| start_off <= len)
+            || self
+                .index_listed
+                .lock()
+                .as_ref()
+                .is_none_or(|(at, listed)| *at != named || *listed != ptrs);
+        let index = match fresh_index {
+            true => self.append_index(&ptrs)?,
+            false => named,
+        };
         let snap_table = match edit {
             None => None,
             Some(edit) => {
@@ -206,12 +225,15 @@ impl Inner {
             } else {
                 None
             };
-            [Some(sb.index), table]
+            [fresh_index.then_some(named), table]
         };
         let run = (start_off, start_lsn, epoch, limit);
         let published = self.publish(clean, gen, run, index, tail, {
             snap_table.as_ref().map(|(_, ptr)| *ptr)
         });
+        if published.is_ok() && fresh_index {
+            *self.index_listed.lock() = Some((index, ptrs));
+        }
         match (published, snap_table) {
             (Ok(()), Some((table, ptr))) => self.snaps.install(table, ptr),
             (Err(e), Some(_)) => {

@@ -199,6 +199,9 @@ pub(crate) fn second_end(store: &dyn Store, off: u64, len: u32) -> Option<u64> {
 pub(crate) struct Rewrite {
     pub snap_table: bool,
     pub config: bool,
+    /// The index: a checkpoint that changed no leaf names the index it has
+    /// ([`Inner::commit_moving`]) unless this asks for a new one.
+    pub index: bool,
 }
 
 /// What an open read from second copies: a note for each, and what to write
@@ -211,7 +214,7 @@ pub(crate) struct Damaged {
 /// After the head's map, the snapshot table and the backing reference were
 /// loaded from the records `sb` names: which of them were read from a second
 /// copy. Read-write opens mark those leaves for the recovery checkpoint (which
-/// writes a new index anyway) and note the table and backing reference for it.
+/// writes a new index for them) and note the index, table and backing reference for it.
 pub(crate) fn damaged_firsts(
     store: &dyn Store,
     sb: &Superblock,
@@ -235,7 +238,8 @@ pub(crate) fn damaged_firsts(
             "{what} at {off} is damaged; read from its second copy{anew}"
         ));
     };
-    if first_bad(sb.index, RecordKind::Index) {
+    let bad_index = first_bad(sb.index, RecordKind::Index);
+    if bad_index {
         second("the map index".into(), sb.index.off);
     }
     for leaf in std::mem::take(&mut map.from_second_copy) {
@@ -247,6 +251,7 @@ pub(crate) fn damaged_firsts(
     let rewrite = Rewrite {
         snap_table: first_bad(sb.snap_table, RecordKind::SnapTable),
         config: first_bad(sb.config, RecordKind::Config),
+        index: bad_index,
     };
     if rewrite.snap_table {
         second("the snapshot table".into(), sb.snap_table.off);
@@ -273,14 +278,16 @@ impl Inner {
     }
 
     /// A checkpoint that also writes anew the records `rewrite` names (the
-    /// head's leaves to write anew are marked dirty by the caller; every
-    /// checkpoint writes a new index).
+    /// head's leaves to write anew are marked dirty by the caller).
     pub(super) fn checkpoint_rewriting(&self, rewrite: Rewrite) -> Result<()> {
         self.checkpoint_moving(rewrite, Wish::Stay)
     }
 
     /// [`Inner::checkpoint_rewriting`] that moves the log as `wish` says.
     fn checkpoint_moving(&self, rewrite: Rewrite, wish: Wish) -> Result<()> {
+        if rewrite.index {
+            *self.index_listed.lock() = None;
+        }
         if rewrite.config {
             let sb = self.sb.lock().clone();
             let r = MetaRef {
@@ -340,6 +347,7 @@ impl Inner {
         let rewrite = Rewrite {
             snap_table: single(sb.snap_table, RecordKind::SnapTable),
             config: single(sb.config, RecordKind::Config),
+            index: single(sb.index, RecordKind::Index),
         };
         let ptrs: Vec<_> = self.map.read().ptrs.values().copied().collect();
         let leaves: Vec<u64> = ptrs

@@ -170,8 +170,8 @@ impl Inner {
                         Some(HeadRecord::Leaf(leaf)) => map.rewrite_leaf(leaf),
                         Some(HeadRecord::SnapTable) => rewrite.snap_table = true,
                         Some(HeadRecord::Config) => rewrite.config = true,
-                        // Every checkpoint writes a new index.
-                        Some(HeadRecord::Index) | None => {}
+                        Some(HeadRecord::Index) => rewrite.index = true,
+                        None => {}
                     }
                 }
             }

@@ -125,7 +125,7 @@ impl Movable {
             .blocks
             .iter()
             .map(|(_, e)| record_span(e.off, e.len))
-            .chain(self.leaves.iter().map(|(_, p)| leaf_span(p)))
+            .chain(self.leaves.iter().map(|(_, p)| meta_span(p.off, p.len)))
             .collect();
         spans.sort_unstable();
         spans
@@ -144,11 +144,11 @@ fn record_span(off: u64, len: u32) -> Span {
     (off, align_up(off + u64::from(len), RECORD_ALIGN))
 }
 
-/// A leaf record and the place of its second copy (written right after it,
-/// one log unit on, as long again).
-fn leaf_span(p: &LeafPtr) -> Span {
-    let copy = second_off(p.off, p.len);
-    (p.off, align_up(copy + u64::from(p.len), RECORD_ALIGN))
+/// A map record (LEAF, INDEX) and the place of its second copy (written
+/// right after it, one log unit on, as long again).
+fn meta_span(off: u64, len: u32) -> Span {
+    let copy = second_off(off, len);
+    (off, align_up(copy + u64::from(len), RECORD_ALIGN))
 }
 
 fn overlaps((a, b): Span, (c, d): Span) -> bool {
@@ -384,7 +384,7 @@ impl Inner {
             if meta.contains(&p.off) {
                 continue;
             }
-            if let Some(i) = find(leaf_span(p)) {
+            if let Some(i) = find(meta_span(p.off, p.len)) {
                 out[i].leaves.push((leaf, *p));
             }
         }
@@ -416,6 +416,12 @@ impl Inner {
         let Some(mut movable) = self.movable_in(&[stretch])?.pop() else {
             return Ok((true, 0));
         };
+        // The head's index there: the next checkpoint writes a new one (it
+        // would name the one it has were no leaf to change).
+        let index = self.sb.lock().index;
+        if index.off != 0 && overlaps(stretch, meta_span(index.off, index.len)) {
+            *self.index_listed.lock() = None;
+        }
         if !movable.leaves.is_empty() {
             let mut map = self.map.write();
             for (leaf, p) in &movable.leaves {

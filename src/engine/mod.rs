@@ -59,7 +59,7 @@ pub use snapshot::{SnapshotInfo, SnapshotTiming, SnapshotUsage};
 
 use crate::cache::BlockCache;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{Codec, Superblock, DEFAULT_BLOCK_SHIFT};
+use crate::format::{Codec, LeafPtr, RecPtr, Superblock, DEFAULT_BLOCK_SHIFT};
 use crate::io::Store;
 use log::LogTail;
 use map::BlockMap;
@@ -193,6 +193,11 @@ pub(crate) struct Inner {
     map: RwLock<BlockMap>,
     cache: BlockCache,
     checkpoint_lock: Mutex<()>,
+    /// The INDEX record the superblock names and the leaf pointers it
+    /// lists: a checkpoint with the same pointers names it again. None
+    /// asks the next checkpoint for a new one (a damaged or single copy,
+    /// an evacuation of the range it lies in).
+    index_listed: Mutex<Option<(RecPtr, Vec<LeafPtr>)>>,
     /// Moves of the log into the file's holes ([`regions`]).
     regions: regions::Regions,
     /// Deleted snapshots whose records only they held are still to be

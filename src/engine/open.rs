@@ -358,6 +358,9 @@ pub(super) fn load(
         && store
             .allocated()
             .is_some_and(|held| held > 2 * map.stored_bytes + LEFT_DEAD_MIN);
+    // The index as read, unless the recovery checkpoint must write it anew.
+    let index_listed = (!open.read_only && !damaged.rewrite.index)
+        .then(|| (sb.index, map.ptrs.values().copied().collect()));
     let inner = Inner {
         recovery_notes,
         rewrite: damaged.rewrite,
@@ -383,6 +386,7 @@ pub(super) fn load(
         cache: BlockCache::new(block_cache, 1 << sb.block_shift),
         cache_budget: open.cache_bytes,
         checkpoint_lock: Mutex::new(()),
+        index_listed: Mutex::new(index_listed),
         regions: super::regions::Regions::with_min(open.log_region_min),
         deleted_snapshots: Mutex::new(Vec::new()),
         compactions: AtomicU64::new(0),
