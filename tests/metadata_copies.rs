@@ -663,3 +663,34 @@ fn a_rollback_does_not_leave_the_head_on_a_damaged_copy() {
     let e = s1.read_at(&mut buf[..BS as usize], 0).unwrap_err();
     assert!(e.to_string().contains("map leaf 0"), "{e}");
 }
+
+/// The committed index with a damaged second copy, on an image nothing is
+/// written to: a read-write open writes it anew (a checkpoint that changes
+/// no leaf names the index it has, which would keep the damage).
+#[test]
+fn an_idle_open_writes_anew_an_index_whose_second_copy_is_damaged() {
+    let (bytes, head, snap) = image(false);
+    let want = (&head[..], &snap[..]);
+    let head_index_damaged = |bytes: &[u8]| {
+        let store = Arc::new(MemStore::from_bytes(bytes.to_vec()));
+        let img = Image::open_on(store, &opts(true)).unwrap();
+        let report = img.check().unwrap();
+        report
+            .damaged_copies
+            .iter()
+            .any(|d| d.starts_with("the map index"))
+    };
+    let mut found = 0;
+    for p in pairs(&bytes).iter().filter(|p| p.kind == RecordKind::Index) {
+        let mut damaged = bytes.clone();
+        damage(&mut damaged, p.second);
+        if !head_index_damaged(&damaged) {
+            continue; // the snapshot's index, or a dead one
+        }
+        found += 1;
+        let (outcome, healed) = read_back(damaged, want, false, true);
+        assert_eq!(outcome, Outcome::Right);
+        assert!(!head_index_damaged(&healed), "the damaged copy is still named");
+    }
+    assert_eq!(found, 1, "the committed index not found");
+}

@@ -122,13 +122,21 @@ impl Inner {
         let held = to.map(|_| RoomsHeld(self));
         let mut left = None;
         let limit;
-        if let Some(Move::Hole(a, b)) = to {
-            self.claim_region((a, b), &self.dead_space);
-        }
         let file_len = match to {
             Some(Move::End) => self.file_len().map_err(|e| self.fail(e))?,
             _ => 0,
         };
+        // A compaction punching what it judged before leaves out where the
+        // new run writes: a hole, or the end of the file, which may have
+        // been cut below what it judged since (its new records would lie
+        // in a range judged dead).
+        match to {
+            Some(Move::Hole(a, b)) => self.claim_region((a, b), &self.dead_space),
+            Some(Move::End) => {
+                self.claim_region((file_len & !(LOG_UNIT - 1), u64::MAX), &self.dead_space)
+            }
+            None => {}
+        }
         let (dirty, freed, start_off, start_lsn, epoch, gen, data_blocks, stored_bytes) = {
             let mut log = self.log.lock();
             if to.is_none() && std::mem::take(&mut log.rooms_held) {

@@ -248,10 +248,18 @@ pub(crate) fn damaged_firsts(
             map.rewrite_leaf(leaf);
         }
     }
+    // An index whose second copy is damaged or missing is written anew
+    // too (a checkpoint that changed no leaf would name it again).
+    let index_ref = MetaRef {
+        ptr: sb.index,
+        kind: RecordKind::Index,
+        key: None,
+    };
+    let single_index = sb.index.off != 0 && read_second(store, &index_ref).is_err();
     let rewrite = Rewrite {
         snap_table: first_bad(sb.snap_table, RecordKind::SnapTable),
         config: first_bad(sb.config, RecordKind::Config),
-        index: bad_index,
+        index: bad_index || single_index,
     };
     if rewrite.snap_table {
         second("the snapshot table".into(), sb.snap_table.off);

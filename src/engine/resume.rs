@@ -79,6 +79,9 @@ impl Inner {
                     map.rewrite_leaf(leaf);
                 }
             }
+            // A compaction punching meanwhile leaves the new run out (the
+            // file may have been cut below what it judged).
+            self.claim_region((file_len & !(LOG_UNIT - 1), u64::MAX), &self.dead_space);
             {
                 let mut log = self.log.lock();
                 let start = align_up(file_len.max(log.off), LOG_UNIT);

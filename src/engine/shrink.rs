@@ -22,6 +22,9 @@ const MOVE_SHARE_OFFLINE: Quarters = Quarters(3);
 /// Mostly dead ranges emptied in a row to make a hole below the end of the
 /// file for the log, at most.
 const MAKE_ROOM_TRIES: u32 = 8;
+/// Rounds in a row that neither shortened the file nor moved a record, at
+/// most (a round that waits out a pause of moves does not count).
+const STALLED_ROUNDS: u32 = 64;
 
 impl super::Image {
     /// Offline (`vbdfs compact`): empties the end of the image file, window
@@ -48,10 +51,12 @@ impl super::Image {
 
     fn evacuate_tail_with_short_runs(&self) -> Result<u64> {
         let inner = &self.inner;
-        // Bounds: what moves is at most twice the file's length, and at
-        // most MAKE_ROOM_TRIES rounds in a row make room.
+        // Bounds: what moves is at most twice the file's length, at most
+        // MAKE_ROOM_TRIES rounds in a row make room, and at most
+        // STALLED_ROUNDS in a row neither shorten the file nor move a byte.
         let budget = 2 * inner.file_len()?;
         let (mut total, mut last_end, mut tries, mut compacted) = (0, u64::MAX, 0, false);
+        let (mut shortest, mut moved_before, mut stalled) = (u64::MAX, 0, 0);
         loop {
             // The last round's records dead and punched, the log in the
             // first hole big enough (`Image::checkpoint`).
@@ -63,6 +68,15 @@ impl super::Image {
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             };
+            if end < shortest || total > moved_before {
+                (shortest, moved_before, stalled) = (end.min(shortest), total, 0);
+            } else {
+                stalled += 1;
+                if stalled > STALLED_ROUNDS {
+                    ::log::info!("shortening stopped at {end}: {stalled} rounds gained nothing");
+                    break;
+                }
+            }
             let width = 2 * inner.smallest_region();
             let window = (end.saturating_sub(width).max(LOG_START), end);
             if window.0 >= window.1 || total > budget {
@@ -90,6 +104,7 @@ impl super::Image {
                 match inner.evacuate_share(MOVE_SHARE_OFFLINE)? {
                     0 if inner.paused_since(mark) => {
                         tries -= 1;
+                        stalled -= 1;
                         std::thread::sleep(Duration::from_millis(20));
                         continue;
                     }
@@ -107,18 +122,18 @@ impl super::Image {
                 // The last round gained nothing: records dead but not
                 // judged (those that died above the log's start while it
                 // ran at the end of the file) are found by a compaction,
-                // once; else nothing more can go.
+                // once, and the round is tried again; a second round
+                // without gain ends it (else nothing more can go).
                 if compacted {
                     ::log::debug!("shortening: nothing more moves out of {window:?}");
                     break;
                 }
                 compacted = true;
                 inner.compact()?;
-                last_end = u64::MAX;
-                continue;
+            } else {
+                compacted = false;
+                last_end = end;
             }
-            compacted = false;
-            last_end = end;
             let occupied = inner.occupied(window, &mut 0)?;
             let movable = inner.movable_in(&[window])?.pop().unwrap_or_default();
             let blockers = less(&occupied, &movable.leaving());
