@@ -690,7 +690,10 @@ fn an_idle_open_writes_anew_an_index_whose_second_copy_is_damaged() {
         found += 1;
         let (outcome, healed) = read_back(damaged, want, false, true);
         assert_eq!(outcome, Outcome::Right);
-        assert!(!head_index_damaged(&healed), "the damaged copy is still named");
+        assert!(
+            !head_index_damaged(&healed),
+            "the damaged copy is still named"
+        );
     }
     assert_eq!(found, 1, "the committed index not found");
 }

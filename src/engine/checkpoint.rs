@@ -39,6 +39,9 @@ struct LeftRun {
     /// The run's limit: it was in a hole (or dead space the log
     /// overwrites) up to there; `u64::MAX` at the end of the file.
     limit: u64,
+    /// Where the next run starts if at the end of the file (else
+    /// `u64::MAX`): below `limit` when the file was cut short of it.
+    next: u64,
 }
 
 /// Write-back takes no room while this lives (a move's new run is not
@@ -149,17 +152,22 @@ impl Inner {
                 let (tail, allocated) = log.release_preallocated();
                 debug_assert_eq!(tail, old.1);
                 let epoch = super::open::random_u64();
-                match to {
-                    Move::Hole(a, b) => log.restart_run(a, epoch, a, b),
+                let next = match to {
+                    Move::Hole(a, b) => {
+                        log.restart_run(a, epoch, a, b);
+                        u64::MAX
+                    }
                     Move::End => {
                         let start = align_up(file_len.max(log.off), LOG_UNIT);
-                        log.restart_run(start, epoch, file_len.max(start), u64::MAX)
+                        log.restart_run(start, epoch, file_len.max(start), u64::MAX);
+                        start
                     }
-                }
+                };
                 left = Some(LeftRun {
                     tail,
                     allocated,
                     limit: old.0 .1,
+                    next,
                 });
             }
             let mut map = self.map.write();
@@ -296,14 +304,18 @@ impl Inner {
     /// cutting the file there. Failure only costs space.
     fn trim_left_run(&self, left: LeftRun, to: Option<Move>) {
         let bounded = left.limit != u64::MAX;
-        if bounded {
-            let rest = (left.allocated.max(left.tail), left.limit);
+        // A run in a hole whose end the file was cut short of (its holes
+        // at the end), left for the end of the file: the new run starts
+        // below its limit, and what lies from there on is the new run's.
+        let (limit, allocated) = (left.limit.min(left.next), left.allocated.min(left.next));
+        if bounded && allocated.max(left.tail) < limit {
+            let rest = (allocated.max(left.tail), limit);
             self.dead_space
                 .add(super::regions::data_in(self.store.as_ref(), rest));
         }
         let result = match (bounded, to) {
-            (true, _) if left.allocated > left.tail => {
-                self.store.punch_hole(left.tail, left.allocated - left.tail)
+            (true, _) if allocated > left.tail => {
+                self.store.punch_hole(left.tail, allocated - left.tail)
             }
             // From the end of the file into a hole below: nothing lies past
             // the old tail but its preallocation.
@@ -426,5 +438,57 @@ impl Inner {
         );
         *self.sb.lock() = next;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{MemStore, Store};
+    use crate::{CreateOptions, Image, OpenOptions};
+    use std::sync::Arc;
+
+    /// The log in a run whose limit lies past the end of the file (the
+    /// file's trailing holes cut short of it), then left for the end of the
+    /// file: the new run starts below the old one's limit, and what the old
+    /// run gives back (its preallocation, the rest of its range) must stop
+    /// there. It used to take the new run's index with it: "no record at …"
+    /// at the next open (seen after `vbdfs compact`).
+    #[test]
+    fn a_run_left_for_a_file_cut_short_of_its_limit_keeps_the_next_runs_records() {
+        let store = Arc::new(MemStore::new());
+        let create = CreateOptions {
+            size: 16 << 20,
+            block_size: 4096,
+            codec: Codec::None,
+        };
+        let data = |seed: u8| vec![seed; 256 << 10];
+        let img = Image::create_on(store.clone(), &create, &OpenOptions::default()).unwrap();
+        img.write_at(&data(1), 0).unwrap();
+        img.checkpoint().unwrap();
+        let inner = &img.inner;
+        let len = align_up(inner.file_len().unwrap(), LOG_UNIT);
+        {
+            let mut log = inner.log.lock();
+            log.restart_run(len, 7, len, len + (4 << 20));
+        }
+        inner.checkpoint(false).unwrap();
+        img.write_at(&data(2), 1 << 20).unwrap();
+        img.flush().unwrap();
+        inner.checkpoint(false).unwrap();
+        // Its preallocation (if any) and the holes after its tail cut.
+        let tail = inner.log.lock().off;
+        assert!(inner.log.lock().run_extent().1 > tail + (1 << 20));
+        store.set_len(tail).unwrap();
+        inner.commit_moving(false, None, Wish::End).unwrap();
+        assert_eq!(inner.log.lock().run_extent().1, u64::MAX);
+        img.close().unwrap();
+        let img = Image::open_on(store, &OpenOptions::default()).unwrap();
+        let mut buf = vec![0u8; 256 << 10];
+        img.read_at(&mut buf, 0).unwrap();
+        assert!(buf == data(1));
+        img.read_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf == data(2));
+        assert!(img.check().unwrap().is_ok());
     }
 }

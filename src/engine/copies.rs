@@ -337,6 +337,21 @@ impl Inner {
         }
     }
 
+    /// The records the superblock names (the index, the snapshot table,
+    /// the backing reference) that lie in `window`, with their copies: a
+    /// checkpoint that changes no leaf and edits nothing writes none of
+    /// them anew, so they stay where they are unless asked.
+    pub(super) fn superblock_records_in(&self, window: (u64, u64)) -> Rewrite {
+        use super::evacuate::{meta_span, overlaps};
+        let sb = self.sb.lock().clone();
+        let inside = |p: RecPtr| p.off != 0 && overlaps(window, meta_span(p.off, p.len));
+        Rewrite {
+            snap_table: inside(sb.snap_table),
+            config: inside(sb.config),
+            index: inside(sb.index),
+        }
+    }
+
     /// Marks the head's records without a readable second copy (written
     /// before vbdfs wrote copies, or the copy damaged) for
     /// [`Inner::checkpoint_rewriting`]: compaction gives an older image its

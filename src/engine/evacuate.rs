@@ -146,12 +146,12 @@ fn record_span(off: u64, len: u32) -> Span {
 
 /// A map record (LEAF, INDEX) and the place of its second copy (written
 /// right after it, one log unit on, as long again).
-fn meta_span(off: u64, len: u32) -> Span {
+pub(super) fn meta_span(off: u64, len: u32) -> Span {
     let copy = second_off(off, len);
     (off, align_up(copy + u64::from(len), RECORD_ALIGN))
 }
 
-fn overlaps((a, b): Span, (c, d): Span) -> bool {
+pub(super) fn overlaps((a, b): Span, (c, d): Span) -> bool {
     a < d && c < b
 }
 

@@ -57,6 +57,7 @@ impl super::Image {
         let budget = 2 * inner.file_len()?;
         let (mut total, mut last_end, mut tries, mut compacted) = (0, u64::MAX, 0, false);
         let (mut shortest, mut moved_before, mut stalled) = (u64::MAX, 0, 0);
+        let mut rewritten_at = 0;
         loop {
             // The last round's records dead and punched, the log in the
             // first hole big enough (`Image::checkpoint`).
@@ -118,6 +119,15 @@ impl super::Image {
                 continue;
             }
             tries = 0;
+            // The superblock's records in the window (rewritten only when
+            // asked: on an edit, a change of leaf): written anew by the
+            // log's run below it, once for each length of the file.
+            let rewrite = inner.superblock_records_in(window);
+            if (rewrite.index || rewrite.snap_table || rewrite.config) && rewritten_at != end {
+                rewritten_at = end;
+                inner.checkpoint_rewriting(rewrite)?;
+                continue;
+            }
             if end >= last_end {
                 // The last round gained nothing: records dead but not
                 // judged (those that died above the log's start while it
