@@ -565,6 +565,79 @@ fn the_end_of_the_file_is_emptied_into_holes_below_and_cut() {
     assert!(report.is_ok(), "check: {:?}", report.bad);
 }
 
+/// The snapshot table, the last record of the file (a snapshot deleted
+/// last), is written anew below: the end of the file is emptied past it.
+/// It used to stop the shortening there; with checkpoints that name the
+/// records they have, the shortening then went round for ever.
+#[test]
+fn the_end_of_the_file_is_emptied_past_the_snapshot_table() {
+    let store = Arc::new(MemStore::new());
+    let img = Image::create_on(store.clone(), &disk(Codec::None), &opts()).unwrap();
+    let mut model = vec![0u8; DISK as usize];
+    let blocks = DISK / 4096;
+    let mut rng = Rng(78);
+    write_blocks(
+        &img,
+        store.as_ref(),
+        &mut model,
+        4_000,
+        |_| rng.below(blocks),
+        false,
+        78,
+    );
+    img.snapshot_create("keep").unwrap();
+    let kept = model.clone();
+    write_blocks(
+        &img,
+        store.as_ref(),
+        &mut model,
+        16_000,
+        |_| rng.below(blocks),
+        false,
+        79,
+    );
+    img.snapshot_create("gone").unwrap();
+    img.snapshot_delete("gone").unwrap();
+    img.close().unwrap();
+    let long = store.len().unwrap();
+    let region = OpenOptions {
+        log_region_min: Some(1 << 20),
+        ..opts()
+    };
+    let img = Image::open_on(store.clone(), &region).unwrap();
+    img.compact().unwrap();
+    // In a thread: a shortening that goes round for ever fails the test.
+    let (done, finished) = std::sync::mpsc::channel();
+    let shortening = std::thread::spawn(move || {
+        let moved = img.evacuate_tail().unwrap();
+        img.close().unwrap();
+        done.send(moved).unwrap();
+    });
+    let moved = finished
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the shortening did not end");
+    shortening.join().unwrap();
+    let short = store.len().unwrap();
+    eprintln!("{long} -> {short}, moved {moved}");
+    assert!(
+        short < long / 2,
+        "the file: {long} -> {short} bytes, {moved} bytes moved"
+    );
+    let img = Image::open_on(store.clone(), &opts()).unwrap();
+    verify(&img, &model, "shrunk");
+    let mut got = vec![0u8; DISK as usize];
+    img.open_snapshot("keep")
+        .unwrap()
+        .read_at(&mut got, 0)
+        .unwrap();
+    assert!(
+        got == kept,
+        "the snapshot differs from the disk it was taken of"
+    );
+    let report = img.check().unwrap();
+    assert!(report.is_ok(), "check: {:?}", report.bad);
+}
+
 /// An open that finds far more host space than the head's data (what a
 /// crash left held, what earlier sessions could not punch, a copy that
 /// filled the holes) compacts it away in the background, unasked.
