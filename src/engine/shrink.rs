@@ -105,7 +105,7 @@ impl super::Image {
                 match inner.evacuate_share(MOVE_SHARE_OFFLINE)? {
                     0 if inner.paused_since(mark) => {
                         tries -= 1;
-                        stalled -= 1;
+                        stalled = stalled.saturating_sub(1);
                         std::thread::sleep(Duration::from_millis(20));
                         continue;
                     }
