@@ -214,14 +214,15 @@ fn output_that_cannot_be_written_is_one_line_or_quiet() {
             "{args:?}"
         );
         let _ = std::fs::remove_file(&raw);
-        let mut child = common::vbdfs()
+        // A pipe whose reader is gone before the command starts (dropped
+        // after the spawn, a quick command could write first).
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = common::vbdfs()
             .args(&args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
+            .stdout(writer)
+            .output()
             .expect("run vbdfs");
-        drop(child.stdout.take());
-        let out = child.wait_with_output().expect("wait");
         assert_eq!(out.status.code(), Some(141), "{args:?}: {}", stderr(&out));
         assert_eq!(stderr(&out), "", "{args:?}");
     }
