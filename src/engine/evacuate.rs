@@ -418,8 +418,7 @@ impl Inner {
         };
         // The head's index there: the next checkpoint writes a new one (it
         // would name the one it has were no leaf to change).
-        let index = self.sb.lock().index;
-        if index.off != 0 && overlaps(stretch, meta_span(index.off, index.len)) {
+        if self.superblock_records_in(stretch).index {
             *self.index_listed.lock() = None;
         }
         if !movable.leaves.is_empty() {
