@@ -466,17 +466,21 @@ pub fn preadv_head_and_body(
     Ok(())
 }
 
-/// Bounds how much freed memory glibc's allocator keeps: two arenas instead of
+/// Bounds how much freed memory glibc's allocator keeps: one arena instead of
 /// eight per core, and a fixed mmap threshold of 256 KiB so that large request
 /// buffers go back to the kernel when freed (glibc otherwise raises the
 /// threshold after the first free and keeps them, per thread arena). With
-/// dozens of FUSE and write-back threads this is the difference between an RSS
-/// near the cache size and several times it.
+/// dozens of FUSE and write-back threads a block freed in one arena was not
+/// reused by a thread allocating from the other: under sustained 1 MiB writes
+/// at `cache=256M` a second arena left the daemon at 365–383 MiB resident
+/// with 236 MiB in use (`malloc_stats`: the main arena 176 MiB from the
+/// system, 13 MiB in use), one arena 196–205 MiB at the same speed and
+/// 4 KiB random I/O (`benches/RESULTS.md`, session 22).
 pub fn limit_malloc_retention() {
     // SAFETY: mallopt only adjusts allocator parameters; it is called before
     // the daemon starts its threads and takes integer arguments only.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
     }
