@@ -500,6 +500,20 @@ impl Image {
         Ok(())
     }
 
+    /// The first half of [`Image::write_at`] for a caller that replies from
+    /// another thread: `buf` goes into the cache now, without waiting for
+    /// write-back; [`Image::throttle`] is the wait.
+    pub fn write_unthrottled(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.inner.write_unthrottled(buf, off)
+    }
+
+    /// The second half of [`Image::write_at`]: waits, in line behind the
+    /// writers already waiting, while the cache's unwritten data is over its
+    /// limit.
+    pub fn throttle(&self) {
+        self.inner.cache.throttle();
+    }
+
     /// True if a write of `len` bytes would wait for write-back (its blocks
     /// would take the cache's unwritten data past its limit): where to run
     /// it. Can be stale like [`Image::reads_disk`].

@@ -285,8 +285,26 @@ impl Filesystem for VbdFs {
                     }
                     return reply_written(&self.control, result, len, timed, reply);
                 }
-                // `hold_inline` counted it in `held_handed_off`.
-                let handed_off = held.then(|| self.held_handed_off.clone());
+                if held {
+                    // Served from memory, but its reply waits for write-back
+                    // (`hold_inline` counted it in `held_handed_off`): the
+                    // bytes go into the cache here, straight from the request,
+                    // and a worker waits and replies. Copied into a buffer
+                    // for the worker, 1 MiB writes of a zstd image went 6 %
+                    // slower once the held writes were let go in turn.
+                    let count = self.held_handed_off.clone();
+                    if let Err(e) = self.image.write_unthrottled(&data[..len], offset) {
+                        count.fetch_sub(1, Ordering::AcqRel);
+                        return reply_written(&self.control, Err(e), len, timed, reply);
+                    }
+                    let (image, control) = (self.image.clone(), self.control.clone());
+                    self.pool.submit(Box::new(move || {
+                        image.throttle();
+                        count.fetch_sub(1, Ordering::AcqRel);
+                        reply_written(&control, Ok(()), len, timed, reply);
+                    }));
+                    return;
+                }
                 let mut buf = self.bufs.get(len);
                 buf[..len].copy_from_slice(&data[..len]);
                 let (image, control, bufs) =
@@ -294,9 +312,6 @@ impl Filesystem for VbdFs {
                 self.pool.submit(Box::new(move || {
                     let mut result = image.write_at(&buf[..len], offset);
                     bufs.put(buf);
-                    if let Some(count) = handed_off {
-                        count.fetch_sub(1, Ordering::AcqRel);
-                    }
                     if durable && result.is_ok() {
                         result = image.flush_range(offset, len as u64);
                     }
