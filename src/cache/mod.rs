@@ -656,9 +656,9 @@ mod tests {
         assert_eq!(cache.queue().try_recv().unwrap().block, 6, "queued at stop");
     }
 
-    #[test]
-    fn throttled_writers_wait_for_write_back_and_are_released_by_it() {
-        let cache = Arc::new(BlockCache::new(64 * 4096, 4096)); // dirty limit 32
+    /// A cache of 64 blocks (dirty limit 32) with blocks 0..40 dirty.
+    fn forty_dirty_blocks() -> (Arc<BlockCache>, Vec<Arc<Slot>>) {
+        let cache = Arc::new(BlockCache::new(64 * 4096, 4096));
         let mut slots = Vec::new();
         for b in 0..40 {
             let (slot, _) = cache.get_or_insert(b);
@@ -669,6 +669,12 @@ mod tests {
             drop(state);
             slots.push(slot);
         }
+        (cache, slots)
+    }
+
+    #[test]
+    fn throttled_writers_wait_for_write_back_and_are_released_by_it() {
+        let (cache, slots) = forty_dirty_blocks();
         let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {
             let (cache, released) = (cache.clone(), released.clone());
@@ -694,17 +700,7 @@ mod tests {
     /// over the line's limit.
     #[test]
     fn a_late_writer_lets_the_first_in_line_go_with_it() {
-        let cache = Arc::new(BlockCache::new(64 * 4096, 4096)); // dirty limit 32
-        let mut slots = Vec::new();
-        for b in 0..40 {
-            let (slot, _) = cache.get_or_insert(b);
-            cache.finish_load(&slot, vec![0; 4096]);
-            let mut state = slot.lock();
-            Arc::make_mut(&mut state.data)[0] = 1;
-            cache.mark_dirty(&slot, &mut state, true);
-            drop(state);
-            slots.push(slot);
-        }
+        let (cache, _slots) = forty_dirty_blocks();
         let waiter = |cache: &Arc<BlockCache>| {
             let cache = cache.clone();
             std::thread::spawn(move || cache.throttle())
