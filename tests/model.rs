@@ -478,10 +478,16 @@ impl Harness {
                 let trim = u64::from(r >> 16) % (bs / 512);
                 let new = blocks * bs - trim * 512;
                 self.image.as_mut().unwrap().resize(new).unwrap();
-                self.model.resize(new as usize, 0);
-                // Committed by a checkpoint: durable.
-                self.flushed();
-                self.check_allocated()?;
+                // To the same size it changes nothing and commits nothing
+                // (the model took it for a flush: allocated bytes then
+                // missed what write-back had not reached: a fresh-clone CI's
+                // random cases found it).
+                if new != size {
+                    self.model.resize(new as usize, 0);
+                    // Committed by a checkpoint: durable.
+                    self.flushed();
+                    self.check_allocated()?;
+                }
             }
         }
         Ok(())
